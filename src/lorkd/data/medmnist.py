@@ -1,0 +1,170 @@
+"""2D classification tasks in the MedMNIST ``.npz`` layout.
+
+A MedMNIST file holds six arrays: ``{train,val,test}_images`` (uint8 ``[N, H, W]`` for grayscale or
+``[N, H, W, C]`` for colour) and ``{train,val,test}_labels`` (uint8 ``[N, 1]`` or ``[N]``).
+:func:`load_npz_task` reads and checks such a file and returns a :class:`ClassificationTask`, the
+in-memory form every other part of ``lorkd`` (datasets, samplers, pipelines) works with.
+"""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lorkd.errors import DataError
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+@dataclass
+class ClassificationTask:
+    """One single-label classification task with its splits held in memory.
+
+    Attributes:
+        name: task name, e.g. ``"breastmnist"``.
+        images: split -> uint8 array ``[N, H, W]`` (grayscale) or ``[N, H, W, C]`` (colour).
+        labels: split -> int64 array ``[N]`` with values in ``[0, num_classes)``.
+        num_classes: number of classes.
+        channels: 1 for ``[N, H, W]`` images, else ``C``.
+        source: the file the task was read from, or ``"synthetic"``.
+    """
+
+    name: str
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    num_classes: int
+    channels: int
+    source: str
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The split names, e.g. ``("train", "val", "test")``."""
+        return tuple(self.images)
+
+    def num_samples(self, split: str) -> int:
+        """Number of samples in ``split``; raises ``DataError`` if the task has no such split."""
+        if split not in self.images:
+            raise DataError(f"task {self.name!r} ({self.source}) has no split {split!r}; it has {list(self.images)}")
+        return int(self.labels[split].shape[0])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the images (the same for every split)."""
+        first = next(iter(self.images.values()))
+        return int(first.shape[1]), int(first.shape[2])
+
+    def class_counts(self, split: str) -> np.ndarray:
+        """int64 ``[num_classes]``: how many samples of each class ``split`` holds."""
+        self.num_samples(split)
+        return np.bincount(self.labels[split], minlength=self.num_classes).astype(np.int64)
+
+
+def _as_uint8_images(arr: np.ndarray, where: str) -> np.ndarray:
+    """Check ``arr`` is ``[N, H, W]`` or ``[N, H, W, C]`` with values in [0, 255]; return it as uint8."""
+    if arr.ndim not in (3, 4):
+        raise DataError(f"{where}: images must be 3D [N, H, W] or 4D [N, H, W, C], got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating) or arr.dtype == bool):
+        raise DataError(f"{where}: images of dtype {arr.dtype} cannot be converted to uint8")
+    if arr.size and (not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 255):
+        raise DataError(f"{where}: images of dtype {arr.dtype} hold values outside [0, 255] (or non-finite); "
+                        "cannot be converted to uint8")
+    return np.rint(arr).astype(np.uint8) if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.uint8)
+
+
+def _as_int64_labels(arr: np.ndarray, where: str) -> np.ndarray:
+    """Check ``arr`` is ``[N]`` or ``[N, 1]`` integral and non-negative; return it as int64 ``[N]``."""
+    if arr.ndim == 2 and arr.shape[1] > 1:
+        raise DataError(f"{where}: labels have shape {arr.shape}, i.e. {arr.shape[1]} columns (multi-label); "
+                        "multi-label tasks are not supported")
+    if arr.ndim not in (1, 2):
+        raise DataError(f"{where}: labels must be [N] or [N, 1], got shape {arr.shape}")
+    arr = arr.reshape(-1)
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating) or arr.dtype == bool):
+        raise DataError(f"{where}: labels of dtype {arr.dtype} are not integers")
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+        raise DataError(f"{where}: labels of dtype {arr.dtype} hold non-integer values")
+    if arr.size and arr.min() < 0:
+        raise DataError(f"{where}: labels must be >= 0, found {arr.min()}")
+    return arr.astype(np.int64)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Read every array of ``path``; any read failure becomes a ``DataError`` naming the file."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: not an .npz archive (a single .npy array?)")
+        with npz:
+            return {key: npz[key] for key in npz.files}
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, KeyError) as exc:
+        raise DataError(f"{path}: not a valid .npz file (corrupt or truncated?): {exc}") from exc
+
+
+def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | None = None) -> ClassificationTask:
+    """Read a MedMNIST-layout ``.npz`` file into a :class:`ClassificationTask`.
+
+    Args:
+        path: the ``.npz`` file with keys ``{train,val,test}_images`` and ``{train,val,test}_labels``.
+        name: task name; defaults to the file name without extension.
+        num_classes: number of classes; defaults to ``max label + 1`` over all splits.
+
+    Returns:
+        The task with uint8 images ``[N, H, W]`` or ``[N, H, W, C]`` and int64 labels ``[N]`` per split.
+
+    Raises:
+        DataError: the file is missing, not a valid npz (corrupt, truncated), lacks a key; images are
+            not 3D/4D, not uint8-convertible, or differ in ``H, W, C`` between splits; a split is
+            empty or its images and labels differ in length; labels are negative, multi-label
+            (more than one column), or ``>= num_classes``. The message names the file and the key.
+    """
+    path = Path(path)
+    arrays = _read_npz(path)
+    missing = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels") if f"{s}_{kind}" not in arrays]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {missing}; found {sorted(arrays)}")
+
+    images: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        imgs = _as_uint8_images(arrays[f"{split}_images"], f"{path} key '{split}_images'")
+        labs = _as_int64_labels(arrays[f"{split}_labels"], f"{path} key '{split}_labels'")
+        if imgs.shape[0] == 0:
+            raise DataError(f"{path}: split {split!r} is empty (key '{split}_images' has 0 images)")
+        if imgs.shape[0] != labs.shape[0]:
+            raise DataError(f"{path}: '{split}_images' holds {imgs.shape[0]} images but "
+                            f"'{split}_labels' holds {labs.shape[0]} labels")
+        images[split], labels[split] = imgs, labs
+
+    shapes = {split: images[split].shape[1:] for split in SPLITS}
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"{path}: image shapes [H, W(, C)] differ between splits: {shapes}")
+    channels = 1 if images["train"].ndim == 3 else int(images["train"].shape[3])
+
+    max_label = max(int(labels[s].max()) for s in SPLITS)
+    if num_classes is None:
+        num_classes = max_label + 1
+    elif num_classes < 1:
+        raise DataError(f"{path}: num_classes must be >= 1, got {num_classes}")
+    for split in SPLITS:
+        if int(labels[split].max()) >= num_classes:
+            raise DataError(f"{path}: split {split!r} key '{split}_labels' holds label {int(labels[split].max())} "
+                            f">= num_classes={num_classes}")
+
+    return ClassificationTask(
+        name=name if name is not None else path.stem,
+        images=images,
+        labels=labels,
+        num_classes=int(num_classes),
+        channels=channels,
+        source=str(path),
+    )

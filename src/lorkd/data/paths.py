@@ -1,0 +1,18 @@
+"""Where the real data sets live: ``../shared/data`` beside the checkout, or ``$LORKD_DATA``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def shared_data_dir() -> Path:
+    """Return the folder holding the real data (``$LORKD_DATA`` if set, else ``<repo>/../shared/data``).
+
+    The path is returned whether or not it exists; callers check what they need.
+    """
+    env = os.environ.get("LORKD_DATA")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[3]
+    return repo.parent / "shared" / "data"

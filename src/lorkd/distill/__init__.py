@@ -1,0 +1,6 @@
+"""Knowledge-distillation losses and feature projectors."""
+
+from lorkd.distill.losses import dice_ce_loss, feature_kd, soft_target_kd
+from lorkd.distill.projector import FeatureProjector
+
+__all__ = ["soft_target_kd", "feature_kd", "dice_ce_loss", "FeatureProjector"]

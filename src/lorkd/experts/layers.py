@@ -1,0 +1,211 @@
+"""Low-rank task experts on Linear, ConvNd and ConvTransposeNd layers.
+
+For task ``t`` the layer computes with ``W_t = W + (alpha / r) * B_t @ A_t``, where ``W`` is
+the wrapped layer's own weight viewed as a matrix ``[d0, d1]`` (``d0`` = first weight dim,
+``d1`` = the rest), ``A_t`` is ``[r, d1]`` and ``B_t`` is ``[d0, r]``. ``B_t`` starts at zero,
+so a fresh student computes exactly what the wrapped model computed.
+
+A batch routed by :mod:`lorkd.experts.routing` is sorted by task; each task's rows are a
+contiguous segment. Two exact layouts of the computation are available per layer:
+
+``"lowrank"``
+    one call of the plain layer on the whole batch with ``W``, plus, per task segment, the
+    low-rank branch ``B_t(A_t(x))`` (two thin convolutions or matmuls). Memory stays that of
+    the plain layer; extra compute is about ``r / out_channels``. Needs ``groups == 1``.
+``"merged"``
+    per task segment, one call of the plain layer with the merged weight ``W_t``. Extra
+    memory is one weight per task present (kept for backward while training). Used for
+    single-task batches, for inference without gradients, and for grouped convolutions.
+
+``layout="auto"`` picks ``merged`` when there is one segment, when no gradient is being
+recorded, or when ``groups > 1``, and ``lowrank`` otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .routing import active_routing
+
+LAYOUTS = ("auto", "lowrank", "merged")
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_PLAIN_FORWARDS = {
+    nn.Linear: nn.Linear.forward,
+    nn.Conv1d: nn.Conv1d.forward,
+    nn.Conv2d: nn.Conv2d.forward,
+    nn.Conv3d: nn.Conv3d.forward,
+    nn.ConvTranspose1d: nn.ConvTranspose1d.forward,
+    nn.ConvTranspose2d: nn.ConvTranspose2d.forward,
+    nn.ConvTranspose3d: nn.ConvTranspose3d.forward,
+}
+
+
+def ineligibility(module: nn.Module) -> str | None:
+    """Why ``module`` cannot take experts, or ``None`` if it can.
+
+    Eligible: ``nn.Linear``, ``nn.Conv{1,2,3}d``, ``nn.ConvTranspose{1,2,3}d`` (or subclasses
+    that keep the standard ``forward``) with an initialised weight.
+    """
+    base_type = next((t for t in _PLAIN_FORWARDS if isinstance(module, t)), None)
+    if base_type is None:
+        return f"{type(module).__name__} is not a Linear/Conv/ConvTranspose layer"
+    if type(module).forward is not _PLAIN_FORWARDS[base_type]:
+        return f"{type(module).__name__} overrides forward(), so merged weights would not reproduce it"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
+        return "weight is missing or not initialised (lazy module)"
+    return None
+
+
+class LowRankExpert(nn.Module):
+    """One task's factors ``A [r, d1]`` and ``B [d0, r]``; ``delta() = B @ A`` is ``[d0, d1]``."""
+
+    def __init__(self, rows: int, cols: int, rank: int, dtype=None, device=None) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, cols, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(rows, rank, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def delta(self) -> Tensor:
+        return self.B @ self.A
+
+
+class ExpertLayer(nn.Module):
+    """A Linear/Conv/ConvTranspose layer with one low-rank expert per task.
+
+    Args:
+        base: the layer to wrap (kept as ``self.base``; its parameters are the shared ``W``).
+        num_tasks: number of experts ``T``.
+        rank: ``r >= 1``.
+        alpha: scaling numerator; the expert is scaled by ``alpha / rank``.
+        layout: ``"auto"``, ``"lowrank"`` or ``"merged"`` (see the module docstring).
+        name: the layer's qualified name, used in error messages.
+
+    Shapes: input and output are those of ``base`` (``[B, *, in]`` for Linear, ``[B, C, *spatial]``
+    for convolutions); rows must be routed by an enclosing ``ExpertModel``.
+    """
+
+    def __init__(self, base: nn.Module, num_tasks: int, rank: int, alpha: float, layout: str = "auto", name: str = "") -> None:
+        super().__init__()
+        reason = ineligibility(base)
+        if reason is not None:
+            raise ValueError(f"cannot add experts to {name or type(base).__name__}: {reason}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.base = base
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.scale = self.alpha / self.rank
+        self.layout = layout
+        self.name = name
+        weight = base.weight
+        self._kind = "linear" if isinstance(base, nn.Linear) else ("conv_transpose" if base.transposed else "conv")
+        self._spatial_dims = weight.dim() - 2
+        rows, cols = weight.shape[0], weight[0].numel()
+        self.experts = nn.ModuleList(
+            LowRankExpert(rows, cols, self.rank, dtype=weight.dtype, device=weight.device) for _ in range(num_tasks)
+        )
+
+    # ------------------------------------------------------------------ weights
+    def merged_weight(self, task: int) -> Tensor:
+        """``W + (alpha / r) * B_t @ A_t`` in the shape of ``base.weight``."""
+        weight = self.base.weight
+        return weight + self.scale * self.experts[task].delta().view_as(weight)
+
+    def extract(self, task: int) -> nn.Module:
+        """A copy of ``base`` (its own class, no lorkd inside) with expert ``task`` merged in."""
+        plain = copy.deepcopy(self.base)
+        with torch.no_grad():
+            plain.weight.copy_(self.merged_weight(task))
+        return plain
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        routing = active_routing(self.name or type(self.base).__name__)
+        segments = list(routing.split(x))
+        if self._use_merged(len(segments)):
+            outs = [self._plain(rows, self.merged_weight(seg.task), output_size) for seg, rows in segments]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+        y = self._plain(x, self.base.weight, output_size)
+        branch = torch.cat([self._branch(rows, self.experts[seg.task], output_size) for seg, rows in segments])
+        return torch.add(y, branch, alpha=self.scale)
+
+    def _use_merged(self, num_segments: int) -> bool:
+        if self.layout != "auto":
+            return self.layout == "merged" or getattr(self.base, "groups", 1) != 1
+        return num_segments == 1 or not torch.is_grad_enabled() or getattr(self.base, "groups", 1) != 1
+
+    def _plain(self, x: Tensor, weight: Tensor, output_size) -> Tensor:
+        """The wrapped layer's own computation with ``weight`` in place of its weight."""
+        base = self.base
+        if self._kind == "linear":
+            return F.linear(x, weight, base.bias)
+        if self._kind == "conv":
+            return base._conv_forward(x, weight, base.bias)
+        return _CONV_T[self._spatial_dims](
+            x, weight, base.bias, base.stride, base.padding, self._output_padding(x, output_size), base.groups, base.dilation
+        )
+
+    def _branch(self, x: Tensor, expert: LowRankExpert, output_size) -> Tensor:
+        """``B_t @ A_t`` applied to ``x`` as two thin layers (``groups == 1`` only), unscaled."""
+        base = self.base
+        if self._kind == "linear":
+            return F.linear(F.linear(x, expert.A), expert.B)
+        n = self._spatial_dims
+        ones = (1,) * n
+        kernel = tuple(base.weight.shape[2:])
+        if self._kind == "conv":
+            padding = base.padding
+            if base.padding_mode != "zeros":
+                x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+                padding = 0
+            a = expert.A.view(self.rank, base.in_channels, *kernel)
+            z = _CONV[n](x, a, None, base.stride, padding, base.dilation)
+            return _CONV[n](z, expert.B.view(base.out_channels, self.rank, *ones))
+        # transposed: weight [in, out, *k] = B [in, r] @ A [r, out * k]
+        z = _CONV[n](x, expert.B.t().reshape(self.rank, base.in_channels, *ones))
+        a = expert.A.view(self.rank, base.out_channels, *kernel)
+        return _CONV_T[n](z, a, None, base.stride, base.padding, self._output_padding(x, output_size), 1, base.dilation)
+
+    def _output_padding(self, x: Tensor, output_size) -> tuple[int, ...]:
+        base = self.base
+        if output_size is None:
+            return base.output_padding
+        return base._output_padding(x, output_size, base.stride, base.padding, base.kernel_size, self._spatial_dims, base.dilation)
+
+    def extra_repr(self) -> str:
+        return f"tasks={len(self.experts)}, rank={self.rank}, alpha={self.alpha:g}, layout={self.layout!r}"
+
+
+class TaskBatchNorm(nn.Module):
+    """One BatchNorm per task: each task's rows are normalised with that task's own batch
+    statistics, running statistics and affine parameters, so no information crosses tasks.
+
+    Args:
+        norm: the BatchNorm to copy (``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``).
+        num_tasks: ``T`` copies are made.
+
+    Trade-off: each task's statistics come from its share of the batch only (noisier with
+    many tasks and small batches), in exchange for exact gradient separation.
+    """
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, num_tasks: int, name: str = "") -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(copy.deepcopy(norm) for _ in range(num_tasks))
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        routing = active_routing(self.name or "TaskBatchNorm")
+        outs = [self.norms[seg.task](rows) for seg, rows in routing.split(x)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def extract(self, task: int) -> nn.Module:
+        """A copy of task ``task``'s BatchNorm."""
+        return copy.deepcopy(self.norms[task])

@@ -1,0 +1,167 @@
+"""Task routing: which expert each sample of a batch goes through.
+
+Hard routing (one task id per sample) is done by *sorting* the batch by task once at the
+model's entry, so that every task owns one contiguous segment of rows. Inside the network
+each expert layer then works on views (``x.narrow(0, start, length)``) of its own task's
+rows: no per-sample kernels, no copies of activations. The model's outputs are put back in
+input order at the exit.
+
+The routing of the forward pass in progress is held in a context variable, so expert
+layers find it without the task ids being threaded through every ``forward`` signature.
+A later soft router (mixture weights per sample) would be a second routing class read by
+the same layers; single-task batches are the one-segment case of this one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+_ACTIVE: ContextVar["TaskRouting | None"] = ContextVar("lorkd_routing", default=None)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``[start, start + length)`` of the sorted batch all belong to ``task``."""
+
+    task: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class TaskRouting:
+    """Hard routing of a batch of ``batch_size`` samples.
+
+    ``order`` is the permutation that sorts the input rows by task (``None`` when they are
+    sorted already); ``segments`` lists the tasks present, in increasing task order.
+    """
+
+    batch_size: int
+    segments: tuple[Segment, ...]
+    order: Tensor | None
+
+    @property
+    def tasks(self) -> tuple[int, ...]:
+        """The task ids present in the batch, sorted."""
+        return tuple(s.task for s in self.segments)
+
+    def split(self, x: Tensor) -> Iterator[tuple[Segment, Tensor]]:
+        """Yield ``(segment, rows)`` with ``rows = x[start:start+length]`` (views, no copies).
+
+        Raises:
+            RuntimeError: ``x.shape[0]`` is not the routed batch size.
+        """
+        if x.shape[0] != self.batch_size:
+            raise RuntimeError(
+                f"an expert layer got a tensor with {x.shape[0]} rows in a batch routed for "
+                f"{self.batch_size}; lorkd routes along dim 0, so the wrapped model must keep the "
+                "batch as the first dimension of every input to a layer with experts"
+            )
+        if len(self.segments) == 1:
+            yield self.segments[0], x
+            return
+        # One split (not one narrow per segment): its backward is a single concatenation,
+        # where per-segment narrows would each scatter into a zero tensor of the full size.
+        yield from zip(self.segments, x.split([s.length for s in self.segments]))
+
+    def to_sorted(self, value: Any) -> Any:
+        """Reorder every tensor with ``batch_size`` rows inside ``value`` into task order."""
+        if self.order is None:
+            return value
+        return _map_batch_tensors(value, self.batch_size, lambda t: t.index_select(0, self.order))
+
+    def to_input_order(self, value: Any) -> Any:
+        """Undo :meth:`to_sorted` on every tensor with ``batch_size`` rows inside ``value``."""
+        if self.order is None:
+            return value
+        inverse = torch.empty_like(self.order)
+        inverse[self.order] = torch.arange(self.batch_size, device=self.order.device)
+        return _map_batch_tensors(value, self.batch_size, lambda t: t.index_select(0, inverse.to(t.device)))
+
+
+def route(task_ids: Tensor | int, batch_size: int, num_tasks: int, device: torch.device | None = None) -> TaskRouting:
+    """Build the hard routing for ``task_ids``.
+
+    Args:
+        task_ids: integer tensor ``[B]`` (any mix, any order), or one ``int`` for the whole batch.
+        batch_size: ``B``, the number of rows of the model input.
+        num_tasks: ``T``; valid ids are ``0 .. T-1``.
+        device: where the permutation lives (the input's device).
+
+    Raises:
+        ValueError: ``task_ids`` is not an integer tensor of shape ``[B]``, or holds an id
+            outside ``[0, T)``; the message names the offending value.
+    """
+    if isinstance(task_ids, bool) or not isinstance(task_ids, (int, Tensor)):
+        raise ValueError(f"task_ids must be an int or an integer tensor of shape [{batch_size}], got {type(task_ids).__name__}")
+    if isinstance(task_ids, int):
+        _check_id(task_ids, num_tasks)
+        return TaskRouting(batch_size, (Segment(task_ids, 0, batch_size),), None)
+    if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
+        raise ValueError(f"task_ids must have an integer dtype, got {task_ids.dtype}")
+    if task_ids.dim() != 1 or task_ids.shape[0] != batch_size:
+        raise ValueError(f"task_ids must have shape [{batch_size}] (one id per sample), got {list(task_ids.shape)}")
+    if batch_size == 0:
+        raise ValueError("cannot route an empty batch (0 rows)")
+    ids = task_ids.detach().to("cpu", torch.int64)
+    low, high = int(ids.min()), int(ids.max())
+    _check_id(low if low < 0 else high, num_tasks)
+    counts = torch.bincount(ids, minlength=num_tasks).tolist()
+    segments, start = [], 0
+    for task, count in enumerate(counts):
+        if count:
+            segments.append(Segment(task, start, count))
+            start += count
+    already_sorted = bool((ids[1:] >= ids[:-1]).all())
+    order = None if already_sorted else torch.argsort(ids, stable=True).to(device or task_ids.device)
+    return TaskRouting(batch_size, tuple(segments), order)
+
+
+def _check_id(task: int, num_tasks: int) -> None:
+    if not 0 <= task < num_tasks:
+        raise ValueError(f"task id {task} is out of range: this model has experts for tasks 0..{num_tasks - 1}")
+
+
+def active_routing(layer_name: str = "an expert layer") -> TaskRouting:
+    """The routing of the forward pass in progress.
+
+    Raises:
+        RuntimeError: no routed forward is in progress (the inner model was called directly
+            instead of through the ``ExpertModel`` with task ids).
+    """
+    routing = _ACTIVE.get()
+    if routing is None:
+        raise RuntimeError(
+            f"{layer_name} was called without task ids: call the ExpertModel as student(x, task_ids), "
+            "or use student.extract(t) for a plain single-task model"
+        )
+    return routing
+
+
+@contextlib.contextmanager
+def routing_scope(routing: TaskRouting) -> Iterator[TaskRouting]:
+    """Make ``routing`` the active routing for the duration of the ``with`` block."""
+    token = _ACTIVE.set(routing)
+    try:
+        yield routing
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _map_batch_tensors(value: Any, batch_size: int, fn) -> Any:
+    """Apply ``fn`` to every tensor with ``batch_size`` rows in a nested tuple/list/dict."""
+    if isinstance(value, Tensor):
+        return fn(value) if value.dim() > 0 and value.shape[0] == batch_size else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(_map_batch_tensors(v, batch_size, fn) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_batch_tensors(v, batch_size, fn) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, _map_batch_tensors(v, batch_size, fn)) for k, v in value.items())
+    return value
