@@ -1,0 +1,203 @@
+"""The ``lorkd`` command.
+
+    lorkd run CONFIG --out DIR [--set key=value ...] [--resume | --overwrite]
+    lorkd pretrain | decompose | baselines | export | evaluate  CONFIG --out DIR [...]
+    lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE]
+    lorkd demo [--out DIR]
+    lorkd report RUN_DIR [RUN_DIR ...] --out FILE
+    lorkd bench [...]
+
+Every command may be launched under ``torchrun``; rank 0 alone writes. User errors (bad
+config, bad data, a non-finite loss) print one line naming the cause and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import LorkdError
+
+log = logging.getLogger("lorkd")
+
+STAGE_COMMANDS = {
+    "run": None,  # all stages of the recipe
+    "pretrain": ("teacher",),
+    "decompose": ("teacher", "student"),
+    "baselines": ("teacher", "student", "baselines"),
+    "export": ("teacher", "student", "export"),
+    "evaluate": ("teacher", "student", "baselines", "export", "evaluate"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except LorkdError as err:
+        print(f"lorkd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorkd: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorkd", description="Low-Rank Knowledge Decomposition of a medical "
+                                     "foundation model into lightweight per-task experts.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, stages in STAGE_COMMANDS.items():
+        p = sub.add_parser(name, help="all stages of the recipe" if stages is None else f"stages up to {stages[-1]}")
+        _run_arguments(p)
+        p.set_defaults(func=cmd_stages, stages=stages)
+    p = sub.add_parser("demo", help="the whole classification recipe on the embedded synthetic data")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("predict", help="class probabilities (or masks) of inputs through an exported expert")
+    p.add_argument("expert", type=Path, help="an expert folder (experts/<task>/ of a run)")
+    p.add_argument("inputs", nargs="+", type=Path, help="image files (PNG/JPEG/TIF) or .npz files")
+    p.add_argument("--split", default="test", help="for .npz inputs: which split's images (default test)")
+    p.add_argument("--output", type=Path, help="write results here (.csv or .json) instead of printing")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("report", help="mean and std over several runs (e.g. seeds) as markdown")
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("bench", help="speed and memory of lorkd vs plain vs grouped convolution", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("lorkd.bench", fromlist=["main"]).main(a.rest))
+    return parser
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="YAML recipe (see configs/)")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set student.train.epochs=5 (repeatable)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    mode.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_recipe(path: Path, overrides: list[str]) -> Any:
+    """Read, override and validate a recipe; the ``recipe`` key picks classification or segmentation."""
+    from .config import apply_overrides, from_dict, load_yaml
+    from .errors import ConfigError
+
+    data = apply_overrides(load_yaml(path), overrides)
+    recipe = data.pop("recipe", "classification")
+    if recipe == "classification":
+        from .pipelines.schema import ClassificationConfig
+
+        return from_dict(ClassificationConfig, data)
+    if recipe == "segmentation":
+        from .pipelines.segmentation_schema import SegmentationConfig
+
+        return from_dict(SegmentationConfig, data)
+    raise ConfigError(f"recipe: {recipe!r} is not one of 'classification', 'segmentation'")
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    cfg = load_recipe(args.config, args.overrides)
+    return execute(cfg, args.out, args.stages, resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.no_progress, first_stage=args.command in ("run", "pretrain"))
+
+
+def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = False, overwrite: bool = False,
+            progress: bool = True, first_stage: bool = True) -> int:
+    """Prepare the run folder, run the stages (under torchrun too), write the report on rank 0."""
+    import yaml
+
+    from .config import to_dict
+    from .engine.checkpoint import RUN_MARKER, prepare_run_dir
+    from .engine.distributed import DistributedContext
+    from .errors import ConfigError
+    from .pipelines.common import resolve_device
+
+    ctx = DistributedContext.from_env(resolve_device(cfg.device))
+    try:
+        if first_stage:
+            if ctx.is_main:
+                prepare_run_dir(out, overwrite=overwrite, resume=resume)
+            ctx.barrier()
+        elif not (out / RUN_MARKER).is_file() and not (out / "config.yaml").is_file():
+            raise ConfigError(f"{out}: not a lorkd run folder; start it with `lorkd run` or `lorkd pretrain`")
+        if ctx.is_main:
+            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        pipeline = _pipeline(cfg)
+        stages = stages or pipeline.STAGES
+        metrics = pipeline.run_stages(cfg, out, ctx, stages, resume=resume, progress=progress)
+        if metrics is not None and ctx.is_main:
+            from .report import load_histories, write_report
+
+            report = write_report(out, metrics, to_dict(cfg), load_histories(out))
+            print(summary_table(metrics))
+            print(f"report: {report}")
+    finally:
+        ctx.shutdown()
+    return 0
+
+
+def _pipeline(cfg: Any):
+    from .pipelines.schema import ClassificationConfig
+
+    if isinstance(cfg, ClassificationConfig):
+        from .pipelines import classification
+
+        return classification
+    from .pipelines import segmentation
+
+    return segmentation
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    """A compact text table of the primary metric: tasks x models."""
+    key = metrics["primary_metric"]
+    models = sorted({m for per in metrics["tasks"].values() for m in per}, key=_model_order)
+    lines = [f"test {key}: " + "  ".join(f"{m:>12}" for m in models)]
+    for task, per in metrics["tasks"].items():
+        cells = "  ".join(f"{per[m][key]:>12.4f}" if m in per else f"{'':>12}" for m in models)
+        lines.append(f"{task[:14]:<14} {cells}")
+    return "\n".join(lines)
+
+
+def _model_order(name: str) -> tuple[int, str]:
+    order = ["teacher", "student", "expert", "stl", "stl_kd", "mtl", "mtl_kd", "student_nokd"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .config import from_dict
+    from .pipelines.presets import DEMO
+    from .pipelines.schema import ClassificationConfig
+
+    cfg = from_dict(ClassificationConfig, DEMO)
+    return execute(cfg, args.out, None, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .pipelines.predict import predict_files
+
+    predict_files(args.expert, args.inputs, split=args.split, output=args.output)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_aggregate_report
+
+    path = write_aggregate_report(args.runs, args.out)
+    print(Path(path).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,480 @@
+"""The markdown report of one run: ``run_dir/report.md`` plus its figures in ``run_dir/plots/``.
+
+>>> from lorkd.report import write_report, load_histories
+>>> write_report("runs/demo", read_json("runs/demo/metrics.json"), config)   # -> runs/demo/report.md
+
+The report holds, in order: a summary (what was compared, on what data, and per task the expert
+against the teacher and the best baseline, with a verdict beats / matches / below), the data
+table, one results table per metric (rows tasks, columns models, best value in bold, a mean row),
+the same tables on the validation split, model sizes / FLOPs / latency with ratios to the
+teacher, time per stage, the figures (relative links), the notes, the machine, and the exact
+config in a ```yaml block.
+
+Conventions: a missing, ``None`` or NaN value prints ``n/a``; an infinite one ``inf``. "Best" is
+the largest value, except for metrics where lower is better (``hd95``, losses:
+:func:`lorkd.report.plots.higher_is_better`). *Baselines* are every model other than
+``teacher``, ``expert`` and ``student`` (the multi-task student the experts are cut from).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lorkd.errors import DataError
+from lorkd.fileio import write_atomic
+
+from .plots import (
+    higher_is_better,
+    model_order,
+    plot_size_vs_metric,
+    plot_task_metrics,
+    plot_training_curves,
+    size_points,
+    to_float,
+)
+
+__all__ = [
+    "MATCH_TOL",
+    "NON_BASELINES",
+    "fmt_value",
+    "fmt_count",
+    "markdown_table",
+    "metric_table",
+    "load_histories",
+    "write_report",
+]
+
+#: Absolute tolerance on the primary metric within which the expert "matches" the teacher.
+MATCH_TOL = 0.005
+
+#: Models that are not baselines: the reference and the method's own models.
+NON_BASELINES = frozenset({"teacher", "expert", "student"})
+
+_DATA_COLUMNS = ("name", "source", "num_classes", "channels", "n_train", "n_val", "n_test")
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+
+def fmt_value(value: Any, digits: int = 3) -> str:
+    """A metric value for a table: ``n/a`` for missing/None/NaN/non-numeric, ``inf`` / ``-inf``,
+    one decimal from 100 up, else ``digits`` decimals."""
+    v = to_float(value)
+    if math.isnan(v):
+        return "n/a"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.1f}" if abs(v) >= 100 else f"{v:.{digits}f}"
+
+
+def fmt_count(value: Any) -> str:
+    """A large count with a unit suffix: ``11176512 -> "11.18M"``; ``n/a`` when missing."""
+    v = to_float(value)
+    if not math.isfinite(v):
+        return "n/a"
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f}{unit}"
+    return f"{v:.0f}" if v == int(v) else f"{v:.3g}"
+
+
+def _fmt_ratio(value: Any, ref: Any) -> str:
+    v, r = to_float(value), to_float(ref)
+    if not (math.isfinite(v) and math.isfinite(r)) or r == 0:
+        return "n/a"
+    return f"{v / r:.3g}×"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub markdown table; ``|`` and newlines inside cells are escaped. ``align`` holds one
+    of ``l``/``r``/``c`` per column (default: first column left, the rest right)."""
+    align = align or ("l" + "r" * (len(header) - 1))
+    marks = {"l": ":--", "r": "--:", "c": ":-:"}
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
+             "|" + "|".join(marks.get(a, "---") for a in align) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def best_mask(values: Sequence[float], metric: str, digits: int = 3) -> list[bool]:
+    """Which of ``values`` are the best finite one for ``metric`` after rounding to ``digits``
+    (ties are all best). NaN and inf are never best."""
+    rounded = [round(v, digits) if math.isfinite(v) else math.nan for v in values]
+    finite = [v for v in rounded if math.isfinite(v)]
+    if not finite:
+        return [False] * len(values)
+    best = max(finite) if higher_is_better(metric) else min(finite)
+    return [math.isfinite(v) and v == best for v in rounded]
+
+
+def _value(tasks: Mapping[str, Any], task: str, model: str, metric: str) -> float:
+    per_model = tasks.get(task)
+    if not isinstance(per_model, Mapping) or not isinstance(per_model.get(model), Mapping):
+        return math.nan
+    return to_float(per_model[model].get(metric))
+
+
+def _models(tasks: Mapping[str, Any]) -> list[str]:
+    return model_order(m for pm in tasks.values() if isinstance(pm, Mapping) for m in pm)
+
+
+def metric_table(tasks: Mapping[str, Mapping[str, Any]], metric: str, models: Sequence[str] | None = None,
+                 mean_row: bool = True) -> str:
+    """Markdown table of one metric: rows tasks, columns models, the best of each row in bold.
+
+    The ``mean`` row averages each model over all tasks; it is ``n/a`` for a model that lacks a
+    finite value on any task (a mean over fewer tasks would not compare).
+    """
+    models = list(models) if models is not None else _models(tasks)
+    rows = []
+    grid = []
+    for task in tasks:
+        vals = [_value(tasks, task, m, metric) for m in models]
+        grid.append(vals)
+        rows.append([task] + _bold_row(vals, metric))
+    if mean_row and len(grid) > 1:
+        arr = np.array(grid, dtype=float)
+        means = [float(arr[:, j].mean()) if np.isfinite(arr[:, j]).all() else math.nan for j in range(len(models))]
+        rows.append(["**mean**"] + _bold_row(means, metric))
+    return markdown_table(["task"] + models, rows)
+
+
+def _bold_row(vals: Sequence[float], metric: str) -> list[str]:
+    return [f"**{fmt_value(v)}**" if b else fmt_value(v) for v, b in zip(vals, best_mask(vals, metric))]
+
+
+# --------------------------------------------------------------------------------------------
+# Histories
+# --------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of one ``history.jsonl``. Blank lines are skipped, and so is an unparsable *last*
+    line when the file does not end in a newline (a write cut short by a crash)."""
+    text = path.read_text()
+    lines = text.split("\n")
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == last and not text.endswith("\n"):
+                break
+            raise DataError(f"{path}:{i + 1}: not valid JSON ({err})") from err
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{i + 1}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
+    return records
+
+
+def load_histories(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """The training histories of a run folder: ``{STAGE: [record, ...]}``.
+
+    ``run_dir/STAGE/history.jsonl`` gives stage ``STAGE`` (the folder name), and a deeper one,
+    such as the pipelines' ``run_dir/baselines/stl/breastmnist/history.jsonl``, the folder's path
+    relative to ``run_dir`` (``"baselines/stl/breastmnist"``). ``run_dir/history.jsonl`` itself
+    is split by each record's ``"stage"`` key (``"train"`` when absent), and its records come
+    first when a stage appears in both. Stages are in sorted order.
+
+    Raises:
+        DataError: ``run_dir`` is not a folder, or a line of a history file is not a JSON object
+            (the message names file and line).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: run folder not found")
+    out: dict[str, list[dict[str, Any]]] = {}
+    top = run_dir / "history.jsonl"
+    if top.is_file():
+        for rec in _read_jsonl(top):
+            out.setdefault(str(rec.get("stage", "train")), []).append(rec)
+    for path in sorted(run_dir.rglob("history.jsonl")):
+        if path.parent != run_dir:
+            out.setdefault(path.parent.relative_to(run_dir).as_posix(), []).extend(_read_jsonl(path))
+    return {k: out[k] for k in sorted(out)}
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with only YAML-safe types: tuples -> lists, paths and unknown objects -> str,
+    numpy scalars/arrays -> Python numbers/lists."""
+    if isinstance(obj, Mapping):
+        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return str(obj)
+
+
+def _fence(text: str, lang: str) -> str:
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
+
+
+def _metric_keys(metrics: Mapping[str, Any], tasks: Mapping[str, Any]) -> list[str]:
+    keys = list(metrics.get("metric_keys") or [])
+    if not keys:
+        for pm in tasks.values():
+            for vals in (pm or {}).values():
+                if isinstance(vals, Mapping):
+                    keys += [k for k in vals if k not in keys]
+    return keys
+
+
+def _verdict(expert: float, teacher: float, metric: str, tol: float) -> str:
+    if not (math.isfinite(expert) and math.isfinite(teacher)):
+        return "n/a"
+    gain = expert - teacher if higher_is_better(metric) else teacher - expert
+    if gain > tol:
+        return "beats"
+    if gain >= -tol:
+        return "matches"
+    return "below"
+
+
+def _summary(metrics: Mapping[str, Any], tasks: Mapping[str, Any], primary: str, tol: float) -> list[str]:
+    models = _models(tasks)
+    descr = metrics.get("models") or {}
+    out = ["## Summary", ""]
+    kind = metrics.get("task_kind", "unknown")
+    split = metrics.get("split", "test")
+    out.append(f"- **Task kind:** {kind}; results on the **{split}** split; primary metric **{primary}** "
+               f"({'higher' if higher_is_better(primary) else 'lower'} is better).")
+    if models:
+        out.append("- **Compared models:**")
+        for m in models:
+            out.append(f"  - `{m}`" + (f": {descr[m]}" if descr.get(m) else ""))
+    data = [d for d in (metrics.get("data") or []) if isinstance(d, Mapping)]
+    if data:
+        parts = [f"{d.get('name', '?')} ({d.get('n_train', 'n/a')} train / {d.get('n_val', 'n/a')} val / "
+                 f"{d.get('n_test', 'n/a')} test)" for d in data]
+        out.append(f"- **Data:** {len(data)} data set(s): " + "; ".join(parts) + ".")
+    params = metrics.get("params") or {}
+    pe, pt = to_float(params.get("expert")), to_float(params.get("teacher"))
+    if math.isfinite(pe) and math.isfinite(pt) and pt > 0:
+        out.append(f"- **Size:** one expert has {fmt_count(pe)} parameters, {100 * pe / pt:.1f}% of the "
+                   f"teacher's {fmt_count(pt)} ({pt / pe:.1f}× smaller).")
+    lat = metrics.get("latency_ms") or {}
+    le, lt = to_float(lat.get("expert")), to_float(lat.get("teacher"))
+    if math.isfinite(le) and math.isfinite(lt) and le > 0:
+        out.append(f"- **Latency:** expert {le:.2f} ms vs teacher {lt:.2f} ms ({lt / le:.1f}× faster).")
+    out.append("")
+
+    baselines = [m for m in models if m not in NON_BASELINES]
+    rows, wins, counted = [], 0, 0
+    for task in tasks:
+        e, t = _value(tasks, task, "expert", primary), _value(tasks, task, "teacher", primary)
+        best_name, best_v = "n/a", math.nan
+        for b in baselines:
+            v = _value(tasks, task, b, primary)
+            if math.isfinite(v) and (math.isnan(best_v) or (v > best_v if higher_is_better(primary) else v < best_v)):
+                best_name, best_v = b, v
+        verdict = _verdict(e, t, primary, tol)
+        if verdict != "n/a":
+            counted += 1
+            wins += verdict in ("beats", "matches")
+        diff = fmt_value(e - t) if math.isfinite(e) and math.isfinite(t) else "n/a"
+        if diff not in ("n/a",) and not diff.startswith("-"):
+            diff = "+" + diff
+        rows.append([task, fmt_value(e), fmt_value(t), f"{fmt_value(best_v)} ({best_name})" if baselines else "n/a",
+                     diff, verdict])
+    out.append(f"**Headline ({primary}, {split} split):** per task, the expert against the teacher and the best "
+               f"baseline (any model other than {', '.join(sorted(NON_BASELINES))}).")
+    out.append("")
+    out.append(markdown_table(["task", "expert", "teacher", "best baseline", "expert − teacher", "expert vs teacher"],
+                              rows, align="lrrrrl"))
+    out.append("")
+    if counted:
+        out.append(f"The expert **beats or matches** the teacher on **{wins} of {counted}** task(s) "
+                   f"(\"matches\" means within ±{tol:g} {primary}).")
+    else:
+        out.append("No task has both an expert and a teacher result: no verdict.")
+    out.append("")
+    return out
+
+
+def _data_section(metrics: Mapping[str, Any]) -> list[str]:
+    data = [d for d in (metrics.get("data") or []) if isinstance(d, Mapping)]
+    out = ["## Data", ""]
+    if not data:
+        return out + ["No data description in metrics.json.", ""]
+    cols = list(_DATA_COLUMNS) + [k for d in data for k in d if k not in _DATA_COLUMNS]
+    cols = list(dict.fromkeys(cols))
+    rows = [[("n/a" if d.get(c) is None else d.get(c)) for c in cols] for d in data]
+    return out + [markdown_table(cols, rows, align="ll" + "r" * (len(cols) - 2)), ""]
+
+
+def _results_section(title: str, tasks: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+    out = [title, ""]
+    if not tasks:
+        return out + ["No results.", ""]
+    for key in keys:
+        direction = "higher" if higher_is_better(key) else "lower"
+        out += [f"### {key} ({direction} is better; best per row in bold)", "", metric_table(tasks, key), ""]
+    return out
+
+
+def _cost_section(metrics: Mapping[str, Any]) -> list[str]:
+    params = metrics.get("params") or {}
+    flops = metrics.get("flops") or {}
+    lat = metrics.get("latency_ms") or {}
+    out = ["## Model size and cost", ""]
+    names = model_order(list(params) + list(flops) + list(lat))
+    if not names:
+        return out + ["No size, FLOPs or latency measurements.", ""]
+    rows = []
+    for m in names:
+        p = params.get(m)
+        p_text = fmt_count(p) + (f" ({int(to_float(p)):,})" if math.isfinite(to_float(p)) else "")
+        l_text = f"{to_float(lat.get(m)):.2f}" if math.isfinite(to_float(lat.get(m))) else "n/a"
+        rows.append([m, p_text, _fmt_ratio(p, params.get("teacher")), fmt_count(flops.get(m)),
+                     _fmt_ratio(flops.get(m), flops.get("teacher")), l_text,
+                     _fmt_ratio(lat.get(m), lat.get("teacher"))])
+    out.append(markdown_table(["model", "parameters", "× teacher", "FLOPs", "× teacher", "latency (ms)", "× teacher"],
+                              rows))
+    out += ["", "Ratios are model / teacher (below 1: smaller or faster than the teacher).", ""]
+    return out
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _timing_section(metrics: Mapping[str, Any]) -> list[str]:
+    timing = metrics.get("timing_s") or {}
+    out = ["## Time per stage", ""]
+    if not timing:
+        return out + ["No timing recorded.", ""]
+    vals = {k: to_float(v) for k, v in timing.items()}
+    total = sum(v for v in vals.values() if math.isfinite(v))
+    rows = []
+    for k, v in vals.items():
+        ok = math.isfinite(v)
+        rows.append([k, f"{v:.1f}" if ok else "n/a", _hms(v) if ok else "n/a",
+                     f"{100 * v / total:.1f}%" if ok and total > 0 else "n/a"])
+    rows.append(["**total**", f"{total:.1f}", _hms(total), "100.0%" if total > 0 else "n/a"])
+    return out + [markdown_table(["stage", "seconds", "h:mm:ss", "share"], rows), ""]
+
+
+def _ordered_histories(histories: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+    order = list((metrics.get("timing_s") or {}).keys())
+    names = [s for s in order if s in histories] + [s for s in histories if s not in order]
+    return {s: histories[s] for s in names}
+
+
+def _plots(run_dir: Path, metrics: Mapping[str, Any], keys: Sequence[str], primary: str,
+           histories: Mapping[str, Any]) -> list[str]:
+    out = ["## Plots", ""]
+    plot_dir = run_dir / "plots"
+    skipped = []
+    for key in keys:
+        try:
+            p = plot_task_metrics(metrics, key, plot_dir / f"metric_{key}.png")
+            out += [f"![{key} per task](plots/{p.name})", ""]
+        except DataError as err:
+            skipped.append(str(err))
+    if size_points(metrics, primary):
+        p = plot_size_vs_metric(metrics, primary, plot_dir / f"size_vs_{primary}.png")
+        out += [f"![model size vs {primary}](plots/{p.name})", ""]
+    else:
+        skipped.append(f"size vs {primary}: no model has both a parameter count and a finite {primary}")
+    if histories:
+        try:
+            p = plot_training_curves(histories, plot_dir / "training_curves.png")
+            out += [f"![training curves](plots/{p.name})", ""]
+        except DataError as err:
+            skipped.append(str(err))
+    else:
+        skipped.append("training curves: no history.jsonl found")
+    if skipped:
+        out += ["Not plotted:", ""] + [f"- {s}" for s in skipped] + [""]
+    return out
+
+
+def write_report(run_dir: str | Path, metrics: Mapping[str, Any], config: Mapping[str, Any] | None,
+                 histories: Mapping[str, list[Mapping[str, Any]]] | None = None, title: str | None = None,
+                 *, match_tol: float = MATCH_TOL) -> Path:
+    """Write ``run_dir/report.md`` and its figures ``run_dir/plots/*.png``.
+
+    Args:
+        run_dir: the run folder (created if needed).
+        metrics: the ``metrics.json`` dict (see :mod:`lorkd.report`); only ``"tasks"`` is required,
+            every other section is written when its key is present.
+        config: the config the run used, written verbatim as YAML (paths and unknown objects as
+            strings, tuples as lists). ``None`` writes a note instead.
+        histories: ``{STAGE: [record, ...]}``; ``None`` reads them with :func:`load_histories`.
+        title: the report title (default ``"lorkd report: <task_kind>"``).
+        match_tol: absolute tolerance on the primary metric for the verdict "matches".
+
+    Returns:
+        The path of ``report.md`` (written atomically).
+
+    Raises:
+        DataError: ``metrics`` has no ``"tasks"`` mapping, or a history file is malformed.
+    """
+    run_dir = Path(run_dir)
+    if not isinstance(metrics, Mapping) or not isinstance(metrics.get("tasks"), Mapping):
+        raise DataError(f"{run_dir}: metrics has no 'tasks' mapping ({{TASK: {{MODEL: {{METRIC: float}}}}}})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if histories is None:
+        histories = load_histories(run_dir)
+    histories = _ordered_histories(histories, metrics)
+    tasks = metrics["tasks"]
+    keys = _metric_keys(metrics, tasks)
+    primary = metrics.get("primary_metric") or (keys[0] if keys else "acc")
+    if primary not in keys:
+        keys = [primary] + keys
+
+    lines = [f"# {title or 'lorkd report: ' + str(metrics.get('task_kind', 'run'))}", ""]
+    lines += _summary(metrics, tasks, primary, match_tol)
+    lines += _data_section(metrics)
+    lines += _results_section(f"## Results ({metrics.get('split', 'test')} split)", tasks, keys)
+    val = metrics.get("val")
+    lines += _results_section("## Validation split", val if isinstance(val, Mapping) else {}, keys)
+    lines += _cost_section(metrics)
+    lines += _timing_section(metrics)
+    lines += _plots(run_dir, metrics, keys, primary, histories)
+    notes = metrics.get("notes") or []
+    lines += ["## Notes", ""] + ([f"- {n}" for n in notes] if notes else ["None."]) + [""]
+    machine = metrics.get("machine") or {}
+    if machine:
+        lines += ["## Machine", ""]
+        lines += [f"- **{k}:** {v if isinstance(v, (str, numbers.Number)) else json.dumps(_plain(v))}"
+                  for k, v in machine.items()] + [""]
+    lines += ["## Config", ""]
+    if config is None:
+        lines += ["No config given.", ""]
+    else:
+        text = yaml.safe_dump(_plain(config), sort_keys=False, default_flow_style=False, allow_unicode=True)
+        lines += [_fence(text, "yaml"), ""]
+    body = "\n".join(lines)
+    return write_atomic(run_dir / "report.md", lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))

@@ -1,0 +1,145 @@
+"""Every ``lorkd`` command end to end on tiny data (synthetic tasks and tiny .npz files)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from lorkd import cli
+from lorkd.pipelines import presets
+
+TINY = {
+    "data": {"synthetic": {"num_tasks": 2, "size": 16, "n_train": 48, "n_val": 24, "n_test": 24}},
+    "teacher": {"net": {"arch": "resnet10", "widen": 0.25}, "train": {"epochs": 1, "batch_size": 16}},
+    "student": {"net": {"arch": "resnet10", "widen": 0.125}, "train": {"epochs": 1, "batch_size": 16}},
+}
+
+
+def write_config(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(*argv: str) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+@pytest.mark.slow
+def test_stage_commands_one_after_another_then_predict(tmp_path, capsys):
+    cfg = write_config(tmp_path, {**TINY, "baselines": {"run": ["stl", "mtl"]}})
+    out = tmp_path / "run"
+    assert run_cli("pretrain", cfg, "--out", out, "--no-progress") == 0
+    assert (out / "teacher" / "model.safetensors").is_file() and not (out / "student").exists()
+    assert run_cli("decompose", cfg, "--out", out, "--no-progress") == 0
+    assert (out / "student" / "model.safetensors").is_file()
+    assert run_cli("baselines", cfg, "--out", out, "--no-progress") == 0
+    assert (out / "baselines" / "mtl" / "all" / "model.safetensors").is_file()
+    assert run_cli("export", cfg, "--out", out, "--no-progress") == 0
+    card = json.loads((out / "experts" / "synth_xray" / "card.json").read_text())
+    assert card["classes"] == 3 and card["architecture"]["factory"].endswith("plain_classifier")
+    assert run_cli("evaluate", cfg, "--out", out, "--no-progress") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["tasks"]["synth_xray"]) == {"teacher", "student", "expert", "stl", "mtl"}
+    assert metrics["tasks"]["synth_xray"]["expert"]["acc"] == pytest.approx(metrics["tasks"]["synth_xray"]["student"]["acc"])
+    assert (out / "report.md").is_file() and (out / "plots" / "metric_acc.png").is_file()
+    capsys.readouterr()
+
+    # predict: a .npz split and two image files through the exported expert
+    npz = tmp_path / "x.npz"
+    rng = np.random.default_rng(0)
+    images = {f"{s}_images": rng.integers(0, 255, (3, 16, 16), dtype=np.uint8) for s in ("train", "val", "test")}
+    labels = {f"{s}_labels": np.zeros((3, 1), np.uint8) for s in ("train", "val", "test")}
+    np.savez(npz, **images, **labels)
+    Image.fromarray(images["test_images"][0]).save(tmp_path / "a.png")
+    Image.fromarray(np.stack([images["test_images"][1]] * 3, -1)).resize((20, 20)).save(tmp_path / "b.png")
+    assert run_cli("predict", out / "experts" / "synth_xray", npz, tmp_path / "a.png", tmp_path / "b.png") == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 5 and set(rows[0]) == {"input", "prediction", "p0", "p1", "p2"}
+    assert all(abs(sum(float(r[f"p{c}"]) for c in range(3)) - 1) < 1e-5 for r in rows)
+    assert run_cli("predict", out / "experts" / "synth_xray", tmp_path / "a.png", "--output", tmp_path / "p.json") == 0
+    assert json.loads((tmp_path / "p.json").read_text())[0]["input"] == "a.png"
+
+
+@pytest.mark.slow
+def test_run_on_npz_files_then_reuse_teacher_and_aggregate_report(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, shape, classes in (("gray", (16, 16), 2), ("rgb", (16, 16, 3), 3)):
+        data = {}
+        for split, n in (("train", 40), ("val", 12), ("test", 12)):
+            data[f"{split}_labels"] = (np.arange(n) % classes).astype(np.uint8)[:, None]
+            data[f"{split}_images"] = rng.integers(0, 255, (n, *shape), dtype=np.uint8)
+        np.savez(tmp_path / f"{name}.npz", **data)
+        paths.append({"name": name, "path": str(tmp_path / f"{name}.npz")})
+    base = {k: v for k, v in TINY.items() if k != "data"}
+    cfg = write_config(tmp_path, {**base, "data": {"tasks": paths}})
+    assert run_cli("run", cfg, "--out", tmp_path / "r0", "--no-progress") == 0
+    # a second run reuses the first run's teacher through teacher.checkpoint
+    assert run_cli("run", cfg, "--out", tmp_path / "r1", "--no-progress", "--set", "seed=1",
+                   "--set", f"teacher.checkpoint={tmp_path / 'r0' / 'teacher'}") == 0
+    assert not (tmp_path / "r1" / "teacher").exists()
+    assert run_cli("report", tmp_path / "r0", tmp_path / "r1", "--out", tmp_path / "summary.md") == 0
+    assert "±" in (tmp_path / "summary.md").read_text()
+
+
+def test_run_refuses_to_overwrite_another_run(tmp_path, capsys):
+    cfg = write_config(tmp_path, TINY)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("precious")
+    assert run_cli("run", cfg, "--out", tmp_path / "run") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
+
+
+def test_stage_command_needs_a_run_folder(tmp_path, capsys):
+    cfg = write_config(tmp_path, TINY)
+    assert run_cli("decompose", cfg, "--out", tmp_path / "nothing") == 2
+    assert "not a lorkd run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"student": {"experts": {"rnak": 4}}}, "student.experts.rnak: unknown key (did you mean 'rank'?)"),
+    ({"student": {"train": {"epochs": "ten"}}}, "student.train.epochs: expected an integer"),
+    ({"student": {"train": {"epochs": 0}}}, "student.train.epochs: must be >= 1"),
+    ({"student": {"experts": {"norm": "group"}}}, "student.experts.norm: 'group' is not one of"),
+    ({"student": {"distill": {"temperature": -1}}}, "student.distill.temperature: must be > 0"),
+    ({"data": {"tasks": [{"name": "a"}]}}, "data.tasks[0].path: required key is missing"),
+    ({"data": {}}, "give either data.tasks"),
+    ({"teacher": {"train": {"optim": {"lr": -1}}}}, "teacher.train.optim"),
+])
+def test_config_errors_name_the_key(tmp_path, capsys, change, message):
+    data = json.loads(json.dumps(TINY))
+    for section, value in change.items():
+        if section == "data":
+            data["data"] = value
+        else:
+            for key, sub in value.items():
+                data[section].setdefault(key, {}).update(sub)
+    assert run_cli("run", write_config(tmp_path, data), "--out", tmp_path / "run") == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_override_and_missing_data_file_are_reported(tmp_path, capsys):
+    cfg = write_config(tmp_path, TINY)
+    assert run_cli("run", cfg, "--out", tmp_path / "a", "--set", "student.train.epochs") == 2
+    assert "expected key=value" in capsys.readouterr().err
+    bad = write_config(tmp_path, {**TINY, "data": {"tasks": [{"name": "x", "path": str(tmp_path / "none.npz")}]}}, "bad.yaml")
+    assert run_cli("run", bad, "--out", tmp_path / "b") == 2
+    err = capsys.readouterr().err
+    assert "none.npz" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_demo_command_runs_the_whole_recipe(tmp_path, monkeypatch):
+    monkeypatch.setattr(presets, "DEMO", {**TINY, "baselines": {"run": ["student_nokd"]}})
+    assert run_cli("demo", "--out", tmp_path / "demo", "--no-progress") == 0
+    assert (tmp_path / "demo" / "report.md").is_file()
+    assert "student_nokd" in json.loads((tmp_path / "demo" / "metrics.json").read_text())["tasks"]["synth_ultrasound"]

@@ -1,0 +1,281 @@
+"""The training loop (lorkd.engine.trainer): optimiser groups, schedule, non-finite losses, best
+checkpoints, resume checks, and (slow) exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lorkd.data.multitask import TaskBatchSampler
+from lorkd.engine import (
+    DistributedContext, FitConfig, OptimConfig, StepLoss, build_optimizer, build_scheduler, fit, load_checkpoint,
+    per_task_mean,
+)
+from lorkd.errors import ConfigError, TrainingError
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_toy.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toy():
+    spec = importlib.util.spec_from_file_location("train_toy", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+toy = _toy()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny ops on a shared 2-core machine: extra intra-op threads only wait for each other.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimiser and schedule
+def test_optimizer_groups_skip_decay_on_1d_params():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4, 2))
+    net[0].bias.requires_grad_(False)
+    params = list(net.named_parameters()) + [("again", net[3].weight)]
+    for name in ("sgd", "adamw"):
+        opt = build_optimizer(params, OptimConfig(name=name, lr=0.1, weight_decay=0.05))
+        decay, no_decay = opt.param_groups
+        assert decay["name"] == "decay" and decay["weight_decay"] == 0.05
+        assert no_decay["name"] == "no_decay" and no_decay["weight_decay"] == 0.0
+        assert decay["param_names"] == ["0.weight", "3.weight"]
+        assert no_decay["param_names"] == ["1.weight", "1.bias", "3.bias"]
+        assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert isinstance(opt, torch.optim.AdamW)
+    with pytest.raises(ConfigError, match="optim.name"):
+        build_optimizer(params, OptimConfig(name="lamb"))
+    with pytest.raises(ConfigError, match="no trainable"):
+        build_optimizer([("w", nn.Parameter(torch.ones(2), requires_grad=False))], OptimConfig())
+
+
+def test_no_decay_group_is_really_not_decayed():
+    bias = nn.Parameter(torch.ones(3))
+    weight = nn.Parameter(torch.ones(3, 3))
+    opt = build_optimizer([("b", bias), ("w", weight)], OptimConfig(lr=0.1, momentum=0.0, weight_decay=0.5))
+    bias.grad, weight.grad = torch.zeros(3), torch.zeros(3, 3)
+    opt.step()
+    assert torch.equal(bias, torch.ones(3))
+    assert torch.allclose(weight, torch.full((3, 3), 1 - 0.1 * 0.5))
+
+
+def _lrs(cfg, steps_per_epoch, epochs):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, steps_per_epoch, epochs)
+    out = []
+    for _ in range(steps_per_epoch * epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_scheduler_warmup_then_cosine():
+    lrs = _lrs(OptimConfig(lr=1.0, warmup_epochs=0.5, schedule="cosine"), steps_per_epoch=8, epochs=2)
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # 4 warm-up steps
+    expected = [0.5 * (1 + math.cos(math.pi * (s - 4) / 12)) for s in range(4, 16)]
+    assert lrs[4:] == pytest.approx(expected)
+    assert lrs[4] == pytest.approx(1.0) and 0 < lrs[-1] < 0.02
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_scheduler_constant_and_no_warmup():
+    assert _lrs(OptimConfig(lr=0.2, schedule="constant", warmup_epochs=0.25), 4, 2) == pytest.approx([0.2] * 8)
+    lrs = _lrs(OptimConfig(lr=0.2, warmup_epochs=0), 4, 1)
+    assert lrs == pytest.approx([0.2 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
+    with pytest.raises(ConfigError):
+        _lrs(OptimConfig(schedule="step"), 4, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# fit, in process
+def _setup(seed=0, batch_size=8):
+    torch.manual_seed(seed)
+    data, model = toy.ToyData(), toy.ToyNet()
+    sampler = TaskBatchSampler(data, batch_size=batch_size, seed=seed, drop_last=True)
+    return data, model, sampler
+
+
+def _objective(nan_at=0, task=1):
+    calls = {"n": 0}
+
+    def objective(net, batch, counts):
+        calls["n"] += 1
+        values = net(batch.images, batch.task_ids, batch.labels)
+        if calls["n"] == nan_at:
+            values = torch.where(batch.task_ids == task, values * float("nan"), values)
+        per = per_task_mean(values, batch.task_ids, counts, 1)
+        total = sum(per.values())
+        return StepLoss(total, {t: float(v.detach()) for t, v in per.items()}, {"ce": float(total.detach())})
+
+    return objective
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, batch_size=8, optim=OptimConfig(lr=0.1, weight_decay=1e-2), progress=False)
+    base.update(kw)
+    return FitConfig(**base)
+
+
+NAMES = ["task0", "task1", "task2", "task3"]
+
+
+def test_fit_writes_history_and_checkpoints(tmp_path):
+    data, model, sampler = _setup()
+    calls = []
+
+    def evaluate(m):
+        assert not m.training and not isinstance(m, nn.parallel.DistributedDataParallel)
+        calls.append(1)
+        return {"acc": [0.5, 0.7][len(calls) - 1], "loss": 1.0}
+
+    res = fit(model, _objective(), data, sampler, _cfg(select_metric="acc"), tmp_path, DistributedContext(),
+              evaluate=evaluate, task_names=NAMES)
+    assert model.training
+    assert len(res.history) == 2 and res.best_epoch == 1 and res.best["value"] == 0.7
+    lines = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert lines == res.history
+    assert lines[0]["epoch"] == 0 and lines[0]["stage"] == "train" and lines[0]["val/acc"] == 0.5
+    assert {"loss", "ce", "lr", "seconds", "loss/task0", "loss/task2"} <= set(lines[0])
+    assert "loss/task3" not in lines[0]  # task 3 has no data
+    assert (tmp_path / "history.csv").read_text().splitlines()[0].startswith("epoch,stage,step,loss")
+    latest = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert latest["global_step"] == 24 and latest["epoch"] == 1 and latest["epoch_finished"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(latest["model"][k], v)
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["epoch"] == 1 and best["best"]["metric"] == "acc"
+
+
+def test_absent_task_keeps_grad_none_and_weights(tmp_path):
+    data, model, sampler = _setup()
+    before = [p.detach().clone() for p in model.task_parameters(3)]
+    fit(model, _objective(), data, sampler, _cfg(epochs=1), tmp_path, DistributedContext(), task_names=NAMES)
+    after = model.task_parameters(3)
+    assert all(p.grad is None for p in after)
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_non_finite_loss_names_step_and_task_and_keeps_last_checkpoint(tmp_path):
+    data, model, sampler = _setup()
+    with pytest.raises(TrainingError, match=r"task1 \(task 1\).*epoch 0.*step 5 of the run") as err:
+        fit(model, _objective(nan_at=5), data, sampler, _cfg(checkpoint_every=2), tmp_path, DistributedContext(),
+            task_names=NAMES)
+    assert "task0" not in str(err.value) and "task2" not in str(err.value)
+    latest = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert latest["global_step"] == 4 and latest["sampler"]["batches_done"] == 4
+    assert all(torch.isfinite(v).all() for v in latest["model"].values())
+    assert not (tmp_path / "history.jsonl").exists()
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    data, model, sampler = _setup()
+    fit(model, _objective(), data, sampler, _cfg(epochs=1), tmp_path, DistributedContext(), task_names=NAMES)
+    data, model, sampler = _setup()
+    with pytest.raises(ConfigError, match=r"cannot resume.*optim"):
+        fit(model, _objective(), data, sampler, _cfg(epochs=1, optim=OptimConfig(lr=0.5)), tmp_path,
+            DistributedContext(), task_names=NAMES, resume=True)
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    data, model, sampler = _setup()
+    res = fit(model, _objective(), data, sampler, _cfg(epochs=1), tmp_path, DistributedContext(), task_names=NAMES)
+    data, model2, sampler = _setup()
+    res2 = fit(model2, _objective(), data, sampler, _cfg(epochs=1), tmp_path, DistributedContext(),
+               task_names=NAMES, resume=True)
+    assert res2.history == res.history
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_select_metric_must_be_reported(tmp_path):
+    data, model, sampler = _setup()
+    with pytest.raises(ConfigError, match="auc"):
+        fit(model, _objective(), data, sampler, _cfg(epochs=1, select_metric="auc"), tmp_path,
+            DistributedContext(), evaluate=lambda m: {"acc": 1.0}, task_names=NAMES)
+
+
+def test_amp_on_cpu_warns_and_trains_in_float32(tmp_path):
+    data, model, sampler = _setup()
+    with pytest.warns(UserWarning, match="amp"):
+        fit(model, _objective(), data, sampler, _cfg(epochs=1, amp="bf16"), tmp_path, DistributedContext(),
+            task_names=NAMES)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_extra_modules_are_trained_and_saved(tmp_path):
+    data, model, sampler = _setup()
+    proj = nn.Linear(8, 8)
+    before = proj.weight.detach().clone()
+
+    def objective(net, batch, counts):
+        feats = toy_feats(net, batch)
+        values = proj(feats).pow(2).mean(1)
+        per = per_task_mean(values, batch.task_ids, counts, 1)
+        return StepLoss(sum(per.values()))
+
+    def toy_feats(net, batch):
+        return net.student(batch.images, batch.task_ids)
+
+    fit(model, objective, data, sampler, _cfg(epochs=1), tmp_path, DistributedContext(), extra_modules=proj,
+        task_names=NAMES)
+    assert not torch.equal(proj.weight, before)
+    saved = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["extra_modules"]
+    assert torch.equal(saved["weight"], proj.weight.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# exact resume after SIGKILL (subprocesses)
+def _run(*args, check=True):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_toy.py {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _run("--out", out, "--epochs", 2, "--checkpoint-every", 2)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every,kill", [(2, 5), (5, 13)], ids=["mid-epoch", "after-epoch-end"])
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, uninterrupted, every, kill):
+    # every=2, kill=5: steps 1-5 done, latest.pt from step 4, so step 5 is redone.
+    # every=5, kill=13: latest.pt from the end of epoch 0 (step 12); dies during epoch 1's first step.
+    out = tmp_path / "run"
+    proc = _run("--out", out, "--epochs", 2, "--checkpoint-every", every, "--kill-at-step", kill, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (out / "final.pt").exists()
+    assert load_checkpoint(out / "checkpoints" / "latest.pt")["global_step"] < kill
+    _run("--out", out, "--epochs", 2, "--checkpoint-every", every, "--resume")
+    a = load_checkpoint(out / "final.pt")["state"]
+    b = load_checkpoint(uninterrupted / "final.pt")["state"]
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= 1e-6  # on CPU it is exactly 0
+    hist = lambda p: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
+                      for x in (p / "history.jsonl").read_text().splitlines()]
+    assert hist(out) == hist(uninterrupted)

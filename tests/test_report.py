@@ -1,0 +1,275 @@
+"""Tests of lorkd.report: markdown report, figures, histories, aggregation over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import yaml
+from matplotlib.image import imread
+
+from lorkd.errors import DataError
+from lorkd.report import (
+    aggregate_runs,
+    load_histories,
+    metric_table,
+    plot_size_vs_metric,
+    plot_task_metrics,
+    plot_training_curves,
+    results_table_markdown,
+    write_aggregate_report,
+    write_report,
+)
+
+NAN = float("nan")
+
+
+def fake_metrics(shift: float = 0.0) -> dict:
+    return {
+        "task_kind": "classification",
+        "metric_keys": ["acc", "auc"],
+        "primary_metric": "acc",
+        "split": "test",
+        "tasks": {
+            "breastmnist": {
+                "teacher": {"acc": 0.850 + shift, "auc": 0.900},
+                "expert": {"acc": 0.871 + shift, "auc": 0.910},
+                "stl": {"acc": 0.840 + shift, "auc": NAN},
+                "mtl_kd": {"acc": 0.861 + shift, "auc": 0.905},
+            },
+            "pneumoniamnist": {
+                "teacher": {"acc": 0.900 + shift, "auc": 0.950},
+                "expert": {"acc": 0.880 + shift, "auc": 0.940},
+                "stl": {"acc": 0.890 + shift, "auc": 0.930},
+                # mtl_kd missing on this task on purpose
+            },
+        },
+        "val": {
+            "breastmnist": {"teacher": {"acc": 0.80, "auc": 0.85}, "expert": {"acc": 0.82, "auc": NAN}},
+            "pneumoniamnist": {"teacher": {"acc": 0.91, "auc": 0.96}, "expert": {"acc": 0.90, "auc": 0.95}},
+        },
+        "params": {"teacher": 23_500_000, "student": 1_400_000, "expert": 1_250_000, "stl": 1_250_000},
+        "flops": {"teacher": 4_100_000_000, "expert": 150_000_000},
+        "latency_ms": {"teacher": 20.0, "expert": 2.5},
+        "timing_s": {"teacher": 120.0, "student": 60.0, "export": 3.0},
+        "data": [
+            {"name": "breastmnist", "source": "MedMNIST v2", "num_classes": 2, "channels": 1,
+             "n_train": 546, "n_val": 78, "n_test": 156},
+            {"name": "pneumoniamnist", "source": "MedMNIST v2", "num_classes": 2, "channels": 1,
+             "n_train": 4708, "n_val": 524, "n_test": 624},
+        ],
+        "models": {"teacher": "ResNet-50 foundation model", "expert": "student + merged expert"},
+        "machine": {"cpu": "test cpu", "torch": "2.x"},
+        "notes": ["a note about this run"],
+    }
+
+
+def fake_config() -> dict:
+    return {"seed": 0, "data": {"tasks": ["breastmnist", "pneumoniamnist"], "size": 28},
+            "student": {"rank": 4, "alpha": 16.0, "norm": "shared"}, "kd": {"temperature": 4.0, "weight": 1.0}}
+
+
+def write_histories(run_dir) -> None:
+    for stage, keys in (("teacher", ("loss", "ce")), ("student", ("loss", "ce", "kd", "feat"))):
+        (run_dir / stage).mkdir(parents=True)
+        lines = []
+        for epoch in range(1, 4):
+            rec = {"epoch": epoch, "stage": stage, "lr": 0.05 / epoch, "seconds": 1.5}
+            rec.update({k: 1.0 / epoch + i * 0.1 for i, k in enumerate(keys)})
+            rec["val_acc"] = 0.7 + 0.05 * epoch
+            lines.append(json.dumps(rec))
+        (run_dir / stage / "history.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def assert_png(path) -> None:
+    assert path.is_file() and path.stat().st_size > 1000
+    img = imread(path)
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+    assert img.std() > 0  # not a blank canvas
+
+
+def yaml_block(text: str) -> dict:
+    m = re.search(r"```yaml\n(.*?)\n```", text, re.S)
+    assert m, "no yaml block"
+    return yaml.safe_load(m.group(1))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_write_report_full(tmp_path):
+    run = tmp_path / "run"
+    write_histories(run)
+    path = write_report(run, fake_metrics(), fake_config())
+    assert path == run / "report.md"
+    text = path.read_text()
+
+    for name in ("breastmnist", "pneumoniamnist", "teacher", "expert", "stl", "mtl_kd"):
+        assert name in text
+    assert "n/a" in text  # NaN auc of stl and the missing mtl_kd on pneumoniamnist
+    stl_auc_row = [ln for ln in text.splitlines() if ln.startswith("| breastmnist |")]
+    assert any("n/a" in ln for ln in stl_auc_row)
+    # best acc per row in bold: expert on breastmnist, teacher on pneumoniamnist
+    assert "| breastmnist | 0.850 | **0.871** | 0.840 | 0.861 |" in text
+    assert "| pneumoniamnist | **0.900** | 0.880 | 0.890 | n/a |" in text
+    # headline: beats on breastmnist, below on pneumoniamnist; best baseline named
+    assert "**1 of 2**" in text
+    assert "0.861 (mtl_kd)" in text and "0.890 (stl)" in text
+    assert "| beats |" in text and "| below |" in text
+    # sizes with ratios to the teacher, timing total, data, notes, machine
+    assert "23.50M" in text and "0.0532×" in text and "0.125×" in text
+    assert "183.0" in text and "0:03:03" in text
+    assert "4708" in text and "MedMNIST v2" in text
+    assert "a note about this run" in text and "test cpu" in text
+    assert yaml_block(text) == fake_config()
+
+    plots = sorted(p.name for p in (run / "plots").glob("*.png"))
+    assert plots == ["metric_acc.png", "metric_auc.png", "size_vs_acc.png", "training_curves.png"]
+    for name in plots:
+        assert f"](plots/{name})" in text
+        assert_png(run / "plots" / name)
+
+
+def test_write_report_minimal_and_segmentation(tmp_path):
+    metrics = {"task_kind": "segmentation", "metric_keys": ["dice", "hd95"], "primary_metric": "dice",
+               "tasks": {"prostate": {"teacher": {"dice": 0.80, "hd95": 5.0},
+                                      "expert": {"dice": 0.80, "hd95": 4.0},
+                                      "unet_x": {"dice": NAN, "hd95": float("inf")}}}}
+    path = write_report(tmp_path / "seg", metrics, {"out": tmp_path, "sizes": (1, 2)}, histories={}, title="Seg run")
+    text = path.read_text()
+    assert text.startswith("# Seg run")
+    assert "| prostate | 5.000 | **4.000** | inf |" in text  # hd95: lower is better
+    assert "| matches |" in text  # equal dice within tolerance
+    assert "training curves: no history.jsonl found" in text
+    assert "size vs dice" in text  # no params: not plotted, and said so
+    assert yaml_block(text) == {"out": str(tmp_path), "sizes": [1, 2]}
+    assert sorted(p.name for p in (tmp_path / "seg" / "plots").glob("*.png")) == ["metric_dice.png", "metric_hd95.png"]
+
+
+def test_write_report_rejects_metrics_without_tasks(tmp_path):
+    with pytest.raises(DataError, match="tasks"):
+        write_report(tmp_path, {"task_kind": "classification"}, {})
+
+
+def test_metric_table_mean_row_needs_all_tasks():
+    table = metric_table(fake_metrics()["tasks"], "acc")
+    mean_row = [ln for ln in table.splitlines() if ln.startswith("| **mean** |")][0]
+    cells = [c.strip() for c in mean_row.strip("|").split("|")]
+    assert cells[1:] == ["**0.875**", "**0.875**", "0.865", "n/a"]  # teacher, expert tie; mtl_kd lacks a task
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_histories(tmp_path):
+    write_histories(tmp_path)
+    (tmp_path / "history.jsonl").write_text(
+        json.dumps({"epoch": 1, "stage": "probe", "loss": 1.0}) + "\n" + '{"epoch": 2, "sta')  # cut short
+    nested = tmp_path / "baselines" / "stl" / "breastmnist"
+    nested.mkdir(parents=True)
+    (nested / "history.jsonl").write_text(json.dumps({"epoch": 1, "loss": 0.5, "val/acc": 0.8}) + "\n")
+    hist = load_histories(tmp_path)
+    assert list(hist) == ["baselines/stl/breastmnist", "probe", "student", "teacher"]
+    assert hist["baselines/stl/breastmnist"][0]["val/acc"] == 0.8
+    assert len(hist["teacher"]) == 3 and hist["student"][0]["kd"] == pytest.approx(1.2)
+    assert hist["probe"] == [{"epoch": 1, "stage": "probe", "loss": 1.0}]
+
+
+def test_load_histories_bad_line_names_file_and_line(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "history.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
+    with pytest.raises(DataError, match=r"history.jsonl:2"):
+        load_histories(tmp_path)
+    with pytest.raises(DataError, match="not found"):
+        load_histories(tmp_path / "missing")
+
+
+def test_plots_cope_with_missing_models_and_nan(tmp_path):
+    metrics = fake_metrics()
+    p = plot_task_metrics(metrics, "auc", tmp_path / "a" / "b" / "auc.png")
+    assert p == tmp_path / "a" / "b" / "auc.png"
+    assert_png(p)
+    assert_png(plot_size_vs_metric(metrics, "auc", tmp_path / "size.png"))
+    hist = {"only_lr": [{"epoch": 1, "lr": 0.1}],  # nothing to draw: skipped
+            "s": [{"loss": 2.0, "val/dice": 0.3}, {"loss": 1.0, "val/dice": None, "note": "x"}]}
+    assert_png(plot_training_curves(hist, tmp_path / "curves.png"))
+    with pytest.raises(DataError, match="dice"):
+        plot_task_metrics(metrics, "dice", tmp_path / "none.png")
+    with pytest.raises(DataError, match="params"):
+        plot_size_vs_metric({"tasks": metrics["tasks"]}, "acc", tmp_path / "none.png")
+    with pytest.raises(DataError):
+        plot_training_curves({"x": [{"epoch": 1}]}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_aggregate_matches_numpy():
+    runs = [fake_metrics(0.0), fake_metrics(0.01), fake_metrics(-0.03)]
+    runs[2]["tasks"]["breastmnist"]["expert"]["acc"] = NAN  # NaN-aware
+    del runs[1]["tasks"]["breastmnist"]["mtl_kd"]
+    agg = aggregate_runs(runs)
+    assert agg["n_runs"] == 3 and agg["metric_keys"] == ["acc", "auc"] and agg["primary_metric"] == "acc"
+
+    t = agg["tasks"]["pneumoniamnist"]["teacher"]["acc"]
+    vals = np.array([0.90, 0.91, 0.87])
+    assert t["n"] == 3
+    assert t["mean"] == pytest.approx(vals.mean()) and t["std"] == pytest.approx(vals.std(ddof=1))
+    assert t["std"] == pytest.approx(0.02081666, abs=1e-7)
+
+    e = agg["tasks"]["breastmnist"]["expert"]["acc"]
+    assert e["n"] == 2
+    assert e["mean"] == pytest.approx(np.mean([0.871, 0.881])) and e["std"] == pytest.approx(np.std([0.871, 0.881], ddof=1))
+
+    m = agg["tasks"]["breastmnist"]["mtl_kd"]["acc"]
+    assert m["n"] == 2 and m["mean"] == pytest.approx(np.mean([0.861, 0.831]))
+    s = agg["tasks"]["breastmnist"]["stl"]["auc"]  # NaN in every run
+    assert s["n"] == 0 and math.isnan(s["mean"]) and math.isnan(s["std"])
+    v = agg["val"]["breastmnist"]["expert"]["acc"]
+    assert v["n"] == 3 and v["std"] == pytest.approx(0.0, abs=1e-12)
+
+    single = aggregate_runs([fake_metrics()])["tasks"]["breastmnist"]["expert"]["acc"]
+    assert single["n"] == 1 and math.isnan(single["std"])
+
+
+def test_aggregate_rejects_bad_input():
+    with pytest.raises(DataError, match="no runs"):
+        aggregate_runs([])
+    seg = fake_metrics()
+    seg["task_kind"] = "segmentation"
+    with pytest.raises(DataError, match="task_kind"):
+        aggregate_runs([fake_metrics(), seg])
+
+
+def test_results_table_markdown_cells():
+    runs = [fake_metrics(0.0), fake_metrics(0.012), fake_metrics(-0.012)]
+    runs[2]["tasks"]["breastmnist"]["expert"]["acc"] = NAN
+    table = results_table_markdown(aggregate_runs(runs), "acc")
+    lines = table.splitlines()
+    assert lines[0] == "| task | teacher | expert | stl | mtl_kd |"
+    row = [ln for ln in lines if ln.startswith("| pneumoniamnist |")][0]
+    assert f"**0.900 ± {np.std([0.9, 0.912, 0.888], ddof=1):.3f}**" in row
+    assert "| n/a |" in row  # mtl_kd never ran on this task
+    brow = [ln for ln in lines if ln.startswith("| breastmnist |")][0]
+    assert "**0.877 ± 0.008 (n=2)**" in brow
+
+
+def test_write_aggregate_report(tmp_path):
+    dirs = []
+    for i, shift in enumerate((0.0, 0.01)):
+        d = tmp_path / f"seed{i}"
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps(fake_metrics(shift)))  # NaN is written as NaN
+        dirs.append(d)
+    out = write_aggregate_report(dirs, tmp_path / "agg" / "summary.md")
+    text = out.read_text()
+    assert "2 runs aggregated" in text and "ddof=1" in text
+    assert "breastmnist" in text and "mtl_kd" in text and "n/a" in text
+    assert f"0.876 ± {np.std([0.871, 0.881], ddof=1):.3f}" in text
+    assert "## Validation split" in text
+    with pytest.raises(DataError, match="not found"):
+        write_aggregate_report([tmp_path / "nothing"], tmp_path / "x.md")
