@@ -2,7 +2,7 @@
 
 Three synthetic tasks of 1x8x8 images, a small conv net without BatchNorm given experts for FOUR
 tasks (task 3 never occurs in the data, so its expert and head must never move), one linear head per
-task, per-task cross-entropy normalised with ``per_task_mean``, SGD. Writes ``<out>/final.pt`` with
+task, a residual projector trained as ``extra_modules``, per-task cross-entropy normalised with ``per_task_mean``, SGD. Writes ``<out>/final.pt`` with
 the final weights and what happened to the absent task's parameters.
 
     python tests/scripts/train_toy.py --out runs/toy --epochs 2 --batch-size 8
@@ -71,8 +71,10 @@ class ToyNet(nn.Module):
                     if name.endswith(".B"):
                         p.normal_(0, 0.1)
 
-    def forward(self, x, task_ids, labels):
+    def forward(self, x, task_ids, labels, proj=None):
         feats = self.student(x, task_ids)
+        if proj is not None:  # a module trained by the engine as `extra_modules` (outside DDP)
+            feats = feats + proj(feats)
         losses = torch.zeros(len(labels), device=x.device)
         for t in torch.unique(task_ids).tolist():
             rows = task_ids == t
@@ -108,13 +110,14 @@ def main() -> None:
     initial = [p.detach().clone() for p in model.task_parameters(ABSENT)]
     sampler = TaskBatchSampler(data, batch_size=args.batch_size, seed=args.seed,
                                num_replicas=ctx.world_size, rank=ctx.rank, drop_last=True)
+    proj = nn.Linear(8, 8)  # extra module: the engine syncs its gradients across ranks itself
     calls = {"n": 0}
 
     def objective(net, batch, counts):
         calls["n"] += 1
         if args.kill_at_step and calls["n"] == args.kill_at_step + 1:
             os.kill(os.getpid(), signal.SIGKILL)
-        values = net(batch.images, batch.task_ids, batch.labels)
+        values = net(batch.images, batch.task_ids, batch.labels, proj)
         if args.nan_at_step and calls["n"] == args.nan_at_step:
             values = torch.where(batch.task_ids == 1, values * float("nan"), values)
         per = per_task_mean(values, batch.task_ids, counts, ctx.world_size)
@@ -125,11 +128,12 @@ def main() -> None:
     cfg = FitConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                     optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-2, warmup_epochs=0.5),
                     checkpoint_every=args.checkpoint_every, progress=False, stage="toy")
-    fit(model, objective, data, sampler, cfg, out, ctx, resume=args.resume,
+    fit(model, objective, data, sampler, cfg, out, ctx, extra_modules=proj, resume=args.resume,
         task_names=[f"task{t}" for t in range(len(NUM_CLASSES))])
     absent = model.task_parameters(ABSENT)
     report = {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "state": {**{k: v.detach().clone() for k, v in model.state_dict().items()},
+                  **{f"proj.{k}": v.detach().clone() for k, v in proj.state_dict().items()}},
         "absent_grad_none": all(p.grad is None for p in absent),
         "absent_unchanged": all(torch.equal(p, q) for p, q in zip(absent, initial)),
         "world_size": ctx.world_size,

@@ -53,6 +53,9 @@ RUN_OUTPUTS = (
     "report.md",        # report (pipelines)
     "config.yaml",      # resolved config (pipelines)
     "plots",            # figures (report)
+    "teacher",          # stage folders (pipelines)
+    "student",
+    "baselines",
     RUN_MARKER,
 )
 
