@@ -67,7 +67,7 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("layout", ["auto", "lowrank", "merged"])
+@pytest.mark.parametrize("layout", ["auto", "stacked", "lowrank", "merged"])
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_equals_plain_layer_with_merged_weights(name, layout):
     make, shape = LAYERS[name]
@@ -77,17 +77,18 @@ def test_layer_equals_plain_layer_with_merged_weights(name, layout):
     check_against_merged(layer, x, task_ids, num_tasks=3, layout=layout)
 
 
-def test_lowrank_and_merged_layouts_agree_in_value_and_gradient():
+def test_all_layouts_agree_in_value_and_gradient():
     torch.manual_seed(0)
     x = torch.randn(8, 3, 9, 9)
     ids = torch.tensor([1, 0, 3, 1, 1, 0, 3, 2])
     grads, model = {}, nn.Sequential(nn.Conv2d(3, 4, 3))
-    for layout in ("lowrank", "merged"):
+    for layout in ("stacked", "lowrank", "merged"):
         student = randomise_experts(lorkd.add_experts(model, 4, rank=2, layout=layout))
         student(x, ids).pow(2).sum().backward()
         grads[layout] = [p.grad.clone() for p in student.parameters()]
-    for a, b in zip(grads["lowrank"], grads["merged"]):
-        torch.testing.assert_close(a, b)
+    for other in ("lowrank", "merged"):
+        for a, b in zip(grads["stacked"], grads[other]):
+            torch.testing.assert_close(a, b)
 
 
 def test_output_size_argument_of_transposed_conv_is_honoured():

@@ -26,7 +26,7 @@ def loss_on_task(student, x, ids, task):
     return out[ids == task].pow(2).sum()
 
 
-@pytest.mark.parametrize("layout", ["auto", "lowrank", "merged"])
+@pytest.mark.parametrize("layout", ["auto", "stacked", "lowrank", "merged"])
 def test_loss_of_one_task_gives_other_experts_exactly_zero_gradient(layout):
     torch.manual_seed(0)
     student = randomise_experts(lorkd.add_experts(small_cnn(), 4, rank=2, norm="per_task", layout=layout)).train()
@@ -175,3 +175,19 @@ def test_extract_rejects_bad_task():
     student = lorkd.add_experts(nn.Linear(3, 2), 2)
     with pytest.raises(ValueError, match="task id 2 is out of range"):
         student.extract(2)
+
+
+def test_tune_layouts_picks_a_measured_candidate_and_keeps_results_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 3))
+    student = randomise_experts(lorkd.add_experts(model, 3, rank=2))
+    x, ids = torch.randn(6, 2, 8, 8), torch.tensor([2, 0, 1, 0, 2, 1])
+    before = student(x, ids).detach()
+    timings = student.tune_layouts(x, ids, repeats=1)
+    assert set(timings) == {"0", "2", "4"}
+    assert set(timings["0"]) >= {"stacked", "lowrank"} and "stacked" not in timings["4"]
+    for name, layer in student.expert_layers():
+        assert layer.layout == min(timings[name], key=timings[name].get)
+    torch.testing.assert_close(student(x, ids), before, rtol=1e-5, atol=1e-4)  # float32, other layouts
+    assert all(p.grad is None for p in student.parameters())  # tuning leaves no gradients behind

@@ -109,7 +109,10 @@ def measure(case: Case, variant: str, repeats: int, warmup: int, device: str) ->
         out.float().square().mean().backward()
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    base_mem = _peak_bytes(device)
+    base_mem = _peak_bytes(device)  # before tuning: its peak counts against lorkd, never for it
+    if variant == "lorkd":
+        net.tune_layouts(x, task_ids)
+        layouts = [layer.layout for _, layer in net.expert_layers()]
     for _ in range(warmup):
         step()
     times = []
@@ -119,8 +122,11 @@ def measure(case: Case, variant: str, repeats: int, warmup: int, device: str) ->
         step()
         sync()
         times.append(time.perf_counter() - start)
-    return {"variant": variant, **asdict(case), "median_ms": 1000 * statistics.median(times),
-            "peak_mb": (_peak_bytes(device) - base_mem) / 2**20}
+    result = {"variant": variant, **asdict(case), "median_ms": 1000 * statistics.median(times),
+              "peak_mb": (_peak_bytes(device) - base_mem) / 2**20}
+    if variant == "lorkd":
+        result["layouts"] = {k: layouts.count(k) for k in sorted(set(layouts))}
+    return result
 
 
 def _peak_bytes(device: str) -> int:

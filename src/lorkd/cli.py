@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("predict", help="class probabilities (or masks) of inputs through an exported expert")
     p.add_argument("expert", type=Path, help="an expert folder (experts/<task>/ of a run)")
-    p.add_argument("inputs", nargs="+", type=Path, help="image files (PNG/JPEG/TIF) or .npz files")
+    p.add_argument("inputs", nargs="+", type=Path, help="image files (PNG/JPEG/TIF) or .npz files; for a "
+                   "segmentation expert also NIfTI (.nii/.nii.gz) or HDF5 (.h5) volumes")
     p.add_argument("--split", default="test", help="for .npz inputs: which split's images (default test)")
-    p.add_argument("--output", type=Path, help="write results here (.csv or .json) instead of printing")
+    p.add_argument("--output", type=Path, help="write results here (.csv or .json) instead of printing; for a "
+                   "segmentation expert: the folder for the masks (default ./masks)")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("report", help="mean and std over several runs (e.g. seeds) as markdown")
     p.add_argument("runs", nargs="+", type=Path)
@@ -115,8 +117,6 @@ def cmd_stages(args: argparse.Namespace) -> int:
 def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = False, overwrite: bool = False,
             progress: bool = True, first_stage: bool = True) -> int:
     """Prepare the run folder, run the stages (under torchrun too), write the report on rank 0."""
-    import yaml
-
     from .config import to_dict
     from .engine.checkpoint import RUN_MARKER, prepare_run_dir
     from .engine.distributed import DistributedContext
@@ -131,8 +131,6 @@ def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = 
             ctx.barrier()
         elif not (out / RUN_MARKER).is_file() and not (out / "config.yaml").is_file():
             raise ConfigError(f"{out}: not a lorkd run folder; start it with `lorkd run` or `lorkd pretrain`")
-        if ctx.is_main:
-            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         pipeline = _pipeline(cfg)
         stages = stages or pipeline.STAGES
         metrics = pipeline.run_stages(cfg, out, ctx, stages, resume=resume, progress=progress)

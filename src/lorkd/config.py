@@ -115,6 +115,14 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def write_config(path: str | Path, cfg: Any) -> Path:
+    """Write a config as YAML (atomically), in the form :func:`load_yaml` reads back."""
+    from .fileio import write_atomic
+
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def _convert(hint: Any, value: Any, path: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:

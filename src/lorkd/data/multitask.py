@@ -38,8 +38,9 @@ class TaskBatch:
     """A batch that mixes tasks.
 
     Attributes:
-        images: float32 ``[B, C, H, W]``.
-        labels: int64 ``[B]``, class index within the sample's own task.
+        images: float32 ``[B, C, H, W]`` (or ``[B, C, *spatial]``).
+        labels: int64 ``[B]``, class index within the sample's own task (segmentation: label
+            maps ``[B, *spatial]``).
         task_ids: int64 ``[B]``, index of the sample's task in the dataset's task list.
     """
 
@@ -62,15 +63,19 @@ class TaskBatch:
 def collate_task_batch(items: Sequence[tuple[Tensor, int, int]]) -> TaskBatch:
     """Stack ``(image [C, H, W], label, task_id)`` items into a :class:`TaskBatch` of ``B = len(items)``.
 
+    Labels may also be label maps (segmentation: image ``[C, *spatial]``, label int64
+    ``[*spatial]``); they are stacked to ``[B, *spatial]``.
+
     Raises:
         DataError: ``items`` is empty.
     """
     if len(items) == 0:
         raise DataError("collate_task_batch: got an empty list of items")
     images, labels, task_ids = zip(*items)
+    dense = isinstance(labels[0], Tensor) and labels[0].ndim > 0  # segmentation: label maps
     return TaskBatch(
         torch.stack(images),
-        torch.as_tensor(labels, dtype=torch.int64),
+        torch.stack(labels).to(torch.int64) if dense else torch.as_tensor(labels, dtype=torch.int64),
         torch.as_tensor(task_ids, dtype=torch.int64),
     )
 

@@ -559,7 +559,10 @@ class PatchDataset(Dataset, _TaskSet):
     task with fewer channels is filled with zero channels (``channel_fill="zeros"``) or its channels
     are repeated cyclically (``"repeat"``: a 1-channel image is copied into every channel).
 
-    Sampling: the task is ``i % num_tasks`` (exact balance) or drawn with ``task_weights``; the case
+    Sampling: the task is ``i % num_tasks`` (exact balance) or drawn with ``task_weights``; with
+    ``task_blocks=True`` each task instead owns one contiguous block of indices (sizes in
+    :attr:`task_sizes`: equal, or in proportion to ``task_weights``), the layout
+    :class:`~lorkd.data.multitask.TaskBatchSampler` expects, which then mixes the tasks. The case
     is uniform within the task's split; with probability ``foreground_ratio`` the patch is centred
     on a foreground voxel (a class > 0 chosen uniformly among those present, then one of its
     voxels), else on a uniform random voxel. Patches are shifted to stay inside the volume; a
@@ -590,8 +593,10 @@ class PatchDataset(Dataset, _TaskSet):
         pad_value: float = 0.0,
         seed: int = 0,
         cache: VolumeCache | None = None,
+        task_blocks: bool = False,
     ) -> None:
         _TaskSet.__init__(self, tasks, preprocess, in_channels, channel_fill, cache)
+        self.task_blocks = bool(task_blocks)
         self.patch_size = tuple(int(p) for p in patch_size)
         if not self.patch_size or any(p < 1 for p in self.patch_size):
             raise ConfigError(f"patch_size={tuple(patch_size)} must be positive integers")
@@ -627,6 +632,27 @@ class PatchDataset(Dataset, _TaskSet):
         self.pad_value = float(pad_value)
         self.seed = int(seed)
         self.epoch = 0
+        self._offsets = None
+        if self.task_blocks:
+            share = task_weights if task_weights is not None else [1.0 / len(self.tasks)] * len(self.tasks)
+            sizes = _largest_remainder(list(share), self.samples_per_epoch)
+            if min(sizes) < 1:
+                raise ConfigError(f"samples_per_epoch={samples_per_epoch} leaves a task without samples "
+                                  f"(blocks {sizes}); raise it")
+            self._offsets = np.cumsum([0] + sizes).tolist()
+
+    @property
+    def task_sizes(self) -> list[int]:
+        """Samples of each task per epoch (``task_blocks=True`` only; else raises AttributeError)."""
+        if self._offsets is None:
+            raise AttributeError("task_sizes needs task_blocks=True (tasks are interleaved otherwise)")
+        return [b - a for a, b in zip(self._offsets[:-1], self._offsets[1:])]
+
+    def task_of(self, i: int) -> int:
+        """The task of index ``i`` (without drawing a patch; ``task_weights`` without blocks: -1)."""
+        if self._offsets is not None:
+            return int(np.searchsorted(self._offsets, i, side="right") - 1)
+        return int(i % len(self.tasks)) if self.task_weights is None else -1
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -658,7 +684,9 @@ class PatchDataset(Dataset, _TaskSet):
         if not 0 <= i < len(self):
             raise IndexError(i)
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-        if self.task_weights is None:
+        if self._offsets is not None:
+            t = self.task_of(i)
+        elif self.task_weights is None:
             t = int(i % len(self.tasks))
         else:
             t = int(rng.choice(len(self.tasks), p=self.task_weights))

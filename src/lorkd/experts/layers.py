@@ -17,8 +17,15 @@ contiguous segment. Two exact layouts of the computation are available per layer
     memory is one weight per task present (kept for backward while training). Used for
     single-task batches, for inference without gradients, and for grouped convolutions.
 
-``layout="auto"`` picks ``merged`` when there is one segment, when no gradient is being
-recorded, or when ``groups > 1``, and ``lowrank`` otherwise.
+``"stacked"``
+    one convolution with ``[W; A_t1; ...; A_tP]`` stacked along the output channels (the shared
+    weight and every present task's ``A`` in one call), then each row's ``B_t`` by one batched
+    matmul. Extra compute about ``P r / out_channels``; convolutions with ``groups == 1`` only.
+
+``layout="auto"`` picks ``merged`` for one segment, without gradients, for ``groups > 1``, and
+where the merged weights are no larger than the layer's output; else ``stacked`` (convolutions)
+or ``lowrank`` (linear and transposed layers). ``ExpertModel.tune_layouts`` instead times the
+candidates per layer on the machine at hand.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from torch import Tensor, nn
 
 from .routing import active_routing
 
-LAYOUTS = ("auto", "lowrank", "merged")
+LAYOUTS = ("auto", "stacked", "lowrank", "merged")
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -129,18 +136,63 @@ class ExpertLayer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         routing = active_routing(self.name or type(self.base).__name__)
-        segments = list(routing.split(x))
-        if self._use_merged(len(segments)):
-            outs = [self._plain(rows, self.merged_weight(seg.task), output_size) for seg, rows in segments]
+        layout = self.resolve_layout(len(routing.segments), x)
+        if layout == "merged":
+            outs = [self._plain(rows, self.merged_weight(seg.task), output_size) for seg, rows in routing.split(x)]
             return outs[0] if len(outs) == 1 else torch.cat(outs)
+        if layout == "stacked":
+            return self._stacked(x, routing)
         y = self._plain(x, self.base.weight, output_size)
-        branch = torch.cat([self._branch(rows, self.experts[seg.task], output_size) for seg, rows in segments])
+        branch = torch.cat([self._branch(rows, self.experts[seg.task], output_size) for seg, rows in routing.split(x)])
         return torch.add(y, branch, alpha=self.scale)
 
-    def _use_merged(self, num_segments: int) -> bool:
-        if self.layout != "auto":
-            return self.layout == "merged" or getattr(self.base, "groups", 1) != 1
-        return num_segments == 1 or not torch.is_grad_enabled() or getattr(self.base, "groups", 1) != 1
+    def resolve_layout(self, num_segments: int, x: Tensor | None = None) -> str:
+        """The layout this call uses.
+
+        ``merged`` for a single task, without gradients, and for grouped convolutions (where the
+        others are not exact). Otherwise ``self.layout``; ``auto`` means ``merged`` where the
+        per-task weights it keeps for backward are no larger than the layer's output (early,
+        wide-activation layers, where it runs at the plain layer's speed), else ``stacked`` for
+        convolutions and ``lowrank`` for linear and transposed layers.
+        """
+        if num_segments == 1 or not torch.is_grad_enabled() or getattr(self.base, "groups", 1) != 1:
+            return "merged"
+        layout = self.layout
+        if layout == "auto":
+            small = x is not None and num_segments * self.base.weight.numel() <= self._output_numel(x)
+            layout = "merged" if small else "stacked"
+        if layout == "stacked" and self._kind != "conv":
+            return "lowrank"
+        return layout
+
+    def _output_numel(self, x: Tensor) -> float:
+        """Approximate element count of this layer's output for input ``x``."""
+        if self._kind == "linear":
+            return x.numel() / self.base.in_features * self.base.out_features
+        stride = math.prod(self.base.stride)
+        scale = stride if self._kind == "conv_transpose" else 1 / stride
+        return x.numel() / self.base.in_channels * self.base.out_channels * scale
+
+    def _stacked(self, x: Tensor, routing) -> Tensor:
+        """Convolution with ``[W; A_t1; ...; A_tP]`` stacked along the output channels (one call
+        for the shared weight and every present task's ``A``), then each row's ``B_t`` applied to
+        its own task's ``r`` channels by one batched matmul with a per-row block-masked ``B``."""
+        base, r = self.base, self.rank
+        tasks = routing.tasks
+        n_extra = len(tasks) * r
+        a = torch.cat([self.experts[t].A for t in tasks]).view(n_extra, *base.weight.shape[1:])
+        bias = None if base.bias is None else torch.cat([base.bias, base.bias.new_zeros(n_extra)])
+        out = base._conv_forward(x, torch.cat([base.weight, a]), bias)
+        rows, spatial = out.shape[0], out.shape[2:]
+        y, z = out.split([base.out_channels, n_extra], dim=1)
+        local = torch.repeat_interleave(torch.arange(len(tasks), device=x.device),
+                                        torch.tensor([s.length for s in routing.segments], device=x.device))
+        mask = F.one_hot(local, len(tasks)).to(out.dtype)  # [N, P]
+        b = torch.stack([self.experts[t].B for t in tasks], dim=1)  # [out, P, r]
+        b_rows = (mask[:, None, :, None] * b[None]).reshape(rows, base.out_channels, n_extra)
+        y = torch.baddbmm(y.reshape(rows, base.out_channels, -1), b_rows, z.reshape(rows, n_extra, -1).contiguous(),
+                          alpha=self.scale)
+        return y.view(rows, base.out_channels, *spatial)
 
     def _plain(self, x: Tensor, weight: Tensor, output_size) -> Tensor:
         """The wrapped layer's own computation with ``weight`` in place of its weight."""

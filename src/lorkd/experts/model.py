@@ -144,6 +144,13 @@ class ExpertModel(nn.Module):
         """Every parameter that is not in any ``expert_parameters(t)``; the two partition ``parameters()``."""
         return (p for _, p in self.named_shared_parameters())
 
+    def tune_layouts(self, x: Any, task_ids: Tensor, repeats: int = 3) -> dict[str, dict[str, float]]:
+        """Time each expert layer's layouts on a batch like ``x`` and keep the fastest
+        (see :mod:`lorkd.experts.tune`); returns ``{layer: {layout: ms}}``."""
+        from .tune import tune_layouts
+
+        return tune_layouts(self, x, task_ids, repeats)
+
     # ------------------------------------------------------------------ extraction
     def extract(self, task: int) -> nn.Module:
         """A plain copy of the wrapped model with expert ``task`` merged into its weights.

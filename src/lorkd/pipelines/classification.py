@@ -10,7 +10,6 @@ only; the test split is read for the final metrics alone.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +17,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import to_dict
 from ..data.medmnist import ClassificationTask, load_npz_task
-from ..data.multitask import MultiTaskDataset, TaskBatchSampler, collate_task_batch
+from ..data.multitask import MultiTaskDataset, collate_task_batch
 from ..data.paths import shared_data_dir
 from ..data.synthetic import make_synthetic_tasks
 from ..distill import FeatureProjector
 from ..engine import metrics as M
-from ..engine.checkpoint import load_checkpoint
 from ..engine.distributed import DistributedContext
-from ..engine.trainer import FitConfig, fit
 from ..errors import DataError
 from ..experts import save_expert
-from ..fileio import read_json, write_json
 from ..models.backbones import backbone_spec
 from ..models.classifier import MultiTaskClassifier
-from .common import DistillObjective, has_network, load_network, save_network, timed
-from .schema import ClassificationConfig, Distill, Stage
+from .common import TaskRemap as _TaskRemap  # noqa: F401  (older name)
+from .common import drive, fit_stage, stage_baselines, stage_student, stage_teacher  # noqa: F401
+from .schema import ClassificationConfig, Stage
 
 log = logging.getLogger("lorkd")
 
@@ -94,21 +90,22 @@ class Run:
     def fit(self, model: nn.Module, stage: Stage, folder: Path, objective, task_subset: list[int] | None = None,
             extra: nn.Module | None = None) -> nn.Module:
         """Train ``model`` on the train split (of ``task_subset`` only, if given); select on val."""
-        train = self.dataset("train", task_subset)
-        sampler = TaskBatchSampler(train, stage.batch_size, mode=self.cfg.data.sampler, seed=self.cfg.seed,
-                                   num_replicas=self.ctx.world_size, rank=self.ctx.rank, drop_last=self.ctx.is_distributed)
-        fit_cfg = FitConfig(epochs=stage.epochs, batch_size=stage.batch_size, optim=stage.optim,
-                            seed=self.cfg.seed, checkpoint_every=stage.checkpoint_every, select_metric="acc",
-                            num_workers=self.cfg.num_workers, progress=self.progress, stage=folder.name)
-        model = model.to(self.ctx.device)
-        evaluate = lambda m: self.val_metrics(m, task_subset)  # noqa: E731
-        fit(model, objective, train, sampler, fit_cfg, folder, self.ctx, evaluate=evaluate, extra_modules=extra,
-            resume=self.resume and (folder / "checkpoints" / "latest.pt").is_file(),
-            task_names=[self.names[t] for t in (task_subset or range(len(self.tasks)))])
-        best = folder / "checkpoints" / "best.pt"
-        if best.is_file():  # the epoch with the best validation accuracy
-            model.load_state_dict(load_checkpoint(best)["model"])
-        return model
+        return fit_stage(model, objective, self.dataset("train", task_subset), stage, folder, self.ctx,
+                         seed=self.cfg.seed, num_workers=self.cfg.num_workers, progress=self.progress,
+                         resume=self.resume, evaluate=lambda m: self.val_metrics(m, task_subset), select_metric="acc",
+                         task_names=[self.names[t] for t in (task_subset or range(len(self.tasks)))],
+                         sampler_mode=self.cfg.data.sampler, extra=extra)
+
+    # hooks of the shared stages (lorkd.pipelines.common)
+    task_loss = None  # cross-entropy
+
+    def meta(self, model: MultiTaskClassifier, kind: str, tasks: list[int] | None = None, **extra: Any) -> dict[str, Any]:
+        return _meta(model, self, kind, tasks, **extra)
+
+    build = staticmethod(lambda meta: _build_from_meta(meta))
+
+    def projector(self, student: MultiTaskClassifier, teacher: MultiTaskClassifier) -> FeatureProjector:
+        return FeatureProjector(student.feature_dim, teacher.feature_dim)
 
     def dataset(self, split: str, tasks: list[int] | None = None) -> MultiTaskDataset:
         """The ``split`` of all tasks, or of ``tasks`` only (then task ids index that list)."""
@@ -171,90 +168,6 @@ def _meta(model: MultiTaskClassifier, run: Run, kind: str, tasks: list[int] | No
     return {"kind": kind, "backbone": model.backbone_spec, "num_classes": model.num_classes,
             "tasks": [run.names[t] for t in tasks], "channels": run.channels, "size": run.cfg.data.size,
             "mean": run.cfg.data.mean, "std": run.cfg.data.std, **extra}
-
-
-def stage_teacher(run: Run) -> MultiTaskClassifier:
-    """Train the foundation model on all tasks (or load ``teacher.checkpoint``); writes ``teacher/``."""
-    folder = run.out / "teacher"
-    source = Path(run.cfg.teacher.checkpoint) if run.cfg.teacher.checkpoint else folder
-    if has_network(source):
-        teacher, meta = load_network(source, _build_from_meta)
-        if meta.get("tasks") != run.names:
-            raise DataError(f"{source / 'model.json'}: teacher was trained on tasks {meta.get('tasks')}, "
-                            f"this config has {run.names}")
-        return teacher.to(run.ctx.device)
-    if run.cfg.teacher.checkpoint:
-        raise DataError(f"teacher.checkpoint {source}: no model.safetensors + model.json there")
-    with timed(run.timing, "teacher"):
-        model = run.network(run.cfg.teacher.net, run.num_classes)
-        objective = DistillObjective(Distill(kd_weight=0.0), world_size=run.ctx.world_size)
-        model = run.fit(model, run.cfg.teacher.train, folder, objective)
-        if run.ctx.is_main:
-            save_network(model, folder, _meta(model, run, "teacher"))
-    return model
-
-
-def stage_student(run: Run, teacher: MultiTaskClassifier, name: str = "student", distill: Distill | None = None) -> MultiTaskClassifier:
-    """Decompose: train the student with experts, distilling from ``teacher``; writes ``student/``."""
-    folder = run.out / name
-    if has_network(folder):
-        return load_network(folder, _build_from_meta)[0].to(run.ctx.device)
-    sc = run.cfg.student
-    distill = distill or sc.distill
-    with timed(run.timing, name):
-        model = run.network(sc.net, run.num_classes, sc.experts.as_kwargs())
-        projector = FeatureProjector(model.feature_dim, teacher.feature_dim) if distill.feat_weight > 0 else None
-        objective = DistillObjective(distill, teacher, projector, run.ctx.world_size)
-        model = run.fit(model, sc.train, folder, objective, extra=projector)
-        if run.ctx.is_main:
-            save_network(model, folder, _meta(model, run, "student", experts=sc.experts.as_kwargs()))
-    return model
-
-
-def stage_baselines(run: Run, teacher: MultiTaskClassifier) -> dict[str, Any]:
-    """Train the baselines listed in ``baselines.run`` with the student's network and budget."""
-    sc = run.cfg.student
-    trained: dict[str, Any] = {}
-    for name in run.cfg.baselines.run:
-        kd = name.endswith("_kd")
-        distill = sc.distill if kd else replace(sc.distill, kd_weight=0.0, feat_weight=0.0)
-        if name == "student_nokd":
-            trained[name] = stage_student(run, teacher, name="baselines/student_nokd", distill=distill)
-            continue
-        groups = [[t] for t in range(len(run.tasks))] if name.startswith("stl") else [list(range(len(run.tasks)))]
-        models = {}
-        for tasks in groups:
-            folder = run.out / "baselines" / name / ("_".join(run.names[t] for t in tasks) if len(tasks) == 1 else "all")
-            if has_network(folder):
-                models[tuple(tasks)] = load_network(folder, _build_from_meta)[0].to(run.ctx.device)
-                continue
-            with timed(run.timing, f"baseline_{name}"):
-                model = run.network(sc.net, [run.num_classes[t] for t in tasks])
-                sub_teacher = _TaskRemap(teacher, tasks) if kd else None
-                projector = FeatureProjector(model.feature_dim, teacher.feature_dim) if kd and distill.feat_weight > 0 else None
-                objective = DistillObjective(distill, sub_teacher, projector, run.ctx.world_size)
-                model = run.fit(model, sc.train, folder, objective, task_subset=tasks, extra=projector)
-                if run.ctx.is_main:
-                    save_network(model, folder, _meta(model, run, name, tasks=tasks))
-            models[tuple(tasks)] = model
-        trained[name] = models
-    return trained
-
-
-class _TaskRemap(nn.Module):
-    """The teacher seen through a subset of its tasks (local id ``i`` -> teacher task ``tasks[i]``)."""
-
-    def __init__(self, teacher: MultiTaskClassifier, tasks: list[int]) -> None:
-        super().__init__()
-        self.teacher = teacher
-        self.map = torch.tensor(tasks)
-
-    def forward(self, x, task_ids):
-        out = self.teacher(x, self.map.to(task_ids.device)[task_ids])
-        inverse = {int(self.map[i]): i for i in range(len(self.map))}
-        out.logits = {inverse[t]: v for t, v in out.logits.items()}
-        out.rows = {inverse[t]: v for t, v in out.rows.items()}
-        return out
 
 
 def stage_export(run: Run, student: MultiTaskClassifier) -> dict[str, Path]:
@@ -337,25 +250,5 @@ def run_stages(cfg: ClassificationConfig, out: Path, ctx: DistributedContext, st
 
     Returns the metrics when ``evaluate`` ran (on rank 0), else ``None``.
     """
-    run = Run(cfg, out, ctx, resume=resume, progress=progress)
-    teacher = stage_teacher(run)
-    if stages == ("teacher",):
-        return None
-    student = stage_student(run, teacher) if "student" in stages or has_network(out / "student") else None
-    if student is None:
-        raise DataError(f"{out / 'student'}: no trained student; run `lorkd decompose` first")
-    baselines = stage_baselines(run, teacher) if "baselines" in stages or "evaluate" in stages else {}
-    if not ctx.is_main:
-        return None
-    if "export" in stages or "evaluate" in stages:
-        with timed(run.timing, "export"):
-            stage_export(run, student)
-    if "evaluate" not in stages:
-        return None
-    with timed(run.timing, "evaluate"):
-        metrics = stage_evaluate(run, teacher, student, baselines)
-    previous = read_json(out / "metrics.json").get("timing_s", {}) if (out / "metrics.json").is_file() else {}
-    metrics["timing_s"] = {**previous, **run.timing}
-    metrics["config"] = to_dict(cfg)
-    write_json(out / "metrics.json", metrics)
-    return metrics
+    run = Run(cfg, out, ctx, resume=resume, progress=progress)  # reads and checks the data first
+    return drive(run, stages, stage_export, stage_evaluate)

@@ -140,3 +140,181 @@ def timed(timing: dict[str, float], stage: str) -> Iterator[None]:
         yield
     finally:
         timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------- stages
+# The stages both recipes share. They work on any ``run`` object that offers (see
+# ``classification.Run`` and ``segmentation.Run``):
+#   cfg (with teacher, student, baselines), out, ctx, resume, progress, names, num_classes, timing,
+#   task_loss (None: cross-entropy), network(net, num_classes, experts=None) -> MultiTaskNet,
+#   fit(model, stage, folder, objective, task_subset=None, extra=None) -> model (best val epoch),
+#   meta(model, kind, tasks=None, **extra) -> dict, build(meta) -> MultiTaskNet,
+#   projector(student, teacher) -> FeatureProjector.
+
+
+def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Any, folder: Path, ctx: Any, *, seed: int,
+              num_workers: int, progress: bool, resume: bool, evaluate: Callable[[nn.Module], dict[str, float]],
+              select_metric: str, task_names: list[str], sampler_mode: str = "proportional",
+              extra: nn.Module | None = None) -> nn.Module:
+    """Train ``model`` on ``train_set`` with a :class:`TaskBatchSampler` under :func:`fit`; keep
+    the epoch with the best ``select_metric`` of ``evaluate`` (``checkpoints/best.pt``).
+
+    ``train_set`` must give each task a contiguous block of indices (``task_sizes``)."""
+    from ..data.multitask import TaskBatchSampler
+    from ..engine.checkpoint import load_checkpoint
+    from ..engine.trainer import FitConfig, fit
+
+    sampler = TaskBatchSampler(train_set, stage.batch_size, mode=sampler_mode, seed=seed,
+                               num_replicas=ctx.world_size, rank=ctx.rank, drop_last=ctx.is_distributed)
+    fit_cfg = FitConfig(epochs=stage.epochs, batch_size=stage.batch_size, optim=stage.optim, seed=seed,
+                        checkpoint_every=stage.checkpoint_every, amp=stage.amp, select_metric=select_metric,
+                        num_workers=num_workers, progress=progress, stage=folder.name)
+    model = model.to(ctx.device)
+    fit(model, objective, train_set, sampler, fit_cfg, folder, ctx, evaluate=evaluate, extra_modules=extra,
+        resume=resume and (folder / "checkpoints" / "latest.pt").is_file(), task_names=task_names)
+    best = folder / "checkpoints" / "best.pt"
+    if best.is_file():  # the epoch with the best validation score
+        model.load_state_dict(load_checkpoint(best)["model"])
+    return model
+
+
+def objective_for(run: Any, distill: Distill, teacher: nn.Module | None = None,
+                  projector: FeatureProjector | None = None) -> DistillObjective:
+    return DistillObjective(distill, teacher, projector, run.ctx.world_size, task_loss=run.task_loss)
+
+
+def reuse_network(run: Any, folder: Path, tasks: list[int] | None = None) -> nn.Module:
+    """Load a network an earlier stage or run saved, after checking it was trained for the
+    tasks and classes of this run's data (``tasks``: a subset, by task id).
+
+    Raises:
+        DataError: it was trained on other tasks or another number of classes (names the file).
+    """
+    model, meta = load_network(folder, run.build)
+    tasks = list(range(len(run.names))) if tasks is None else tasks
+    names, classes = [run.names[t] for t in tasks], [run.num_classes[t] for t in tasks]
+    if meta.get("tasks") != names or meta.get("num_classes") != classes:
+        raise DataError(f"{folder / META}: trained on tasks {meta.get('tasks')} with classes {meta.get('num_classes')}, "
+                        f"but this run's data has tasks {names} with classes {classes}")
+    return model.to(run.ctx.device)
+
+
+def stage_teacher(run: Any) -> nn.Module:
+    """Train the foundation model on all tasks (or load ``teacher.checkpoint``); writes ``teacher/``."""
+    folder = run.out / "teacher"
+    source = Path(run.cfg.teacher.checkpoint) if run.cfg.teacher.checkpoint else folder
+    if has_network(source):
+        return reuse_network(run, source)
+    if run.cfg.teacher.checkpoint:
+        raise DataError(f"teacher.checkpoint {source}: no {WEIGHTS} + {META} there")
+    with timed(run.timing, "teacher"):
+        model = run.network(run.cfg.teacher.net, run.num_classes)
+        objective = objective_for(run, Distill(kd_weight=0.0))
+        model = run.fit(model, run.cfg.teacher.train, folder, objective)
+        if run.ctx.is_main:
+            save_network(model, folder, run.meta(model, "teacher"))
+    return model
+
+
+def stage_student(run: Any, teacher: nn.Module, name: str = "student", distill: Distill | None = None) -> nn.Module:
+    """Decompose: train the student with experts, distilling from ``teacher``; writes ``<name>/``."""
+    folder = run.out / name
+    if has_network(folder):
+        return reuse_network(run, folder)
+    sc = run.cfg.student
+    distill = distill or sc.distill
+    with timed(run.timing, name):
+        model = run.network(sc.net, run.num_classes, sc.experts.as_kwargs())
+        projector = run.projector(model, teacher) if distill.feat_weight > 0 else None
+        objective = objective_for(run, distill, teacher, projector)
+        model = run.fit(model, sc.train, folder, objective, extra=projector)
+        if run.ctx.is_main:
+            save_network(model, folder, run.meta(model, "student", experts=sc.experts.as_kwargs()))
+    return model
+
+
+def stage_baselines(run: Any, teacher: nn.Module) -> dict[str, Any]:
+    """Train the baselines listed in ``baselines.run`` with the student's network and budget.
+
+    Returns ``{name: model}`` for ``student_nokd`` and ``{name: {tuple(task ids): model}}`` for
+    the others (``stl*``: one model per task; ``mtl*``: one model of all tasks)."""
+    from dataclasses import replace
+
+    sc = run.cfg.student
+    trained: dict[str, Any] = {}
+    for name in run.cfg.baselines.run:
+        kd = name.endswith("_kd")
+        distill = sc.distill if kd else replace(sc.distill, kd_weight=0.0, feat_weight=0.0)
+        if name == "student_nokd":
+            trained[name] = stage_student(run, teacher, name="baselines/student_nokd", distill=distill)
+            continue
+        groups = [[t] for t in range(len(run.names))] if name.startswith("stl") else [list(range(len(run.names)))]
+        models = {}
+        for tasks in groups:
+            folder = run.out / "baselines" / name / (run.names[tasks[0]] if len(tasks) == 1 else "all")
+            if has_network(folder):
+                models[tuple(tasks)] = reuse_network(run, folder, tasks)
+                continue
+            with timed(run.timing, f"baseline_{name}"):
+                model = run.network(sc.net, [run.num_classes[t] for t in tasks])
+                sub_teacher = TaskRemap(teacher, tasks) if kd else None
+                projector = run.projector(model, teacher) if kd and distill.feat_weight > 0 else None
+                objective = objective_for(run, distill, sub_teacher, projector)
+                model = run.fit(model, sc.train, folder, objective, task_subset=tasks, extra=projector)
+                if run.ctx.is_main:
+                    save_network(model, folder, run.meta(model, name, tasks=tasks))
+            models[tuple(tasks)] = model
+        trained[name] = models
+    return trained
+
+
+class TaskRemap(nn.Module):
+    """The teacher seen through a subset of its tasks (local id ``i`` -> teacher task ``tasks[i]``)."""
+
+    def __init__(self, teacher: nn.Module, tasks: list[int]) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.map = torch.tensor(tasks)
+
+    def forward(self, x, task_ids):
+        out = self.teacher(x, self.map.to(task_ids.device)[task_ids])
+        inverse = {int(self.map[i]): i for i in range(len(self.map))}
+        out.logits = {inverse[t]: v for t, v in out.logits.items()}
+        out.rows = {inverse[t]: v for t, v in out.rows.items()}
+        return out
+
+
+def drive(run: Any, stages: tuple[str, ...], export: Callable[[Any, nn.Module], Any],
+          evaluate: Callable[[Any, nn.Module, nn.Module, dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
+    """Run ``stages`` in order on ``run``; earlier stages' outputs are reused when present.
+
+    Writes ``config.yaml`` first and ``metrics.json`` (with ``timing_s`` and ``config``) last.
+    Returns the metrics when ``evaluate`` ran (on rank 0), else ``None``.
+    """
+    from ..config import to_dict, write_config
+    from ..fileio import read_json
+
+    out, ctx = run.out, run.ctx
+    if ctx.is_main:
+        write_config(out / "config.yaml", run.cfg)
+    teacher = stage_teacher(run)
+    if stages == ("teacher",):
+        return None
+    student = stage_student(run, teacher) if "student" in stages or has_network(out / "student") else None
+    if student is None:
+        raise DataError(f"{out / 'student'}: no trained student; run `lorkd decompose` first")
+    baselines = stage_baselines(run, teacher) if "baselines" in stages or "evaluate" in stages else {}
+    if not ctx.is_main:
+        return None
+    if "export" in stages or "evaluate" in stages:
+        with timed(run.timing, "export"):
+            export(run, student)
+    if "evaluate" not in stages:
+        return None
+    with timed(run.timing, "evaluate"):
+        metrics = evaluate(run, teacher, student, baselines)
+    previous = read_json(out / "metrics.json").get("timing_s", {}) if (out / "metrics.json").is_file() else {}
+    metrics["timing_s"] = {**previous, **run.timing}
+    metrics["config"] = to_dict(run.cfg)
+    write_json(out / "metrics.json", metrics)
+    return metrics

@@ -70,7 +70,14 @@ def preprocess(image: np.ndarray, card: dict[str, Any]) -> torch.Tensor:
 @torch.no_grad()
 def predict_files(expert_dir: Path, inputs: list[Path], split: str = "test", output: Path | None = None,
                   batch_size: int = 256) -> list[dict[str, Any]]:
-    """Probabilities of every input through the expert; printed as CSV or written to ``output``."""
+    """Probabilities of every input through the expert; printed as CSV or written to ``output``.
+
+    A segmentation expert (card ``task_kind: segmentation``) writes masks instead: see
+    :func:`predict_masks` (``output`` is then the folder of the masks)."""
+    from ..experts import read_card
+
+    if read_card(expert_dir).get("task_kind") == "segmentation":
+        return predict_masks(expert_dir, inputs, output)
     model = load_expert(expert_dir).eval()
     card = model.card
     items = load_inputs(inputs, split)
@@ -98,3 +105,133 @@ def _format(rows: list[dict[str, Any]], kind: str) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------- segmentation
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".h5", ".hdf5")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), path.suffix.lower())
+
+
+def read_segmentation_input(path: Path, image_key: str = "image") -> tuple[np.ndarray, tuple[float, ...], Any]:
+    """``(image float32 [C, *spatial], spacing, geometry)`` of a NIfTI or HDF5 volume or a 2D image.
+
+    ``geometry`` is the NIfTI image (its affine and header are copied to the mask), or ``None``.
+
+    Raises:
+        DataError: a missing, unreadable or unsupported file (names it and the field).
+    """
+    from ..data.volumes import _image_to_array, _pil_open
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    kind = _suffix(path)
+    if kind in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        try:
+            img = nib.load(str(path))
+            data = np.asarray(img.dataobj, dtype=np.float32)
+        except Exception as err:  # nibabel raises several types for bad files
+            raise DataError(f"{path}: cannot read the NIfTI file ({err})") from err
+        image = np.moveaxis(data, -1, 0) if data.ndim == 4 else data[None]
+        zooms = tuple(float(z) for z in img.header.get_zooms()[: image.ndim - 1])
+        return np.ascontiguousarray(image), zooms, img
+    if kind in (".h5", ".hdf5"):
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                if image_key not in f:
+                    raise DataError(f"{path}: missing key {image_key!r} (has {sorted(f.keys())})")
+                data = np.asarray(f[image_key][()], dtype=np.float32)
+        except DataError:
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            raise DataError(f"{path}: cannot read the HDF5 file ({err})") from err
+        return data[None], (1.0,) * data.ndim, None
+    if kind in IMAGE_SUFFIXES:
+        return _image_to_array(_pil_open(str(path), "image")), (1.0, 1.0), None
+    raise DataError(f"{path}: unsupported input type {kind!r}; give NIfTI (.nii/.nii.gz), HDF5 (.h5) or image files")
+
+
+@torch.no_grad()
+def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...], card: dict[str, Any]) -> np.ndarray:
+    """Mask ``[*spatial]`` (uint8 class indices, the input's own grid) of ``image`` ``[C, *spatial]``:
+    preprocessing of the card, sliding-window logits, resampled back to the input's shape, argmax.
+
+    Raises:
+        DataError: the input's dimensions or channels do not fit the expert.
+    """
+    from ..data.segmentation import Preprocess, _fit_channels, preprocess_case
+    from ..data.volumes import Case
+    from ..engine.inference import sliding_window_logits
+
+    spatial = image.ndim - 1
+    if spatial not in (card["spatial_dims"], card["spatial_dims"] + 1):
+        raise DataError(f"input of shape {image.shape} ([C, *spatial]) does not fit this {card['spatial_dims']}D expert")
+    channels = card["in_channels"]
+    if image.shape[0] > channels:
+        raise DataError(f"input has {image.shape[0]} channels, the expert takes {channels}")
+    pre = card["preprocessing"]
+    tup = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+    prep = Preprocess(pre["normalize"], tup(pre["scale"]), tup(pre["target_spacing"]), tup(pre["target_shape"]))
+    shape = image.shape[1:]
+    case = Case("input", "input", image, np.zeros(shape, np.int64), tuple(spacing), None, "")
+    case, _ = preprocess_case(case, prep)
+    x = torch.from_numpy(_fit_channels(case.image, channels, card.get("channel_fill", "zeros")).copy())
+    inf = card["inference"]
+    logits = sliding_window_logits(model, x, inf["roi_size"], inf["overlap"], inf["sw_batch_size"], inf["mode"])
+    if tuple(logits.shape[1:]) != tuple(shape):
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
+        logits = F.interpolate(logits[None], size=tuple(shape), mode=mode, align_corners=False)[0]
+    return logits.argmax(0).numpy().astype(np.uint8)
+
+
+def write_mask(mask: np.ndarray, source: Path, geometry: Any, folder: Path) -> Path:
+    """Write ``mask`` beside the name of ``source`` in ``folder``: NIfTI (the input's affine and
+    header; identity affine for HDF5 input) for volumes, PNG for 2D images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = source.name[: -len(_suffix(source))] if source.name.lower().endswith(_suffix(source)) else source.stem
+    if mask.ndim == 2 and geometry is None:
+        from PIL import Image
+
+        path = folder / f"{stem}_mask.png"
+        Image.fromarray(mask).save(path)
+        return path
+    import nibabel as nib
+
+    if geometry is not None:
+        header = geometry.header.copy()
+        header.set_data_dtype(np.uint8)
+        out = nib.Nifti1Image(mask, geometry.affine, header)
+    else:
+        out = nib.Nifti1Image(mask, np.eye(4))
+    path = folder / f"{stem}_mask.nii.gz"
+    nib.save(out, str(path))
+    return path
+
+
+def predict_masks(expert_dir: Path, inputs: list[Path], output: Path | None = None) -> list[dict[str, Any]]:
+    """Masks of every input through a segmentation expert, written to ``output`` (a folder,
+    default ``./masks``); a CSV line per input (mask path, shape, voxels per class) is printed.
+
+    Raises:
+        DataError: a missing or unreadable input, or one that does not fit the expert.
+    """
+    model = load_expert(expert_dir).eval()
+    card = model.card
+    folder = Path(output) if output is not None else Path("masks")
+    rows = []
+    for path in inputs:
+        image, spacing, geometry = read_segmentation_input(path)
+        mask = segment(model, image, spacing, card)
+        written = write_mask(mask, path, geometry, folder)
+        counts = np.bincount(mask.reshape(-1), minlength=card["classes"])
+        rows.append({"input": path.name, "mask": str(written), "shape": "x".join(map(str, mask.shape)),
+                     **{f"voxels_{c}": int(n) for c, n in enumerate(counts)}})
+    sys.stdout.write(_format(rows, "csv"))
+    return rows

@@ -32,6 +32,7 @@ class Stage:
     batch_size: int = 64
     optim: Optim = field(default_factory=Optim)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
+    amp: Literal["none", "bf16", "fp16"] = "none"  # mixed precision on CUDA (fp16 with a grad scaler)
 
     def validate(self, path: str) -> None:
         check(self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")

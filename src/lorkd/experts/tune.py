@@ -1,0 +1,94 @@
+"""Choose each expert layer's layout from measured cost on the machine at hand.
+
+``tune_layouts(student, x, task_ids)`` runs one routed forward pass to capture every expert
+layer's input, then times forward + backward of each layer alone in each candidate layout
+and keeps the fastest. Layouts are exact alternatives (same values and gradients), so tuning
+changes speed and memory only. The ``merged`` layout keeps one weight per task present for
+the backward pass; it is only a candidate where that costs no more than the layer's output.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .layers import ExpertLayer
+from .routing import route, routing_scope
+
+CANDIDATES = ("stacked", "lowrank", "merged")
+
+
+def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Set every expert layer's ``layout`` to its fastest candidate for batches like ``x``.
+
+    Args:
+        student: an :class:`~lorkd.experts.ExpertModel`.
+        x, task_ids: a representative batch (same sizes and task mix as training).
+        repeats: timed repetitions per candidate (median kept), after one warm-up.
+
+    Returns:
+        ``{layer name: {layout: milliseconds}}`` of the candidates measured; the chosen layout
+        is stored on each layer (``layer.layout``).
+    """
+    captured: dict[str, Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(_capture(name, captured)) for name, layer in student.expert_layers()]
+    try:
+        with torch.no_grad():
+            student(x, task_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    first = next(iter(captured.values()))
+    routing = route(task_ids, first.shape[0], student.num_tasks, first.device)
+    timings = {}
+    for name, layer in student.expert_layers():
+        inputs = captured[name]
+        times = {}
+        for layout in CANDIDATES:
+            if not _worth_trying(layer, layout, inputs, routing):
+                continue
+            layer.layout = layout
+            times[layout] = _time_layer(layer, inputs, routing, repeats)
+        layer.layout = min(times, key=times.get)
+        timings[name] = times
+    return timings
+
+
+def _capture(name: str, store: dict[str, Tensor]):
+    def hook(module, args):
+        store[name] = args[0].detach().clone()
+    return hook
+
+
+def _worth_trying(layer: ExpertLayer, layout: str, x: Tensor, routing) -> bool:
+    if layout == "stacked" and layer._kind != "conv":
+        return False
+    if layout == "merged":
+        with torch.no_grad(), routing_scope(routing):
+            out_numel = layer.base(x).numel() if layer._kind != "conv_transpose" else x.numel()
+        return len(routing.segments) * layer.base.weight.numel() <= out_numel
+    return True
+
+
+def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int) -> float:
+    def step() -> None:
+        inp = x.detach().requires_grad_(True)
+        with routing_scope(routing):
+            out = layer(inp)
+        out.backward(torch.ones_like(out))
+
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    step()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    layer.zero_grad(set_to_none=True)
+    return 1000 * statistics.median(times)

@@ -1,0 +1,325 @@
+"""The segmentation recipe: teacher -> decompose -> baselines -> export -> evaluate -> report.
+
+The same stages as the classification recipe (:mod:`lorkd.pipelines.common` holds them): only
+the data (random patches for training, whole preprocessed volumes for validation and test), the
+network (:class:`~lorkd.models.segmenter.MultiTaskSegmenter`), the task loss (Dice + CE) and the
+evaluation (sliding-window inference, Dice and HD95 per class) are this module's own.
+
+* Cases are split by patient; the split of task ``t`` is written to ``out/split_<t>.json`` and
+  read back by every later stage (and by a resumed run), so all stages see the same cases.
+* Training patches come from :class:`~lorkd.data.segmentation.PatchDataset` with
+  ``task_blocks=True`` (each task owns a contiguous block of indices, sized equally or by the
+  number of patches), which :class:`~lorkd.data.multitask.TaskBatchSampler` shuffles into
+  task-mixing batches.
+* Model selection: mean foreground Dice over the tasks on whole validation volumes.
+* Metrics are computed on the preprocessed grid (after ``preprocess`` resampling); HD95 is in
+  the units of the preprocessed voxel spacing (1.0 per voxel for HDF5 data, scaled by resampling).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.segmentation import PatchDataset, SegmentationTaskData, VolumeCache, VolumeDataset, load_segmentation_task
+from ..distill import FeatureProjector, dice_ce_loss
+from ..engine import metrics as M
+from ..engine.distributed import DistributedContext
+from ..engine.inference import sliding_window_logits
+from ..errors import ConfigError
+from ..experts import load_expert, save_expert
+from ..models.multitask import MultiTaskNet
+from ..models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
+from .common import drive, fit_stage, stage_baselines, stage_student, stage_teacher  # noqa: F401
+from .schema import Stage
+from .segmentation_schema import SegmentationConfig
+
+log = logging.getLogger("lorkd")
+
+STAGES = ("teacher", "student", "baselines", "export", "evaluate")
+
+
+# ---------------------------------------------------------------------------------------- data
+def load_tasks(cfg: SegmentationConfig, out: Path | None = None, write: bool = True) -> list[SegmentationTaskData]:
+    """Scan every task of the config and split it by patient.
+
+    With ``out``, an existing ``out/split_<task>.json`` is reused (so every stage and a resumed
+    run see the same cases) and a new split is written there (when ``write``).
+    """
+    tasks = []
+    for spec in cfg.data.tasks:
+        saved = Path(out) / f"split_{spec.name}.json" if out is not None else None
+        split: Any = spec.split if spec.split is not None else list(cfg.data.split)
+        if saved is not None and saved.is_file():
+            split = str(saved)
+        task = load_segmentation_task(spec.name, spec.path, format=spec.format, num_classes=spec.num_classes,
+                                      split=split, seed=cfg.data.seed, **spec.reader)
+        for name in ("train", "val", "test"):
+            if not task.splits.get(name):
+                raise ConfigError(f"data.tasks[{spec.name}]: split {name!r} holds no case "
+                                  f"({sum(len(v) for v in task.splits.values())} cases in all); add cases or change data.split")
+        if saved is not None and write and not saved.is_file():
+            task.save_split(saved)
+        tasks.append(task)
+    return tasks
+
+
+def data_summary(tasks: list[SegmentationTaskData]) -> list[dict[str, Any]]:
+    return [{"name": t.name, "source": t.root, "num_classes": t.num_classes, "channels": t.in_channels,
+             "spatial_dims": t.spatial_dims, **{f"n_{s}": len(t.splits.get(s, [])) for s in ("train", "val", "test")}}
+            for t in tasks]
+
+
+# ---------------------------------------------------------------------------------------- run
+class Run:
+    """Shared state of one run: config, tasks, datasets, device, output folder, and the hooks the
+    shared stages of :mod:`lorkd.pipelines.common` call."""
+
+    task_loss = staticmethod(dice_ce_loss)
+
+    def __init__(self, cfg: SegmentationConfig, out: Path, ctx: DistributedContext, resume: bool = False,
+                 progress: bool = True) -> None:
+        self.cfg, self.out, self.ctx, self.resume, self.progress = cfg, Path(out), ctx, resume, progress
+        self.tasks = load_tasks(cfg, self.out, write=ctx.is_main)
+        self.names = [t.name for t in self.tasks]
+        self.num_classes = [t.num_classes for t in self.tasks]
+        self.patch = tuple(cfg.data.patch_size)
+        self.spatial_dims = len(self.patch)
+        for t in self.tasks:
+            if t.spatial_dims not in (self.spatial_dims, self.spatial_dims + 1):
+                raise ConfigError(f"data.patch_size {list(self.patch)} does not fit task {t.name!r} "
+                                  f"({t.spatial_dims} spatial dims)")
+        self.channels = max(t.in_channels for t in self.tasks)
+        self.preprocess = [(spec.preprocess or cfg.data.preprocess) for spec in cfg.data.tasks]
+        self._pre = [p.build() for p in self.preprocess]
+        self.roi = tuple(cfg.evaluate.roi_size or self.patch)
+        self.cache = VolumeCache()
+        self.train_set = self.patches(None)
+        self.val_set = self.dataset("val")
+        self.test_set = self.dataset("test")
+        self.timing: dict[str, float] = {}
+
+    # ---- data
+    def patches(self, tasks: list[int] | None) -> PatchDataset:
+        """Training patches of all tasks, or of ``tasks`` only (then with that share of
+        ``samples_per_epoch``, so a single-task model sees as many of its task's patches)."""
+        d = self.cfg.data
+        ids = list(range(len(self.tasks))) if tasks is None else list(tasks)
+        n = max(len(ids), math.ceil(d.samples_per_epoch * len(ids) / len(self.tasks)))
+        return PatchDataset([self.tasks[t] for t in ids], self.patch, "train", n, d.foreground_ratio,
+                            [self._pre[t] for t in ids], in_channels=self.channels, channel_fill=d.channel_fill,
+                            seed=self.cfg.seed, cache=self.cache, task_blocks=True)
+
+    def dataset(self, split: str, tasks: list[int] | None = None) -> VolumeDataset:
+        """Whole preprocessed volumes of ``split``; of ``tasks`` only if given (task ids then index that list)."""
+        ids = list(range(len(self.tasks))) if tasks is None else list(tasks)
+        return VolumeDataset([self.tasks[t] for t in ids], split, [self._pre[t] for t in ids],
+                             in_channels=self.channels, channel_fill=self.cfg.data.channel_fill, cache=self.cache)
+
+    # ---- hooks of the shared stages
+    def spec(self, net) -> dict[str, Any]:
+        return segmentation_backbone_spec(net.arch, self.spatial_dims, self.channels, net.channels, net.features,
+                                          net.norm, net.num_res_units, net.kwargs)
+
+    def network(self, net, num_classes: list[int], experts: dict[str, Any] | None = None) -> MultiTaskSegmenter:
+        torch.manual_seed(self.cfg.seed)
+        return MultiTaskSegmenter(self.spec(net), num_classes, experts)
+
+    @staticmethod
+    def build(meta: dict[str, Any]) -> MultiTaskSegmenter:
+        return MultiTaskSegmenter(meta["backbone"], meta["num_classes"], meta.get("experts"))
+
+    def meta(self, model: MultiTaskSegmenter, kind: str, tasks: list[int] | None = None, **extra: Any) -> dict[str, Any]:
+        tasks = tasks if tasks is not None else list(range(len(self.tasks)))
+        return {"kind": kind, "task_kind": "segmentation", "backbone": model.backbone_spec,
+                "num_classes": model.num_classes, "tasks": [self.names[t] for t in tasks], "channels": self.channels,
+                "patch_size": list(self.patch), **extra}
+
+    def projector(self, student: MultiTaskSegmenter, teacher: nn.Module) -> FeatureProjector:
+        teacher_dim = getattr(teacher, "feature_dim", None) or teacher.teacher.feature_dim  # TaskRemap
+        return FeatureProjector(student.feature_dim, teacher_dim, spatial_dims=self.spatial_dims)
+
+    def fit(self, model: nn.Module, stage: Stage, folder: Path, objective, task_subset: list[int] | None = None,
+            extra: nn.Module | None = None) -> nn.Module:
+        """Train on random patches (of ``task_subset`` only, if given); select on validation Dice."""
+        ids = list(range(len(self.tasks))) if task_subset is None else list(task_subset)
+        train = self.train_set if task_subset is None else self.patches(task_subset)
+        return fit_stage(model, objective, train, stage, folder, self.ctx, seed=self.cfg.seed,
+                         num_workers=self.cfg.num_workers, progress=self.progress, resume=self.resume,
+                         evaluate=lambda m: self.val_metrics(m, task_subset), select_metric="dice",
+                         task_names=[self.names[t] for t in ids], sampler_mode=self.cfg.data.sampler, extra=extra)
+
+    def val_metrics(self, model: nn.Module, tasks: list[int] | None = None) -> dict[str, float]:
+        """Mean foreground Dice on whole validation volumes, over ``tasks`` (key ``dice``) and per task."""
+        data = self.val_set if tasks is None else self.dataset("val", tasks)
+        per_task = evaluate_network(model, data, self, hd95=False)
+        names = self.names if tasks is None else [self.names[t] for t in tasks]
+        out = {"dice": _nanmean([m["dice"] for m in per_task.values()])}
+        out.update({f"dice_{names[t]}": m["dice"] for t, m in per_task.items()})
+        return out
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def predictor_for(model: nn.Module, task: int):
+    """``[n, C, *roi] -> [n, K_task, *roi]`` logits of ``task``: a multi-task network is called with
+    task ids, a plain (exported) one directly."""
+    if isinstance(model, MultiTaskNet):
+        return lambda x: model(x, torch.full((x.shape[0],), task, dtype=torch.long, device=x.device)).logits[task]
+    return model
+
+
+@torch.no_grad()
+def predict_case(model: nn.Module, image: torch.Tensor, task: int, run: Run) -> np.ndarray:
+    """Label map ``[*spatial]`` of one preprocessed image ``[C, *spatial]`` (argmax of the window logits)."""
+    ev = run.cfg.evaluate
+    logits = sliding_window_logits(predictor_for(model, task), image, run.roi, ev.overlap, ev.sw_batch_size,
+                                   ev.mode, run.ctx.device)
+    return logits.argmax(0).numpy()
+
+
+def evaluate_network(model: nn.Module, dataset: VolumeDataset, run: Run, tasks: list[int] | None = None,
+                     hd95: bool = False) -> dict[int, dict[str, float]]:
+    """``{task: {"dice", "dice_<c>"..., ["hd95", "hd95_<c>"...]}}`` of ``model`` on whole volumes.
+
+    Per class: the mean over the task's cases (a class absent from both prediction and label of
+    a case is left out of that class's mean); ``dice``/``hd95``: the mean over the foreground
+    classes. ``model`` is a multi-task network (any task) or a plain one (``tasks`` = its one task)."""
+    was_training = model.training
+    model.eval()
+    scores: dict[int, dict[str, list[np.ndarray]]] = {}
+    try:
+        for i in range(len(dataset)):
+            t = dataset.items[i][0]
+            if tasks is not None and t not in tasks:
+                continue
+            image, label, t, _, meta = dataset[i]
+            pred = predict_case(model, image, t, run)
+            k = dataset.tasks[t].num_classes
+            entry = scores.setdefault(t, {"dice": [], "hd95": []})
+            entry["dice"].append(M.dice_per_class(pred, label.numpy(), k))
+            if hd95:
+                entry["hd95"].append(M.hd95_per_class(pred, label.numpy(), k, spacing=meta["spacing"]))
+    finally:
+        model.train(was_training)
+    result = {}
+    for t, entry in scores.items():
+        out: dict[str, float] = {}
+        for key, values in entry.items():
+            if not values:
+                continue
+            per_class = _nanmean_rows(np.stack(values))
+            out[key] = _nanmean(per_class)
+            out.update({f"{key}_{c + 1}": float(v) for c, v in enumerate(per_class)})
+        result[t] = out
+    return result
+
+
+def _nanmean_rows(a: np.ndarray) -> np.ndarray:
+    ok = ~np.isnan(a)
+    counts = ok.sum(0)
+    return np.where(counts > 0, np.where(ok, a, 0.0).sum(0) / np.maximum(counts, 1), np.nan)
+
+
+def _nanmean(values) -> float:
+    a = np.asarray(list(values), dtype=np.float64)
+    return float(a[~np.isnan(a)].mean()) if (~np.isnan(a)).any() else math.nan
+
+
+# ---------------------------------------------------------------------------------------- stages
+def expert_card(run: Run, t: int) -> dict[str, Any]:
+    """What ``lorkd predict`` needs to run the expert of task ``t`` on a new image or volume."""
+    pre = run.preprocess[t]
+    task = run.tasks[t]
+    return {"task": run.names[t], "task_id": t, "task_kind": "segmentation", "classes": run.num_classes[t],
+            "in_channels": run.channels, "input_channels": run.channels, "channel_fill": run.cfg.data.channel_fill,
+            "spatial_dims": run.spatial_dims, "data_spatial_dims": task.spatial_dims,
+            "slice_mode": task.spatial_dims == run.spatial_dims + 1, "patch_size": list(run.patch),
+            "inference": {"roi_size": list(run.roi), "overlap": run.cfg.evaluate.overlap,
+                          "sw_batch_size": run.cfg.evaluate.sw_batch_size, "mode": run.cfg.evaluate.mode},
+            "preprocessing": {"normalize": pre.normalize, "scale": pre.scale, "target_spacing": pre.target_spacing,
+                              "target_shape": pre.target_shape},
+            "rebuild_without_lorkd": "nn.Sequential(OrderedDict(backbone=<architecture.kwargs.backbone.factory>"
+                                     "(**kwargs), head=ConvNd(feature_dim, num_classes, kernel_size=1)))"}
+
+
+def stage_export(run: Run, student: MultiTaskSegmenter) -> dict[str, Path]:
+    """Write one plain expert per task to ``experts/<task>/`` (safetensors + card.json)."""
+    folders = {}
+    for t, name in enumerate(run.names):
+        expert, spec = student.export_task(t)
+        folders[name] = save_expert(expert, run.out / "experts" / name, architecture=spec, card=expert_card(run, t))
+    return folders
+
+
+def stage_evaluate(run: Run, teacher: MultiTaskSegmenter, student: MultiTaskSegmenter,
+                   baselines: dict[str, Any]) -> dict[str, Any]:
+    """Dice (+ HD95 on test) of every model on val and test, sizes, FLOPs and latency per patch."""
+    dev = run.ctx.device
+    use_hd = run.cfg.evaluate.hd95
+    results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for split, dataset in (("val", run.val_set), ("test", run.test_set)):
+        hd = use_hd and split == "test"
+        table: dict[str, dict[str, dict[str, float]]] = {name: {} for name in run.names}
+        for label, model in (("teacher", teacher), ("student", student)):
+            for t, m in evaluate_network(model, dataset, run, hd95=hd).items():
+                table[run.names[t]][label] = m
+        for t, name in enumerate(run.names):
+            expert = load_expert(run.out / "experts" / name).to(dev)
+            table[name]["expert"] = evaluate_network(expert, dataset, run, [t], hd95=hd)[t]
+        for bname, models in baselines.items():
+            if isinstance(models, nn.Module):  # student_nokd: a full student
+                for t, m in evaluate_network(models, dataset, run, hd95=hd).items():
+                    table[run.names[t]][bname] = m
+                continue
+            for tasks, model in models.items():
+                sub = run.dataset(split, list(tasks))
+                for local, m in evaluate_network(model, sub, run, hd95=hd).items():
+                    table[run.names[tasks[local]]][bname] = m
+        results[split] = table
+    example = torch.zeros(1, run.channels, *run.patch)
+    teacher_plain = teacher.export_task(0)[0].cpu().eval()
+    expert_plain = load_expert(run.out / "experts" / run.names[0]).cpu().eval()
+    reps = run.cfg.evaluate.latency_repeats
+    return {
+        "task_kind": "segmentation", "metric_keys": ["dice", "hd95"] if use_hd else ["dice"], "primary_metric": "dice",
+        "split": "test", "tasks": results["test"], "val": results["val"],
+        "params": {"teacher": M.count_parameters(teacher), "teacher_backbone_and_one_head": M.count_parameters(teacher_plain),
+                   "student": M.count_parameters(student), "expert": M.count_parameters(expert_plain)},
+        "flops": {"teacher": M.count_flops(teacher_plain, example), "expert": M.count_flops(expert_plain, example)},
+        "latency_ms": {"teacher": M.cpu_latency_ms(teacher_plain, example, reps),
+                       "expert": M.cpu_latency_ms(expert_plain, example, reps)},
+        "latency_batch": 1, "latency_input": f"one patch {list(run.patch)}",
+        "data": data_summary(run.tasks),
+        "models": MODEL_DESCRIPTIONS,
+        "notes": ["Dice and HD95 on whole volumes of the preprocessed grid (sliding-window inference); "
+                  "per-class keys dice_<c>/hd95_<c> are foreground classes 1..C-1; HD95 in preprocessed voxel-spacing units."],
+    }
+
+
+MODEL_DESCRIPTIONS = {
+    "teacher": "foundation segmentation network trained on all tasks (shared body, one 1x1 conv head per task)",
+    "student": "LoRKD student: small segmentation body + one low-rank expert per task, routed by task id",
+    "expert": "the exported plain expert of the task (student with its expert merged, + its head)",
+    "stl": "student network trained on the task alone",
+    "stl_kd": "student network trained on the task alone, with the teacher's distillation",
+    "mtl": "student network, shared body, one head per task, no experts",
+    "mtl_kd": "MTL with the teacher's distillation",
+    "student_nokd": "LoRKD student without distillation (kd_weight = feat_weight = 0)",
+}
+
+
+# ---------------------------------------------------------------------------------------- driver
+def run_stages(cfg: SegmentationConfig, out: Path, ctx: DistributedContext, stages: tuple[str, ...] = STAGES,
+               resume: bool = False, progress: bool = True) -> dict[str, Any] | None:
+    """Run ``stages`` in order; earlier stages' outputs are reused when present.
+
+    Returns the metrics when ``evaluate`` ran (on rank 0), else ``None``.
+    """
+    run = Run(cfg, out, ctx, resume=resume, progress=progress)  # scans the data and writes the splits first
+    return drive(run, stages, stage_export, stage_evaluate)

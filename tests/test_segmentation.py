@@ -1,0 +1,259 @@
+"""The segmentation recipe: models, task-block sampling, evaluation, sliding windows, CLI end to end."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from lorkd import cli
+from lorkd.config import from_dict
+from lorkd.data.multitask import TaskBatchSampler, collate_task_batch
+from lorkd.data.paths import shared_data_dir
+from lorkd.data.segmentation import PatchDataset, load_segmentation_task
+from lorkd.engine.distributed import DistributedContext
+from lorkd.engine.inference import sliding_window_logits
+from lorkd.errors import ConfigError
+from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
+from lorkd.pipelines import segmentation as S
+from lorkd.pipelines.predict import predict_masks
+from lorkd.pipelines.segmentation_schema import SegmentationConfig
+
+
+# ------------------------------------------------------------------ tiny data written by the tests
+def blob_case(shape, classes, seed):
+    """Image = label-dependent intensity + noise, so a tiny net can learn it; every class present."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.uint8)
+    n = len(shape)
+    for c in range(1, classes):
+        lo = [int(rng.integers(0, s // 2)) for s in shape]
+        label[tuple(slice(a, a + max(2, s // 3)) for a, s in zip(lo, shape))] = c
+    image = label.astype(np.float32) * 2.0 + rng.normal(0, 0.3, shape).astype(np.float32)
+    assert label.ndim == n
+    return image, label
+
+
+def write_h5_task(root: Path, shape=(8, 24, 24), classes=3, patients=4, frames=2) -> Path:
+    (root / "volumes").mkdir(parents=True, exist_ok=True)
+    for p in range(patients):
+        for f in range(frames):
+            image, label = blob_case(shape, classes, 10 * p + f)
+            with h5py.File(root / "volumes" / f"patient{p:03d}_frame{f + 1:02d}.h5", "w") as h:
+                h.create_dataset("image", data=image)
+                h.create_dataset("label", data=label)
+    return root
+
+
+def write_png_task(root: Path, n=6, size=(24, 24)) -> Path:
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image, label = blob_case(size, 2, i)
+        Image.fromarray(np.clip(image * 60 + 40, 0, 255).astype(np.uint8)).save(root / "images" / f"case{i}.png")
+        Image.fromarray((label * 255).astype(np.uint8)).save(root / "masks" / f"case{i}_mask.png")
+    return root
+
+
+def tiny_config(tasks: list[dict], patch: list[int], **extra) -> dict:
+    net = {"arch": "unet", "channels": [4, 8], "features": 4}
+    stage = {"epochs": 1, "batch_size": 4, "optim": {"name": "adamw", "lr": 0.01}}
+    cfg = {"recipe": "segmentation",
+           "data": {"tasks": tasks, "patch_size": patch, "samples_per_epoch": 8, "split": [0.5, 0.25, 0.25]},
+           "teacher": {"net": net, "train": stage},
+           "student": {"net": net, "train": stage, "experts": {"rank": {"*.2.conv": 4, "*": 2}}},
+           "evaluate": {"latency_repeats": 1}}
+    cfg.update(extra)
+    return cfg
+
+
+def run_cli(*argv) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+# ------------------------------------------------------------------ model
+@pytest.mark.parametrize("arch", ["unet", "dynunet", "segresnet"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_segmenter_shapes_and_export_match(arch, dims):
+    torch.manual_seed(0)
+    shape = (16, 16) if dims == 2 else (8, 16, 16)
+    spec = segmentation_backbone_spec(arch, dims, 1, [4, 8, 8], 4)
+    model = MultiTaskSegmenter(spec, [3, 2], {"rank": 2, "alpha": 4, "norm": "per_task"})
+    x, ids = torch.randn(3, 1, *shape), torch.tensor([1, 0, 1])
+    out = model(x, ids)
+    assert out.features.shape == (3, 4, *shape)
+    assert out.logits[0].shape == (1, 3, *shape) and out.logits[1].shape == (2, 2, *shape)
+    model.eval()
+    plain, spec_t = model.export_task(1)
+    assert spec_t["factory"].endswith("plain_segmenter") and list(dict(plain.named_children())) == ["backbone", "head"]
+    assert not any("lorkd" in type(m).__module__ for m in plain.modules())
+    torch.testing.assert_close(plain.eval()(x), model(x, torch.ones(3, dtype=torch.long)).logits[1], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_segmentation_network_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown segmentation network"):
+        segmentation_backbone_spec("vnet", 3, 1, [4, 8], 4)
+    with pytest.raises(ConfigError, match="data.patch_size"):
+        from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "a", "path": "x"}], "patch_size": [8]}})
+
+
+# ------------------------------------------------------------------ data path of the recipe
+def test_task_blocks_agree_with_the_task_batch_sampler(tmp_path):
+    a = load_segmentation_task("a", write_h5_task(tmp_path / "a", classes=3), split=[0.5, 0.25, 0.25])
+    b = load_segmentation_task("b", write_h5_task(tmp_path / "b", shape=(6, 20, 20), classes=2), split=[0.5, 0.25, 0.25])
+    ds = PatchDataset([a, b], (4, 8, 8), samples_per_epoch=10, task_blocks=True)
+    assert ds.task_sizes == [5, 5]
+    sampler = TaskBatchSampler(ds, batch_size=4, seed=0)
+    batches = list(sampler)
+    for batch in batches:
+        collated = collate_task_batch([ds[i] for i in batch])
+        assert collated.images.shape == (len(batch), 1, 4, 8, 8) and collated.labels.shape == (len(batch), 4, 8, 8)
+        expected = [0 if i < 5 else 1 for i in batch]
+        assert collated.task_ids.tolist() == expected  # sampler's view of the task == the patch's task
+        assert int(collated.labels[collated.task_ids == 1].max()) <= 1
+    assert any(len(set(int(i >= 5) for i in b)) == 2 for b in batches)  # batches mix tasks
+    weighted = PatchDataset([a, b], (4, 8, 8), samples_per_epoch=10, task_weights=[3, 1], task_blocks=True)
+    assert weighted.task_sizes == [8, 2] and {weighted[i][2] for i in range(8)} == {0}
+
+
+def test_recipe_writes_and_reuses_the_split(tmp_path):
+    root = write_h5_task(tmp_path / "t")
+    cfg = from_dict(SegmentationConfig, {k: v for k, v in tiny_config(
+        [{"name": "t", "path": str(root), "num_classes": 3}], [4, 8, 8]).items() if k != "recipe"})
+    out = tmp_path / "run"
+    tasks = S.load_tasks(cfg, out)
+    saved = json.loads((out / "split_t.json").read_text())
+    assert saved == tasks[0].split_ids()
+    pats = [{c.split("_")[0] for c in saved[s]} for s in ("train", "val", "test")]
+    assert not (pats[0] & pats[1] or pats[0] & pats[2] or pats[1] & pats[2])
+    cfg.data.seed = 7  # a different seed would give another split; the saved one wins
+    assert S.load_tasks(cfg, out)[0].split_ids() == saved
+
+
+@pytest.mark.realdata
+def test_real_acdc_two_volumes_through_the_recipe_data_path(tmp_path):
+    data = shared_data_dir() / "acdc_sslmis_h5"
+    if not data.is_dir():
+        pytest.skip("real data missing")
+    cfg = from_dict(SegmentationConfig, {"data": {
+        "tasks": [{"name": "acdc", "path": "acdc_sslmis_h5", "num_classes": 4}], "patch_size": [64, 64],
+        "preprocess": {"scale": [1.0, 0.5, 0.5]}, "samples_per_epoch": 4, "foreground_ratio": 1.0}})
+    run = S.Run(cfg, tmp_path, DistributedContext.from_env(torch.device("cpu")))
+    task = run.tasks[0]
+    assert (tmp_path / "split_acdc.json").is_file()
+    pats = [{r.patient_id for r in task.cases(s)} for s in ("train", "val", "test")]
+    assert not (pats[0] & pats[1] or pats[0] & pats[2] or pats[1] & pats[2])
+    task.splits["train"] = task.splits["train"][:2]  # 2 volumes keep it fast
+    run.train_set = run.patches(None)
+    for i in range(4):
+        x, y, t = run.train_set[i]
+        assert x.shape == (1, 64, 64) and y.shape == (64, 64) and t == 0
+        assert set(torch.unique(y).tolist()) <= {0, 1, 2, 3} and y.max() > 0
+    assert run.cache.loads <= 2
+
+
+# ------------------------------------------------------------------ evaluation
+class _Oracle(torch.nn.Module):
+    """A 'network' whose logits are the one-hot labels it was given (a perfect predictor)."""
+
+    def __init__(self, volumes, classes):
+        super().__init__()
+        self.volumes, self.classes = volumes, classes
+
+    def forward(self, x):  # x: windows of the image, whose channel 0 *is* the label map
+        return torch.nn.functional.one_hot(x[:, 0].round().long(), self.classes).movedim(-1, 1).float() * 10
+
+
+def test_evaluation_of_a_perfect_predictor_gives_dice_one(tmp_path):
+    root = write_h5_task(tmp_path / "t", shape=(6, 20, 20), classes=3)
+    # images hold the labels themselves, so the oracle reads them off its input
+    for f in (root / "volumes").iterdir():
+        with h5py.File(f, "r+") as h:
+            lab = h["label"][()]
+            del h["image"]
+            h.create_dataset("image", data=lab.astype(np.float32))
+    cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "t", "path": str(root)}], "patch_size": [4, 8, 8],
+                                                  "preprocess": {"normalize": "none"}}})
+    run = S.Run(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
+    result = S.evaluate_network(_Oracle(None, 3), run.test_set, run, tasks=[0], hd95=True)[0]
+    assert result["dice"] == pytest.approx(1.0) and result["dice_1"] == 1.0 and result["dice_2"] == 1.0
+    assert result["hd95"] == pytest.approx(0.0)
+
+
+def test_sliding_window_shapes_3d_2d_and_slices():
+    model = lambda x: torch.cat([x, -x], 1)  # noqa: E731  [n, 1, *roi] -> [n, 2, *roi]
+    vol = torch.randn(1, 7, 13, 11)
+    out = sliding_window_logits(model, vol, (4, 8, 8), overlap=0.25)
+    assert out.shape == (2, 7, 13, 11)
+    torch.testing.assert_close(out[0], vol[0])
+    out = sliding_window_logits(model, vol, (8, 8))  # slices along the first axis through a 2D "net"
+    assert out.shape == (2, 7, 13, 11)
+    torch.testing.assert_close(out[1], -vol[0])
+    with pytest.raises(ValueError, match="does not fit"):
+        sliding_window_logits(model, torch.randn(1, 5), (4, 4))
+
+
+# ------------------------------------------------------------------ CLI end to end
+def test_cli_run_3d_then_predict_nifti_and_h5(tmp_path, capsys):
+    a = write_h5_task(tmp_path / "a", shape=(8, 24, 24), classes=3)
+    b = write_h5_task(tmp_path / "b", shape=(8, 20, 20), classes=2)
+    cfg_data = tiny_config([{"name": "a", "path": str(a), "num_classes": 3}, {"name": "b", "path": str(b)}], [4, 8, 8],
+                           baselines={"run": ["stl"]})
+    cfg_data["student"]["distill"] = {"feat_weight": 1.0}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(cfg_data))
+    out = tmp_path / "run"
+    assert run_cli("run", cfg, "--out", out, "--no-progress") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task_kind"] == "segmentation" and metrics["primary_metric"] == "dice"
+    assert metrics["metric_keys"] == ["dice", "hd95"]
+    assert set(metrics["tasks"]["a"]) == {"teacher", "student", "expert", "stl"}
+    a_m = metrics["tasks"]["a"]
+    assert {"dice", "dice_1", "dice_2", "hd95"} <= set(a_m["expert"])
+    assert a_m["expert"]["dice"] == pytest.approx(a_m["student"]["dice"], abs=1e-6)
+    assert (out / "split_a.json").is_file() and (out / "report.md").is_file()
+    card = json.loads((out / "experts" / "a" / "card.json").read_text())
+    assert card["task_kind"] == "segmentation" and card["classes"] == 3 and card["patch_size"] == [4, 8, 8]
+    capsys.readouterr()
+
+    # a NIfTI volume with a non-trivial affine, and an HDF5 volume
+    image, _ = blob_case((9, 22, 21), 3, 99)
+    affine = np.diag([1.5, 0.8, 0.8, 1.0])
+    affine[:3, 3] = [10.0, -5.0, 3.0]
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "vol.nii.gz"))
+    with h5py.File(tmp_path / "other.h5", "w") as h:
+        h.create_dataset("image", data=image)
+    masks = tmp_path / "masks"
+    assert run_cli("predict", out / "experts" / "a", tmp_path / "vol.nii.gz", tmp_path / "other.h5", "--output", masks) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["input"] for r in rows] == ["vol.nii.gz", "other.h5"]
+    written = nib.load(str(masks / "vol_mask.nii.gz"))
+    assert written.shape == image.shape and np.allclose(written.affine, affine)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
+    assert written.get_data_dtype() == np.uint8 and written.header.get_zooms()[:3] == (1.5, 0.8, 0.8)
+    from_h5 = nib.load(str(masks / "other_mask.nii.gz"))
+    assert from_h5.shape == image.shape and np.allclose(from_h5.affine, np.eye(4))
+
+
+def test_cli_run_2d_folder_then_predict_png(tmp_path, capsys):
+    root = write_png_task(tmp_path / "pngs", n=8)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config([{"name": "polyp", "path": str(root), "format": "folder"}], [16, 16],
+                                              evaluate={"latency_repeats": 1, "hd95": False})))
+    out = tmp_path / "run"
+    assert run_cli("run", cfg, "--out", out, "--no-progress") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metric_keys"] == ["dice"] and 0.0 <= metrics["tasks"]["polyp"]["expert"]["dice"] <= 1.0
+    capsys.readouterr()
+    rows = predict_masks(out / "experts" / "polyp", [root / "images" / "case0.png"], tmp_path / "m")
+    mask = np.asarray(Image.open(tmp_path / "m" / "case0_mask.png"))
+    assert mask.shape == (24, 24) and set(np.unique(mask)) <= {0, 1} and rows[0]["shape"] == "24x24"
