@@ -119,7 +119,10 @@ def write_config(path: str | Path, cfg: Any) -> Path:
     """Write a config as YAML (atomically), in the form :func:`load_yaml` reads back."""
     from .fileio import write_atomic
 
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    data = to_dict(cfg)
+    if getattr(cfg, "RECIPE", None):
+        data = {"recipe": cfg.RECIPE, **data}
+    text = yaml.safe_dump(data, sort_keys=False)
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 

@@ -28,8 +28,7 @@ from ..errors import DataError
 from ..experts import save_expert
 from ..models.backbones import backbone_spec
 from ..models.classifier import MultiTaskClassifier
-from .common import TaskRemap as _TaskRemap  # noqa: F401  (older name)
-from .common import drive, fit_stage, stage_baselines, stage_student, stage_teacher  # noqa: F401
+from .common import drive, fit_stage
 from .schema import ClassificationConfig, Stage
 
 log = logging.getLogger("lorkd")

@@ -4,7 +4,7 @@ config may give only ``data.tasks``. See README "Config reference" for the same 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ..config import check
 from ..engine.trainer import OptimConfig as Optim
@@ -165,6 +165,7 @@ class ClassificationData:
 class ClassificationConfig:
     """The classification recipe: teacher -> decompose -> export -> evaluate -> report."""
 
+    RECIPE: ClassVar[str] = "classification"  # the YAML key `recipe` that selects this tree
     data: ClassificationData
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu

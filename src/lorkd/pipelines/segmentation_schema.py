@@ -9,7 +9,7 @@ network (a MONAI segmentation body) and evaluation (sliding-window inference, Di
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ..config import check
 from ..engine.trainer import OptimConfig as Optim
@@ -150,6 +150,7 @@ class SegEvaluate:
 class SegmentationConfig:
     """The segmentation recipe: teacher -> decompose -> baselines -> export -> evaluate -> report."""
 
+    RECIPE: ClassVar[str] = "segmentation"  # the YAML key `recipe` that selects this tree
     data: SegmentationData
     seed: int = 0
     device: str = "auto"
