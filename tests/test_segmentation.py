@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import subprocess
+import sys
 import json
 from pathlib import Path
 
@@ -257,3 +260,22 @@ def test_cli_run_2d_folder_then_predict_png(tmp_path, capsys):
     rows = predict_masks(out / "experts" / "polyp", [root / "images" / "case0.png"], tmp_path / "m")
     mask = np.asarray(Image.open(tmp_path / "m" / "case0_mask.png"))
     assert mask.shape == (24, 24) and set(np.unique(mask)) <= {0, 1} and rows[0]["shape"] == "24x24"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cli_run_3d_under_torchrun_with_two_processes(tmp_path):
+    a = write_h5_task(tmp_path / "a", shape=(8, 24, 24), classes=3)
+    b = write_h5_task(tmp_path / "b", shape=(8, 20, 20), classes=2)
+    cfg_data = tiny_config([{"name": "a", "path": str(a), "num_classes": 3}, {"name": "b", "path": str(b)}], [4, 8, 8],
+                           baselines={"run": ["stl"]})
+    cfg_data["data"]["samples_per_epoch"] = 16  # 2 steps of 4 on each of 2 ranks
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(cfg_data))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "lorkd.cli", "run", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(metrics["tasks"]["b"]) == {"teacher", "student", "expert", "stl"}
