@@ -3,7 +3,8 @@
 Every variant runs the same model on the same batch, which mixes ``tasks`` tasks evenly:
 
 ``plain``    the network without experts.
-``lorkd``    ``add_experts`` with the default ``layout="auto"``.
+``lorkd``    ``add_experts``, each layer's layout chosen by ``tune_layouts`` on the benchmark
+             batch (tuned in one process, timed in another, so tuning memory is not counted).
 ``grouped``  the papers' layout, implemented here as the reference: for each sample one
              merged kernel ``W + s B_t A_t``, all run as one convolution with ``groups=batch``
              (linear layers: one batched matmul with per-sample merged weights).
@@ -83,7 +84,7 @@ def grouped_forward(layer, x: Tensor, output_size=None) -> Tensor:
     return y.reshape(n_batch, -1, *y.shape[2:])
 
 
-def measure(case: Case, variant: str, repeats: int, warmup: int, device: str) -> dict:
+def measure(case: Case, variant: str, repeats: int, warmup: int, device: str, layouts: list[str] | None = None) -> dict:
     """Time ``repeats`` training steps of one variant in this process."""
     from .experts import ExpertLayer, add_experts
 
@@ -109,10 +110,13 @@ def measure(case: Case, variant: str, repeats: int, warmup: int, device: str) ->
         out.float().square().mean().backward()
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    base_mem = _peak_bytes(device)  # before tuning: its peak counts against lorkd, never for it
     if variant == "lorkd":
-        net.tune_layouts(x, task_ids)
-        layouts = [layer.layout for _, layer in net.expert_layers()]
+        if layouts is None:  # tune here (then this process's peak memory includes the tuning)
+            net.tune_layouts(x, task_ids)
+            layouts = [layer.layout for _, layer in net.expert_layers()]
+        for (_, layer), layout in zip(net.expert_layers(), layouts):
+            layer.layout = layout
+    base_mem = _peak_bytes(device)
     for _ in range(warmup):
         step()
     times = []
@@ -125,7 +129,7 @@ def measure(case: Case, variant: str, repeats: int, warmup: int, device: str) ->
     result = {"variant": variant, **asdict(case), "median_ms": 1000 * statistics.median(times),
               "peak_mb": (_peak_bytes(device) - base_mem) / 2**20}
     if variant == "lorkd":
-        result["layouts"] = {k: layouts.count(k) for k in sorted(set(layouts))}
+        result["layouts"] = layouts
     return result
 
 
@@ -135,11 +139,12 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_isolated(case: Case, variant: str, repeats: int, warmup: int, device: str, threads: int) -> dict:
+def run_isolated(case: Case, variant: str, repeats: int, warmup: int, device: str, threads: int,
+                 layouts: list[str] | None = None) -> dict:
     """Run :func:`measure` in a fresh interpreter so that its peak memory is its own."""
     code = ("import json,sys,torch; from lorkd.bench import Case, measure; "
             f"torch.set_num_threads({threads}); "
-            f"print(json.dumps(measure(Case(**{asdict(case)!r}), {variant!r}, {repeats}, {warmup}, {device!r})))")
+            f"print(json.dumps(measure(Case(**{asdict(case)!r}), {variant!r}, {repeats}, {warmup}, {device!r}, {layouts!r})))")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -177,9 +182,12 @@ def run(cases: list[Case], repeats: int, warmup: int, device: str, threads: int,
         if case.model not in plain:
             plain[case.model] = run_isolated(case, "plain", repeats, warmup, device, threads)
             results.append(plain[case.model])
-        row = {"variant": None}
+        row = {}
+        # lorkd: layouts tuned per layer in one process, then timed in a fresh one (so that
+        # the tuning's own memory does not count)
+        tuned = run_isolated(case, "lorkd", 1, 0, device, threads)["layouts"]
         for variant in ("lorkd", "grouped"):
-            row[variant] = run_isolated(case, variant, repeats, warmup, device, threads)
+            row[variant] = run_isolated(case, variant, repeats, warmup, device, threads, tuned if variant == "lorkd" else None)
             results.append(row[variant])
         p, lk, gr = plain[case.model], row["lorkd"], row["grouped"]
         summary = {**asdict(case), "plain_ms": p["median_ms"], "lorkd_ms": lk["median_ms"], "grouped_ms": gr["median_ms"],

@@ -175,8 +175,9 @@ class ExpertLayer(nn.Module):
 
     def _stacked(self, x: Tensor, routing) -> Tensor:
         """Convolution with ``[W; A_t1; ...; A_tP]`` stacked along the output channels (one call
-        for the shared weight and every present task's ``A``), then each row's ``B_t`` applied to
-        its own task's ``r`` channels by one batched matmul with a per-row block-masked ``B``."""
+        for the shared weight and every present task's ``A``); then each row keeps only its own
+        task's ``r`` channels of the ``A`` outputs and one batched matmul with ``[B_t1 ... B_tP]``
+        adds ``B_t A_t x`` to the shared output."""
         base, r = self.base, self.rank
         tasks = routing.tasks
         n_extra = len(tasks) * r
@@ -185,13 +186,10 @@ class ExpertLayer(nn.Module):
         out = base._conv_forward(x, torch.cat([base.weight, a]), bias)
         rows, spatial = out.shape[0], out.shape[2:]
         y, z = out.split([base.out_channels, n_extra], dim=1)
-        local = torch.repeat_interleave(torch.arange(len(tasks), device=x.device),
-                                        torch.tensor([s.length for s in routing.segments], device=x.device))
-        mask = F.one_hot(local, len(tasks)).to(out.dtype)  # [N, P]
-        b = torch.stack([self.experts[t].B for t in tasks], dim=1)  # [out, P, r]
-        b_rows = (mask[:, None, :, None] * b[None]).reshape(rows, base.out_channels, n_extra)
-        y = torch.baddbmm(y.reshape(rows, base.out_channels, -1), b_rows, z.reshape(rows, n_extra, -1).contiguous(),
-                          alpha=self.scale)
+        # each row keeps only its own task's r channels of z, then all rows share one [out, P r] B
+        z = z.reshape(rows, n_extra, -1) * routing.block_mask(r, out.dtype, out.device)[:, :, None]
+        b = torch.stack([self.experts[t].B for t in tasks], dim=1).reshape(base.out_channels, n_extra)
+        y = torch.baddbmm(y.reshape(rows, base.out_channels, -1), b.expand(rows, -1, -1), z, alpha=self.scale)
         return y.view(rows, base.out_channels, *spatial)
 
     def _plain(self, x: Tensor, weight: Tensor, output_size) -> Tensor:

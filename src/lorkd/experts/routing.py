@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -45,6 +45,7 @@ class TaskRouting:
     batch_size: int
     segments: tuple[Segment, ...]
     order: Tensor | None
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def tasks(self) -> tuple[int, ...]:
@@ -69,6 +70,17 @@ class TaskRouting:
         # One split (not one narrow per segment): its backward is a single concatenation,
         # where per-segment narrows would each scatter into a zero tensor of the full size.
         yield from zip(self.segments, x.split([s.length for s in self.segments]))
+
+    def block_mask(self, block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``[B, P * block]``: row ``i`` is 1 on the ``block`` columns of its own task's position
+        among the present tasks, 0 elsewhere. Computed once per routing and reused by every layer."""
+        key = (block, dtype, device)
+        if key not in self._cache:
+            lengths = torch.tensor([s.length for s in self.segments])
+            local = torch.repeat_interleave(torch.arange(len(self.segments)), lengths)
+            mask = torch.nn.functional.one_hot(local, len(self.segments)).repeat_interleave(block, dim=1)
+            self._cache[key] = mask.to(device=device, dtype=dtype)
+        return self._cache[key]
 
     def to_sorted(self, value: Any) -> Any:
         """Reorder every tensor with ``batch_size`` rows inside ``value`` into task order."""
