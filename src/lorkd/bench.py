@@ -22,10 +22,8 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -87,6 +85,7 @@ def grouped_forward(layer, x: Tensor, output_size=None) -> Tensor:
 def measure(case: Case, variant: str, repeats: int, warmup: int, device: str, layouts: list[str] | None = None) -> dict:
     """Time ``repeats`` training steps of one variant in this process."""
     from .experts import ExpertLayer, add_experts
+    from .experts.tune import median_ms
 
     torch.manual_seed(0)
     model, dims = build_model(case.model)
@@ -109,7 +108,6 @@ def measure(case: Case, variant: str, repeats: int, warmup: int, device: str, la
         out = call()
         out.float().square().mean().backward()
 
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if variant == "lorkd":
         if layouts is None:  # tune here (then this process's peak memory includes the tuning)
             net.tune_layouts(x, task_ids)
@@ -117,17 +115,8 @@ def measure(case: Case, variant: str, repeats: int, warmup: int, device: str, la
         for (_, layer), layout in zip(net.expert_layers(), layouts):
             layer.layout = layout
     base_mem = _peak_bytes(device)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    result = {"variant": variant, **asdict(case), "median_ms": 1000 * statistics.median(times),
-              "peak_mb": (_peak_bytes(device) - base_mem) / 2**20}
+    ms = median_ms(step, repeats, warmup, cuda=device.startswith("cuda"))
+    result = {"variant": variant, **asdict(case), "median_ms": ms, "peak_mb": (_peak_bytes(device) - base_mem) / 2**20}
     if variant == "lorkd":
         result["layouts"] = layouts
     return result

@@ -81,8 +81,17 @@ def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int) -> float:
             out = layer(inp)
         out.backward(torch.ones_like(out))
 
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    step()
+    ms = median_ms(step, repeats, warmup=1, cuda=x.is_cuda)
+    layer.zero_grad(set_to_none=True)
+    return ms
+
+
+def median_ms(step, repeats: int, warmup: int = 1, cuda: bool = False) -> float:
+    """Median wall time of ``step()`` in milliseconds over ``repeats`` calls after ``warmup``
+    calls (synchronising the GPU around each timed call when ``cuda``)."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(warmup):
+        step()
     times = []
     for _ in range(repeats):
         sync()
@@ -90,5 +99,4 @@ def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int) -> float:
         step()
         sync()
         times.append(time.perf_counter() - start)
-    layer.zero_grad(set_to_none=True)
     return 1000 * statistics.median(times)

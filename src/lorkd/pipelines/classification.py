@@ -24,7 +24,6 @@ from ..data.synthetic import make_synthetic_tasks
 from ..distill import FeatureProjector
 from ..engine import metrics as M
 from ..engine.distributed import DistributedContext
-from ..errors import DataError
 from ..experts import save_expert
 from ..models.backbones import backbone_spec
 from ..models.classifier import MultiTaskClassifier

@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..experts import load_expert, save_expert
 from ..models.multitask import MultiTaskNet
 from ..models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
-from .common import drive, fit_stage, stage_baselines, stage_student, stage_teacher  # noqa: F401
+from .common import drive, fit_stage
 from .schema import Stage
 from .segmentation_schema import SegmentationConfig
 
