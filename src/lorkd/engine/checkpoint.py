@@ -53,6 +53,7 @@ RUN_OUTPUTS = (
     "report.md",        # report (pipelines)
     "config.yaml",      # resolved config (pipelines)
     "plots",            # figures (report)
+    "timing.json",      # seconds per stage (pipelines)
     "teacher",          # stage folders (pipelines)
     "student",
     "baselines",

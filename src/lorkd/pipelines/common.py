@@ -292,29 +292,42 @@ def drive(run: Any, stages: tuple[str, ...], export: Callable[[Any, nn.Module], 
     Returns the metrics when ``evaluate`` ran (on rank 0), else ``None``.
     """
     from ..config import to_dict, write_config
-    from ..fileio import read_json
 
     out, ctx = run.out, run.ctx
     if ctx.is_main:
         write_config(out / "config.yaml", run.cfg)
-    teacher = stage_teacher(run)
-    if stages == ("teacher",):
-        return None
-    student = stage_student(run, teacher) if "student" in stages or has_network(out / "student") else None
-    if student is None:
-        raise DataError(f"{out / 'student'}: no trained student; run `lorkd decompose` first")
-    baselines = stage_baselines(run, teacher) if "baselines" in stages or "evaluate" in stages else {}
-    if not ctx.is_main:
-        return None
-    if "export" in stages or "evaluate" in stages:
-        with timed(run.timing, "export"):
-            export(run, student)
-    if "evaluate" not in stages:
-        return None
-    with timed(run.timing, "evaluate"):
-        metrics = evaluate(run, teacher, student, baselines)
-    previous = read_json(out / "metrics.json").get("timing_s", {}) if (out / "metrics.json").is_file() else {}
-    metrics["timing_s"] = {**previous, **run.timing}
-    metrics["config"] = to_dict(run.cfg)
-    write_json(out / "metrics.json", metrics)
-    return metrics
+    try:
+        teacher = stage_teacher(run)
+        if stages == ("teacher",):
+            return None
+        student = stage_student(run, teacher) if "student" in stages or has_network(out / "student") else None
+        if student is None:
+            raise DataError(f"{out / 'student'}: no trained student; run `lorkd decompose` first")
+        baselines = stage_baselines(run, teacher) if "baselines" in stages or "evaluate" in stages else {}
+        if not ctx.is_main:
+            return None
+        if "export" in stages or "evaluate" in stages:
+            with timed(run.timing, "export"):
+                export(run, student)
+        if "evaluate" not in stages:
+            return None
+        with timed(run.timing, "evaluate"):
+            metrics = evaluate(run, teacher, student, baselines)
+        metrics["timing_s"] = _record_timing(out, run.timing)
+        metrics["config"] = to_dict(run.cfg)
+        write_json(out / "metrics.json", metrics)
+        return metrics
+    finally:
+        if ctx.is_main:
+            _record_timing(out, run.timing)
+
+
+def _record_timing(out: Path, timing: dict[str, float]) -> dict[str, float]:
+    """Merge this command's stage times into ``out/timing.json`` (stages run by separate
+    commands add up there) and return the merged times."""
+    from ..fileio import read_json
+
+    path = out / "timing.json"
+    merged = {**(read_json(path) if path.is_file() else {}), **timing}
+    write_json(path, merged)
+    return merged
