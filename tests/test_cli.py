@@ -90,6 +90,16 @@ def test_run_on_npz_files_then_reuse_teacher_and_aggregate_report(tmp_path, caps
     assert "±" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.slow
+def test_stl_baseline_of_a_gray_task_in_a_mix_with_an_rgb_task(tmp_path):
+    cfg = write_config(tmp_path, {**TINY, "data": {"synthetic": {"num_tasks": 3, "size": 16, "n_train": 24,
+                                                                 "n_val": 12, "n_test": 12}},
+                                  "baselines": {"run": ["stl"]}})
+    assert run_cli("run", cfg, "--out", tmp_path / "run", "--no-progress") == 0
+    card = json.loads((tmp_path / "run" / "experts" / "synth_ultrasound" / "card.json").read_text())
+    assert card["input_channels"] == 3  # the run's channel count, shared by every network
+
+
 def test_run_refuses_to_overwrite_another_run(tmp_path, capsys):
     cfg = write_config(tmp_path, TINY)
     (tmp_path / "run").mkdir()

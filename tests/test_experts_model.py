@@ -191,3 +191,11 @@ def test_tune_layouts_picks_a_measured_candidate_and_keeps_results_exact():
         assert layer.layout == min(timings[name], key=timings[name].get)
     torch.testing.assert_close(student(x, ids), before, rtol=1e-5, atol=1e-4)  # float32, other layouts
     assert all(p.grad is None for p in student.parameters())  # tuning leaves no gradients behind
+
+
+def test_per_task_batchnorm_handles_a_task_with_a_single_row():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    student = lorkd.add_experts(model, 2, norm="per_task").train()
+    out = student(torch.randn(3, 3), torch.tensor([0, 1, 0]))  # task 1 has one row
+    assert out.shape == (3, 2) and torch.isfinite(out).all()
+    out.sum().backward()

@@ -243,7 +243,8 @@ class TaskBatchNorm(nn.Module):
         num_tasks: ``T`` copies are made.
 
     Trade-off: each task's statistics come from its share of the batch only (noisier with
-    many tasks and small batches), in exchange for exact gradient separation.
+    many tasks and small batches), in exchange for exact gradient separation. A task present
+    with one row at a layer without spatial extent is normalised with its running statistics.
     """
 
     def __init__(self, norm: nn.modules.batchnorm._BatchNorm, num_tasks: int, name: str = "") -> None:
@@ -253,8 +254,17 @@ class TaskBatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         routing = active_routing(self.name or "TaskBatchNorm")
-        outs = [self.norms[seg.task](rows) for seg, rows in routing.split(x)]
+        outs = [self._normalise(self.norms[seg.task], rows) for seg, rows in routing.split(x)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @staticmethod
+    def _normalise(norm: nn.Module, rows: Tensor) -> Tensor:
+        """``norm(rows)``; a task with a single value per channel in a training batch (one row,
+        no spatial extent) has no batch statistics, so it is normalised with the task's running
+        statistics instead (and they are left unchanged)."""
+        if norm.training and rows.numel() == rows.shape[1] and norm.track_running_stats:
+            return F.batch_norm(rows, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+        return norm(rows)
 
     def extract(self, task: int) -> nn.Module:
         """A copy of task ``task``'s BatchNorm."""

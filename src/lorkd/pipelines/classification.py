@@ -51,9 +51,11 @@ def load_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
     return tasks
 
 
-def make_dataset(cfg: ClassificationConfig, tasks: list[ClassificationTask], split: str, augment: bool = False) -> MultiTaskDataset:
+def make_dataset(cfg: ClassificationConfig, tasks: list[ClassificationTask], split: str, augment: bool = False,
+                 channels: int | None = None) -> MultiTaskDataset:
+    """One split of ``tasks``; ``channels`` (default ``data.channels``, else the most of any task)."""
     d = cfg.data
-    return MultiTaskDataset(tasks, split, size=d.size, channels=d.channels, augment=augment and d.augment,
+    return MultiTaskDataset(tasks, split, size=d.size, channels=channels or d.channels, augment=augment and d.augment,
                             mean=d.mean, std=d.std, seed=cfg.seed)
 
 
@@ -109,7 +111,9 @@ class Run:
         """The ``split`` of all tasks, or of ``tasks`` only (then task ids index that list)."""
         if tasks is None:
             return {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
-        return make_dataset(self.cfg, [self.tasks[t] for t in tasks], split, augment=split == "train")
+        # a subset keeps the run's channel count: every network of the run takes the same input
+        return make_dataset(self.cfg, [self.tasks[t] for t in tasks], split, augment=split == "train",
+                            channels=self.channels)
 
     def val_metrics(self, model: nn.Module, tasks: list[int] | None = None) -> dict[str, float]:
         """Mean validation accuracy and AUC over ``tasks`` (the selection criterion is ``acc``)."""
