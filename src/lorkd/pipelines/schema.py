@@ -117,7 +117,13 @@ class Evaluate:
 
 @dataclass
 class Export:
-    onnx: bool = False
+    """How experts are exported (always: safetensors + card.json)."""
+
+    onnx: bool = False  # reserved: ONNX export is not implemented yet, and asking for it is an error
+
+    def validate(self, path: str) -> None:
+        check(not self.onnx, f"{path}.onnx", "ONNX export is not implemented yet; experts are exported as "
+              "safetensors state dicts of plain PyTorch models (set onnx: false)")
 
 
 @dataclass
