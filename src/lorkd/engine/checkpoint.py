@@ -42,7 +42,7 @@ __all__ = [
 RUN_MARKER = ".lorkd-run"
 
 #: Entries (relative to a run folder) that lorkd's engine and pipelines write. Without the marker,
-#: ``prepare_run_dir(..., overwrite=True)`` deletes exactly these and nothing else.
+#: ``prepare_run_dir(..., overwrite=True)`` deletes exactly these (names or glob patterns) and nothing else.
 RUN_OUTPUTS = (
     "checkpoints",      # latest.pt, best.pt (engine)
     "history.jsonl",    # per-epoch log (engine)
@@ -54,6 +54,7 @@ RUN_OUTPUTS = (
     "config.yaml",      # resolved config (pipelines)
     "plots",            # figures (report)
     "timing.json",      # seconds per stage (pipelines)
+    "split_*.json",     # case splits of the segmentation recipe (a glob pattern)
     "teacher",          # stage folders (pipelines)
     "student",
     "baselines",
@@ -215,11 +216,10 @@ def prepare_run_dir(path: str | Path, overwrite: bool = False, resume: bool = Fa
         if (path / RUN_MARKER).is_file():
             shutil.rmtree(path)
         else:
-            for name in RUN_OUTPUTS:
-                target = path / name
+            for target in (t for name in RUN_OUTPUTS for t in path.glob(name)):
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
+                else:
                     target.unlink()
             left = sorted(p.name for p in path.iterdir())
             if left:

@@ -6,17 +6,18 @@ the wrapped layer's own weight viewed as a matrix ``[d0, d1]`` (``d0`` = first w
 so a fresh student computes exactly what the wrapped model computed.
 
 A batch routed by :mod:`lorkd.experts.routing` is sorted by task; each task's rows are a
-contiguous segment. Two exact layouts of the computation are available per layer:
+contiguous segment. Three exact layouts of the computation are available per layer (same
+values and gradients; they differ in speed and memory):
 
 ``"lowrank"``
     one call of the plain layer on the whole batch with ``W``, plus, per task segment, the
     low-rank branch ``B_t(A_t(x))`` (two thin convolutions or matmuls). Memory stays that of
-    the plain layer; extra compute is about ``r / out_channels``. Needs ``groups == 1``.
+    the plain layer; extra FLOPs are about ``r / out_channels``, but thin convolutions run far
+    below peak speed on CPUs. Needs ``groups == 1``.
 ``"merged"``
     per task segment, one call of the plain layer with the merged weight ``W_t``. Extra
-    memory is one weight per task present (kept for backward while training). Used for
+    memory is one weight per task present (kept for backward while training). Always used for
     single-task batches, for inference without gradients, and for grouped convolutions.
-
 ``"stacked"``
     one convolution with ``[W; A_t1; ...; A_tP]`` stacked along the output channels (the shared
     weight and every present task's ``A`` in one call), then each row's ``B_t`` by one batched
@@ -92,7 +93,7 @@ class ExpertLayer(nn.Module):
         num_tasks: number of experts ``T``.
         rank: ``r >= 1``.
         alpha: scaling numerator; the expert is scaled by ``alpha / rank``.
-        layout: ``"auto"``, ``"lowrank"`` or ``"merged"`` (see the module docstring).
+        layout: ``"auto"``, ``"stacked"``, ``"lowrank"`` or ``"merged"`` (see the module docstring).
         name: the layer's qualified name, used in error messages.
 
     Shapes: input and output are those of ``base`` (``[B, *, in]`` for Linear, ``[B, C, *spatial]``

@@ -39,7 +39,8 @@ def add_experts(
         norm: ``"shared"`` keeps BatchNorm shared (its batch statistics mix tasks, so a task's
             loss reaches other experts through them); ``"per_task"`` gives each task its own
             BatchNorm, which makes gradient separation exact.
-        layout: ``"auto"`` (default), ``"lowrank"`` or ``"merged"``; see :mod:`lorkd.experts.layers`.
+        layout: ``"auto"`` (default), ``"stacked"``, ``"lowrank"`` or ``"merged"``; see
+            :mod:`lorkd.experts.layers`.
 
     Returns:
         an :class:`ExpertModel`; call it as ``student(x, task_ids)``.
