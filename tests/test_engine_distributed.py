@@ -111,3 +111,11 @@ def test_ddp_two_ranks_match_single_process_and_leave_absent_expert_untouched(tm
     # the DDP run trained (the checkpoint reflects the run, and weights moved from initialisation)
     latest = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")
     assert latest["global_step"] == 24 and latest["world_size"] == 2 and len(latest["rng"]) == 2
+
+
+def test_cuda_without_index_gets_the_local_rank_under_torchrun():
+    from lorkd.engine.distributed import with_cuda_index
+
+    assert with_cuda_index(torch.device("cuda"), world_size=4, local_rank=3) == torch.device("cuda", 3)
+    assert with_cuda_index(torch.device("cuda", 1), world_size=4, local_rank=3) == torch.device("cuda", 1)
+    assert with_cuda_index(torch.device("cpu"), world_size=4, local_rank=3) == torch.device("cpu")

@@ -53,6 +53,17 @@ from lorkd.errors import ConfigError, DataError
 __all__ = ["DistributedContext", "global_task_counts", "per_task_mean"]
 
 
+def with_cuda_index(device: torch.device, world_size: int, local_rank: int) -> torch.device:
+    """``cuda`` without an index -> ``cuda:LOCAL_RANK`` under torchrun, else the current CUDA device.
+
+    ``torch.cuda.set_device`` and NCCL need an indexed device; a config's ``device: cuda`` (or
+    ``auto`` on a GPU machine) names none. Other devices are returned unchanged.
+    """
+    if device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+
+
 @dataclass
 class DistributedContext:
     """Where this process sits in a (possibly single-process) run.
@@ -92,9 +103,10 @@ class DistributedContext:
         if device is not None:
             dev = torch.device(device)
         elif torch.cuda.is_available():
-            dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+            dev = torch.device("cuda")
         else:
             dev = torch.device("cpu")
+        dev = with_cuda_index(dev, world, local_rank)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():
