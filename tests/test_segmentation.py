@@ -192,6 +192,54 @@ def test_evaluation_of_a_perfect_predictor_gives_dice_one(tmp_path):
     assert result["hd95"] == pytest.approx(0.0)
 
 
+def _block_task(root: Path, spacing) -> Path:
+    """Binary volumes (6, 20, 20) whose foreground block starts and ends on even in-plane indices,
+    so halving H and W (bilinear, align_corners=False) keeps it exactly; images are the labels."""
+    (root / "volumes").mkdir(parents=True, exist_ok=True)
+    for p in range(4):
+        label = np.zeros((6, 20, 20), np.uint8)
+        label[1:5, 2 + 2 * p : 10 + 2 * p, 4:14] = 1
+        with h5py.File(root / "volumes" / f"patient{p:03d}.h5", "w") as h:
+            h.create_dataset("image", data=label.astype(np.float32))
+            h.create_dataset("label", data=label)
+            h["image"].attrs["spacing"] = spacing
+    return root
+
+
+class _Empty(torch.nn.Module):
+    """A 'network' that predicts background everywhere (every structure missed)."""
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], 2, *x.shape[2:])
+        out[:, 0] = 1.0
+        return out
+
+
+def test_evaluation_on_the_original_grid_in_mm_with_misses_counted(tmp_path):
+    spacing = [4.0, 0.75, 0.75]
+    root = _block_task(tmp_path / "t", spacing)
+    cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "t", "path": str(root), "num_classes": 2}],
+                                                  "patch_size": [4, 8, 8], "split": [0.5, 0.25, 0.25],
+                                                  "preprocess": {"normalize": "none", "scale": [1.0, 0.5, 0.5]}}})
+    run = S.Run(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
+    image, label, _, _, meta = run.test_set[0]
+    assert tuple(label.shape) == (6, 10, 10) and tuple(meta["original_shape"]) == (6, 20, 20)
+    assert tuple(meta["original_spacing"]) == tuple(spacing)
+    assert run.test_set.original_label(0).shape == (6, 20, 20)
+    # the oracle predicts on the halved grid; its logits resampled back give the original label exactly
+    result = S.evaluate_network(_Oracle(None, 2), run.test_set, run, hd95=True)[0]
+    assert result["dice"] == 1.0 and result["hd95"] == 0.0
+    assert result["missed"] == 0 and result["spurious"] == 0 and result["cases"] == 1
+    pred = S.predict_case(_Oracle(None, 2), image, 0, run, (6, 20, 20))
+    np.testing.assert_array_equal(pred, run.test_set.original_label(0))
+    # a network that finds nothing: the structure is missed in the one test case, Dice 0 and HD95
+    # the original image's diagonal in mm (not dropped, not in voxels of the halved grid)
+    empty = S.evaluate_network(_Empty(), run.test_set, run, hd95=True)[0]
+    assert empty["missed"] == empty["missed_1"] == 1 and empty["spurious"] == 0
+    assert empty["dice"] == 0.0
+    assert empty["hd95"] == pytest.approx(np.sqrt((6 * 4.0) ** 2 + 2 * (20 * 0.75) ** 2), rel=1e-6)
+
+
 def test_sliding_window_shapes_3d_2d_and_slices():
     model = lambda x: torch.cat([x, -x], 1)  # noqa: E731  [n, 1, *roi] -> [n, 2, *roi]
     vol = torch.randn(1, 7, 13, 11)
@@ -221,9 +269,10 @@ def test_cli_run_3d_then_predict_nifti_and_h5(tmp_path, capsys):
     assert metrics["metric_keys"] == ["dice", "hd95"]
     assert set(metrics["tasks"]["a"]) == {"teacher", "student", "expert", "stl"}
     a_m = metrics["tasks"]["a"]
-    assert {"dice", "dice_1", "dice_2", "hd95"} <= set(a_m["expert"])
+    assert {"dice", "dice_1", "dice_2", "hd95", "missed", "spurious", "missed_2", "cases"} <= set(a_m["expert"])
     assert a_m["expert"]["dice"] == pytest.approx(a_m["student"]["dice"], abs=1e-6)
     assert (out / "split_a.json").is_file() and (out / "report.md").is_file()
+    assert "Missed / spurious structures" in (out / "report.md").read_text()
     card = json.loads((out / "experts" / "a" / "card.json").read_text())
     assert card["task_kind"] == "segmentation" and card["classes"] == 3 and card["patch_size"] == [4, 8, 8]
     capsys.readouterr()

@@ -51,6 +51,7 @@ __all__ = [
     "load_segmentation_task",
     "Preprocess",
     "normalize_intensity",
+    "resample",
     "resize_case",
     "preprocess_case",
     "PreparedVolume",
@@ -399,6 +400,23 @@ def _target_size(pre: Preprocess, shape: tuple[int, ...], spacing: tuple[float, 
     return tuple(shape)
 
 
+def resample(x: torch.Tensor, size: Sequence[int], labels: bool = False) -> torch.Tensor:
+    """Resample ``x`` ``[C, *spatial]`` (1 to 3 spatial dims) to ``size``: linear / bilinear /
+    trilinear with ``align_corners=False`` (voxel centres of both grids span the same extent),
+    or ``nearest-exact`` with ``labels``. The same call maps a preprocessed grid back to the
+    original one (``size`` = the original shape): that is how predictions are put back on each
+    case's original grid. Raises ConfigError for more than 3 spatial dims."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[1:]) == size:
+        return x
+    nd = len(size)
+    lin = {1: "linear", 2: "bilinear", 3: "trilinear"}.get(nd)
+    if lin is None:
+        raise ConfigError(f"cannot resample {nd} spatial dims")
+    mode = "nearest-exact" if labels else lin
+    return F.interpolate(x[None].float(), size=size, mode=mode, **({} if labels else {"align_corners": False}))[0]
+
+
 def resize_case(case: Case, size: Sequence[int]) -> Case:
     """Resample a case to spatial ``size``: image bi/trilinear, label nearest-exact.
 
@@ -410,13 +428,8 @@ def resize_case(case: Case, size: Sequence[int]) -> Case:
     if size == shape:
         return case
     nd = len(shape)
-    lin = {1: "linear", 2: "bilinear", 3: "trilinear"}.get(nd)
-    if lin is None:
-        raise ConfigError(f"cannot resample {nd} spatial dims")
-    img = torch.from_numpy(np.ascontiguousarray(case.image))[None]
-    img = F.interpolate(img, size=size, mode=lin, align_corners=False)[0].numpy()
-    lab = torch.from_numpy(case.label.astype(np.float32))[None, None]
-    lab = F.interpolate(lab, size=size, mode="nearest-exact")[0, 0].numpy().astype(np.int64)
+    img = resample(torch.from_numpy(np.ascontiguousarray(case.image)), size).numpy()
+    lab = resample(torch.from_numpy(case.label.astype(np.float32))[None], size, labels=True)[0].numpy().astype(np.int64)
     ratio = np.array([o / n for o, n in zip(shape, size)], dtype=np.float64)
     spacing = tuple(float(sp * r) for sp, r in zip(case.spacing, ratio))
     affine = case.affine
@@ -478,6 +491,7 @@ class VolumeCache:
 
     def __init__(self) -> None:
         self._store: dict[tuple[CaseRef, Preprocess], PreparedVolume] = {}
+        self._original: dict[CaseRef, np.ndarray] = {}
         self.loads = 0
 
     def __len__(self) -> int:
@@ -495,8 +509,20 @@ class VolumeCache:
             self._store[key] = vol
         return vol
 
+    def original_label(self, ref: CaseRef) -> np.ndarray:
+        """The label of ``ref`` on its original grid (as read, before any resampling), int64
+        ``[*original_shape]``; read once (HDF5: the label only) and kept as the smallest dtype."""
+        lab = self._original.get(ref)
+        if lab is None:
+            lab = load_label(ref)
+            hi = int(lab.max()) if lab.size else 0
+            lab = lab.astype(np.uint8 if hi < 256 else (np.uint16 if hi < 65536 else np.int64))
+            self._original[ref] = lab
+        return lab.astype(np.int64)
+
     def clear(self) -> None:
         self._store.clear()
+        self._original.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,3 +774,12 @@ class VolumeDataset(Dataset, _TaskSet):
         meta = dict(vol.meta, task=self.tasks[t].name)
         return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                 torch.from_numpy(vol.label.astype(np.int64)), t, ref.case_id, meta)
+
+    def original_label(self, i: int) -> np.ndarray:
+        """Label of item ``i`` on the case's original grid, int64 ``[*meta["original_shape"]]``
+        (what metrics are computed against, with ``meta["original_spacing"]``)."""
+        t, ref = self.items[i]
+        vol = self.volume(t, ref)
+        if tuple(vol.meta["original_shape"]) == vol.label.shape:
+            return vol.label.astype(np.int64)
+        return self.cache.original_label(ref)
