@@ -28,6 +28,8 @@ from lorkd.engine.inference import sliding_window_logits
 from lorkd.errors import ConfigError
 from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
 from lorkd.pipelines import segmentation as S
+from lorkd.pipelines.common import objective_for
+from lorkd.pipelines.schema import Distill
 from lorkd.pipelines.predict import predict_masks
 from lorkd.pipelines.segmentation_schema import SegmentationConfig
 
@@ -238,6 +240,45 @@ def test_evaluation_on_the_original_grid_in_mm_with_misses_counted(tmp_path):
     assert empty["missed"] == empty["missed_1"] == 1 and empty["spurious"] == 0
     assert empty["dice"] == 0.0
     assert empty["hd95"] == pytest.approx(np.sqrt((6 * 4.0) ** 2 + 2 * (20 * 0.75) ** 2), rel=1e-6)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_augmented_training_resumes_exactly(tmp_path):
+    root = write_h5_task(tmp_path / "t", shape=(6, 16, 16), classes=2, patients=4, frames=1)
+    net = {"arch": "unet", "channels": [4, 8], "features": 4}
+    stage = {"epochs": 2, "batch_size": 4, "checkpoint_every": 1, "optim": {"name": "adamw", "lr": 0.01}}
+    cfg = from_dict(SegmentationConfig, {
+        "data": {"tasks": [{"name": "t", "path": str(root)}], "patch_size": [4, 8, 8], "samples_per_epoch": 8,
+                 "split": [0.5, 0.25, 0.25], "augment": {"intensity": 1.0, "affine": 1.0}},
+        "teacher": {"net": net, "train": stage}})
+    assert cfg.data.augment.enabled  # on by default; the test makes every kind fire
+    ctx = DistributedContext.from_env(torch.device("cpu"))
+
+    def train(out: Path, resume: bool = False, stop_after: int = 0) -> dict:
+        run = S.Run(cfg, out, ctx, resume=resume, progress=False)
+        assert run.train_set.augment is not None
+        model = run.network(cfg.teacher.net, run.num_classes)
+        objective = objective_for(run, Distill(kd_weight=0.0))
+        calls = {"n": 0}
+
+        def stopping(*args):
+            calls["n"] += 1
+            if stop_after and calls["n"] > stop_after:
+                raise _Stop
+            return objective(*args)
+
+        run.fit(model, cfg.teacher.train, out / "teacher", stopping)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    whole = train(tmp_path / "a")
+    with pytest.raises(_Stop):  # 2 steps per epoch: dies in epoch 1 after 3 steps (latest.pt at step 3)
+        train(tmp_path / "b", stop_after=3)
+    resumed = train(tmp_path / "b", resume=True)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_sliding_window_shapes_3d_2d_and_slices():

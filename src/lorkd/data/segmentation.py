@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from lorkd.data.augment import Augment
 from lorkd.data.paths import shared_data_dir
 from lorkd.data.volumes import (
     Case,
@@ -597,6 +598,10 @@ class PatchDataset(Dataset, _TaskSet):
     yields 2D patches from a random slice along its first spatial axis (e.g. ACDC ``(Z, H, W)``
     volumes as 2D images).
 
+    ``augment`` (an :class:`~lorkd.data.augment.Augment`, ``None``: none) transforms the patch's
+    image and label together (flips, small rotation/zoom, intensity), with its own generator
+    ``default_rng([seed, epoch, i, 1])``, so the patch location does not depend on it.
+
     Randomness comes from ``numpy.random.default_rng([seed, epoch, i])``: call ``set_epoch(e)``
     each epoch for new patches; the same ``(seed, epoch, i)`` always gives the same patch.
     ``samples_per_epoch`` is ``len(self)``. Volumes are preprocessed and cached on first use
@@ -620,8 +625,10 @@ class PatchDataset(Dataset, _TaskSet):
         seed: int = 0,
         cache: VolumeCache | None = None,
         task_blocks: bool = False,
+        augment: Augment | None = None,
     ) -> None:
         _TaskSet.__init__(self, tasks, preprocess, in_channels, channel_fill, cache)
+        self.augment = augment
         self.task_blocks = bool(task_blocks)
         self.patch_size = tuple(int(p) for p in patch_size)
         if not self.patch_size or any(p < 1 for p in self.patch_size):
@@ -737,6 +744,8 @@ class PatchDataset(Dataset, _TaskSet):
         label = self._crop(vol.label, starts, size, 0)
         if self.slice_mode[t]:
             image, label = image[:, 0], label[0]
+        if self.augment is not None:  # its own stream: the patch drawn does not depend on augmentation
+            image, label = self.augment(image, label, np.random.default_rng([self.seed, self.epoch, int(i), 1]))
         image = _fit_channels(image, self.in_channels, self.channel_fill)
         return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                 torch.from_numpy(label.astype(np.int64)), t)

@@ -123,7 +123,7 @@ class Run:
         n = max(len(ids), math.ceil(d.samples_per_epoch * len(ids) / len(self.tasks)))
         return PatchDataset([self.tasks[t] for t in ids], self.patch, "train", n, d.foreground_ratio,
                             [self._pre[t] for t in ids], in_channels=self.channels, channel_fill=d.channel_fill,
-                            seed=self.cfg.seed, cache=self.cache, task_blocks=True)
+                            seed=self.cfg.seed, cache=self.cache, task_blocks=True, augment=d.augment.build())
 
     def dataset(self, split: str, tasks: list[int] | None = None) -> VolumeDataset:
         """Whole preprocessed volumes of ``split``; of ``tasks`` only if given (task ids then index that list)."""
