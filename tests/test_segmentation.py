@@ -242,6 +242,30 @@ def test_evaluation_on_the_original_grid_in_mm_with_misses_counted(tmp_path):
     assert empty["hd95"] == pytest.approx(np.sqrt((6 * 4.0) ** 2 + 2 * (20 * 0.75) ** 2), rel=1e-6)
 
 
+def test_card_geometry_of_a_nifti_task_sliced_in_2d(tmp_path):
+    # an MSD task stored LPS with 3 mm slices on its last axis: read as SPL, sliced along axis 0 (axial)
+    root = tmp_path / "msd"
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    affine = np.diag([-0.8, -0.8, 3.0, 1.0])  # L, P, S
+    training = []
+    for i in range(4):
+        image, label = blob_case((12, 10, 6), 2, i)
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"c{i}.nii.gz")
+        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "x"}, "training": training}))
+    cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "n", "path": str(root), "format": "msd"}],
+                                                  "patch_size": [8, 6], "split": [0.5, 0.25, 0.25]}})
+    run = S.Run(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
+    card = S.expert_card(run, 0)
+    assert card["orientation"] == "SPL" and card["axis_order"] == ["S", "P", "L"]
+    assert card["slice_axis"] == 0 and card["slice_mode"] is True
+    assert card["spacing"] == pytest.approx([3.0, 0.8, 0.8])
+    _, label, _, _, meta = run.test_set[0]
+    assert tuple(label.shape) == (6, 10, 12) and tuple(meta["original_spacing"]) == pytest.approx((3.0, 0.8, 0.8))
+
+
 class _Stop(Exception):
     pass
 
@@ -316,6 +340,8 @@ def test_cli_run_3d_then_predict_nifti_and_h5(tmp_path, capsys):
     assert "Missed / spurious structures" in (out / "report.md").read_text()
     card = json.loads((out / "experts" / "a" / "card.json").read_text())
     assert card["task_kind"] == "segmentation" and card["classes"] == 3 and card["patch_size"] == [4, 8, 8]
+    assert card["orientation"] is None and card["axis_order"] == ["axis0", "axis1", "axis2"]
+    assert card["slice_axis"] is None and card["spacing"] == [1.0, 1.0, 1.0]
     capsys.readouterr()
 
     # a NIfTI volume with a non-trivial affine, and an HDF5 volume

@@ -9,7 +9,7 @@ Array conventions of a loaded :class:`Case`:
 - ``image``: float32 ``[C, *spatial]``, channels first; spatial is ``(D, H, W)`` for 3D and
   ``(H, W)`` for 2D. Spatial axes keep the file's order (the ACDC HDF5 files store ``(Z, H, W)``,
   the left-atrium files ``(X, Y, Z)``); 3D NIfTI volumes are reoriented on read to
-  :data:`CANONICAL_ORIENTATION` (``RAS``: axis 0 towards the Right, 1 Anterior, 2 Superior), their
+  :data:`CANONICAL_ORIENTATION` (``SPL``: axis 0 towards Superior, 1 Posterior, 2 Left), their
   affine and spacing with them, and :attr:`Case.orientation` keeps the file's own codes.
 - ``label``: int64 ``[*spatial]`` with class indices ``0 .. K-1`` (0 is background).
 
@@ -37,6 +37,7 @@ __all__ = [
     "load_case",
     "load_label",
     "probe_case",
+    "probe_spacing",
     "reorient",
     "default_patient_rule",
     "read_hdf5_folder",
@@ -298,10 +299,14 @@ def _load_nifti(ref: CaseRef) -> Case:
                 affine, ref.image_path, orientation)
 
 
-CANONICAL_ORIENTATION = "RAS"
-"""Axis codes every 3D NIfTI volume is turned to on read: axis 0 runs to the Right, 1 to Anterior,
-2 to Superior (nibabel's closest canonical; a volume stored LPS is flipped on its first two axes,
-one stored with axes permuted is transposed). Spacing and affine follow the arrays."""
+CANONICAL_ORIENTATION = "SPL"
+"""Axis codes every 3D NIfTI volume is turned to on read: axis 0 runs to Superior (the axial
+slices, inferior to superior), axis 1 to Posterior (image rows, anterior at the top), axis 2 to the
+patient's Left (image columns, the patient's right on the left: radiological view). That is the
+``(Z, Y, X)`` layout of ``SimpleITK.GetArrayFromImage`` on an LPS scan, slice axis first like the
+ACDC HDF5 files' ``(Z, H, W)``, so ``volume[k]`` is an axial slice and a 2D network (``slice_mode``) runs slice by slice along axis 0.
+A volume stored otherwise is flipped and/or transposed (exact, no interpolation); spacing and
+affine follow the arrays."""
 
 
 def reorient(array: np.ndarray, affine: np.ndarray, to: str = CANONICAL_ORIENTATION,
@@ -315,7 +320,7 @@ def reorient(array: np.ndarray, affine: np.ndarray, to: str = CANONICAL_ORIENTAT
     Args:
         array: ``[X, Y, Z]`` (or ``[C, X, Y, Z]`` with ``channels_first``).
         affine: 4x4 voxel-to-world matrix of ``array``.
-        to: three axis codes, e.g. ``"RAS"`` or ``"LPS"``.
+        to: three axis codes, e.g. ``"SPL"``, ``"RAS"`` or ``"LPS"``.
 
     Returns:
         ``(array, affine, from_codes)``: the reoriented array (a view where possible), its affine,
@@ -489,6 +494,29 @@ def probe_case(ref: CaseRef) -> tuple[int, tuple[int, ...]]:
     raise DataError(f"unknown case kind {ref.kind!r} for {path}")
 
 
+def probe_spacing(ref: CaseRef | Case) -> tuple[float, ...]:
+    """Voxel size per spatial axis of a case as :func:`load_case` would give it (NIfTI: from the
+    header, in the canonical orientation; HDF5: ``reader.spacing``, the ``spacing`` attribute or
+    1.0; 2D images: 1.0), reading headers only. Raises DataError like :func:`probe_case`."""
+    if isinstance(ref, Case):
+        return tuple(ref.spacing)
+    _, shape = probe_case(ref)
+    if ref.kind == "nifti":
+        img = _nib_load(ref.image_path)
+        if len(shape) == 3:
+            affine = reorient(np.zeros((1, 1, 1)), np.asarray(img.affine, dtype=np.float64))[1]
+            return tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+        zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
+        return zooms + (1.0,) * (len(shape) - len(zooms))
+    if ref.kind == "hdf5":
+        import h5py
+
+        with h5py.File(ref.image_path, "r") as f:
+            file_spacing = f[ref.image_key].attrs.get("spacing", f.attrs.get("spacing"))
+        return _hdf5_spacing(ref, len(shape), file_spacing)
+    return (1.0,) * len(shape)
+
+
 def _finish(refs: list[CaseRef], root: Path, lazy: bool) -> list[CaseRef] | list[Case]:
     if not refs:
         raise DataError(f"no cases found in {root}")
@@ -551,7 +579,8 @@ def read_msd_folder(
 
     Uses ``training: [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]``
     (paths relative to ``root``). ``num_classes`` defaults to ``len(labels)``. Loaded 3D cases are
-    reoriented to ``RAS`` (:func:`reorient`; the file's codes kept in ``Case.orientation``), with
+    reoriented to ``SPL`` (:data:`CANONICAL_ORIENTATION`, :func:`reorient`; the file's codes kept in
+    ``Case.orientation``), with
     the affine and spacing (from the header, in mm) following the arrays; a 4D image
     ``(X, Y, Z, C)`` becomes ``[C, X, Y, Z]``. ``patient_rule`` defaults to the case id itself (``_frame`` rule applied).
 

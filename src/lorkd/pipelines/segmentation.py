@@ -37,6 +37,7 @@ from ..data.segmentation import (
     load_segmentation_task,
     resample,
 )
+from ..data.volumes import CANONICAL_ORIENTATION, probe_spacing
 from ..distill import FeatureProjector, dice_ce_loss
 from ..engine import metrics as M
 from ..engine.distributed import DistributedContext
@@ -275,8 +276,33 @@ def expert_card(run: Run, t: int) -> dict[str, Any]:
                           "sw_batch_size": run.cfg.evaluate.sw_batch_size, "mode": run.cfg.evaluate.mode},
             "preprocessing": {"normalize": pre.normalize, "scale": pre.scale, "target_spacing": pre.target_spacing,
                               "target_shape": pre.target_shape},
+            **_geometry_card(run, t),
             "rebuild_without_lorkd": "nn.Sequential(OrderedDict(backbone=<architecture.kwargs.backbone.factory>"
                                      "(**kwargs), head=ConvNd(feature_dim, num_classes, kernel_size=1)))"}
+
+
+def _geometry_card(run: Run, t: int) -> dict[str, Any]:
+    """Card keys that say how the training volumes were laid out, so ``predict`` handles a new
+    volume the same way:
+
+    * ``orientation``: ``"SPL"`` (:data:`~lorkd.data.volumes.CANONICAL_ORIENTATION`) when the task
+      is NIfTI (every 3D NIfTI is reoriented to it on read: reorient an input with
+      :func:`lorkd.data.volumes.reorient` before inference and the mask back to the file's own
+      codes after); ``null``: arrays in the file's own axis order (HDF5, 2D images).
+    * ``axis_order``: names of the data axes in that order (``["S", "P", "L"]`` for NIfTI, else
+      ``["axis0", "axis1", ...]`` of the file).
+    * ``slice_axis``: for a 2D network on 3D data (``slice_mode``) the data axis it is applied
+      slice by slice along (0, the first axis of ``axis_order``); ``null`` otherwise.
+    * ``spacing``: median voxel size (mm) per data axis over the training cases, as read (NIfTI
+      header; HDF5 ``reader.spacing`` or ``spacing`` attribute, else 1.0), before preprocessing."""
+    task = run.tasks[t]
+    refs = task.cases("train")
+    oriented = task.spatial_dims == 3 and any(getattr(r, "kind", None) == "nifti" for r in refs)
+    spacings = np.array([probe_spacing(r) for r in refs], dtype=np.float64)
+    return {"orientation": CANONICAL_ORIENTATION if oriented else None,
+            "axis_order": list(CANONICAL_ORIENTATION) if oriented else [f"axis{i}" for i in range(task.spatial_dims)],
+            "slice_axis": 0 if task.spatial_dims == run.spatial_dims + 1 else None,
+            "spacing": [float(v) for v in np.median(spacings, axis=0)]}
 
 
 def stage_export(run: Run, student: MultiTaskSegmenter) -> dict[str, Path]:
