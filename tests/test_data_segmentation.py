@@ -229,6 +229,55 @@ def test_resample_shapes_and_labels(shape, scale):
     assert out.spacing == pytest.approx(tuple(s / e for s, e in zip(shape, expect)))
 
 
+def test_resample_round_trip_to_the_original_grid():
+    # a linear ramp along each axis, halved then resampled back to the original shape: the centres
+    # of both grids line up (align_corners=False), so the interior comes back exactly
+    ramp = np.arange(20, dtype=np.float32)
+    case = Case("c", "p", np.broadcast_to(ramp, (1, 6, 20))[None, 0].copy(), np.zeros((6, 20), np.int64),
+                (2.0, 0.5), None, "src")
+    small, meta = preprocess_case(case, Preprocess(normalize="none", scale=(1.0, 0.5)))
+    assert small.spacing == (2.0, 1.0) and meta["original_spacing"] == (2.0, 0.5)
+    back = seg.resample(torch.from_numpy(small.image), meta["original_shape"]).numpy()
+    assert back.shape == (1, 6, 20)
+    np.testing.assert_allclose(back[0, :, 1:-1], case.image[0, :, 1:-1], atol=1e-5)
+    # class-wise logits of a label halved in plane (nearest) and resampled back (bilinear) give the label
+    # again (halving all three axes would lose the cube corners: trilinear weight 0.75**3 < 0.5)
+    label = np.zeros((8, 12, 16), np.int64)
+    label[2:6, 4:10, 2:8] = 1
+    label[2:6, 4:10, 8:14] = 2
+    down, meta = preprocess_case(Case("c", "p", np.zeros((1, 8, 12, 16), np.float32), label, (1.0,) * 3, None, "s"),
+                                 Preprocess(normalize="none", scale=(1.0, 0.5, 0.5)))
+    logits = torch.nn.functional.one_hot(torch.from_numpy(down.label), 3).movedim(-1, 0).float()
+    up = seg.resample(logits, meta["original_shape"]).argmax(0).numpy()
+    np.testing.assert_array_equal(up, label)
+    with pytest.raises(ConfigError, match="4 spatial"):
+        seg.resample(torch.zeros(1, 2, 2, 2, 2), (3, 3, 3, 3))
+
+
+def test_patches_augmented_deterministically_image_and_label_together():
+    from lorkd.data.augment import Augment
+
+    task = toy_task("a")
+    plain = PatchDataset([task], patch_size=(8, 8, 8), samples_per_epoch=6, preprocess=NONE, seed=3)
+    aug = PatchDataset([task], patch_size=(8, 8, 8), samples_per_epoch=6, preprocess=NONE, seed=3,
+                       augment=Augment(flip=0.5, affine=1.0, intensity=0.0))
+    again = PatchDataset([task], patch_size=(8, 8, 8), samples_per_epoch=6, preprocess=NONE, seed=3,
+                         augment=Augment(flip=0.5, affine=1.0, intensity=0.0))
+    for ds in (aug, again):
+        ds.set_epoch(2)
+    changed = 0
+    for i in range(6):
+        x, y, t = aug[i]
+        x2, y2, _ = again[i]
+        assert torch.equal(x, x2) and torch.equal(y, y2)  # same (seed, epoch, index): same patch
+        assert x.shape == (1, 8, 8, 8) and y.dtype == torch.int64 and set(y.unique().tolist()) <= {0, 1}
+        plain.set_epoch(2)
+        changed += not torch.equal(y, plain[i][1])
+    assert changed >= 3
+    aug.set_epoch(3)
+    assert not all(torch.equal(aug[i][0], again[i][0]) for i in range(6))
+
+
 def test_target_spacing_shape_and_affine():
     aff = np.array([[0.0, -1.5, 0.0, 10.0], [2.0, 0.0, 0.0, -4.0], [0.0, 0.0, 3.0, 7.0], [0, 0, 0, 1]])
     case = _case((8, 10, 6), spacing=(2.0, 1.5, 3.0), affine=aff)

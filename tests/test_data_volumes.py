@@ -19,9 +19,11 @@ from lorkd.data.volumes import (
     load_case,
     load_label,
     probe_case,
+    probe_spacing,
     read_hdf5_folder,
     read_image_mask_folder,
     read_msd_folder,
+    reorient,
 )
 from lorkd.errors import DataError
 
@@ -191,26 +193,72 @@ def test_float_labels_with_integer_values_accepted(tmp_path):
 # ------------------------------------------------------------------ MSD
 
 
-def test_msd_reader_keeps_affine_spacing(tmp_path):
+def test_msd_reader_reorients_to_spl_with_affine_and_spacing(tmp_path):
+    # AFFINE: file axis 0 runs Anterior (2 mm), axis 1 to the Left (1.5 mm), axis 2 Superior (3 mm)
     root = make_msd(tmp_path / "Task01")
     refs = read_msd_folder(root)
     assert [r.case_id for r in refs] == ["case_000", "case_001", "case_002"]
     assert refs[0].num_classes == 3
     case = load_case(refs[1])
-    assert case.image.shape == (1, 5, 6, 4) and case.label.shape == (5, 6, 4)
-    np.testing.assert_allclose(case.affine, AFFINE)
-    assert case.spacing == pytest.approx((2.0, 1.5, 3.0))
+    assert case.orientation == "ALS"
+    # S P L: the old axis 2, the old axis 0 flipped (A -> P), the old axis 1
+    assert case.image.shape == (1, 4, 5, 6) and case.label.shape == (4, 5, 6)
+    raw = np.asarray(nib.load(root / "labelsTr" / "case_001.nii.gz").dataobj)
+    np.testing.assert_array_equal(case.label, raw.transpose(2, 0, 1)[:, ::-1, :])
+    assert nib.aff2axcodes(case.affine) == ("S", "P", "L")
+    assert case.spacing == pytest.approx((3.0, 2.0, 1.5))
+    # every voxel keeps its world position
+    i, j, k = 2, 3, 1
+    np.testing.assert_allclose(case.affine @ [i, j, k, 1], AFFINE @ [4 - j, k, i, 1])
     assert case.label.dtype == np.int64 and set(np.unique(case.label)) <= {0, 1, 2}
-    assert probe_case(refs[1]) == (1, (5, 6, 4))
+    assert probe_case(refs[1]) == (1, (4, 5, 6))
+    assert probe_spacing(refs[1]) == pytest.approx((3.0, 2.0, 1.5))
 
 
 def test_msd_4d_image_becomes_channels(tmp_path):
     root = make_msd(tmp_path / "T", n=2, channels=2)
     case = read_msd_folder(root, lazy=False)[0]
-    assert case.image.shape == (2, 5, 6, 4)
+    assert case.image.shape == (2, 4, 5, 6)
     raw = np.asarray(nib.load(root / "imagesTr" / "case_000.nii.gz").dataobj)
-    np.testing.assert_allclose(case.image[1], raw[..., 1])
-    assert probe_case(read_msd_folder(root)[0]) == (2, (5, 6, 4))
+    np.testing.assert_allclose(case.image[1], reorient(raw[..., 1], AFFINE)[0])
+    assert probe_case(read_msd_folder(root)[0]) == (2, (4, 5, 6))
+
+
+@pytest.mark.parametrize("codes", ["LPS", "PIR", "RAS", "SPL"])
+def test_orientation_round_trip_gives_the_file_geometry_back(tmp_path, codes):
+    # a volume stored in `codes` order with anisotropic voxels comes back (array and affine) exactly
+    from nibabel import orientations as nio
+
+    base = np.diag([0.7, 0.9, 2.5, 1.0])
+    base[:3, 3] = [-30.0, 12.0, 4.0]
+    shape = (7, 6, 5)
+    transform = nio.ornt_transform(nio.axcodes2ornt("RAS"), nio.axcodes2ornt(tuple(codes)))
+    affine = base @ nio.inv_ornt_aff(transform, shape)
+    label = np.random.default_rng(3).integers(0, 3, shape).astype(np.uint8)
+    stored = nio.apply_orientation(label, transform)
+    assert "".join(nib.aff2axcodes(affine)) == codes
+    root = tmp_path / "msd"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(stored.astype(np.float32), affine), root / "imagesTr" / "c.nii.gz")
+    nib.save(nib.Nifti1Image(stored, affine), root / "labelsTr" / "c.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "b", "1": "x", "2": "y"},
+                                                   "training": [{"image": "./imagesTr/c.nii.gz",
+                                                                 "label": "./labelsTr/c.nii.gz"}]}))
+    case = read_msd_folder(root, lazy=False)[0]
+    assert case.orientation == codes
+    assert nib.aff2axcodes(case.affine) == ("S", "P", "L")
+    canonical, canonical_affine, was = reorient(label, base, "SPL")  # the RAS volume it was made from, as SPL
+    assert was == "RAS"
+    np.testing.assert_array_equal(case.label, canonical)
+    np.testing.assert_allclose(case.affine, canonical_affine)
+    assert case.spacing == pytest.approx((2.5, 0.9, 0.7))
+    back, back_affine, now = reorient(case.label, case.affine, case.orientation)
+    assert now == "SPL"
+    np.testing.assert_array_equal(back, stored)
+    np.testing.assert_allclose(back_affine, affine)
+    with pytest.raises(DataError, match="3D"):
+        reorient(label[0], affine)
 
 
 def test_msd_errors(tmp_path):
@@ -332,3 +380,21 @@ def test_real_la_one_case():
     x, y, z = case.label.shape
     assert case.image.shape == (1, x, y, z) and 168 <= x <= 232 and 132 <= y <= 154 and z == 88
     assert set(np.unique(case.label).tolist()) == {0, 1}
+
+
+def test_hdf5_spacing_default_file_attribute_and_reader(tmp_path):
+    write_h5(tmp_path / "volumes" / "a.h5", np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.uint8))
+    write_h5(tmp_path / "volumes" / "b.h5", np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.uint8))
+    with h5py.File(tmp_path / "volumes" / "b.h5", "r+") as f:
+        f["image"].attrs["spacing"] = [5.0, 1.25, 1.25]
+    a, b = read_hdf5_folder(tmp_path, lazy=False)
+    assert a.spacing == (1.0, 1.0, 1.0)  # HDF5 has no header: 1 mm by default
+    assert b.spacing == (5.0, 1.25, 1.25)
+    a, b = read_hdf5_folder(tmp_path, lazy=False, spacing=[2.0, 0.5, 0.5])  # reader.spacing wins
+    assert a.spacing == b.spacing == (2.0, 0.5, 0.5)
+    assert read_hdf5_folder(tmp_path, lazy=False, spacing=0.8)[0].spacing == (0.8, 0.8, 0.8)
+    assert probe_spacing(read_hdf5_folder(tmp_path)[1]) == (5.0, 1.25, 1.25)
+    with pytest.raises(DataError, match="reader.spacing"):
+        read_hdf5_folder(tmp_path, lazy=False, spacing=[1.0, 2.0])
+    with pytest.raises(DataError, match="reader spacing"):
+        read_hdf5_folder(tmp_path, spacing="thin")

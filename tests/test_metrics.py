@@ -14,7 +14,9 @@ from lorkd.engine.metrics import (
     cpu_latency_ms,
     dice_per_class,
     hd95_per_class,
+    image_diagonal,
     roc_auc,
+    structure_errors,
 )
 from lorkd.errors import ConfigError, DataError
 
@@ -98,10 +100,9 @@ def test_dice_per_class_by_hand():
     pred = np.array([[0, 1, 1], [2, 2, 0]])
     target = np.array([[0, 1, 0], [2, 0, 0]])
     d = dice_per_class(pred, target, num_classes=4)
-    # class 1: |P|=2,|T|=1,|P&T|=1 -> 2/3; class 2: |P|=2,|T|=1,inter 1 -> 2/3; class 3 absent -> nan
+    # class 1: |P|=2,|T|=1,|P&T|=1 -> 2/3; class 2: |P|=2,|T|=1,inter 1 -> 2/3; class 3 absent from both -> 1
     assert d.shape == (3,)
-    np.testing.assert_allclose(d[:2], [2 / 3, 2 / 3])
-    assert math.isnan(d[2])
+    np.testing.assert_allclose(d, [2 / 3, 2 / 3, 1.0])
     assert dice_per_class(np.array([1, 0]), np.array([0, 1]), 2)[0] == 0.0
     assert dice_per_class(torch.tensor([[1, 1]]), torch.tensor([[1, 1]]), 2)[0] == 1.0
 
@@ -150,7 +151,46 @@ def test_hd95_cube_3d_and_missing_classes():
     h = hd95_per_class(pred, target, 4)
     assert h.shape == (3,)
     assert h[0] == pytest.approx(2.0)
-    assert math.isnan(h[1]) and math.isnan(h[2])
+    # class 2 absent from both: excluded (nan); class 3 missed: the image diagonal as penalty
+    assert math.isnan(h[1]) and h[2] == pytest.approx(math.sqrt(300))
+    assert hd95_per_class(pred, target, 4, penalty=99.0)[2] == 99.0
+
+
+def test_hd95_in_mm_with_anisotropic_spacing_by_hand():
+    spacing = (5.0, 0.8, 0.8)  # 5 mm slices, 0.8 mm in plane
+    pred = np.zeros((6, 9, 9), int)
+    target = np.zeros((6, 9, 9), int)
+    pred[1, 1, 1] = 1
+    target[3, 2, 5] = 1  # single voxels: the distance is that of the two centres in mm
+    assert hd95_per_class(pred, target, 2, spacing)[0] == pytest.approx(math.sqrt(10.0**2 + 0.8**2 + 3.2**2), rel=1e-6)
+    # 3x5x5 blocks, the prediction one slice deeper. Directed distances from the prediction's 66
+    # surface voxels: slice z=3 (overlap): 16 ring voxels 0, 8 inner 0.8 (to the ring in plane), the centre
+    # 1.6; z=4 ring: 0 (the target's z=4 slice is all surface); z=5: 25 voxels at 5 mm. Sorted:
+    # 32 x 0, 8 x 0.8, 1 x 1.6, 25 x 5 -> 95th percentile (index 61.75) = 5 mm; the reverse is symmetric.
+    big_p = np.zeros((10, 12, 12), int)
+    big_t = np.zeros((10, 12, 12), int)
+    big_t[2:5, 3:8, 3:8] = 1
+    big_p[3:6, 3:8, 3:8] = 1
+    assert hd95_per_class(big_p, big_t, 2, spacing)[0] == pytest.approx(5.0)
+    assert hd95_per_class(big_p, big_t, 2)[0] == pytest.approx(1.0)  # in voxels: one slice
+    # with 1 mm slices the slab distances shrink to 1 mm (the spacing is applied per axis)
+    assert hd95_per_class(big_p, big_t, 2, (1.0, 0.8, 0.8))[0] == pytest.approx(1.0)
+
+
+def test_missed_and_spurious_structures():
+    target = np.zeros((4, 5), int)
+    pred = np.zeros((4, 5), int)
+    target[0, 0] = 1  # class 1 missed
+    pred[3, 4] = 2  # class 2 spurious
+    target[1, 1] = pred[1, 1] = 3  # class 3 found
+    missed, spurious = structure_errors(pred, target, 5)  # class 4 absent from both
+    assert missed.tolist() == [True, False, False, False]
+    assert spurious.tolist() == [False, True, False, False]
+    h = hd95_per_class(pred, target, 5, spacing=(2.0, 3.0))
+    diag = image_diagonal((4, 5), (2.0, 3.0))
+    assert diag == pytest.approx(math.hypot(8.0, 15.0))
+    assert h[0] == pytest.approx(diag) and h[1] == pytest.approx(diag) and h[2] == 0.0 and math.isnan(h[3])
+    np.testing.assert_allclose(dice_per_class(pred, target, 5), [0.0, 0.0, 1.0, 1.0])
 
 
 def test_hd95_spacing_error():

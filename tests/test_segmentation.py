@@ -28,6 +28,8 @@ from lorkd.engine.inference import sliding_window_logits
 from lorkd.errors import ConfigError
 from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
 from lorkd.pipelines import segmentation as S
+from lorkd.pipelines.common import objective_for
+from lorkd.pipelines.schema import Distill
 from lorkd.pipelines.predict import predict_masks
 from lorkd.pipelines.segmentation_schema import SegmentationConfig
 
@@ -192,6 +194,117 @@ def test_evaluation_of_a_perfect_predictor_gives_dice_one(tmp_path):
     assert result["hd95"] == pytest.approx(0.0)
 
 
+def _block_task(root: Path, spacing) -> Path:
+    """Binary volumes (6, 20, 20) whose foreground block starts and ends on even in-plane indices,
+    so halving H and W (bilinear, align_corners=False) keeps it exactly; images are the labels."""
+    (root / "volumes").mkdir(parents=True, exist_ok=True)
+    for p in range(4):
+        label = np.zeros((6, 20, 20), np.uint8)
+        label[1:5, 2 + 2 * p : 10 + 2 * p, 4:14] = 1
+        with h5py.File(root / "volumes" / f"patient{p:03d}.h5", "w") as h:
+            h.create_dataset("image", data=label.astype(np.float32))
+            h.create_dataset("label", data=label)
+            h["image"].attrs["spacing"] = spacing
+    return root
+
+
+class _Empty(torch.nn.Module):
+    """A 'network' that predicts background everywhere (every structure missed)."""
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], 2, *x.shape[2:])
+        out[:, 0] = 1.0
+        return out
+
+
+def test_evaluation_on_the_original_grid_in_mm_with_misses_counted(tmp_path):
+    spacing = [4.0, 0.75, 0.75]
+    root = _block_task(tmp_path / "t", spacing)
+    cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "t", "path": str(root), "num_classes": 2}],
+                                                  "patch_size": [4, 8, 8], "split": [0.5, 0.25, 0.25],
+                                                  "preprocess": {"normalize": "none", "scale": [1.0, 0.5, 0.5]}}})
+    run = S.Run(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
+    image, label, _, _, meta = run.test_set[0]
+    assert tuple(label.shape) == (6, 10, 10) and tuple(meta["original_shape"]) == (6, 20, 20)
+    assert tuple(meta["original_spacing"]) == tuple(spacing)
+    assert run.test_set.original_label(0).shape == (6, 20, 20)
+    # the oracle predicts on the halved grid; its logits resampled back give the original label exactly
+    result = S.evaluate_network(_Oracle(None, 2), run.test_set, run, hd95=True)[0]
+    assert result["dice"] == 1.0 and result["hd95"] == 0.0
+    assert result["missed"] == 0 and result["spurious"] == 0 and result["cases"] == 1
+    pred = S.predict_case(_Oracle(None, 2), image, 0, run, (6, 20, 20))
+    np.testing.assert_array_equal(pred, run.test_set.original_label(0))
+    # a network that finds nothing: the structure is missed in the one test case, Dice 0 and HD95
+    # the original image's diagonal in mm (not dropped, not in voxels of the halved grid)
+    empty = S.evaluate_network(_Empty(), run.test_set, run, hd95=True)[0]
+    assert empty["missed"] == empty["missed_1"] == 1 and empty["spurious"] == 0
+    assert empty["dice"] == 0.0
+    assert empty["hd95"] == pytest.approx(np.sqrt((6 * 4.0) ** 2 + 2 * (20 * 0.75) ** 2), rel=1e-6)
+
+
+def test_card_geometry_of_a_nifti_task_sliced_in_2d(tmp_path):
+    # an MSD task stored LPS with 3 mm slices on its last axis: read as SPL, sliced along axis 0 (axial)
+    root = tmp_path / "msd"
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    affine = np.diag([-0.8, -0.8, 3.0, 1.0])  # L, P, S
+    training = []
+    for i in range(4):
+        image, label = blob_case((12, 10, 6), 2, i)
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"c{i}.nii.gz")
+        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "x"}, "training": training}))
+    cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "n", "path": str(root), "format": "msd"}],
+                                                  "patch_size": [8, 6], "split": [0.5, 0.25, 0.25]}})
+    run = S.Run(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
+    card = S.expert_card(run, 0)
+    assert card["orientation"] == "SPL" and card["axis_order"] == ["S", "P", "L"]
+    assert card["slice_axis"] == 0 and card["slice_mode"] is True
+    assert card["spacing"] == pytest.approx([3.0, 0.8, 0.8])
+    _, label, _, _, meta = run.test_set[0]
+    assert tuple(label.shape) == (6, 10, 12) and tuple(meta["original_spacing"]) == pytest.approx((3.0, 0.8, 0.8))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_augmented_training_resumes_exactly(tmp_path):
+    root = write_h5_task(tmp_path / "t", shape=(6, 16, 16), classes=2, patients=4, frames=1)
+    net = {"arch": "unet", "channels": [4, 8], "features": 4}
+    stage = {"epochs": 2, "batch_size": 4, "checkpoint_every": 1, "optim": {"name": "adamw", "lr": 0.01}}
+    cfg = from_dict(SegmentationConfig, {
+        "data": {"tasks": [{"name": "t", "path": str(root)}], "patch_size": [4, 8, 8], "samples_per_epoch": 8,
+                 "split": [0.5, 0.25, 0.25], "augment": {"intensity": 1.0, "affine": 1.0}},
+        "teacher": {"net": net, "train": stage}})
+    assert cfg.data.augment.enabled  # on by default; the test makes every kind fire
+    ctx = DistributedContext.from_env(torch.device("cpu"))
+
+    def train(out: Path, resume: bool = False, stop_after: int = 0) -> dict:
+        run = S.Run(cfg, out, ctx, resume=resume, progress=False)
+        assert run.train_set.augment is not None
+        model = run.network(cfg.teacher.net, run.num_classes)
+        objective = objective_for(run, Distill(kd_weight=0.0))
+        calls = {"n": 0}
+
+        def stopping(*args):
+            calls["n"] += 1
+            if stop_after and calls["n"] > stop_after:
+                raise _Stop
+            return objective(*args)
+
+        run.fit(model, cfg.teacher.train, out / "teacher", stopping)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    whole = train(tmp_path / "a")
+    with pytest.raises(_Stop):  # 2 steps per epoch: dies in epoch 1 after 3 steps (latest.pt at step 3)
+        train(tmp_path / "b", stop_after=3)
+    resumed = train(tmp_path / "b", resume=True)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_sliding_window_shapes_3d_2d_and_slices():
     model = lambda x: torch.cat([x, -x], 1)  # noqa: E731  [n, 1, *roi] -> [n, 2, *roi]
     vol = torch.randn(1, 7, 13, 11)
@@ -221,11 +334,14 @@ def test_cli_run_3d_then_predict_nifti_and_h5(tmp_path, capsys):
     assert metrics["metric_keys"] == ["dice", "hd95"]
     assert set(metrics["tasks"]["a"]) == {"teacher", "student", "expert", "stl"}
     a_m = metrics["tasks"]["a"]
-    assert {"dice", "dice_1", "dice_2", "hd95"} <= set(a_m["expert"])
+    assert {"dice", "dice_1", "dice_2", "hd95", "missed", "spurious", "missed_2", "cases"} <= set(a_m["expert"])
     assert a_m["expert"]["dice"] == pytest.approx(a_m["student"]["dice"], abs=1e-6)
     assert (out / "split_a.json").is_file() and (out / "report.md").is_file()
+    assert "Missed / spurious structures" in (out / "report.md").read_text()
     card = json.loads((out / "experts" / "a" / "card.json").read_text())
     assert card["task_kind"] == "segmentation" and card["classes"] == 3 and card["patch_size"] == [4, 8, 8]
+    assert card["orientation"] is None and card["axis_order"] == ["axis0", "axis1", "axis2"]
+    assert card["slice_axis"] is None and card["spacing"] == [1.0, 1.0, 1.0]
     capsys.readouterr()
 
     # a NIfTI volume with a non-trivial affine, and an HDF5 volume

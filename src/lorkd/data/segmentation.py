@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from lorkd.data.augment import Augment
 from lorkd.data.paths import shared_data_dir
 from lorkd.data.volumes import (
     Case,
@@ -51,6 +52,7 @@ __all__ = [
     "load_segmentation_task",
     "Preprocess",
     "normalize_intensity",
+    "resample",
     "resize_case",
     "preprocess_case",
     "PreparedVolume",
@@ -399,6 +401,23 @@ def _target_size(pre: Preprocess, shape: tuple[int, ...], spacing: tuple[float, 
     return tuple(shape)
 
 
+def resample(x: torch.Tensor, size: Sequence[int], labels: bool = False) -> torch.Tensor:
+    """Resample ``x`` ``[C, *spatial]`` (1 to 3 spatial dims) to ``size``: linear / bilinear /
+    trilinear with ``align_corners=False`` (voxel centres of both grids span the same extent),
+    or ``nearest-exact`` with ``labels``. The same call maps a preprocessed grid back to the
+    original one (``size`` = the original shape): that is how predictions are put back on each
+    case's original grid. Raises ConfigError for more than 3 spatial dims."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[1:]) == size:
+        return x
+    nd = len(size)
+    lin = {1: "linear", 2: "bilinear", 3: "trilinear"}.get(nd)
+    if lin is None:
+        raise ConfigError(f"cannot resample {nd} spatial dims")
+    mode = "nearest-exact" if labels else lin
+    return F.interpolate(x[None].float(), size=size, mode=mode, **({} if labels else {"align_corners": False}))[0]
+
+
 def resize_case(case: Case, size: Sequence[int]) -> Case:
     """Resample a case to spatial ``size``: image bi/trilinear, label nearest-exact.
 
@@ -410,13 +429,8 @@ def resize_case(case: Case, size: Sequence[int]) -> Case:
     if size == shape:
         return case
     nd = len(shape)
-    lin = {1: "linear", 2: "bilinear", 3: "trilinear"}.get(nd)
-    if lin is None:
-        raise ConfigError(f"cannot resample {nd} spatial dims")
-    img = torch.from_numpy(np.ascontiguousarray(case.image))[None]
-    img = F.interpolate(img, size=size, mode=lin, align_corners=False)[0].numpy()
-    lab = torch.from_numpy(case.label.astype(np.float32))[None, None]
-    lab = F.interpolate(lab, size=size, mode="nearest-exact")[0, 0].numpy().astype(np.int64)
+    img = resample(torch.from_numpy(np.ascontiguousarray(case.image)), size).numpy()
+    lab = resample(torch.from_numpy(case.label.astype(np.float32))[None], size, labels=True)[0].numpy().astype(np.int64)
     ratio = np.array([o / n for o, n in zip(shape, size)], dtype=np.float64)
     spacing = tuple(float(sp * r) for sp, r in zip(case.spacing, ratio))
     affine = case.affine
@@ -478,6 +492,7 @@ class VolumeCache:
 
     def __init__(self) -> None:
         self._store: dict[tuple[CaseRef, Preprocess], PreparedVolume] = {}
+        self._original: dict[CaseRef, np.ndarray] = {}
         self.loads = 0
 
     def __len__(self) -> int:
@@ -495,8 +510,20 @@ class VolumeCache:
             self._store[key] = vol
         return vol
 
+    def original_label(self, ref: CaseRef) -> np.ndarray:
+        """The label of ``ref`` on its original grid (as read, before any resampling), int64
+        ``[*original_shape]``; read once (HDF5: the label only) and kept as the smallest dtype."""
+        lab = self._original.get(ref)
+        if lab is None:
+            lab = load_label(ref)
+            hi = int(lab.max()) if lab.size else 0
+            lab = lab.astype(np.uint8 if hi < 256 else (np.uint16 if hi < 65536 else np.int64))
+            self._original[ref] = lab
+        return lab.astype(np.int64)
+
     def clear(self) -> None:
         self._store.clear()
+        self._original.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,6 +598,10 @@ class PatchDataset(Dataset, _TaskSet):
     yields 2D patches from a random slice along its first spatial axis (e.g. ACDC ``(Z, H, W)``
     volumes as 2D images).
 
+    ``augment`` (an :class:`~lorkd.data.augment.Augment`, ``None``: none) transforms the patch's
+    image and label together (flips, small rotation/zoom, intensity), with its own generator
+    ``default_rng([seed, epoch, i, 1])``, so the patch location does not depend on it.
+
     Randomness comes from ``numpy.random.default_rng([seed, epoch, i])``: call ``set_epoch(e)``
     each epoch for new patches; the same ``(seed, epoch, i)`` always gives the same patch.
     ``samples_per_epoch`` is ``len(self)``. Volumes are preprocessed and cached on first use
@@ -594,8 +625,10 @@ class PatchDataset(Dataset, _TaskSet):
         seed: int = 0,
         cache: VolumeCache | None = None,
         task_blocks: bool = False,
+        augment: Augment | None = None,
     ) -> None:
         _TaskSet.__init__(self, tasks, preprocess, in_channels, channel_fill, cache)
+        self.augment = augment
         self.task_blocks = bool(task_blocks)
         self.patch_size = tuple(int(p) for p in patch_size)
         if not self.patch_size or any(p < 1 for p in self.patch_size):
@@ -711,6 +744,8 @@ class PatchDataset(Dataset, _TaskSet):
         label = self._crop(vol.label, starts, size, 0)
         if self.slice_mode[t]:
             image, label = image[:, 0], label[0]
+        if self.augment is not None:  # its own stream: the patch drawn does not depend on augmentation
+            image, label = self.augment(image, label, np.random.default_rng([self.seed, self.epoch, int(i), 1]))
         image = _fit_channels(image, self.in_channels, self.channel_fill)
         return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                 torch.from_numpy(label.astype(np.int64)), t)
@@ -748,3 +783,12 @@ class VolumeDataset(Dataset, _TaskSet):
         meta = dict(vol.meta, task=self.tasks[t].name)
         return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                 torch.from_numpy(vol.label.astype(np.int64)), t, ref.case_id, meta)
+
+    def original_label(self, i: int) -> np.ndarray:
+        """Label of item ``i`` on the case's original grid, int64 ``[*meta["original_shape"]]``
+        (what metrics are computed against, with ``meta["original_spacing"]``)."""
+        t, ref = self.items[i]
+        vol = self.volume(t, ref)
+        if tuple(vol.meta["original_shape"]) == vol.label.shape:
+            return vol.label.astype(np.int64)
+        return self.cache.original_label(ref)

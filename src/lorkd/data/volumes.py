@@ -8,7 +8,9 @@ Array conventions of a loaded :class:`Case`:
 
 - ``image``: float32 ``[C, *spatial]``, channels first; spatial is ``(D, H, W)`` for 3D and
   ``(H, W)`` for 2D. Spatial axes keep the file's order (the ACDC HDF5 files store ``(Z, H, W)``,
-  the left-atrium files ``(X, Y, Z)``, NIfTI ``(X, Y, Z)``).
+  the left-atrium files ``(X, Y, Z)``); 3D NIfTI volumes are reoriented on read to
+  :data:`CANONICAL_ORIENTATION` (``SPL``: axis 0 towards Superior, 1 Posterior, 2 Left), their
+  affine and spacing with them, and :attr:`Case.orientation` keeps the file's own codes.
 - ``label``: int64 ``[*spatial]`` with class indices ``0 .. K-1`` (0 is background).
 
 Errors: anything wrong with the input (missing folder or file, no cases, corrupt or truncated file,
@@ -29,11 +31,14 @@ import numpy as np
 from lorkd.errors import DataError
 
 __all__ = [
+    "CANONICAL_ORIENTATION",
     "Case",
     "CaseRef",
     "load_case",
     "load_label",
     "probe_case",
+    "probe_spacing",
+    "reorient",
     "default_patient_rule",
     "read_hdf5_folder",
     "read_msd_folder",
@@ -54,8 +59,11 @@ class Case:
         image: float32 ``[C, *spatial]``.
         label: int64 ``[*spatial]``, class indices.
         spacing: voxel size per spatial axis (1.0 where the file does not say).
-        affine: 4x4 voxel-to-world matrix for NIfTI, ``None`` otherwise.
+        affine: 4x4 voxel-to-world matrix for NIfTI (of the arrays as held, i.e. after
+            reorientation to :data:`CANONICAL_ORIENTATION`), ``None`` otherwise.
         source: path of the image file.
+        orientation: the axis codes of the file as stored (e.g. ``"LPS"``) for a 3D NIfTI,
+            ``None`` otherwise; :func:`reorient` to it gives back the file's own voxel order.
     """
 
     case_id: str
@@ -65,6 +73,7 @@ class Case:
     spacing: tuple[float, ...]
     affine: np.ndarray | None
     source: str
+    orientation: str | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -218,13 +227,31 @@ def _load_hdf5(ref: CaseRef) -> Case:
                 if key not in f:
                     raise DataError(f"{path}: missing key {key!r} (has {sorted(f.keys())})")
                 arrays[key] = np.asarray(f[key][()])
+            file_spacing = f[ref.image_key].attrs.get("spacing", f.attrs.get("spacing"))
     except DataError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise DataError(f"{path}: cannot read HDF5 file (corrupt or truncated?): {err}") from err
     label = _as_labels(arrays[ref.label_key], path, ref.label_key, ref.num_classes)
     image = _as_image(arrays[ref.image_key], label.shape, path, ref.image_key, channels_last=False)
-    return Case(ref.case_id, ref.patient_id, image, label, (1.0,) * label.ndim, None, path)
+    return Case(ref.case_id, ref.patient_id, image, label, _hdf5_spacing(ref, label.ndim, file_spacing), None, path)
+
+
+def _hdf5_spacing(ref: CaseRef, nd: int, file_spacing) -> tuple[float, ...]:
+    """Voxel size of an HDF5 case: the reader's ``spacing`` argument, else the file's ``spacing``
+    attribute (on the file or on the image dataset), else 1.0 per axis (HDF5 has no standard
+    header; the default makes distances "voxels", reported as mm of 1 mm voxels)."""
+    given = dict(ref.meta).get("spacing")
+    where = "reader.spacing" if given is not None else f"attribute 'spacing' of {ref.image_path}"
+    value = given if given is not None else file_spacing
+    if value is None:
+        return (1.0,) * nd
+    sp = np.asarray(value, dtype=np.float64).reshape(-1)
+    if sp.size == 1:
+        sp = np.repeat(sp, nd)
+    if sp.size != nd or not np.all(np.isfinite(sp)) or not np.all(sp > 0):
+        raise DataError(f"{where}: spacing must be one positive number or {nd} (one per spatial axis), got {value!r}")
+    return tuple(float(x) for x in sp)
 
 
 def _nib_load(path: str):
@@ -259,10 +286,77 @@ def _load_nifti(ref: CaseRef) -> Case:
             f"'modality' lists {n_mod}"
         )
     nd = label.ndim
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:nd])
-    zooms = zooms + (1.0,) * (nd - len(zooms))
     affine = np.asarray(img.affine, dtype=np.float64)
-    return Case(ref.case_id, ref.patient_id, image, label, zooms, affine, ref.image_path)
+    orientation = None
+    if nd == 3:
+        label, _, orientation = reorient(label, affine, CANONICAL_ORIENTATION)
+        image, affine, _ = reorient(image, affine, CANONICAL_ORIENTATION, channels_first=True)
+        zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    else:
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:nd])
+        zooms = zooms + (1.0,) * (nd - len(zooms))
+    return Case(ref.case_id, ref.patient_id, np.ascontiguousarray(image), np.ascontiguousarray(label), zooms,
+                affine, ref.image_path, orientation)
+
+
+CANONICAL_ORIENTATION = "SPL"
+"""Axis codes every 3D NIfTI volume is turned to on read: axis 0 runs to Superior (the axial
+slices, inferior to superior), axis 1 to Posterior (image rows, anterior at the top), axis 2 to the
+patient's Left (image columns, the patient's right on the left: radiological view). That is the
+``(Z, Y, X)`` layout of ``SimpleITK.GetArrayFromImage`` on an LPS scan, slice axis first like the
+ACDC HDF5 files' ``(Z, H, W)``, so ``volume[k]`` is an axial slice and a 2D network (``slice_mode``) runs slice by slice along axis 0.
+A volume stored otherwise is flipped and/or transposed (exact, no interpolation); spacing and
+affine follow the arrays."""
+
+
+def reorient(array: np.ndarray, affine: np.ndarray, to: str = CANONICAL_ORIENTATION,
+             channels_first: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """Flip / transpose a 3D volume so that its axes follow the axis codes ``to``.
+
+    Exact (no interpolation): only axis permutations and flips, chosen by nibabel from the
+    closest axes of ``affine``. Reorienting the result back to the returned ``from`` codes with
+    the returned affine gives the input array and affine again.
+
+    Args:
+        array: ``[X, Y, Z]`` (or ``[C, X, Y, Z]`` with ``channels_first``).
+        affine: 4x4 voxel-to-world matrix of ``array``.
+        to: three axis codes, e.g. ``"SPL"``, ``"RAS"`` or ``"LPS"``.
+
+    Returns:
+        ``(array, affine, from_codes)``: the reoriented array (a view where possible), its affine,
+        and the axis codes of the input (e.g. ``"LPS"``).
+
+    Raises:
+        DataError (a ValueError): ``array`` is not 3D, or the affine / codes are unusable.
+    """
+    from nibabel import orientations as nio
+
+    spatial = array.shape[1:] if channels_first else array.shape
+    if len(spatial) != 3:
+        raise DataError(f"reorient: need a 3D volume, got shape {array.shape}")
+    try:
+        current = nio.io_orientation(affine)
+        transform = nio.ornt_transform(current, nio.axcodes2ornt(tuple(to)))
+    except Exception as err:  # nibabel raises ValueError / OrientationError for degenerate input
+        raise DataError(f"reorient: cannot turn affine {np.asarray(affine).tolist()} to {to!r}: {err}") from err
+    codes = "".join(nio.ornt2axcodes(current))
+    moved = np.moveaxis(array, 0, -1) if channels_first else array
+    out = nio.apply_orientation(moved, transform)
+    if channels_first:
+        out = np.moveaxis(out, -1, 0)
+    new_affine = np.asarray(affine, dtype=np.float64) @ nio.inv_ornt_aff(transform, spatial)
+    return out, new_affine, codes
+
+
+def _reoriented_shape(shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, ...]:
+    """The spatial shape a 3D NIfTI of ``shape`` has after :func:`reorient` to the canonical codes."""
+    from nibabel import orientations as nio
+
+    transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(tuple(CANONICAL_ORIENTATION)))
+    out = [0, 0, 0]
+    for i, (axis, _) in enumerate(transform):
+        out[int(axis)] = shape[i]
+    return tuple(out)
 
 
 def _pil_open(path: str, field_name: str):
@@ -381,8 +475,11 @@ def probe_case(ref: CaseRef) -> tuple[int, tuple[int, ...]]:
         return int(channels), lshape
     if ref.kind == "nifti":
         ishape = tuple(_nib_load(path).shape)
-        lshape = tuple(_nib_load(ref.label_path).shape)
+        lab = _nib_load(ref.label_path)
+        lshape = tuple(lab.shape)
         channels = ishape[-1] if len(ishape) == len(lshape) + 1 else 1
+        if len(lshape) == 3:
+            lshape = _reoriented_shape(lshape, lab.affine)
         return int(channels), lshape
     if ref.kind == "image":
         from PIL import Image
@@ -395,6 +492,29 @@ def probe_case(ref: CaseRef) -> tuple[int, tuple[int, ...]]:
         gray = mode in ("1", "L", "LA", "I", "F") or mode.startswith("I;")
         return (1 if gray else 3), (h, w)
     raise DataError(f"unknown case kind {ref.kind!r} for {path}")
+
+
+def probe_spacing(ref: CaseRef | Case) -> tuple[float, ...]:
+    """Voxel size per spatial axis of a case as :func:`load_case` would give it (NIfTI: from the
+    header, in the canonical orientation; HDF5: ``reader.spacing``, the ``spacing`` attribute or
+    1.0; 2D images: 1.0), reading headers only. Raises DataError like :func:`probe_case`."""
+    if isinstance(ref, Case):
+        return tuple(ref.spacing)
+    _, shape = probe_case(ref)
+    if ref.kind == "nifti":
+        img = _nib_load(ref.image_path)
+        if len(shape) == 3:
+            affine = reorient(np.zeros((1, 1, 1)), np.asarray(img.affine, dtype=np.float64))[1]
+            return tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+        zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
+        return zooms + (1.0,) * (len(shape) - len(zooms))
+    if ref.kind == "hdf5":
+        import h5py
+
+        with h5py.File(ref.image_path, "r") as f:
+            file_spacing = f[ref.image_key].attrs.get("spacing", f.attrs.get("spacing"))
+        return _hdf5_spacing(ref, len(shape), file_spacing)
+    return (1.0,) * len(shape)
 
 
 def _finish(refs: list[CaseRef], root: Path, lazy: bool) -> list[CaseRef] | list[Case]:
@@ -417,13 +537,19 @@ def read_hdf5_folder(
     patient_rule: PatientRule = None,
     num_classes: int | None = None,
     lazy: bool = True,
+    spacing: float | Sequence[float] | None = None,
 ) -> list[CaseRef] | list[Case]:
     """Scan ``root/volumes_subdir/*.h5`` (also ``*.hdf5``); one case per file.
 
     Each file holds ``image_key`` (``[*spatial]`` or ``[C, *spatial]``) and ``label_key``
     (``[*spatial]``, integer). ``case_id`` is the file stem; ``patient_id`` comes from
     ``patient_rule`` (default: text before the first ``_frame``, else the stem, so ACDC's
-    ``patient001_frame01`` -> ``patient001``; a regex string takes its group 1). Spacing is 1.0.
+    ``patient001_frame01`` -> ``patient001``; a regex string takes its group 1).
+
+    Spacing (voxel size per spatial axis, in the file's axis order; used for resampling and HD95 in
+    mm): ``spacing`` if given (one number or one per axis, for every file), else a ``spacing``
+    attribute of the image dataset or of the file, else 1.0 mm per axis (HDF5 has no standard
+    header, so HD95 of such data is in voxels unless the spacing is given).
 
     Returns CaseRefs (``lazy=True``) or loaded Cases. Raises DataError for a missing folder, no
     ``.h5`` files, and (on load) unreadable files, missing keys, bad shapes or labels.
@@ -431,8 +557,12 @@ def read_hdf5_folder(
     root = Path(root)
     folder = _require_dir(root / volumes_subdir if volumes_subdir else root, "HDF5 volumes")
     rule = _patient_fn(patient_rule)
+    try:
+        meta = () if spacing is None else (("spacing", tuple(np.asarray(spacing, dtype=float).reshape(-1).tolist())),)
+    except (TypeError, ValueError):
+        raise DataError(f"{root}: reader spacing must be a number or a list of numbers, got {spacing!r}") from None
     refs = [
-        CaseRef(_stem(p), rule(_stem(p)), str(p), str(p), "hdf5", image_key, label_key, num_classes)
+        CaseRef(_stem(p), rule(_stem(p)), str(p), str(p), "hdf5", image_key, label_key, num_classes, meta=meta)
         for p in sorted(folder.iterdir())
         if p.is_file() and p.suffix in (".h5", ".hdf5")
     ]
@@ -448,9 +578,11 @@ def read_msd_folder(
     """Read a Medical Segmentation Decathlon folder through its ``dataset.json``.
 
     Uses ``training: [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]``
-    (paths relative to ``root``). ``num_classes`` defaults to ``len(labels)``. Loaded cases keep the
-    NIfTI affine and spacing (``header.get_zooms()``); a 4D image ``(X, Y, Z, C)`` becomes
-    ``[C, X, Y, Z]``. ``patient_rule`` defaults to the case id itself (``_frame`` rule applied).
+    (paths relative to ``root``). ``num_classes`` defaults to ``len(labels)``. Loaded 3D cases are
+    reoriented to ``SPL`` (:data:`CANONICAL_ORIENTATION`, :func:`reorient`; the file's codes kept in
+    ``Case.orientation``), with
+    the affine and spacing (from the header, in mm) following the arrays; a 4D image
+    ``(X, Y, Z, C)`` becomes ``[C, X, Y, Z]``. ``patient_rule`` defaults to the case id itself (``_frame`` rule applied).
 
     Raises DataError for a missing folder or ``dataset.json``, bad JSON, a missing ``training``
     entry or field, a missing NIfTI file, and (on load) any bad volume.

@@ -1,13 +1,14 @@
 """Evaluation metrics (numpy based) and model cost measurements.
 
 Array arguments accept numpy arrays, array-likes or torch tensors (tensors are detached and
-copied to CPU). Nothing here needs scipy or sklearn.
+copied to CPU). HD95 goes through MONAI's distance metrics (which use scipy); nothing needs sklearn.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ __all__ = [
     "roc_auc",
     "dice_per_class",
     "hd95_per_class",
+    "structure_errors",
+    "image_diagonal",
     "count_parameters",
     "count_flops",
     "cpu_latency_ms",
@@ -170,15 +173,16 @@ def dice_per_class(pred: Any, target: Any, num_classes: int) -> np.ndarray:
 
     Returns:
         float64 array ``[num_classes - 1]``; entry ``c - 1`` is class ``c``. A class absent from
-        both ``pred`` and ``target`` gives ``nan`` (Dice is undefined; average with
-        ``np.nanmean``). A class present in only one of them gives 0.
+        both ``pred`` and ``target`` gives 1.0 (nothing to find and nothing predicted is a correct
+        answer; MONAI's ``DiceMetric(ignore_empty=False)`` convention). A class present in only
+        one of them gives 0.
 
     Raises:
         DataError (a ValueError): shapes differ, non-integer maps, values out of range.
         ConfigError (a ValueError): ``num_classes < 2``.
     """
     p, t = _check_seg(pred, target, num_classes, "dice_per_class")
-    out = np.full(num_classes - 1, np.nan, dtype=np.float64)
+    out = np.ones(num_classes - 1, dtype=np.float64)
     for c in range(1, num_classes):
         pc, tc = p == c, t == c
         denom = int(pc.sum()) + int(tc.sum())
@@ -187,84 +191,97 @@ def dice_per_class(pred: Any, target: Any, num_classes: int) -> np.ndarray:
     return out
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` with at least one face-neighbour (2*ndim connectivity) outside the mask.
-    Outside the array counts as background, so mask voxels on the array border are surface."""
-    padded = np.pad(mask, 1, mode="constant", constant_values=False)
-    interior = np.ones_like(mask, dtype=bool)
-    centre = tuple(slice(1, -1) for _ in range(mask.ndim))
-    for axis in range(mask.ndim):
-        for shift in (0, 2):
-            sl = list(centre)
-            sl[axis] = slice(shift, shift + mask.shape[axis])
-            interior &= padded[tuple(sl)]
-    return mask & ~interior
+def structure_errors(pred: Any, target: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which foreground structures are missed or spurious in one case.
+
+    Args:
+        pred, target: integer label maps of the same shape ``[*spatial]``.
+        num_classes: classes including background 0 (``>= 2``).
+
+    Returns:
+        ``(missed, spurious)``: two bool arrays ``[num_classes - 1]``; ``missed[c - 1]``: class ``c``
+        is in ``target`` but nowhere in ``pred``; ``spurious[c - 1]``: class ``c`` is predicted but
+        absent from ``target``.
+
+    Raises:
+        DataError / ConfigError as :func:`dice_per_class`.
+    """
+    p, t = _check_seg(pred, target, num_classes, "structure_errors")
+    in_p = np.array([(p == c).any() for c in range(1, num_classes)], dtype=bool)
+    in_t = np.array([(t == c).any() for c in range(1, num_classes)], dtype=bool)
+    return in_t & ~in_p, in_p & ~in_t
 
 
-def _directed_distances(src: np.ndarray, dst: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """For each point of ``src`` ([n, d]) the Euclidean distance to its nearest point in ``dst``."""
-    a = torch.from_numpy(src)
-    b = torch.from_numpy(dst)
-    out = torch.empty(a.shape[0], dtype=torch.float64)
-    # chunk both ways to bound memory at chunk*chunk doubles
-    for i in range(0, a.shape[0], chunk):
-        ai = a[i : i + chunk]
-        best = torch.full((ai.shape[0],), float("inf"), dtype=torch.float64)
-        for j in range(0, b.shape[0], chunk):
-            d = torch.cdist(ai, b[j : j + chunk], compute_mode="donot_use_mm_for_euclid_dist")
-            best = torch.minimum(best, d.min(dim=1).values)
-        out[i : i + chunk] = best
-    return out.numpy()
+def _spacing(spacing: Sequence[float] | None, shape: tuple[int, ...], fn: str) -> np.ndarray:
+    if spacing is None:
+        return np.ones(len(shape), dtype=np.float64)
+    sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    if sp.shape[0] != len(shape) or not np.all(np.isfinite(sp)) or not np.all(sp > 0):
+        raise ConfigError(
+            f"{fn}: spacing must hold {len(shape)} positive numbers (one per axis of shape {shape}), got {spacing!r}"
+        )
+    return sp
+
+
+def image_diagonal(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
+    """Length of the diagonal of an image of ``shape`` voxels of size ``spacing`` (``None``: 1):
+    ``sqrt(sum((shape_i * spacing_i) ** 2))``, the HD95 penalty of a missed or spurious structure."""
+    sp = _spacing(spacing, tuple(shape), "image_diagonal")
+    return float(np.sqrt(np.sum((np.asarray(shape, dtype=np.float64) * sp) ** 2)))
 
 
 def hd95_per_class(
-    pred: Any, target: Any, num_classes: int, spacing: Sequence[float] | None = None
+    pred: Any, target: Any, num_classes: int, spacing: Sequence[float] | None = None,
+    penalty: float | None = None,
 ) -> np.ndarray:
     """95th-percentile symmetric Hausdorff distance per foreground class ``1..num_classes-1``.
 
-    Surface of a class mask = its voxels that have at least one face-connected neighbour
-    (4-neighbourhood in 2D, 6 in 3D) outside the mask; outside the array counts as background.
-    For each surface voxel of ``pred`` the Euclidean distance (in ``spacing`` units) to the nearest
-    surface voxel of ``target`` is taken, and vice versa; the result is the larger of the two
-    directed 95th percentiles (numpy's linear interpolation), as in MONAI's
-    ``compute_hausdorff_distance(percentile=95)``. Exact distances are computed by a chunked
-    brute-force nearest-neighbour search (no scipy needed); cost grows with
-    ``|surface_pred| * |surface_target|``.
+    Computed by MONAI's ``compute_hausdorff_distance(percentile=95, spacing=spacing)``: the
+    surface of a class mask is its voxels with a face-connected neighbour (4-neighbourhood in 2D,
+    6 in 3D) outside the mask (outside the array counts as background); for each surface voxel of
+    ``pred`` the Euclidean distance in ``spacing`` units (mm when ``spacing`` is in mm) to the
+    nearest surface voxel of ``target`` is taken (exact distance transform, scipy), and vice
+    versa; the result is the larger of the two directed 95th percentiles.
+
+    A class present in only one of ``pred`` and ``target`` (a missed or spurious structure; see
+    :func:`structure_errors`) gets ``penalty``, by default :func:`image_diagonal` (the largest
+    distance two voxels of the image can have), so such a case counts as the worst possible one
+    instead of being dropped from a mean. A class absent from both gives ``nan`` (no surface to
+    compare: leave it out of means).
 
     Args:
         pred, target: integer label maps of the same shape ``[*spatial]``.
         num_classes: classes including background 0 (``>= 2``).
         spacing: voxel size per axis (length ``pred.ndim``, positive); ``None`` means 1.
+        penalty: distance given to a missed or spurious class; ``None``: the image diagonal.
 
     Returns:
-        float64 array ``[num_classes - 1]``; ``nan`` for a class missing from ``pred`` or from
-        ``target`` (the distance is undefined; average with ``np.nanmean``).
+        float64 array ``[num_classes - 1]``.
 
     Raises:
         DataError (a ValueError): shapes differ, non-integer maps, values out of range.
         ConfigError (a ValueError): ``num_classes < 2``; ``spacing`` of the wrong length or with
             non-positive entries.
     """
+    from monai.metrics import compute_hausdorff_distance
+
     p, t = _check_seg(pred, target, num_classes, "hd95_per_class")
-    if spacing is None:
-        sp = np.ones(p.ndim, dtype=np.float64)
-    else:
-        sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
-        if sp.shape[0] != p.ndim or not np.all(np.isfinite(sp)) or not np.all(sp > 0):
-            raise ConfigError(
-                f"hd95_per_class: spacing must hold {p.ndim} positive numbers (one per axis of shape "
-                f"{p.shape}), got {spacing!r}"
-            )
+    sp = _spacing(spacing, p.shape, "hd95_per_class")
+    worst = image_diagonal(p.shape, sp) if penalty is None else float(penalty)
     out = np.full(num_classes - 1, np.nan, dtype=np.float64)
     for c in range(1, num_classes):
         pc, tc = p == c, t == c
-        if not pc.any() or not tc.any():
-            continue
-        sp_pts = np.argwhere(_surface(pc)).astype(np.float64) * sp
-        st_pts = np.argwhere(_surface(tc)).astype(np.float64) * sp
-        d_pt = _directed_distances(sp_pts, st_pts)
-        d_tp = _directed_distances(st_pts, sp_pts)
-        out[c - 1] = max(float(np.percentile(d_pt, 95)), float(np.percentile(d_tp, 95)))
+        has_p, has_t = bool(pc.any()), bool(tc.any())
+        if has_p != has_t:
+            out[c - 1] = worst
+        elif has_p:
+            with warnings.catch_warnings():  # MONAI's own internal use of a deprecated argument
+                warnings.simplefilter("ignore", FutureWarning)
+                d = compute_hausdorff_distance(
+                    torch.from_numpy(pc)[None, None], torch.from_numpy(tc)[None, None],
+                    include_background=True, percentile=95, spacing=sp.tolist(),
+                )
+            out[c - 1] = float(d.reshape(-1)[0])
     return out
 
 

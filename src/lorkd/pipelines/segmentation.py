@@ -12,8 +12,10 @@ evaluation (sliding-window inference, Dice and HD95 per class) are this module's
   number of patches), which :class:`~lorkd.data.multitask.TaskBatchSampler` shuffles into
   task-mixing batches.
 * Model selection: mean foreground Dice over the tasks on whole validation volumes.
-* Metrics are computed on the preprocessed grid (after ``preprocess`` resampling); HD95 is in
-  the units of the preprocessed voxel spacing (1.0 per voxel for HDF5 data, scaled by resampling).
+* Metrics are computed on each case's original grid: the logits are resampled back from the
+  preprocessed grid to the original shape, and compared with the label as read; HD95 is in mm of
+  the file's spacing (HDF5 without spacing: 1 mm per voxel). Missed / spurious structures are
+  counted per class and get an HD95 penalty (see :func:`evaluate_network`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.segmentation import PatchDataset, SegmentationTaskData, VolumeCache, VolumeDataset, load_segmentation_task
+from ..data.segmentation import (
+    PatchDataset,
+    SegmentationTaskData,
+    VolumeCache,
+    VolumeDataset,
+    load_segmentation_task,
+    resample,
+)
+from ..data.volumes import CANONICAL_ORIENTATION, probe_spacing
 from ..distill import FeatureProjector, dice_ce_loss
 from ..engine import metrics as M
 from ..engine.distributed import DistributedContext
@@ -114,7 +124,7 @@ class Run:
         n = max(len(ids), math.ceil(d.samples_per_epoch * len(ids) / len(self.tasks)))
         return PatchDataset([self.tasks[t] for t in ids], self.patch, "train", n, d.foreground_ratio,
                             [self._pre[t] for t in ids], in_channels=self.channels, channel_fill=d.channel_fill,
-                            seed=self.cfg.seed, cache=self.cache, task_blocks=True)
+                            seed=self.cfg.seed, cache=self.cache, task_blocks=True, augment=d.augment.build())
 
     def dataset(self, split: str, tasks: list[int] | None = None) -> VolumeDataset:
         """Whole preprocessed volumes of ``split``; of ``tasks`` only if given (task ids then index that list)."""
@@ -175,21 +185,35 @@ def predictor_for(model: nn.Module, task: int):
 
 
 @torch.no_grad()
-def predict_case(model: nn.Module, image: torch.Tensor, task: int, run: Run) -> np.ndarray:
-    """Label map ``[*spatial]`` of one preprocessed image ``[C, *spatial]`` (argmax of the window logits)."""
+def predict_case(model: nn.Module, image: torch.Tensor, task: int, run: Run,
+                 size: tuple[int, ...] | None = None) -> np.ndarray:
+    """Label map of one preprocessed image ``[C, *spatial]``: the argmax of the sliding-window
+    logits, on the preprocessed grid ``[*spatial]``, or with ``size`` on that grid (the case's
+    original shape: the logits are resampled back with :func:`~lorkd.data.segmentation.resample`,
+    the inverse of the preprocessing's grid change, before the argmax)."""
     ev = run.cfg.evaluate
     logits = sliding_window_logits(predictor_for(model, task), image, run.roi, ev.overlap, ev.sw_batch_size,
                                    ev.mode, run.ctx.device)
+    if size is not None:
+        logits = resample(logits, size)
     return logits.argmax(0).numpy()
 
 
 def evaluate_network(model: nn.Module, dataset: VolumeDataset, run: Run, tasks: list[int] | None = None,
                      hd95: bool = False) -> dict[int, dict[str, float]]:
-    """``{task: {"dice", "dice_<c>"..., ["hd95", "hd95_<c>"...]}}`` of ``model`` on whole volumes.
+    """``{task: {"dice", "dice_<c>"..., ["hd95", "hd95_<c>"...], "missed", "spurious", "missed_<c>",
+    "spurious_<c>", "cases"}}`` of ``model`` on whole volumes, on each case's original grid.
 
-    Per class: the mean over the task's cases (a class absent from both prediction and label of
-    a case is left out of that class's mean); ``dice``/``hd95``: the mean over the foreground
-    classes. ``model`` is a multi-task network (any task) or a plain one (``tasks`` = its one task)."""
+    Predictions are resampled back to the case's original shape (``meta["original_shape"]``) and
+    compared with the label as read from the file; HD95 uses the file's spacing
+    (``meta["original_spacing"]``: NIfTI header, HDF5 ``spacing``, else 1 mm), so it is in mm.
+    ``missed_<c>`` / ``spurious_<c>`` count the cases where class ``c`` is in the label but not
+    predicted / predicted but not in the label (``missed``, ``spurious``: summed over classes);
+    such a case gets Dice 0 and the HD95 penalty of :func:`~lorkd.engine.metrics.hd95_per_class`
+    (the image diagonal in mm), so it is counted, never dropped. A class absent from both counts
+    Dice 1 and is left out of that case's HD95. Per class: the mean over the task's ``cases``;
+    ``dice``/``hd95``: the mean over the foreground classes. ``model`` is a multi-task network
+    (any task) or a plain one (``tasks`` = its one task)."""
     was_training = model.training
     model.eval()
     scores: dict[int, dict[str, list[np.ndarray]]] = {}
@@ -198,24 +222,32 @@ def evaluate_network(model: nn.Module, dataset: VolumeDataset, run: Run, tasks: 
             t = dataset.items[i][0]
             if tasks is not None and t not in tasks:
                 continue
-            image, label, t, _, meta = dataset[i]
-            pred = predict_case(model, image, t, run)
+            image, _, t, _, meta = dataset[i]
+            pred = predict_case(model, image, t, run, tuple(meta["original_shape"]))
+            label = dataset.original_label(i)
             k = dataset.tasks[t].num_classes
-            entry = scores.setdefault(t, {"dice": [], "hd95": []})
-            entry["dice"].append(M.dice_per_class(pred, label.numpy(), k))
+            entry = scores.setdefault(t, {"dice": [], "hd95": [], "missed": [], "spurious": []})
+            entry["dice"].append(M.dice_per_class(pred, label, k))
+            missed, spurious = M.structure_errors(pred, label, k)
+            entry["missed"].append(missed)
+            entry["spurious"].append(spurious)
             if hd95:
-                entry["hd95"].append(M.hd95_per_class(pred, label.numpy(), k, spacing=meta["spacing"]))
+                entry["hd95"].append(M.hd95_per_class(pred, label, k, spacing=meta["original_spacing"]))
     finally:
         model.train(was_training)
     result = {}
     for t, entry in scores.items():
         out: dict[str, float] = {}
-        for key, values in entry.items():
-            if not values:
-                continue
-            per_class = _nanmean_rows(np.stack(values))
-            out[key] = _nanmean(per_class)
-            out.update({f"{key}_{c + 1}": float(v) for c, v in enumerate(per_class)})
+        for key in ("dice", "hd95"):
+            if entry[key]:
+                per_class = _nanmean_rows(np.stack(entry[key]))
+                out[key] = _nanmean(per_class)
+                out.update({f"{key}_{c + 1}": float(v) for c, v in enumerate(per_class)})
+        for key in ("missed", "spurious"):
+            per_class = np.stack(entry[key]).sum(0)
+            out[key] = int(per_class.sum())
+            out.update({f"{key}_{c + 1}": int(v) for c, v in enumerate(per_class)})
+        out["cases"] = len(entry["dice"])
         result[t] = out
     return result
 
@@ -244,8 +276,33 @@ def expert_card(run: Run, t: int) -> dict[str, Any]:
                           "sw_batch_size": run.cfg.evaluate.sw_batch_size, "mode": run.cfg.evaluate.mode},
             "preprocessing": {"normalize": pre.normalize, "scale": pre.scale, "target_spacing": pre.target_spacing,
                               "target_shape": pre.target_shape},
+            **_geometry_card(run, t),
             "rebuild_without_lorkd": "nn.Sequential(OrderedDict(backbone=<architecture.kwargs.backbone.factory>"
                                      "(**kwargs), head=ConvNd(feature_dim, num_classes, kernel_size=1)))"}
+
+
+def _geometry_card(run: Run, t: int) -> dict[str, Any]:
+    """Card keys that say how the training volumes were laid out, so ``predict`` handles a new
+    volume the same way:
+
+    * ``orientation``: ``"SPL"`` (:data:`~lorkd.data.volumes.CANONICAL_ORIENTATION`) when the task
+      is NIfTI (every 3D NIfTI is reoriented to it on read: reorient an input with
+      :func:`lorkd.data.volumes.reorient` before inference and the mask back to the file's own
+      codes after); ``null``: arrays in the file's own axis order (HDF5, 2D images).
+    * ``axis_order``: names of the data axes in that order (``["S", "P", "L"]`` for NIfTI, else
+      ``["axis0", "axis1", ...]`` of the file).
+    * ``slice_axis``: for a 2D network on 3D data (``slice_mode``) the data axis it is applied
+      slice by slice along (0, the first axis of ``axis_order``); ``null`` otherwise.
+    * ``spacing``: median voxel size (mm) per data axis over the training cases, as read (NIfTI
+      header; HDF5 ``reader.spacing`` or ``spacing`` attribute, else 1.0), before preprocessing."""
+    task = run.tasks[t]
+    refs = task.cases("train")
+    oriented = task.spatial_dims == 3 and any(getattr(r, "kind", None) == "nifti" for r in refs)
+    spacings = np.array([probe_spacing(r) for r in refs], dtype=np.float64)
+    return {"orientation": CANONICAL_ORIENTATION if oriented else None,
+            "axis_order": list(CANONICAL_ORIENTATION) if oriented else [f"axis{i}" for i in range(task.spatial_dims)],
+            "slice_axis": 0 if task.spatial_dims == run.spatial_dims + 1 else None,
+            "spacing": [float(v) for v in np.median(spacings, axis=0)]}
 
 
 def stage_export(run: Run, student: MultiTaskSegmenter) -> dict[str, Path]:
@@ -297,8 +354,13 @@ def stage_evaluate(run: Run, teacher: MultiTaskSegmenter, student: MultiTaskSegm
         "latency_batch": 1, "latency_input": f"one patch {list(run.patch)}",
         "data": data_summary(run.tasks),
         "models": MODEL_DESCRIPTIONS,
-        "notes": ["Dice and HD95 on whole volumes of the preprocessed grid (sliding-window inference); "
-                  "per-class keys dice_<c>/hd95_<c> are foreground classes 1..C-1; HD95 in preprocessed voxel-spacing units."],
+        "notes": ["Dice and HD95 on whole volumes on each case's original grid (sliding-window inference on the "
+                  "preprocessed grid, logits resampled back to the original shape); per-class keys dice_<c>/hd95_<c> "
+                  "are foreground classes 1..C-1; HD95 in mm from the file's voxel spacing (NIfTI header; HDF5: "
+                  "reader.spacing or a 'spacing' attribute, else 1 mm per voxel).",
+                  "A structure missed (in the label, not predicted) or spurious (predicted, not in the label) counts "
+                  "Dice 0 and HD95 = the image diagonal in mm (a penalty, never dropped); missed/spurious count those "
+                  "cases (of 'cases'); a class absent from both counts Dice 1 and is left out of HD95."],
     }
 
 

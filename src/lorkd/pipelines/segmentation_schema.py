@@ -15,7 +15,7 @@ from ..config import check
 from ..engine.trainer import OptimConfig as Optim
 from .schema import Baselines, Distill, Experts, Export, Stage, StudentSection, TeacherSection
 
-__all__ = ["PreprocessConfig", "SegEvaluate", "SegNet", "SegStudentSection", "SegTaskFile", "SegTeacherSection",
+__all__ = ["AugmentConfig", "PreprocessConfig", "SegEvaluate", "SegNet", "SegStudentSection", "SegTaskFile", "SegTeacherSection",
            "SegmentationConfig", "SegmentationData"]
 
 
@@ -67,6 +67,37 @@ class SegTaskFile:
 
 
 @dataclass
+class AugmentConfig:
+    """Seeded augmentation of training patches (see :class:`lorkd.data.augment.Augment`), on by
+    default; drawn from ``(seed, epoch, patch index)`` so reruns and resumed runs are identical."""
+
+    enabled: bool = True
+    flip: float = 0.5  # probability of flipping each axis in flip_axes
+    flip_axes: list[int] | None = None  # patch axes that may be flipped (default: all)
+    affine: float = 0.5  # probability of a rotation + zoom
+    rotate: float = 15.0  # max degrees, in the plane of the last two patch axes
+    scale: float = 0.1  # zoom factor in [1 - scale, 1 + scale]
+    intensity: float = 0.5  # probability of the scale/shift, and (separately) of the noise
+    intensity_scale: float = 0.1  # x * (1 + U(-s, s)) per channel
+    intensity_shift: float = 0.1  # + U(-s, s) per channel
+    noise: float = 0.05  # std of additive Gaussian noise
+
+    def validate(self, path: str) -> None:
+        from ..data.augment import Augment
+
+        Augment.check_settings(self, path)
+
+    def build(self):
+        """The :class:`~lorkd.data.augment.Augment`, or ``None`` when disabled."""
+        from ..data.augment import Augment
+
+        if not self.enabled:
+            return None
+        return Augment(self.flip, tuple(self.flip_axes) if self.flip_axes is not None else None, self.affine,
+                       self.rotate, self.scale, self.intensity, self.intensity_scale, self.intensity_shift, self.noise)
+
+
+@dataclass
 class SegmentationData:
     """Tasks, patches and preprocessing."""
 
@@ -79,6 +110,7 @@ class SegmentationData:
     seed: int = 0  # seed of the patient split
     channel_fill: Literal["zeros", "repeat"] = "zeros"  # tasks with fewer channels than the widest
     sampler: Literal["proportional", "balanced"] = "proportional"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training patches only
 
     def validate(self, path: str) -> None:
         p = path or "data"

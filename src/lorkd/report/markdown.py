@@ -342,6 +342,29 @@ def _results_section(title: str, tasks: Mapping[str, Any], keys: Sequence[str]) 
     return out
 
 
+def _structure_section(tasks: Mapping[str, Any]) -> list[str]:
+    """Segmentation only: per task and model, the cases with a missed / spurious structure
+    (keys ``missed``, ``spurious``, ``cases`` of :func:`lorkd.pipelines.segmentation.evaluate_network`)."""
+    models = [m for m in _models(tasks) if any(isinstance((tasks.get(t) or {}).get(m), Mapping)
+                                               and "missed" in tasks[t][m] for t in tasks)]
+    if not models:
+        return []
+    rows = []
+    for task in tasks:
+        cells = []
+        for m in models:
+            d = (tasks.get(task) or {}).get(m)
+            if not isinstance(d, Mapping) or "missed" not in d:
+                cells.append("n/a")
+                continue
+            cells.append(f"{fmt_count(d.get('missed'))} / {fmt_count(d.get('spurious'))} of {fmt_count(d.get('cases'))}")
+        rows.append([task] + cells)
+    return ["### Missed / spurious structures (case x class counts, of the cases; lower is better)", "",
+            "A missed (in the label, not predicted) or spurious (predicted, not in the label) structure counts "
+            "Dice 0 and HD95 = the image diagonal in mm; it is never dropped from the means.", "",
+            markdown_table(["task"] + models, rows), ""]
+
+
 def _cost_section(metrics: Mapping[str, Any]) -> list[str]:
     params = metrics.get("params") or {}
     flops = metrics.get("flops") or {}
@@ -458,6 +481,7 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], config: Mappin
     lines += _summary(metrics, tasks, primary, match_tol)
     lines += _data_section(metrics)
     lines += _results_section(f"## Results ({metrics.get('split', 'test')} split)", tasks, keys)
+    lines += _structure_section(tasks)
     val = metrics.get("val")
     lines += _results_section("## Validation split", val if isinstance(val, Mapping) else {}, keys)
     lines += _cost_section(metrics)
