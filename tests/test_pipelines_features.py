@@ -197,3 +197,58 @@ def test_cli_segmentation_run_with_a_feature_pair(tmp_path, capsys):
     assert row["feat_0"] > 0 and 0 <= row["feat_1"] <= 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tasks"]["a"]["expert"]["dice"] == pytest.approx(metrics["tasks"]["a"]["student"]["dice"], abs=1e-6)
+
+
+# ------------------------------------------------------------------ exact resume with projectors
+def classification_run(tmp_path, student: dict):
+    from lorkd.engine.distributed import DistributedContext
+    from lorkd.pipelines import classification as C
+    from lorkd.pipelines.schema import ClassificationConfig
+
+    cfg = from_dict(ClassificationConfig, {**TINY, "student": {**TINY["student"], **student}})
+    (tmp_path / "run").mkdir(parents=True, exist_ok=True)
+    return C.Run(cfg, tmp_path / "run", DistributedContext(), progress=False)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_restores_model_and_projectors_exactly(tmp_path):
+    from dataclasses import replace
+
+    from lorkd.engine import load_checkpoint
+    from lorkd.pipelines.common import distill_fit, stage_teacher
+
+    pairs = [{"student": "backbone.layer3", "teacher": "backbone.layer3", "kind": "mse"},
+             {"student": "backbone.layer2", "teacher": "backbone.layer4", "kind": "cosine"}]
+    run = classification_run(tmp_path, {"distill": {"feat_weight": 1.0, "features": pairs}})
+    teacher = stage_teacher(run)
+    sc = run.cfg.student
+    stage = replace(sc.train, epochs=2, checkpoint_every=4)  # 6 steps per epoch: checkpoints at 4, 6, 8, 12
+
+    def train(folder):
+        distill_fit(run, run.network(sc.net, run.num_classes, sc.experts.as_kwargs()), stage, folder, sc.distill, teacher)
+        return load_checkpoint(folder / "checkpoints" / "latest.pt")
+
+    whole = train(run.out / "whole")
+    evaluate, calls = run.val_metrics, []
+
+    def fails_at_the_end_of_epoch_1(model, tasks=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Stop()
+        return evaluate(model, tasks)
+
+    run.val_metrics = fails_at_the_end_of_epoch_1
+    with pytest.raises(Stop):
+        train(run.out / "cut")
+    assert load_checkpoint(run.out / "cut" / "checkpoints" / "latest.pt")["global_step"] == 8
+    run.val_metrics, run.resume = evaluate, True
+    resumed = train(run.out / "cut")
+    assert resumed["global_step"] == whole["global_step"] == 12
+    for part in ("model", "extra_modules"):
+        assert resumed[part].keys() == whole[part].keys()
+        assert all(torch.equal(resumed[part][k], whole[part][k]) for k in whole[part]), part
+    assert {k.split(".")[1] for k in whole["extra_modules"]} == {"feat", "feat_0", "feat_1"}
+    assert whole["extra_modules"]["projectors.feat_1.proj.weight"].ndim == 4  # a 1x1 conv: maps of other sizes

@@ -271,7 +271,7 @@ def stage_student(run: Any, teacher: nn.Module, name: str = "student", distill: 
     if has_network(folder):
         return reuse_network(run, folder)
     sc = run.cfg.student
-    if distill is None and sc.distill.search is not None:
+    if distill is None and sc.distill.search.enabled:
         distill, chosen = search_distill(run, teacher)
         if chosen is not None:  # trained with the full budget: the search's best model is the student
             model = reuse_network(run, chosen)
@@ -299,7 +299,7 @@ def stage_baselines(run: Any, teacher: nn.Module) -> dict[str, Any]:
     trained: dict[str, Any] = {}
     for name in run.cfg.baselines.run:
         kd = name.endswith("_kd")
-        chosen = search_distill(run, teacher)[0] if kd and sc.distill.search is not None else sc.distill
+        chosen = search_distill(run, teacher)[0] if kd and sc.distill.search.enabled else sc.distill
         distill = chosen if kd else sc.distill.without_teacher()
         if name == "student_nokd":
             trained[name] = stage_student(run, teacher, name="baselines/student_nokd", distill=distill)

@@ -66,9 +66,10 @@ class FeaturePair:
 @dataclass
 class DistillSearch:
     """A grid over the distillation settings, scored on the validation split (see
-    :mod:`lorkd.pipelines.search`). An empty list keeps the configured value; ``feat_weight`` sets
-    the weight of every feature term that is on (``feat_weight`` > 0 and each of ``features``);
-    ``epochs``: the budget of each candidate (default: ``student.train.epochs``)."""
+    :mod:`lorkd.pipelines.search`); off while every list is empty. An empty list keeps the
+    configured value; ``feat_weight`` sets the weight of every feature term that is on
+    (``feat_weight`` > 0 and each of ``features``); ``epochs``: the budget of each candidate
+    (default: ``student.train.epochs``)."""
 
     kd_weight: list[float] = field(default_factory=list)
     temperature: list[float] = field(default_factory=list)
@@ -79,9 +80,13 @@ class DistillSearch:
         for name in ("kd_weight", "feat_weight"):
             check(all(v >= 0 for v in getattr(self, name)), f"{path}.{name}", f"must be >= 0, got {getattr(self, name)}")
         check(all(v > 0 for v in self.temperature), f"{path}.temperature", f"must be > 0, got {self.temperature}")
-        check(bool(self.kd_weight or self.temperature or self.feat_weight), path,
-              "give at least one list of values (kd_weight, temperature, feat_weight)")
         check(self.epochs is None or self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")
+        check(self.epochs is None or self.enabled, path,
+              "epochs is set but no list of values is (kd_weight, temperature, feat_weight)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.kd_weight or self.temperature or self.feat_weight)
 
     def grid(self, distill: "Distill") -> list[dict[str, float | None]]:
         """The candidates in grid order: ``{"kd_weight", "temperature", "feat_weight"}`` each
@@ -107,7 +112,7 @@ class Distill:
     feat_weight: float = 0.0
     feat_kind: Literal["mse", "cosine", "cka"] = "mse"
     features: list[FeaturePair] = field(default_factory=list)
-    search: DistillSearch | None = None
+    search: DistillSearch = field(default_factory=DistillSearch)
 
     def validate(self, path: str) -> None:
         for name in ("ce_weight", "kd_weight", "feat_weight"):
@@ -115,7 +120,7 @@ class Distill:
         check(self.temperature > 0, f"{path}.temperature", f"must be > 0, got {self.temperature}")
         check(self.ce_weight + self.kd_weight + self.feat_weight + sum(p.weight for p in self.features) > 0, path,
               "all loss weights are 0")
-        if self.search is not None and self.search.feat_weight:
+        if self.search.feat_weight:
             check(self.feat_weight > 0 or any(p.weight > 0 for p in self.features), f"{path}.search.feat_weight",
                   "no feature term to weigh: set feat_weight > 0 or list features")
 
@@ -128,7 +133,7 @@ class Distill:
         """The same weights with every teacher term off (the no-KD baselines)."""
         from dataclasses import replace
 
-        return replace(self, kd_weight=0.0, feat_weight=0.0, features=[], search=None)
+        return replace(self, kd_weight=0.0, feat_weight=0.0, features=[], search=DistillSearch())
 
 
 @dataclass

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import ConfigError, DataError
 from ..fileio import read_json, write_json
 from .common import distill_fit, has_network, reuse_network, save_network, timed
-from .schema import Distill
+from .schema import Distill, DistillSearch
 
 __all__ = ["SEARCH_FILE", "candidate_distill", "search_distill"]
 
@@ -44,7 +44,7 @@ def candidate_distill(base: Distill, settings: dict[str, Any]) -> Distill:
     return replace(base, kd_weight=float(settings["kd_weight"]), temperature=float(settings["temperature"]),
                    feat_weight=base.feat_weight if fw is None or base.feat_weight == 0 else float(fw),
                    features=[p if fw is None or p.weight == 0 else replace(p, weight=float(fw)) for p in base.features],
-                   search=None)
+                   search=DistillSearch())
 
 
 def search_distill(run: Any, teacher: nn.Module) -> tuple[Distill, Path | None]:
