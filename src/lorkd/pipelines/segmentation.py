@@ -307,7 +307,7 @@ MODEL_DESCRIPTIONS = {
     "stl_kd": "student network trained on the task alone, with the teacher's distillation",
     "mtl": "student network, shared body, one head per task, no experts",
     "mtl_kd": "MTL with the teacher's distillation",
-    "student_nokd": "LoRKD student without distillation (kd_weight = feat_weight = 0)",
+    "student_nokd": "LoRKD student without distillation (kd_weight = feat_weight = 0, no feature pairs)",
 }
 
 
