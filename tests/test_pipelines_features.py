@@ -90,6 +90,36 @@ def test_objective_gradients_reach_the_student_and_projector_only(kind, dims):
     features.close()
 
 
+@pytest.mark.parametrize("kind", ["mse", "cka"])
+def test_a_task_term_reaches_only_its_own_expert_in_a_mixed_batch(kind):
+    """Mixed batch [0, 1, 0, 1]: expert 0's gradient is half the one of task 0's rows alone (the
+    total is the mean over the 2 tasks present), so task 1's term does not reach expert 0."""
+    student, teacher = nets(2)
+    d = distill({"student": "backbone.model.1", "teacher": "backbone.model.1", "kind": kind})
+    features = FeatureDistiller(feature_terms(d), student, teacher, torch.zeros(1, 1, 16, 16))
+    objective = DistillObjective(d, teacher, features)
+    torch.manual_seed(1)
+    x, ids = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():  # move B off 0 so that every expert factor gets a gradient
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+    def expert0_grads(rows, counts):
+        student.zero_grad(set_to_none=True)
+        batch = SimpleNamespace(images=x[rows], task_ids=ids[rows], labels=torch.zeros(len(rows), 16, 16, dtype=torch.long))
+        objective(student, batch, torch.tensor(counts)).total.backward()
+        return [None if p.grad is None else p.grad.clone() for p in student.backbone.expert_parameters(0)]
+
+    mixed = expert0_grads([0, 1, 2, 3], [2, 2])
+    alone = expert0_grads([0, 2], [2, 0])
+    assert [g is None for g in mixed] == [g is None for g in alone]  # layers after the tap: unused
+    assert any(g is not None and g.abs().sum() > 0 for g in alone)
+    for a, b in zip(mixed, alone):
+        if a is not None:
+            torch.testing.assert_close(a, 0.5 * b, rtol=1e-4, atol=1e-6)
+    features.close()
+
+
 def test_final_features_are_one_implicit_pair():
     student, teacher = nets(2)
     d = distill(feat_weight=0.5, feat_kind="cosine")
