@@ -21,7 +21,6 @@ from ..data.medmnist import ClassificationTask, load_npz_task
 from ..data.multitask import MultiTaskDataset, collate_task_batch
 from ..data.paths import shared_data_dir
 from ..data.synthetic import make_synthetic_tasks
-from ..distill import FeatureProjector
 from ..engine import metrics as M
 from ..engine.distributed import DistributedContext
 from ..experts import save_expert
@@ -92,20 +91,19 @@ class Run:
         """Train ``model`` on the train split (of ``task_subset`` only, if given); select on val."""
         return fit_stage(model, objective, self.dataset("train", task_subset), stage, folder, self.ctx,
                          seed=self.cfg.seed, num_workers=self.cfg.num_workers, progress=self.progress,
-                         resume=self.resume, evaluate=lambda m: self.val_metrics(m, task_subset), select_metric="acc",
+                         resume=self.resume, evaluate=lambda m: self.val_metrics(m, task_subset),
+                         select_metric=self.select_metric,
                          task_names=[self.names[t] for t in (task_subset or range(len(self.tasks)))],
                          sampler_mode=self.cfg.data.sampler, extra=extra)
 
     # hooks of the shared stages (lorkd.pipelines.common)
     task_loss = None  # cross-entropy
+    select_metric = "acc"  # the key of val_metrics that selects models
 
     def meta(self, model: MultiTaskClassifier, kind: str, tasks: list[int] | None = None, **extra: Any) -> dict[str, Any]:
         return _meta(model, self, kind, tasks, **extra)
 
     build = staticmethod(lambda meta: _build_from_meta(meta))
-
-    def projector(self, student: MultiTaskClassifier, teacher: MultiTaskClassifier) -> FeatureProjector:
-        return FeatureProjector(student.feature_dim, teacher.feature_dim)
 
     def dataset(self, split: str, tasks: list[int] | None = None) -> MultiTaskDataset:
         """The ``split`` of all tasks, or of ``tasks`` only (then task ids index that list)."""
@@ -238,7 +236,7 @@ MODEL_DESCRIPTIONS = {
     "stl_kd": "student network trained on the task alone, with the teacher's distillation",
     "mtl": "student network, shared backbone, one head per task, no experts",
     "mtl_kd": "MTL with the teacher's distillation",
-    "student_nokd": "LoRKD student without distillation (kd_weight = feat_weight = 0)",
+    "student_nokd": "LoRKD student without distillation (kd_weight = feat_weight = 0, no feature pairs)",
 }
 
 

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..distill import FeatureProjector, feature_kd, soft_target_kd
+from ..distill import soft_target_kd
 from ..engine.trainer import StepLoss
 from ..errors import DataError
 from ..fileio import read_json, write_atomic, write_json
+from .features import FeatureDistiller, check_layer_names, feature_terms
 from .schema import Distill
 
 WEIGHTS, META = "model.safetensors", "model.json"
@@ -67,45 +68,51 @@ def global_mean(local_mean: Tensor, local_count: int, global_count: int, world_s
 
 
 class DistillObjective:
-    """Per-task loss ``ce_w * CE + kd_w * T^2 KL(teacher || student) + feat_w * feature KD``.
+    """Per-task loss ``ce_w * CE + kd_w * T^2 KL(teacher || student) + sum_i w_i * feature term i``.
 
-    Each term is a mean over the task's rows of the global batch; the total is the mean over
-    the tasks present in the global batch, so every task weighs the same whatever its share.
+    Each term is a mean over the task's rows of the global batch (a feature term is computed on
+    the task's rows of this rank and rescaled like the others; for ``cka`` that is the CKA of
+    this rank's rows, weighted by their share); the total is the mean over the tasks present in
+    the global batch, so every task weighs the same whatever its share.
 
     Args:
         weights: the :class:`~lorkd.pipelines.schema.Distill` weights and temperature.
         teacher: the frozen teacher (kept in eval mode, run under ``no_grad``), or ``None``.
-        projector: maps student features to the teacher's width for feature KD, or ``None``.
+        features: the feature terms (:class:`~lorkd.pipelines.features.FeatureDistiller`), needed
+            when ``weights`` has any; ``None`` otherwise.
         world_size: number of DDP ranks.
-        dense: segmentation (per-voxel terms, Dice+CE) instead of classification.
+        task_loss: ``(logits, labels) -> scalar``; cross-entropy by default.
     """
 
-    def __init__(self, weights: Distill, teacher: nn.Module | None = None, projector: FeatureProjector | None = None,
+    def __init__(self, weights: Distill, teacher: nn.Module | None = None, features: FeatureDistiller | None = None,
                  world_size: int = 1, task_loss: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
         self.weights = weights
         self.teacher = teacher
-        self.projector = projector
+        self.features = features
         self.world_size = world_size
         self.task_loss = task_loss or nn.functional.cross_entropy
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-        use_teacher = weights.kd_weight > 0 or weights.feat_weight > 0
-        if use_teacher and teacher is None:
+        if weights.uses_teacher and teacher is None:
             raise ValueError("distillation weights are > 0 but no teacher was given")
-        if weights.feat_weight > 0 and projector is None:
-            raise ValueError("feat_weight > 0 needs a feature projector")
+        if feature_terms(weights) and features is None:
+            raise ValueError("feature distillation weights are > 0 but no FeatureDistiller was given")
+        self.terms = features.terms if features is not None else []
 
     def __call__(self, model: nn.Module, batch: Any, global_counts: Tensor) -> StepLoss:
         out = model(batch.images, batch.task_ids)
         w = self.weights
-        teacher_out = None
-        if self.teacher is not None and (w.kd_weight > 0 or w.feat_weight > 0):
+        teacher_out, feats = None, {}
+        if self.teacher is not None and w.uses_teacher:
             with torch.no_grad():
                 self.teacher.eval()
                 teacher_out = self.teacher(batch.images, batch.task_ids)
+            if self.features is not None:
+                feats = self.features.collect(out, teacher_out, batch.task_ids)
         present = int((global_counts > 0).sum())
         total = out.features.new_zeros(())
-        per_task, parts = {}, {"ce": 0.0, "kd": 0.0, "feat": 0.0}
+        used = ["ce"] * (w.ce_weight > 0) + ["kd"] * (w.kd_weight > 0) + [t.name for t in self.terms]
+        per_task, parts = {}, dict.fromkeys(used, 0.0)
         for task, logits in out.logits.items():
             rows = out.rows[task]
             scale = lambda value: global_mean(value, len(rows), int(global_counts[task]), self.world_size)  # noqa: E731
@@ -117,19 +124,16 @@ class DistillObjective:
             if teacher_out is not None and w.kd_weight > 0:
                 terms["kd"] = soft_target_kd(logits, teacher_out.logits[task], w.temperature)
                 loss = loss + w.kd_weight * scale(terms["kd"])
-            if teacher_out is not None and w.feat_weight > 0:
-                student_f = self.projector(out.features.index_select(0, rows))
-                terms["feat"] = feature_kd(student_f, teacher_out.features.index_select(0, rows), w.feat_kind)
-                loss = loss + w.feat_weight * scale(terms["feat"])
+            for term in self.terms:
+                student_f, teacher_f = feats[term.name]
+                terms[term.name] = self.features.loss(term, student_f.index_select(0, rows),
+                                                      teacher_f.index_select(0, rows))
+                loss = loss + term.weight * scale(terms[term.name])
             total = total + loss / present
             per_task[task] = float(loss.detach())
             for name, value in terms.items():
                 parts[name] += float(value.detach()) / len(out.logits)
-        return StepLoss(total=total, per_task=per_task, parts={k: v for k, v in parts.items() if k in _used(w)})
-
-
-def _used(w: Distill) -> set[str]:
-    return {name for name, weight in (("ce", w.ce_weight), ("kd", w.kd_weight), ("feat", w.feat_weight)) if weight > 0}
+        return StepLoss(total=total, per_task=per_task, parts=parts)
 
 
 @contextmanager
@@ -148,8 +152,8 @@ def timed(timing: dict[str, float], stage: str) -> Iterator[None]:
 #   cfg (with teacher, student, baselines), out, ctx, resume, progress, names, num_classes, timing,
 #   task_loss (None: cross-entropy), network(net, num_classes, experts=None) -> MultiTaskNet,
 #   fit(model, stage, folder, objective, task_subset=None, extra=None) -> model (best val epoch),
-#   meta(model, kind, tasks=None, **extra) -> dict, build(meta) -> MultiTaskNet,
-#   projector(student, teacher) -> FeatureProjector.
+#   meta(model, kind, tasks=None, **extra) -> dict, build(meta) -> MultiTaskNet, select_metric (the
+#   key of val_metrics(model) that selects models), train_set (its first item's input probes shapes).
 
 
 def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Any, folder: Path, ctx: Any, *, seed: int,
@@ -179,8 +183,48 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Any, fold
 
 
 def objective_for(run: Any, distill: Distill, teacher: nn.Module | None = None,
-                  projector: FeatureProjector | None = None) -> DistillObjective:
-    return DistillObjective(distill, teacher, projector, run.ctx.world_size, task_loss=run.task_loss)
+                  features: FeatureDistiller | None = None) -> DistillObjective:
+    return DistillObjective(distill, teacher, features, run.ctx.world_size, task_loss=run.task_loss)
+
+
+def distill_fit(run: Any, model: nn.Module, stage: Any, folder: Path, distill: Distill, teacher: nn.Module | None,
+                task_subset: list[int] | None = None) -> nn.Module:
+    """Train ``model`` with ``distill``'s losses from ``teacher`` (``run.fit``); the feature terms'
+    projectors are built here (a probe forward on the run's first training input) and trained
+    with the model as ``extra_modules``; the layer hooks are removed afterwards."""
+    features = None
+    terms = feature_terms(distill)
+    if terms and teacher is not None:
+        model = model.to(run.ctx.device)
+        features = FeatureDistiller(terms, model, teacher, run.train_set[0][0][None])
+    try:
+        return run.fit(model, stage, folder, objective_for(run, distill, teacher, features), task_subset=task_subset,
+                       extra=features)
+    finally:
+        if features is not None:
+            features.close()
+
+
+def check_feature_layers(run: Any, teacher: nn.Module | None = None) -> None:
+    """Check the layer names of ``student.distill.features`` before anything is trained.
+
+    Without ``teacher``: the student names on a freshly built student, and the teacher names on the
+    architecture of ``teacher.net`` when this run will train the teacher. With ``teacher``: the
+    teacher names on it (a loaded teacher, before the student is trained).
+
+    Raises:
+        ConfigError: naming ``student.distill.features[i].student`` / ``.teacher``.
+    """
+    sc = run.cfg.student
+    pairs = sc.distill.features
+    if not pairs:
+        return
+    if teacher is not None:
+        check_layer_names(pairs, teacher=teacher)
+        return
+    check_layer_names(pairs, student=run.network(sc.net, run.num_classes, sc.experts.as_kwargs()))
+    if not run.cfg.teacher.checkpoint and not has_network(run.out / "teacher"):
+        check_layer_names(pairs, teacher=run.network(run.cfg.teacher.net, run.num_classes))
 
 
 def reuse_network(run: Any, folder: Path, tasks: list[int] | None = None) -> nn.Module:
@@ -217,17 +261,28 @@ def stage_teacher(run: Any) -> nn.Module:
 
 
 def stage_student(run: Any, teacher: nn.Module, name: str = "student", distill: Distill | None = None) -> nn.Module:
-    """Decompose: train the student with experts, distilling from ``teacher``; writes ``<name>/``."""
+    """Decompose: train the student with experts, distilling from ``teacher``; writes ``<name>/``.
+
+    Without ``distill``: ``student.distill``, or with ``student.distill.search`` the settings the
+    search chose on validation (:mod:`lorkd.pipelines.search`)."""
+    from .search import search_distill
+
     folder = run.out / name
     if has_network(folder):
         return reuse_network(run, folder)
     sc = run.cfg.student
+    if distill is None and sc.distill.search.enabled:
+        distill, chosen = search_distill(run, teacher)
+        if chosen is not None:  # trained with the full budget: the search's best model is the student
+            model = reuse_network(run, chosen)
+            if run.ctx.is_main:
+                save_network(model, folder, run.meta(model, "student", experts=sc.experts.as_kwargs(),
+                                                     search_candidate=chosen.name))
+            return model
     distill = distill or sc.distill
     with timed(run.timing, name):
         model = run.network(sc.net, run.num_classes, sc.experts.as_kwargs())
-        projector = run.projector(model, teacher) if distill.feat_weight > 0 else None
-        objective = objective_for(run, distill, teacher, projector)
-        model = run.fit(model, sc.train, folder, objective, extra=projector)
+        model = distill_fit(run, model, sc.train, folder, distill, teacher)
         if run.ctx.is_main:
             save_network(model, folder, run.meta(model, "student", experts=sc.experts.as_kwargs()))
     return model
@@ -238,13 +293,14 @@ def stage_baselines(run: Any, teacher: nn.Module) -> dict[str, Any]:
 
     Returns ``{name: model}`` for ``student_nokd`` and ``{name: {tuple(task ids): model}}`` for
     the others (``stl*``: one model per task; ``mtl*``: one model of all tasks)."""
-    from dataclasses import replace
+    from .search import search_distill
 
     sc = run.cfg.student
     trained: dict[str, Any] = {}
     for name in run.cfg.baselines.run:
         kd = name.endswith("_kd")
-        distill = sc.distill if kd else replace(sc.distill, kd_weight=0.0, feat_weight=0.0)
+        chosen = search_distill(run, teacher)[0] if kd and sc.distill.search.enabled else sc.distill
+        distill = chosen if kd else sc.distill.without_teacher()
         if name == "student_nokd":
             trained[name] = stage_student(run, teacher, name="baselines/student_nokd", distill=distill)
             continue
@@ -258,9 +314,7 @@ def stage_baselines(run: Any, teacher: nn.Module) -> dict[str, Any]:
             with timed(run.timing, f"baseline_{name}"):
                 model = run.network(sc.net, [run.num_classes[t] for t in tasks])
                 sub_teacher = TaskRemap(teacher, tasks) if kd else None
-                projector = run.projector(model, teacher) if kd and distill.feat_weight > 0 else None
-                objective = objective_for(run, distill, sub_teacher, projector)
-                model = run.fit(model, sc.train, folder, objective, task_subset=tasks, extra=projector)
+                model = distill_fit(run, model, sc.train, folder, distill, sub_teacher, task_subset=tasks)
                 if run.ctx.is_main:
                     save_network(model, folder, run.meta(model, name, tasks=tasks))
             models[tuple(tasks)] = model
@@ -275,6 +329,11 @@ class TaskRemap(nn.Module):
         super().__init__()
         self.teacher = teacher
         self.map = torch.tensor(tasks)
+
+    @property
+    def feature_root(self) -> nn.Module:
+        """Layer names of feature pairs refer to the wrapped teacher's (see :mod:`lorkd.pipelines.features`)."""
+        return getattr(self.teacher, "feature_root", self.teacher)
 
     def forward(self, x, task_ids):
         out = self.teacher(x, self.map.to(task_ids.device)[task_ids])
@@ -297,7 +356,9 @@ def drive(run: Any, stages: tuple[str, ...], export: Callable[[Any, nn.Module], 
     if ctx.is_main:
         write_config(out / "config.yaml", run.cfg)
     try:
+        check_feature_layers(run)
         teacher = stage_teacher(run)
+        check_feature_layers(run, teacher)
         if stages == ("teacher",):
             return None
         student = stage_student(run, teacher) if "student" in stages or has_network(out / "student") else None

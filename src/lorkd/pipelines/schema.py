@@ -41,20 +41,99 @@ class Stage:
 
 
 @dataclass
+class FeaturePair:
+    """Feature distillation between a named layer of the student and one of the teacher.
+
+    ``student``: a layer of the student as named in its exported expert: ``backbone`` (the
+    backbone's output) or ``backbone.<layer>`` (``<layer>`` a name of the plain backbone, e.g.
+    ``backbone.layer3`` or ``backbone.model.1.submodule``). ``teacher``: a layer of
+    ``getattr(teacher, "feature_root", teacher)``; for a lorkd-trained teacher that is the teacher
+    network itself, so the same ``backbone.<layer>`` names. ``kind``: ``mse`` / ``cosine`` through a
+    learned 1x1 projector (student width -> teacher width; the student map is resized to the
+    teacher's spatial size), or ``cka`` (1 - linear CKA, no projector)."""
+
+    student: str
+    teacher: str
+    weight: float = 1.0
+    kind: Literal["mse", "cosine", "cka"] = "mse"
+
+    def validate(self, path: str) -> None:
+        check(self.weight >= 0, f"{path}.weight", f"must be >= 0, got {self.weight}")
+        for name in ("student", "teacher"):
+            check(bool(getattr(self, name).strip()), f"{path}.{name}", "must name a layer, got an empty string")
+
+
+@dataclass
+class DistillSearch:
+    """A grid over the distillation settings, scored on the validation split (see
+    :mod:`lorkd.pipelines.search`); off while every list is empty. An empty list keeps the
+    configured value; ``feat_weight`` sets the weight of every feature term that is on
+    (``feat_weight`` > 0 and each of ``features``); ``epochs``: the budget of each candidate
+    (default: ``student.train.epochs``)."""
+
+    kd_weight: list[float] = field(default_factory=list)
+    temperature: list[float] = field(default_factory=list)
+    feat_weight: list[float] = field(default_factory=list)
+    epochs: int | None = None
+
+    def validate(self, path: str) -> None:
+        for name in ("kd_weight", "feat_weight"):
+            check(all(v >= 0 for v in getattr(self, name)), f"{path}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(all(v > 0 for v in self.temperature), f"{path}.temperature", f"must be > 0, got {self.temperature}")
+        check(self.epochs is None or self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")
+        check(self.epochs is None or self.enabled, path,
+              "epochs is set but no list of values is (kd_weight, temperature, feat_weight)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.kd_weight or self.temperature or self.feat_weight)
+
+    def grid(self, distill: "Distill") -> list[dict[str, float | None]]:
+        """The candidates in grid order: ``{"kd_weight", "temperature", "feat_weight"}`` each
+        (``feat_weight`` ``None`` when not searched: the configured feature weights stay)."""
+        from itertools import product
+
+        return [{"kd_weight": kd, "temperature": t, "feat_weight": f}
+                for kd, t, f in product(self.kd_weight or [distill.kd_weight], self.temperature or [distill.temperature],
+                                        self.feat_weight or [None])]
+
+
+@dataclass
 class Distill:
-    """Loss weights of the student (each may be 0): task CE, soft-target KD, feature KD."""
+    """Loss weights of the student (each may be 0): task CE, soft-target KD, feature KD.
+
+    ``feat_weight``/``feat_kind``: feature KD between the final features of student and teacher
+    (pooled ``[B, F]`` for classification, the feature map for segmentation); ``features``: more
+    pairs of named layers. Both are terms of one mechanism (:mod:`lorkd.pipelines.features`)."""
 
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     temperature: float = 4.0
     feat_weight: float = 0.0
-    feat_kind: Literal["mse", "cosine"] = "mse"
+    feat_kind: Literal["mse", "cosine", "cka"] = "mse"
+    features: list[FeaturePair] = field(default_factory=list)
+    search: DistillSearch = field(default_factory=DistillSearch)
 
     def validate(self, path: str) -> None:
         for name in ("ce_weight", "kd_weight", "feat_weight"):
             check(getattr(self, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(self, name)}")
         check(self.temperature > 0, f"{path}.temperature", f"must be > 0, got {self.temperature}")
-        check(self.ce_weight + self.kd_weight + self.feat_weight > 0, path, "all loss weights are 0")
+        check(self.ce_weight + self.kd_weight + self.feat_weight + sum(p.weight for p in self.features) > 0, path,
+              "all loss weights are 0")
+        if self.search.feat_weight:
+            check(self.feat_weight > 0 or any(p.weight > 0 for p in self.features), f"{path}.search.feat_weight",
+                  "no feature term to weigh: set feat_weight > 0 or list features")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any term reads the teacher."""
+        return self.kd_weight > 0 or self.feat_weight > 0 or any(p.weight > 0 for p in self.features)
+
+    def without_teacher(self) -> "Distill":
+        """The same weights with every teacher term off (the no-KD baselines)."""
+        from dataclasses import replace
+
+        return replace(self, kd_weight=0.0, feat_weight=0.0, features=[], search=DistillSearch())
 
 
 @dataclass

@@ -38,7 +38,7 @@ from ..data.segmentation import (
     resample,
 )
 from ..data.volumes import CANONICAL_ORIENTATION, probe_spacing
-from ..distill import FeatureProjector, dice_ce_loss
+from ..distill import dice_ce_loss
 from ..engine import metrics as M
 from ..engine.distributed import DistributedContext
 from ..engine.inference import sliding_window_logits
@@ -92,6 +92,7 @@ class Run:
     shared stages of :mod:`lorkd.pipelines.common` call."""
 
     task_loss = staticmethod(dice_ce_loss)
+    select_metric = "dice"  # the key of val_metrics that selects models
 
     def __init__(self, cfg: SegmentationConfig, out: Path, ctx: DistributedContext, resume: bool = False,
                  progress: bool = True) -> None:
@@ -151,10 +152,6 @@ class Run:
                 "num_classes": model.num_classes, "tasks": [self.names[t] for t in tasks], "channels": self.channels,
                 "patch_size": list(self.patch), **extra}
 
-    def projector(self, student: MultiTaskSegmenter, teacher: nn.Module) -> FeatureProjector:
-        teacher_dim = getattr(teacher, "feature_dim", None) or teacher.teacher.feature_dim  # TaskRemap
-        return FeatureProjector(student.feature_dim, teacher_dim, spatial_dims=self.spatial_dims)
-
     def fit(self, model: nn.Module, stage: Stage, folder: Path, objective, task_subset: list[int] | None = None,
             extra: nn.Module | None = None) -> nn.Module:
         """Train on random patches (of ``task_subset`` only, if given); select on validation Dice."""
@@ -162,7 +159,7 @@ class Run:
         train = self.train_set if task_subset is None else self.patches(task_subset)
         return fit_stage(model, objective, train, stage, folder, self.ctx, seed=self.cfg.seed,
                          num_workers=self.cfg.num_workers, progress=self.progress, resume=self.resume,
-                         evaluate=lambda m: self.val_metrics(m, task_subset), select_metric="dice",
+                         evaluate=lambda m: self.val_metrics(m, task_subset), select_metric=self.select_metric,
                          task_names=[self.names[t] for t in ids], sampler_mode=self.cfg.data.sampler, extra=extra)
 
     def val_metrics(self, model: nn.Module, tasks: list[int] | None = None) -> dict[str, float]:
@@ -372,7 +369,7 @@ MODEL_DESCRIPTIONS = {
     "stl_kd": "student network trained on the task alone, with the teacher's distillation",
     "mtl": "student network, shared body, one head per task, no experts",
     "mtl_kd": "MTL with the teacher's distillation",
-    "student_nokd": "LoRKD student without distillation (kd_weight = feat_weight = 0)",
+    "student_nokd": "LoRKD student without distillation (kd_weight = feat_weight = 0, no feature pairs)",
 }
 
 

@@ -484,6 +484,8 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], config: Mappin
     lines += _structure_section(tasks)
     val = metrics.get("val")
     lines += _results_section("## Validation split", val if isinstance(val, Mapping) else {}, keys)
+    from .search import search_section  # here: report.search imports this module
+    lines += search_section(run_dir)
     lines += _cost_section(metrics)
     lines += _timing_section(metrics)
     lines += _plots(run_dir, metrics, keys, primary, histories)
