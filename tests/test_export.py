@@ -52,10 +52,11 @@ def test_torchscript_of_a_classifier_expert_matches_pytorch(tmp_path):
 def test_3d_classifier_expert_onnx_and_torchscript_match_pytorch(tmp_path):
     model = _plain_classifier(3)
     shape = (1, 8, 8, 8)
-    files = X.write_formats(model, tmp_path, shape, onnx=True, torchscript=True)
+    files = X.write_formats(model, tmp_path, shape, onnx=True, torchscript=True, opset=18)
     assert [f["file"] for f in files] == ["expert.safetensors", "expert.onnx", "expert.torchscript.pt"]
     onnx_entry, ts_entry = files[1], files[2]
     assert onnx_entry["format"] == "onnx" and onnx_entry["input_shape"] == ["dynamic", *shape]
+    assert onnx_entry["opset"] == 18
     assert 0 <= onnx_entry["max_abs_diff"] <= 1e-4 and 0 <= ts_entry["max_abs_diff"] <= 1e-4
     x = torch.randn(5, *shape)  # a batch size the export never saw
     with torch.no_grad():
@@ -92,11 +93,14 @@ def test_missing_onnx_packages_name_the_key_and_the_extra(tmp_path, monkeypatch)
         cli.load_recipe(path, [])
     cfg = cli.load_recipe(path, ["export.onnx=false", "export.torchscript=true"])  # TorchScript needs nothing more
     assert cfg.export.torchscript and not cfg.export.onnx
+    with pytest.raises(ConfigError, match=r"export.opset: must be an ONNX opset >= 18"):
+        cli.load_recipe(path, ["export.onnx=false", "export.opset=13"])
 
 
 def test_class_names_from_the_config_or_a_known_medmnist_file():
     assert X.class_names("data/breastmnist.npz", 2) == ["malignant", "normal, benign"]
     assert X.class_names("/x/organamnist_64.npz", 11)[10] == "spleen"
+    assert X.class_names("pneumoniamnist/pneumoniamnist_reconstructed.npz", 2) == ["normal", "pneumonia"]
     assert X.class_names("/x/breastmnist.npz", 3) is None  # a relabelled file: names would be wrong
     assert X.class_names("synthetic", 2) is None
     assert X.class_names("any.npz", 2, ["no", "yes"]) == ["no", "yes"]

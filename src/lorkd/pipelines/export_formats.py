@@ -36,7 +36,8 @@ TOLERANCE = 1e-4  # largest absolute difference of any output value accepted bet
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 # Class names of the MedMNIST v2 subsets in ../shared/data (the `label` field of the INFO dict of
-# the `medmnist` package), found by the file's name (e.g. ``breastmnist.npz``, ``breastmnist_64.npz``).
+# the `medmnist` package), found by the file's name up to its first "_" (``breastmnist.npz``,
+# ``breastmnist_64.npz``, ``pneumoniamnist_reconstructed.npz``) when the class count agrees.
 MEDMNIST_CLASS_NAMES = {
     "breastmnist": ["malignant", "normal, benign"],
     "pneumoniamnist": ["normal", "pneumonia"],
@@ -75,8 +76,7 @@ def class_names(source: str | Path | None, num_classes: int, given: Sequence[str
         return [str(n) for n in given]
     if source is None:
         return None
-    stem = Path(str(source)).name.lower().removesuffix(".npz")
-    names = MEDMNIST_CLASS_NAMES.get(stem.rsplit("_", 1)[0] if stem.rsplit("_", 1)[-1].isdigit() else stem)
+    names = MEDMNIST_CLASS_NAMES.get(Path(str(source)).name.lower().removesuffix(".npz").split("_")[0])
     return list(names) if names is not None and len(names) == num_classes else None
 
 
@@ -90,7 +90,7 @@ def write_formats(model: nn.Module, folder: str | Path, input_shape: Sequence[in
         folder: the expert's folder; a format not asked for has its stale file removed.
         input_shape: one input without the batch axis, ``[C, H, W]`` or ``[C, D, H, W]``.
         onnx, torchscript: which formats to write.
-        opset: ONNX opset (``None``: the exporter's default).
+        opset: ONNX opset (``None``: the exporter's default); another opset written is an error.
         dynamic_spatial: also mark the spatial axes of the ONNX input dynamic (segmentation experts).
         key: the config section, for error messages.
 
@@ -139,6 +139,10 @@ def _write_onnx(model: nn.Module, path: Path, checks: list[torch.Tensor], opset:
                           f"{str(err).splitlines()[0] if str(err) else ''}; set {key}.onnx: false") from err
     tmp.replace(path)
     proto = onnx.load(str(path))
+    written = int(next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")))
+    if opset is not None and written != opset:
+        path.unlink()
+        raise ConfigError(f"{key}.opset: asked for opset {opset}, the exporter wrote {written}; the file was removed")
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     if dynamic_spatial and all(isinstance(d, str) for d in dims[2:]):
         # the spatial axes are dynamic: check a larger input too (twice the size keeps pooling strides valid)
@@ -146,7 +150,7 @@ def _write_onnx(model: nn.Module, path: Path, checks: list[torch.Tensor], opset:
         checks = checks + [torch.randn(*big, generator=torch.Generator().manual_seed(1))]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diff = _compare(model, lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), checks, path, f"{key}.onnx")
-    return {"file": path.name, "format": "onnx", "opset": int(next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),
+    return {"file": path.name, "format": "onnx", "opset": written,
             "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}", "input": "image", "output": "logits",
             "input_shape": [d if isinstance(d, int) else "dynamic" for d in dims],
             "checked_with": f"onnxruntime {ort.__version__} (CPU)", "checked_shapes": [list(x.shape) for x in checks],

@@ -122,10 +122,11 @@ class Export:
 
     onnx: bool = False  # expert.onnx (needs `pip install lorkd[onnx]`), checked with ONNX Runtime
     torchscript: bool = False  # expert.torchscript.pt (torch.jit.trace), checked with torch.jit.load
-    opset: int | None = None  # ONNX opset; None: the exporter's default
+    opset: int | None = None  # ONNX opset (>= 18); None: the exporter's default
 
     def validate(self, path: str) -> None:
-        check(self.opset is None or self.opset >= 7, f"{path}.opset", f"must be an ONNX opset >= 7, got {self.opset}")
+        check(self.opset is None or self.opset >= 18, f"{path}.opset", f"must be an ONNX opset >= 18 (the oldest "
+              f"torch.onnx's exporter writes), got {self.opset}")
         if self.onnx:
             from .export_formats import require_onnx
 
