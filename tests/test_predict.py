@@ -144,3 +144,33 @@ def test_to_unit_range_by_dtype():
 def _save(path: Path, image: np.ndarray) -> Path:
     Image.fromarray(image).save(path)
     return path
+
+
+# ------------------------------------------------------------------ segmentation experts
+def test_segmentation_predict_turns_nifti_to_the_card_orientation_and_back(tmp_path, monkeypatch, capsys):
+    import nibabel as nib
+
+    from lorkd.experts import save_expert
+    from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
+    from lorkd.pipelines import predict as P
+
+    plain, spec = MultiTaskSegmenter(segmentation_backbone_spec("unet", 3, 1, [4, 8], 4), [2]).export_task(0)
+    expert = save_expert(plain, tmp_path / "expert", spec, {"task_kind": "segmentation", "classes": 2, "orientation": "SPL"})
+    data = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
+    image = nib.Nifti1Image(data, np.diag([-1.5, 0.8, 2.0, 1.0]))  # axes L, A, S
+    (tmp_path / "scans").mkdir()
+    nib.save(image, str(tmp_path / "scans" / "vol.nii.gz"))
+    seen = {}
+
+    def voxelwise(model, array, spacing, card, device):  # orientation-equivariant: the round trip must be exact
+        seen.update(array=array, spacing=spacing)
+        return (array[0] > 0).astype(np.uint8)
+
+    monkeypatch.setattr(P, "segment", voxelwise)
+    rows = predict_files(expert, [tmp_path / "scans"], output=tmp_path / "masks")  # a folder of volumes
+    assert np.array_equal(seen["array"][0], np.transpose(data, (2, 1, 0))[:, ::-1, :])  # S, P, L
+    assert seen["spacing"] == pytest.approx((2.0, 0.8, 1.5))
+    written = nib.load(str(tmp_path / "masks" / "vol_mask.nii.gz"))
+    assert np.array_equal(np.asarray(written.dataobj), (data > 0).astype(np.uint8))
+    assert np.allclose(written.affine, image.affine) and rows[0]["shape"] == "5x6x7"
+    capsys.readouterr()

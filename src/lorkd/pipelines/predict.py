@@ -155,8 +155,7 @@ def _npz_images(path: Path, split: str) -> list[np.ndarray]:
             images = arrays[key]
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read the .npz file ({err})") from err
-    where = f"{path} key '{split}_images'"
-    return [to_unit_range(image, f"{where}[{i}]") for i, image in enumerate(images)]
+    return list(to_unit_range(images, f"{path} key '{split}_images'"))  # one check and warning for the split
 
 
 def preprocess(image: np.ndarray, card: dict[str, Any], name: str = "input",
@@ -365,6 +364,36 @@ def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...
     return logits.argmax(0).numpy().astype(np.uint8)
 
 
+def to_orientation(image: np.ndarray, spacing: tuple[float, ...], affine: np.ndarray, codes: str,
+                   name: str = "input") -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """Flip / transpose a NIfTI volume ``[C, X, Y, Z]`` to the axis codes the expert was trained in
+    (card ``orientation``, e.g. ``"SPL"``); exact, no interpolation.
+
+    Returns:
+        ``(image [C, *spatial'], spacing', back)``: ``back`` is the nibabel orientation that turns a
+        mask ``[*spatial']`` back to the file's own axes (``nibabel.orientations.apply_orientation``).
+
+    Raises:
+        DataError: the affine or the codes cannot be used (names the file).
+    """
+    from nibabel import orientations as nio
+
+    try:
+        current, target = nio.io_orientation(affine), nio.axcodes2ornt(tuple(codes))
+        forward, back = nio.ornt_transform(current, target), nio.ornt_transform(target, current)
+    except Exception as err:  # nibabel raises ValueError / OrientationError for degenerate input
+        raise DataError(f"{name}: cannot turn its affine to the expert's orientation {codes!r}: {err}") from err
+    moved = nio.apply_orientation(np.moveaxis(image, 0, -1), forward)
+    new_spacing = [0.0] * len(spacing)
+    for axis, (to_axis, _) in enumerate(forward):
+        new_spacing[int(to_axis)] = spacing[axis]
+    from_codes = "".join(nio.ornt2axcodes(current))
+    if from_codes != codes:
+        log.info("predict: %s: reoriented %s -> %s as the expert was trained; the mask is written back in %s",
+                 name, from_codes, codes, from_codes)
+    return np.ascontiguousarray(np.moveaxis(moved, -1, 0)), tuple(new_spacing), back
+
+
 def write_mask(mask: np.ndarray, source: Path, geometry: Any, folder: Path) -> Path:
     """Write ``mask`` beside the name of ``source`` in ``folder``: NIfTI (the input's affine and
     header; identity affine for HDF5 input) for volumes, PNG for 2D images."""
@@ -393,7 +422,8 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
                   device: str = "cpu") -> list[dict[str, Any]]:
     """Masks of every input (files, folders, glob patterns) through a segmentation expert, written
     to ``output`` (a folder, default ``./masks``); a CSV line per input (mask path, shape, voxels
-    per class) is printed.
+    per class) is printed. When the card names an ``orientation`` (the axis codes the training
+    volumes were turned to), a NIfTI input is turned to it first and its mask turned back.
 
     Raises:
         DataError: a missing or unreadable input, or one that does not fit the expert.
@@ -406,7 +436,14 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
     rows = []
     for path in expand_inputs(inputs, (*VOLUME_SUFFIXES, *IMAGE_SUFFIXES)):
         image, spacing, geometry = read_segmentation_input(path)
+        back = None
+        if card.get("orientation") and geometry is not None and image.ndim == 4:
+            image, spacing, back = to_orientation(image, spacing, geometry.affine, card["orientation"], path.name)
         mask = segment(model, image, spacing, card, dev)
+        if back is not None:
+            from nibabel.orientations import apply_orientation
+
+            mask = np.ascontiguousarray(apply_orientation(mask, back))
         written = write_mask(mask, path, geometry, folder)
         counts = np.bincount(mask.reshape(-1), minlength=card["classes"])
         rows.append({"input": path.name, "mask": str(written), "shape": "x".join(map(str, mask.shape)),
