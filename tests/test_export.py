@@ -126,7 +126,7 @@ def test_classification_recipe_exports_onnx_and_torchscript(tmp_path):
 
 @pytest.mark.slow
 def test_segmentation_recipe_exports_onnx_with_dynamic_spatial_axes(tmp_path):
-    from tests.test_segmentation import tiny_config, write_png_task
+    from test_segmentation import tiny_config, write_png_task
 
     root = write_png_task(tmp_path / "pngs", n=6)
     cfg = tiny_config([{"name": "polyp", "path": str(root), "format": "folder"}], [16, 16],

@@ -46,7 +46,8 @@ def _gray(seed: int) -> np.ndarray:
 
 
 def _probs(rows: list[dict]) -> np.ndarray:
-    return np.array([[r[f"p{c}"] for c in range(3)] for r in rows])
+    """``[rows, classes]`` of the ``p0, p1, ...`` columns."""
+    return np.array([[v for k, v in r.items() if k[0] == "p" and k[1:].isdigit()] for r in rows])
 
 
 def test_card_names_the_classes_and_rows_carry_them(expert, tmp_path, capsys):
@@ -174,3 +175,23 @@ def test_segmentation_predict_turns_nifti_to_the_card_orientation_and_back(tmp_p
     assert np.array_equal(np.asarray(written.dataobj), (data > 0).astype(np.uint8))
     assert np.allclose(written.affine, image.affine) and rows[0]["shape"] == "5x6x7"
     capsys.readouterr()
+
+
+def test_a_3d_classification_expert_takes_npy_volumes(tmp_path, caplog):
+    from lorkd.experts import save_expert
+    from lorkd.models.backbones import backbone_spec
+    from lorkd.models.classifier import MultiTaskClassifier
+
+    plain, spec = MultiTaskClassifier(backbone_spec("resnet10", 3, 1, widen=0.125), [2]).eval().export_task(0)
+    card = {"classes": 2, "input_channels": 1, "input_size": [8, 8, 8], "normalisation": {"mean": 0.5, "std": 0.5}}
+    expert = save_expert(plain, tmp_path / "expert", spec, card)
+    volume = np.random.default_rng(0).integers(0, 256, (8, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "v8.npy", volume)
+    np.save(tmp_path / "v16.npy", volume.astype(np.uint16) * 257)
+    np.save(tmp_path / "big.npy", np.zeros((10, 8, 8), np.float32))
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        rows = predict_files(expert, [str(tmp_path / "*.npy")], output=tmp_path / "p.csv")
+    assert [r["input"] for r in rows] == ["big.npy", "v16.npy", "v8.npy"] and "class_name" not in rows[0]
+    assert np.abs(_probs(rows[1:2]) - _probs(rows[2:3])).max() < 1e-5
+    assert "1 input(s) resized to 8x8x8 as the expert expects: big.npy" in caplog.text
+

@@ -169,7 +169,7 @@ def preprocess(image: np.ndarray, card: dict[str, Any], name: str = "input",
     Raises:
         DataError: a channel count that cannot be converted to the expert's.
     """
-    spatial_dims = card.get("spatial_dims", 2)
+    spatial_dims = _spatial_dims(card)
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     x = x[None] if x.ndim == spatial_dims else x.movedim(-1, 0)
     channels = card["input_channels"]
@@ -195,10 +195,17 @@ def preprocess(image: np.ndarray, card: dict[str, Any], name: str = "input",
     return (x - norm["mean"]) / norm["std"]
 
 
+def _spatial_dims(card: dict[str, Any]) -> int:
+    """The expert's spatial dims: the card's ``spatial_dims``, else the length of a list
+    ``input_size``, else 2."""
+    size = card.get("input_size")
+    return int(card.get("spatial_dims") or (len(size) if isinstance(size, list) else 2))
+
+
 def _warn(notes: dict[str, list[str]], card: dict[str, Any]) -> None:
     """One warning per kind of conversion, naming the first inputs concerned."""
     size = card["input_size"]
-    size = "x".join(map(str, [size] * card.get("spatial_dims", 2) if isinstance(size, int) else size))
+    size = "x".join(map(str, [size] * _spatial_dims(card) if isinstance(size, int) else size))
     what = {"channels": f"converted to {card['input_channels']} channel(s)", "resized": f"resized to {size}"}
     for kind, names in notes.items():
         if names:
@@ -232,7 +239,7 @@ def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test
     card = model.card
     model = model.to(dev)
     names = card.get("class_names")
-    items = load_inputs(expand_inputs(inputs, CLASSIFICATION_SUFFIXES), split, card.get("spatial_dims", 2))
+    items = load_inputs(expand_inputs(inputs, CLASSIFICATION_SUFFIXES), split, _spatial_dims(card))
     notes: dict[str, list[str]] = {"channels": [], "resized": []}
     rows = []
     for start in range(0, len(items), batch_size):
