@@ -148,8 +148,16 @@ def _write_onnx(model: nn.Module, path: Path, checks: list[torch.Tensor], opset:
         # the spatial axes are dynamic: check a larger input too (twice the size keeps pooling strides valid)
         big = (1, example.shape[1], *(2 * s for s in example.shape[2:]))
         checks = checks + [torch.randn(*big, generator=torch.Generator().manual_seed(1))]
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    diff = _compare(model, lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), checks, path, f"{key}.onnx")
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        diff = _compare(model, lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), checks, path,
+                        f"{key}.onnx")
+    except ConfigError:
+        raise
+    except Exception as err:  # ONNX Runtime's own error types (an operator it lacks, a shape it refuses)
+        path.unlink(missing_ok=True)
+        raise ConfigError(f"{key}.onnx: ONNX Runtime cannot run {path} ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); the file was removed") from err
     return {"file": path.name, "format": "onnx", "opset": written,
             "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}", "input": "image", "output": "logits",
             "input_shape": [d if isinstance(d, int) else "dynamic" for d in dims],
