@@ -40,10 +40,3 @@ def test_unknown_recipe_is_named(tmp_path):
     path.write_text("recipe: detection\ndata: {}\n")
     with pytest.raises(ConfigError, match="recipe: 'detection'"):
         load_recipe(path, [])
-
-
-def test_onnx_export_is_refused_rather_than_silently_skipped(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("data: {synthetic: {}}\nexport: {onnx: true}\n")
-    with pytest.raises(ConfigError, match="export.onnx: ONNX export is not implemented yet"):
-        load_recipe(path, [])

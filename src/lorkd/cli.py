@@ -2,7 +2,7 @@
 
     lorkd run CONFIG --out DIR [--set key=value ...] [--resume | --overwrite]
     lorkd pretrain | decompose | baselines | export | evaluate  CONFIG --out DIR [...]
-    lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE]
+    lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE] [--device DEV]
     lorkd demo [--out DIR]
     lorkd report RUN_DIR [RUN_DIR ...] --out FILE
     lorkd bench [...]
@@ -63,11 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("predict", help="class probabilities (or masks) of inputs through an exported expert")
     p.add_argument("expert", type=Path, help="an expert folder (experts/<task>/ of a run)")
-    p.add_argument("inputs", nargs="+", type=Path, help="image files (PNG/JPEG/TIF) or .npz files; for a "
-                   "segmentation expert also NIfTI (.nii/.nii.gz) or HDF5 (.h5) volumes")
+    p.add_argument("inputs", nargs="+", help="image files (PNG/JPEG/TIF, 8/16-bit or float in [0, 1]), .npy or "
+                   ".npz files, folders of them, or quoted glob patterns ('scans/*.png'); for a segmentation "
+                   "expert also NIfTI (.nii/.nii.gz) or HDF5 (.h5) volumes")
     p.add_argument("--split", default="test", help="for .npz inputs: which split's images (default test)")
     p.add_argument("--output", type=Path, help="write results here (.csv or .json) instead of printing; for a "
                    "segmentation expert: the folder for the masks (default ./masks)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--batch-size", type=int, default=256, help="inputs per forward pass (classification)")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("report", help="mean and std over several runs (e.g. seeds) as markdown")
     p.add_argument("runs", nargs="+", type=Path)
@@ -185,7 +188,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .pipelines.predict import predict_files
 
-    predict_files(args.expert, args.inputs, split=args.split, output=args.output)
+    predict_files(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
+                  device=args.device)
     return 0
 
 

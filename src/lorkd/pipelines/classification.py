@@ -171,7 +171,10 @@ def _meta(model: MultiTaskClassifier, run: Run, kind: str, tasks: list[int] | No
 
 
 def stage_export(run: Run, student: MultiTaskClassifier) -> dict[str, Path]:
-    """Write one plain expert per task to ``experts/<task>/`` (safetensors + card.json)."""
+    """Write one plain expert per task to ``experts/<task>/`` (safetensors + card.json, and the
+    ``export`` formats: ONNX, TorchScript, each checked against PyTorch)."""
+    from .export_formats import class_names, write_formats
+
     folders = {}
     for t, name in enumerate(run.names):
         expert, spec = student.export_task(t)
@@ -180,6 +183,13 @@ def stage_export(run: Run, student: MultiTaskClassifier) -> dict[str, Path]:
                 "normalisation": {"mean": run.cfg.data.mean, "std": run.cfg.data.std, "scale": "x / 255"},
                 "rebuild_without_lorkd": "nn.Sequential(OrderedDict(backbone=<architecture.kwargs.backbone.factory>"
                                          "(**kwargs), head=nn.Linear(feature_dim, num_classes)))"}
+        given = run.cfg.data.tasks[t].class_names if run.cfg.data.tasks else None
+        names = class_names(run.tasks[t].source, run.num_classes[t], given, f"data.tasks[{t}].class_names")
+        if names is not None:
+            card["class_names"] = names
+        ex = run.cfg.export
+        card["files"] = write_formats(expert, run.out / "experts" / name, run.dataset("test", [t])[0][0].shape,
+                                      onnx=ex.onnx, torchscript=ex.torchscript, opset=ex.opset)
         folders[name] = save_expert(expert, run.out / "experts" / name, architecture=spec, card=card)
     return folders
 

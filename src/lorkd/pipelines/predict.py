@@ -1,93 +1,256 @@
-"""``lorkd predict``: run an exported expert on image files or a ``.npz`` and report class
-probabilities. Inputs are preprocessed as the expert's card says (channels, size, scaling)."""
+"""``lorkd predict``: run an exported expert on image files, folders, globs, ``.npy`` or ``.npz``
+files and report class probabilities (with class names when the card has them). Inputs are
+preprocessed as the expert's card says (channels, size, normalisation); pixel values are scaled by
+type: uint8 / 255, uint16 / 65535, float kept when in [0, 1] (anything else is an error: nothing is
+clipped). Resizing and channel conversion are logged as warnings."""
 
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.medmnist import load_npz_task
 from ..errors import DataError
 from ..experts import load_expert
 
+log = logging.getLogger("lorkd")
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp"}
+CLASSIFICATION_SUFFIXES = IMAGE_SUFFIXES | {".npy", ".npz"}
 
 
-def load_inputs(paths: list[Path], split: str) -> list[tuple[str, np.ndarray]]:
-    """``(name, uint8 image [H, W] or [H, W, C])`` for every image file and every image of the
-    ``split`` of every ``.npz``.
+def expand_inputs(inputs: Iterable[str | Path], suffixes: Iterable[str]) -> list[Path]:
+    """Files as given; a folder gives its files with one of ``suffixes`` (sorted, not recursive); a
+    path that does not exist but holds ``*``, ``?`` or ``[`` is a glob pattern (sorted matches).
 
     Raises:
-        DataError: a file is missing, of an unknown type, or unreadable (names it).
+        DataError: a missing file, a folder without such files, or a pattern that matches nothing.
+    """
+    suffixes = tuple(s.lower() for s in suffixes)
+    known = lambda p: p.is_file() and p.name.lower().endswith(suffixes)  # noqa: E731
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if known(p))
+            if not found:
+                raise DataError(f"{path}: folder holds no input files ({', '.join(sorted(suffixes))})")
+            paths += found
+        elif not path.exists() and glob.has_magic(str(item)):
+            found = sorted(Path(p) for p in glob.glob(str(item)) if known(Path(p)))
+            if not found:
+                raise DataError(f"{item}: pattern matches no input files ({', '.join(sorted(suffixes))})")
+            paths += found
+        elif not path.is_file():
+            raise DataError(f"{path}: file not found")
+        else:
+            paths.append(path)
+    return paths
+
+
+def to_unit_range(array: np.ndarray, name: str) -> np.ndarray:
+    """Pixel values -> float32 in [0, 1] by type: uint8 / 255, uint16 / 65535, bool as 0/1, float
+    kept. A signed or wider integer image whose values fit 16 bits is read as 16-bit (warned).
+
+    Raises:
+        DataError: float values outside [0, 1] or not finite, integers beyond 16 bits or negative,
+            or another dtype (names ``name``, the dtype and the range; nothing is clipped).
+    """
+    kind = array.dtype.kind
+    if kind == "b":
+        return array.astype(np.float32)
+    if kind == "u" and array.dtype.itemsize == 1:
+        return array.astype(np.float32) / 255.0
+    if kind == "u" and array.dtype.itemsize == 2:
+        return array.astype(np.float32) / 65535.0
+    if kind in "ui":
+        lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise DataError(f"{name}: integer image of dtype {array.dtype} with values in [{lo}, {hi}]; give 8-bit or "
+                            "16-bit unsigned images, or floats in [0, 1]")
+        log.warning("predict: %s: %s image read as 16-bit (values / 65535)", name, array.dtype)
+        return array.astype(np.float32) / 65535.0
+    if kind == "f":
+        if not np.isfinite(array).all():
+            raise DataError(f"{name}: float image holds NaN or infinite values")
+        lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if lo < 0.0 or hi > 1.0:
+            raise DataError(f"{name}: float image with values in [{lo:.4g}, {hi:.4g}]; float images must be in [0, 1] "
+                            "(scale them first; nothing is clipped)")
+        return array.astype(np.float32)
+    raise DataError(f"{name}: images of dtype {array.dtype} are not supported")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A 2D image file as an array of its own dtype, ``[H, W]`` or ``[H, W, C]`` (C = 3).
+
+    Palette, alpha, CMYK and other colour modes are converted to RGB (warned); 1-bit to 8-bit gray.
+
+    Raises:
+        DataError: the file cannot be read as an image (names it).
     """
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("L", "RGB", "F") or mode.startswith("I"):
+                return np.asarray(img)
+            target = "L" if mode in ("1", "LA", "La") else "RGB"
+            if mode != "1":
+                log.warning("predict: %s: converted image mode %s to %s", path.name, mode, target)
+            return np.asarray(img.convert(target))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"{path}: cannot read the image ({err})") from err
+
+
+def load_inputs(paths: list[Path], split: str, spatial_dims: int = 2) -> list[tuple[str, np.ndarray]]:
+    """``(name, image [*spatial] or [*spatial, C] in [0, 1], float32)`` for every image file, every
+    ``.npy`` array and every image of the ``split`` of every ``.npz``.
+
+    Raises:
+        DataError: a file is missing, of an unknown type, unreadable, of an unsupported shape or
+            value range (names it).
+    """
     items = []
     for path in paths:
         if not path.is_file():
             raise DataError(f"{path}: file not found")
-        if path.suffix.lower() == ".npz":
-            task = load_npz_task(path)
-            if split not in task.images:
-                raise DataError(f"{path}: has no split {split!r}")
-            items += [(f"{path.name}[{split}][{i}]", img) for i, img in enumerate(task.images[split])]
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
+            items += [(f"{path.name}[{split}][{i}]", image) for i, image in enumerate(_npz_images(path, split))]
+            continue
+        if suffix == ".npy":
             try:
-                with Image.open(path) as img:
-                    img.load()
-                    array = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
-            except (UnidentifiedImageError, OSError) as err:
-                raise DataError(f"{path}: cannot read the image ({err})") from err
-            items.append((path.name, array))
+                image = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise DataError(f"{path}: cannot read the .npy file ({err})") from err
+        elif suffix in IMAGE_SUFFIXES:
+            image = read_image(path)
         else:
-            raise DataError(f"{path}: unsupported input type {path.suffix!r}; give images or .npz files")
+            raise DataError(f"{path}: unsupported input type {suffix!r}; give images, folders, .npy or .npz files")
+        if image.ndim not in (spatial_dims, spatial_dims + 1) or (image.ndim > spatial_dims and image.shape[-1] > 4):
+            raise DataError(f"{path}: array of shape {list(image.shape)}; this {spatial_dims}D expert takes "
+                            f"[{', '.join('DHW'[3 - spatial_dims:])}] or [..., C] with C <= 4")
+        items.append((path.name, to_unit_range(image, str(path))))
     return items
 
 
-def preprocess(image: np.ndarray, card: dict[str, Any]) -> torch.Tensor:
-    """uint8 ``[H, W]`` / ``[H, W, C]`` -> float ``[C, S, S]`` as the expert was trained."""
-    x = torch.from_numpy(np.array(image, dtype=np.float32)).div(255.0)
-    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+def _npz_images(path: Path, split: str) -> list[np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            key = f"{split}_images"
+            if key not in arrays:
+                raise DataError(f"{path}: has no key {key!r} (split {split!r}); keys {sorted(arrays.files)}")
+            images = arrays[key]
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the .npz file ({err})") from err
+    return list(to_unit_range(images, f"{path} key '{split}_images'"))  # one check and warning for the split
+
+
+def preprocess(image: np.ndarray, card: dict[str, Any], name: str = "input",
+               notes: dict[str, list[str]] | None = None) -> torch.Tensor:
+    """Float ``[*spatial]`` / ``[*spatial, C]`` in [0, 1] -> ``[C, *size]`` as the expert was trained.
+
+    Channels are replicated (gray -> colour) or averaged (colour -> gray) and the image is resized
+    (bilinear/trilinear, antialiased in 2D) when it differs from the card; ``notes`` collects the
+    names of such inputs under ``"channels"`` and ``"resized"``.
+
+    Raises:
+        DataError: a channel count that cannot be converted to the expert's.
+    """
+    spatial_dims = _spatial_dims(card)
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    x = x[None] if x.ndim == spatial_dims else x.movedim(-1, 0)
     channels = card["input_channels"]
     if x.shape[0] != channels:
-        x = x.expand(channels, -1, -1) if x.shape[0] == 1 else x.mean(0, keepdim=True)
+        if x.shape[0] == 4 and channels in (1, 3):  # RGBA from a .npy: drop the alpha channel
+            x = x[:3]
+        if x.shape[0] == 1:
+            x = x.expand(channels, *x.shape[1:])
+        elif channels == 1:
+            x = x.mean(0, keepdim=True)
+        elif x.shape[0] != channels:
+            raise DataError(f"{name}: image has {x.shape[0]} channels, the expert takes {channels}")
+        if notes is not None:
+            notes["channels"].append(name)
     size = card["input_size"]
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = (size,) * spatial_dims if isinstance(size, int) else tuple(size)
     if tuple(x.shape[1:]) != size:
-        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        mode = "bilinear" if spatial_dims == 2 else "trilinear"
+        x = F.interpolate(x[None], size=size, mode=mode, align_corners=False, antialias=spatial_dims == 2)[0]
+        if notes is not None:
+            notes["resized"].append(name)
     norm = card["normalisation"]
     return (x - norm["mean"]) / norm["std"]
 
 
+def _spatial_dims(card: dict[str, Any]) -> int:
+    """The expert's spatial dims: the card's ``spatial_dims``, else the length of a list
+    ``input_size``, else 2."""
+    size = card.get("input_size")
+    return int(card.get("spatial_dims") or (len(size) if isinstance(size, list) else 2))
+
+
+def _warn(notes: dict[str, list[str]], card: dict[str, Any]) -> None:
+    """One warning per kind of conversion, naming the first inputs concerned."""
+    size = card["input_size"]
+    size = "x".join(map(str, [size] * _spatial_dims(card) if isinstance(size, int) else size))
+    what = {"channels": f"converted to {card['input_channels']} channel(s)", "resized": f"resized to {size}"}
+    for kind, names in notes.items():
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            log.warning("predict: %d input(s) %s as the expert expects: %s", len(names), what[kind], shown)
+
+
 @torch.no_grad()
-def predict_files(expert_dir: Path, inputs: list[Path], split: str = "test", output: Path | None = None,
-                  batch_size: int = 256) -> list[dict[str, Any]]:
+def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test", output: Path | None = None,
+                  batch_size: int = 256, device: str = "cpu") -> list[dict[str, Any]]:
     """Probabilities of every input through the expert; printed as CSV or written to ``output``.
 
+    ``inputs`` are files, folders or glob patterns (:func:`expand_inputs`). A row holds ``input``,
+    ``prediction`` (class index), ``class_name`` when the card has ``class_names``, and ``p0..pK-1``.
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``"auto"``.
+
     A segmentation expert (card ``task_kind: segmentation``) writes masks instead: see
-    :func:`predict_masks` (``output`` is then the folder of the masks)."""
+    :func:`predict_masks` (``output`` is then the folder of the masks).
+
+    Raises:
+        DataError: a missing, unreadable or unsupported input (names it).
+    """
     from ..experts import read_card
 
     if read_card(expert_dir).get("task_kind") == "segmentation":
-        return predict_masks(expert_dir, inputs, output)
+        return predict_masks(expert_dir, inputs, output, device=device)
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    dev = _device(device)
     model = load_expert(expert_dir).eval()
     card = model.card
-    items = load_inputs(inputs, split)
+    model = model.to(dev)
+    names = card.get("class_names")
+    items = load_inputs(expand_inputs(inputs, CLASSIFICATION_SUFFIXES), split, _spatial_dims(card))
+    notes: dict[str, list[str]] = {"channels": [], "resized": []}
     rows = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        x = torch.stack([preprocess(img, card) for _, img in chunk])
-        probs = torch.softmax(model(x), dim=1).numpy()
+        x = torch.stack([preprocess(img, card, name, notes) for name, img in chunk]).to(dev)
+        probs = torch.softmax(model(x).float(), dim=1).cpu().numpy()
         for (name, _), p in zip(chunk, probs):
-            rows.append({"input": name, "prediction": int(p.argmax()), **{f"p{c}": float(v) for c, v in enumerate(p)}})
+            label = {"class_name": names[int(p.argmax())]} if names else {}
+            rows.append({"input": name, "prediction": int(p.argmax()), **label,
+                         **{f"p{c}": float(v) for c, v in enumerate(p)}})
+    _warn(notes, card)
     text = _format(rows, "json" if output is not None and output.suffix == ".json" else "csv")
     if output is None:
         sys.stdout.write(text)
@@ -95,6 +258,22 @@ def predict_files(expert_dir: Path, inputs: list[Path], split: str = "test", out
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
     return rows
+
+
+def _device(name: str) -> torch.device:
+    """``--device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+
+    Raises:
+        DataError: an unknown device name, or CUDA asked for where it is not available."""
+    from .common import resolve_device
+
+    try:
+        dev = resolve_device(name)
+    except RuntimeError as err:
+        raise DataError(f"--device {name!r}: not a device ({err})") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name!r}: CUDA is not available here; use --device cpu")
+    return dev
 
 
 def _format(rows: list[dict[str, Any]], kind: str) -> str:
@@ -159,7 +338,8 @@ def read_segmentation_input(path: Path, image_key: str = "image") -> tuple[np.nd
 
 
 @torch.no_grad()
-def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...], card: dict[str, Any]) -> np.ndarray:
+def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...], card: dict[str, Any],
+            device: torch.device | str = "cpu") -> np.ndarray:
     """Mask ``[*spatial]`` (uint8 class indices, the input's own grid) of ``image`` ``[C, *spatial]``:
     preprocessing of the card, sliding-window logits, resampled back to the input's shape, argmax.
 
@@ -184,11 +364,41 @@ def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...
     case, _ = preprocess_case(case, prep)
     x = torch.from_numpy(_fit_channels(case.image, channels, card.get("channel_fill", "zeros")).copy())
     inf = card["inference"]
-    logits = sliding_window_logits(model, x, inf["roi_size"], inf["overlap"], inf["sw_batch_size"], inf["mode"])
+    logits = sliding_window_logits(model, x, inf["roi_size"], inf["overlap"], inf["sw_batch_size"], inf["mode"], device)
     if tuple(logits.shape[1:]) != tuple(shape):
         mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
         logits = F.interpolate(logits[None], size=tuple(shape), mode=mode, align_corners=False)[0]
     return logits.argmax(0).numpy().astype(np.uint8)
+
+
+def to_orientation(image: np.ndarray, spacing: tuple[float, ...], affine: np.ndarray, codes: str,
+                   name: str = "input") -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """Flip / transpose a NIfTI volume ``[C, X, Y, Z]`` to the axis codes the expert was trained in
+    (card ``orientation``, e.g. ``"SPL"``); exact, no interpolation.
+
+    Returns:
+        ``(image [C, *spatial'], spacing', back)``: ``back`` is the nibabel orientation that turns a
+        mask ``[*spatial']`` back to the file's own axes (``nibabel.orientations.apply_orientation``).
+
+    Raises:
+        DataError: the affine or the codes cannot be used (names the file).
+    """
+    from nibabel import orientations as nio
+
+    try:
+        current, target = nio.io_orientation(affine), nio.axcodes2ornt(tuple(codes))
+        forward, back = nio.ornt_transform(current, target), nio.ornt_transform(target, current)
+    except Exception as err:  # nibabel raises ValueError / OrientationError for degenerate input
+        raise DataError(f"{name}: cannot turn its affine to the expert's orientation {codes!r}: {err}") from err
+    moved = nio.apply_orientation(np.moveaxis(image, 0, -1), forward)
+    new_spacing = [0.0] * len(spacing)
+    for axis, (to_axis, _) in enumerate(forward):
+        new_spacing[int(to_axis)] = spacing[axis]
+    from_codes = "".join(nio.ornt2axcodes(current))
+    if from_codes != codes:
+        log.info("predict: %s: reoriented %s -> %s as the expert was trained; the mask is written back in %s",
+                 name, from_codes, codes, from_codes)
+    return np.ascontiguousarray(np.moveaxis(moved, -1, 0)), tuple(new_spacing), back
 
 
 def write_mask(mask: np.ndarray, source: Path, geometry: Any, folder: Path) -> Path:
@@ -215,20 +425,32 @@ def write_mask(mask: np.ndarray, source: Path, geometry: Any, folder: Path) -> P
     return path
 
 
-def predict_masks(expert_dir: Path, inputs: list[Path], output: Path | None = None) -> list[dict[str, Any]]:
-    """Masks of every input through a segmentation expert, written to ``output`` (a folder,
-    default ``./masks``); a CSV line per input (mask path, shape, voxels per class) is printed.
+def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | None = None,
+                  device: str = "cpu") -> list[dict[str, Any]]:
+    """Masks of every input (files, folders, glob patterns) through a segmentation expert, written
+    to ``output`` (a folder, default ``./masks``); a CSV line per input (mask path, shape, voxels
+    per class) is printed. When the card names an ``orientation`` (the axis codes the training
+    volumes were turned to), a NIfTI input is turned to it first and its mask turned back.
 
     Raises:
         DataError: a missing or unreadable input, or one that does not fit the expert.
     """
+    dev = _device(device)
     model = load_expert(expert_dir).eval()
     card = model.card
+    model = model.to(dev)
     folder = Path(output) if output is not None else Path("masks")
     rows = []
-    for path in inputs:
+    for path in expand_inputs(inputs, (*VOLUME_SUFFIXES, *IMAGE_SUFFIXES)):
         image, spacing, geometry = read_segmentation_input(path)
-        mask = segment(model, image, spacing, card)
+        back = None
+        if card.get("orientation") and geometry is not None and image.ndim == 4:
+            image, spacing, back = to_orientation(image, spacing, geometry.affine, card["orientation"], path.name)
+        mask = segment(model, image, spacing, card, dev)
+        if back is not None:
+            from nibabel.orientations import apply_orientation
+
+            mask = np.ascontiguousarray(apply_orientation(mask, back))
         written = write_mask(mask, path, geometry, folder)
         counts = np.bincount(mask.reshape(-1), minlength=card["classes"])
         rows.append({"input": path.name, "mask": str(written), "shape": "x".join(map(str, mask.shape)),

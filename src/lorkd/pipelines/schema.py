@@ -196,13 +196,20 @@ class Evaluate:
 
 @dataclass
 class Export:
-    """How experts are exported (always: safetensors + card.json)."""
+    """Formats of every expert beside ``expert.safetensors`` + ``card.json`` (see
+    :mod:`lorkd.pipelines.export_formats`); each file is reloaded and checked against PyTorch."""
 
-    onnx: bool = False  # reserved: ONNX export is not implemented yet, and asking for it is an error
+    onnx: bool = False  # expert.onnx (needs `pip install lorkd[onnx]`), checked with ONNX Runtime
+    torchscript: bool = False  # expert.torchscript.pt (torch.jit.trace), checked with torch.jit.load
+    opset: int | None = None  # ONNX opset (>= 18); None: the exporter's default
 
     def validate(self, path: str) -> None:
-        check(not self.onnx, f"{path}.onnx", "ONNX export is not implemented yet; experts are exported as "
-              "safetensors state dicts of plain PyTorch models (set onnx: false)")
+        check(self.opset is None or self.opset >= 18, f"{path}.opset", f"must be an ONNX opset >= 18 (the oldest "
+              f"torch.onnx's exporter writes), got {self.opset}")
+        if self.onnx:
+            from .export_formats import require_onnx
+
+            require_onnx(f"{path}.onnx")
 
 
 @dataclass
@@ -212,6 +219,7 @@ class TaskFile:
     name: str
     path: str
     num_classes: int | None = None
+    class_names: list[str] | None = None  # written to the experts' cards; MedMNIST files are named by default
 
 
 @dataclass

@@ -303,11 +303,18 @@ def _geometry_card(run: Run, t: int) -> dict[str, Any]:
 
 
 def stage_export(run: Run, student: MultiTaskSegmenter) -> dict[str, Path]:
-    """Write one plain expert per task to ``experts/<task>/`` (safetensors + card.json)."""
+    """Write one plain expert per task to ``experts/<task>/`` (safetensors + card.json, and the
+    ``export`` formats: ONNX with dynamic batch and spatial axes, TorchScript, each checked against PyTorch)."""
+    from .export_formats import write_formats
+
     folders = {}
+    ex = run.cfg.export
     for t, name in enumerate(run.names):
         expert, spec = student.export_task(t)
-        folders[name] = save_expert(expert, run.out / "experts" / name, architecture=spec, card=expert_card(run, t))
+        card = expert_card(run, t)
+        card["files"] = write_formats(expert, run.out / "experts" / name, (run.channels, *run.patch), onnx=ex.onnx,
+                                      torchscript=ex.torchscript, opset=ex.opset, dynamic_spatial=True)
+        folders[name] = save_expert(expert, run.out / "experts" / name, architecture=spec, card=card)
     return folders
 
 
