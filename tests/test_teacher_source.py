@@ -143,6 +143,33 @@ def test_foundation_maps_outputs_and_fits_heads_on_a_named_layer():
         Foundation(net, [2, 3], x, heads={1: [0, 2]}, input_adapter=adapter, task_names=["a", "b"])
 
 
+class TwoOutputs(torch.nn.Module):
+    """A model with two outputs (a tuple), as multi-head foundation models often have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.a, self.b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 5)
+
+    def forward(self, x):
+        f = self.body(x)
+        return self.a(f), self.b(f)
+
+
+def test_heads_by_output_index_and_by_layer_name():
+    torch.manual_seed(0)
+    net, x = TwoOutputs().eval(), torch.randn(4, 1, 8, 8)
+    teacher = Foundation(net, [2, 5, 5], x, heads={0: 0, 1: "b", 2: 1}, task_names=["a", "b", "b5"])
+    out = teacher(x, torch.tensor([0, 2, 1, 2]))
+    a, b = net(x)
+    assert torch.equal(out.logits[0], a[[0]]) and torch.equal(out.logits[2], b[[1, 3]])
+    assert torch.equal(out.logits[1], b[[2]]) and teacher.fitted_tasks == []
+    with pytest.raises(ConfigError, match=r"teacher\.heads\.b3: 'b' gives shape \[4, 5\].*3 classes"):
+        Foundation(net, [2, 3], x, heads={1: "b"}, task_names=["a", "b3"])
+    with pytest.raises(ConfigError, match=r"teacher\.heads\.a: output index 2 is out of range: the teacher returns 2"):
+        Foundation(net, [2], x, heads={0: 2}, task_names=["a"])
+
+
 def test_torchscript_module_that_rejects_the_input_shape_is_a_config_error(teacher_files):
     scripted = torch.jit.load(str(teacher_files["script"]))
     with pytest.raises(ConfigError, match=r"teacher: the teacher .* rejects an input of shape \[2, 1, 16, 16\].*"
@@ -205,7 +232,8 @@ def test_run_end_to_end_with_each_kind_and_heads_adaptation(kind, tmp_path, teac
     info = meta["teacher_info"]
     assert info["source"]["kind"] == kind and info["adapt"]["mode"] == "heads" and info["adapt"]["epochs"] == 1
     metrics = json.loads((out / "metrics.json").read_text())
-    assert kind in metrics["models"]["teacher"] and "linear probe" in metrics["models"]["teacher"]
+    assert metrics["models"]["teacher"].startswith(f"foundation model loaded from {kind}")
+    assert "linear probe" in metrics["teacher"]["description"]
     report = (out / "report.md").read_text()
     assert "trained on all tasks" not in report and str(SOURCES[kind](teacher_files)["path"]) in report
     # the teacher's mapped task reproduces the original model's outputs on the test split
@@ -223,12 +251,21 @@ def test_finetune_changes_the_backbone_and_a_rerun_reuses_the_adapted_teacher(tm
     saved = backbone_state(out / "teacher")
     changed = [k for k in original if original[k].is_floating_point() and not torch.equal(saved[k], original[k])]
     assert "features.conv0.weight" in changed
+    # the stage resumes from its checkpoint like every stage: same weights, no second training
+    first = load_file(str(out / "teacher" / "model.safetensors"))
+    history = (out / "teacher" / "history.csv").read_text()
+    (out / "teacher" / "model.safetensors").unlink()
+    assert run_cli("pretrain", cfg, "--out", out, "--resume", "--no-progress") == 0
+    again = load_file(str(out / "teacher" / "model.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert (out / "teacher" / "history.csv").read_text() == history
     # a second run reads the adapted teacher through kind: lorkd; the report says where it came from
     cfg2 = write_config(tmp_path, {"source": {"kind": "lorkd", "path": str(out / "teacher")}}, "cfg2.yaml")
     assert run_cli("run", cfg2, "--out", tmp_path / "r2", "--no-progress") == 0
     metrics = json.loads((tmp_path / "r2" / "metrics.json").read_text())
-    assert metrics["models"]["teacher"].startswith(f"teacher reused from {out / 'teacher'}: foundation model loaded")
-    assert "fine-tuned" in metrics["models"]["teacher"]
+    description = metrics["teacher"]["description"]
+    assert description.startswith(f"teacher reused from {out / 'teacher'}: foundation model loaded")
+    assert "fine-tuned" in description and "fine-tuned" in (tmp_path / "r2" / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -265,6 +302,13 @@ def test_lorkd_teacher_prints_source_layers_and_shapes(tmp_path, teacher_files, 
     assert "synth_xray (3 classes): its output [0, 3] -> logits [2, 3]" in text
     assert "synth_ultrasound (2 classes): head -> logits [2, 2]" in text
     assert "features.denseblock4  _DenseBlock  [4, " in text and "sample batch: [4, 1, 16, 16]" in text
+
+
+def test_lorkd_teacher_without_a_source_shows_the_network_lorkd_would_train(tmp_path, capsys):
+    cfg = write_config(tmp_path, {"net": {"arch": "resnet10", "widen": 0.25}})
+    assert run_cli("teacher", cfg) == 0
+    text = capsys.readouterr().out
+    assert "source: none: `lorkd run` trains teacher.net (resnet10)" in text and "  backbone.layer1  Sequential  [4, " in text
 
 
 # ------------------------------------------------------------------ bad input: one clear error, before training

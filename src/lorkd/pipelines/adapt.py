@@ -119,7 +119,7 @@ def teacher_description(info: dict[str, Any]) -> str:
     src, ad = info.get("source", {}), info.get("adapt", {})
     how = f"{ad.get('epochs', 0)} epoch(s)" + (f", {ad['seconds']:.1f} s" if "seconds" in ad else "")
     if src.get("kind") == "trained":
-        return f"foundation model trained by this run on all tasks ({src.get('net')}, {how})"
+        return f"foundation model trained by lorkd on all tasks of the run ({src.get('net')}, {how})"
     if src.get("kind") == "lorkd":
         inner = info.get("reused")
         return f"teacher reused from {src.get('path')}" + (f": {teacher_description(inner)}" if inner else

@@ -290,6 +290,11 @@ class TaskRemap(nn.Module):
         self.teacher = teacher
         self.map = torch.tensor(tasks)
 
+    @property
+    def feature_root(self) -> nn.Module:
+        """The wrapped teacher's :attr:`feature_root` (teacher layer names are relative to it)."""
+        return getattr(self.teacher, "feature_root", self.teacher)
+
     def forward(self, x, task_ids):
         out = self.teacher(x, self.map.to(task_ids.device)[task_ids])
         inverse = {int(self.map[i]): i for i in range(len(self.map))}
@@ -328,7 +333,8 @@ def drive(run: Any, stages: tuple[str, ...], export: Callable[[Any, nn.Module], 
         with timed(run.timing, "evaluate"):
             metrics = evaluate(run, teacher, student, baselines)
         metrics["teacher"] = run.teacher_info
-        metrics["models"] = {**metrics.get("models", {}), "teacher": run.teacher_info["description"]}
+        # the first clause (where it came from); the report's "Teacher" line gives all of it
+        metrics["models"] = {**metrics.get("models", {}), "teacher": run.teacher_info["description"].split(";")[0]}
         metrics["timing_s"] = _record_timing(out, run.timing)
         metrics["config"] = to_dict(run.cfg)
         write_json(out / "metrics.json", metrics)
