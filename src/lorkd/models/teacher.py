@@ -30,6 +30,7 @@ from .taps import LayerTaps, find_layer
 __all__ = ["Foundation", "InputAdapter", "first_conv_channels"]
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}  # interpolation mode by spatial dims
 HeadSpec = int | Sequence[int] | str
 
 
@@ -81,8 +82,7 @@ class InputAdapter(nn.Module):
                                   "set channels: repeat (1 -> 3) or average (3 -> 1)")
             x = x.repeat(1, want // c, *([1] * self.spatial_dims))
         if self.size is not None and list(x.shape[2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode=("linear", "bilinear", "trilinear")[self.spatial_dims - 1],
-                              align_corners=False)
+            x = F.interpolate(x, size=self.size, mode=_LINEAR[self.spatial_dims], align_corners=False)
         shape = (1, -1) + (1,) * self.spatial_dims
         return (x - self.mean.view(shape).to(x.dtype)) / self.std.view(shape).to(x.dtype)
 
@@ -152,8 +152,8 @@ class Foundation(MultiTaskNet):
                 got = self._mapped(out, t, example)
                 want = (example.shape[0], num_classes[t])
                 if tuple(got.shape[:2]) != want:
-                    raise ConfigError(f"{key}.heads.{names[t]}: {heads[t]!r} gives shape {list(got.shape)}, "
-                                      f"but task {names[t]!r} has {num_classes[t]} classes (want [B, {num_classes[t]}, ...])")
+                    raise ConfigError(f"{key}.heads.{names[t]}: {heads[t]!r} gives shape {list(got.shape)}, but task "
+                                      f"{names[t]!r} has {num_classes[t]} classes (want [B, {num_classes[t]}, ...])")
             else:
                 self.heads[t] = (_CONVS[spatial_dims](self.feature_dim, num_classes[t], 1) if dense
                                  else nn.Linear(self.feature_dim, num_classes[t]))
@@ -285,4 +285,4 @@ def _resize(y: Tensor, size: Sequence[int], key: str) -> Tensor:
                           f"got shape {list(y.shape)}")
     if tuple(y.shape[2:]) == tuple(size):
         return y
-    return F.interpolate(y, size=list(size), mode=("linear", "bilinear", "trilinear")[len(size) - 1], align_corners=False)
+    return F.interpolate(y, size=list(size), mode=_LINEAR[len(size)], align_corners=False)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import from_dict, to_dict
 from ..errors import ConfigError
+from ..fileio import read_json
 from ..experts import build_architecture
 from ..models.foundation import load_foundation
 from ..models.teacher import Foundation, InputAdapter, first_conv_channels
@@ -145,15 +146,11 @@ def load_source_teacher(run: Any, folder: Path) -> nn.Module:
             raise ConfigError(f"teacher.source.path: {source} is not a lorkd teacher folder (no model.safetensors "
                               "+ model.json there)")
         model = reuse_network(run, source, build=lambda meta: build_from_meta(run, meta))
-        from ..fileio import read_json
-
         run.teacher_info = {"source": {"kind": "lorkd", "path": str(source)},
                             "reused": read_json(source / "model.json").get("teacher_info")}
         return model
     if has_network(folder):  # this run's adapted teacher, finished earlier
         model = reuse_network(run, folder, build=lambda meta: build_from_meta(run, meta))
-        from ..fileio import read_json
-
         run.teacher_info = read_json(folder / "model.json").get("teacher_info") or {}
         return model
     model = build_foundation(run)
