@@ -122,6 +122,21 @@ def test_missing_file_unknown_kind_and_missing_packages(tmp_path):
                 lorkd.load_foundation(kind, tmp_path / "w.pth", name="resnet18")
 
 
+@pytest.mark.parametrize("kind", ["torchvision", "timm"])
+def test_torchvision_and_timm_models_with_local_weights(kind, tmp_path):
+    package = pytest.importorskip(kind)  # optional packages: this runs where they are installed
+    torch.manual_seed(0)
+    model = (package.models.get_model("resnet18", weights=None) if kind == "torchvision"
+             else package.create_model("resnet18", pretrained=False)).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    loaded = lorkd.load_foundation(kind, tmp_path / "w.pth", name="resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match=rf"teacher\.source\.name: {kind} cannot build 'no_such_net'"):
+        lorkd.load_foundation(kind, tmp_path / "w.pth", name="no_such_net")
+
+
 # ------------------------------------------------------------------ the wrapper and the input adapter
 def test_foundation_maps_outputs_and_fits_heads_on_a_named_layer():
     net = trained_densenet()
@@ -195,6 +210,7 @@ def test_input_adapter_channels_size_and_normalisation(dims):
 
 # ------------------------------------------------------------------ through a config, end to end
 def write_config(tmp_path: Path, teacher: dict, name: str = "cfg.yaml", **extra) -> Path:
+    """A tiny classification config on the synthetic tasks; ``extra`` replaces top-level sections."""
     cfg = {"data": DATA, "teacher": teacher, "evaluate": {"latency_repeats": 1},
            "student": {"net": {"arch": "resnet10", "widen": 0.125}, "train": STAGE}, **extra}
     path = tmp_path / name
@@ -221,7 +237,8 @@ def backbone_state(folder: Path) -> dict[str, torch.Tensor]:
 def test_run_end_to_end_with_each_kind_and_heads_adaptation(kind, tmp_path, teacher_files, capsys):
     # a TorchScript module offers only its outputs: the fitted head reads its logits
     extra = {"features": None} if kind == "torchscript" else {}
-    cfg = write_config(tmp_path, foundation_teacher(SOURCES[kind](teacher_files), **extra))
+    student = {"net": {"arch": "resnet10", "widen": 0.125}, "train": STAGE, "distill": {"feat_weight": 0.5}}
+    cfg = write_config(tmp_path, foundation_teacher(SOURCES[kind](teacher_files), **extra), student=student)
     out = tmp_path / "run"
     assert run_cli("run", cfg, "--out", out, "--no-progress") == 0
     original = torch.load(teacher_files["original"], weights_only=False).state_dict()
@@ -236,7 +253,7 @@ def test_run_end_to_end_with_each_kind_and_heads_adaptation(kind, tmp_path, teac
     assert "linear probe" in metrics["teacher"]["description"]
     report = (out / "report.md").read_text()
     assert "trained on all tasks" not in report and str(SOURCES[kind](teacher_files)["path"]) in report
-    # the teacher's mapped task reproduces the original model's outputs on the test split
+    assert "feat" in (out / "student" / "history.csv").read_text().splitlines()[0].split(",")
     assert 0.0 <= metrics["tasks"]["synth_xray"]["teacher"]["acc"] <= 1.0
     capsys.readouterr()
 
@@ -284,6 +301,7 @@ def test_segmentation_with_a_state_dict_teacher_and_a_named_decoder_layer(tmp_pa
                "features": "model.1.submodule", "adapt": {"mode": "heads", "epochs": 1, "batch_size": 4}}
     cfg = tiny_config([{"name": "heart", "path": str(root)}], [8, 16, 16], evaluate={"latency_repeats": 1, "hd95": False})
     cfg["teacher"] = teacher
+    cfg["student"]["distill"] = {"feat_weight": 0.5}  # feature KD from the named teacher layer (resized map)
     path = tmp_path / "seg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert run_cli("teacher", path) == 0
@@ -292,6 +310,7 @@ def test_segmentation_with_a_state_dict_teacher_and_a_named_decoder_layer(tmp_pa
     assert all(torch.equal(saved[k], v) for k, v in unet.state_dict().items())
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0.0 <= metrics["tasks"]["heart"]["teacher"]["dice"] <= 1.0
+    assert "feat" in (tmp_path / "run" / "student" / "history.csv").read_text().splitlines()[0].split(",")
 
 
 def test_lorkd_teacher_prints_source_layers_and_shapes(tmp_path, teacher_files, capsys):
