@@ -206,6 +206,8 @@ def test_input_adapter_channels_size_and_normalisation(dims):
     assert torch.allclose(InputAdapter(dims, channels="average", in_channels=1)(rgb), rgb.mean(1, keepdim=True))
     with pytest.raises(ConfigError, match=r"teacher\.input\.channels: the teacher takes 3 channels, the data has 1"):
         InputAdapter(dims, in_channels=3)(x)
+    with pytest.raises(ConfigError, match=r"teacher\.input\.std: give one number or 3"):
+        InputAdapter(dims, channels="repeat", in_channels=3, std=[0.2, 0.2])
 
 
 # ------------------------------------------------------------------ through a config, end to end

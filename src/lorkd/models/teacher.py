@@ -68,6 +68,11 @@ class InputAdapter(nn.Module):
         self.data_mean, self.data_std = data_mean, data_std
         self.register_buffer("mean", _per_channel(mean, 0.0), persistent=False)
         self.register_buffer("std", _per_channel(std, 1.0), persistent=False)
+        for name in ("mean", "std"):
+            n = len(getattr(self, name))
+            if n != 1 and in_channels is not None and n != in_channels:
+                raise ConfigError(f"{key}.{name}: give one number or {in_channels} (one per teacher input channel), "
+                                  f"got {n}")
 
     def forward(self, x: Tensor) -> Tensor:
         if self.data_mean is not None and self.data_std is not None:
