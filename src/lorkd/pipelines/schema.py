@@ -3,6 +3,7 @@ config may give only ``data.tasks``. See README "Config reference" for the same 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -163,8 +164,6 @@ class TeacherSection:
         p = path or "teacher"
         if self.checkpoint is not None:  # alias of the old key
             check(self.source is None, f"{p}.checkpoint", f"give {p}.source only (checkpoint is its old spelling)")
-            import logging
-
             logging.getLogger("lorkd").warning("%s.checkpoint is deprecated: use %s.source: {kind: lorkd, path: %s}",
                                                p, p, self.checkpoint)
             self.source, self.checkpoint = TeacherSource(kind="lorkd", path=self.checkpoint), None
