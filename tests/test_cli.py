@@ -82,9 +82,9 @@ def test_run_on_npz_files_then_reuse_teacher_and_aggregate_report(tmp_path, caps
     base = {k: v for k, v in TINY.items() if k != "data"}
     cfg = write_config(tmp_path, {**base, "data": {"tasks": paths}})
     assert run_cli("run", cfg, "--out", tmp_path / "r0", "--no-progress") == 0
-    # a second run reuses the first run's teacher through teacher.checkpoint
+    # a second run reuses the first run's teacher through teacher.source (kind lorkd)
     assert run_cli("run", cfg, "--out", tmp_path / "r1", "--no-progress", "--set", "seed=1",
-                   "--set", f"teacher.checkpoint={tmp_path / 'r0' / 'teacher'}") == 0
+                   "--set", "teacher.source.kind=lorkd", "--set", f"teacher.source.path={tmp_path / 'r0' / 'teacher'}") == 0
     assert not (tmp_path / "r1" / "teacher").exists()
     assert run_cli("report", tmp_path / "r0", tmp_path / "r1", "--out", tmp_path / "summary.md") == 0
     assert "±" in (tmp_path / "summary.md").read_text()

@@ -115,7 +115,7 @@ def test_reused_teacher_must_fit_the_data(finished_run, capsys):
     cfg = finished_run / "three.yaml"
     cfg.write_text(yaml.safe_dump({**{k: v for k, v in TINY.items() if k != "data"},
                                    "data": {"tasks": [{"name": "breast", "path": str(finished_run / "three.npz")}]},
-                                   "teacher": {"checkpoint": str(finished_run / "out" / "teacher")}}))
+                                   "teacher": {"source": {"kind": "lorkd", "path": str(finished_run / "out" / "teacher")}}}))
     assert cli.main(["run", str(cfg), "--out", str(finished_run / "out3"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "teacher/model.json" in err and "classes [2]" in err and "[3]" in err

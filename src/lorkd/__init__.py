@@ -4,6 +4,13 @@
 >>> student = lorkd.add_experts(model, num_tasks=3, rank=4, alpha=16)
 >>> y = student(x, task_ids)            # one pass over a batch that mixes tasks
 >>> expert = student.extract(1)         # a plain model of type(model), expert 1 merged in
+
+Your own foundation model as the teacher (any ``nn.Module``, or one loaded from a file):
+
+>>> fm = lorkd.load_foundation("state_dict", "dn121.pt", factory="monai.networks.nets:DenseNet121",
+...                            kwargs={...}, strip_prefix="module.")
+>>> teacher = lorkd.Foundation(fm, num_classes=[2, 2], example=x, features="features.denseblock4")
+>>> out = teacher(x, task_ids)          # TaskOutput: features [B, F], logits per task
 """
 
 from .errors import ConfigError, DataError, LorkdError, TrainingError
@@ -16,10 +23,12 @@ from .experts import (
     save_expert,
     save_student,
 )
+from .models.foundation import load_foundation
+from .models.teacher import Foundation, InputAdapter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DataError", "ExpertModel", "LorkdError", "TrainingError", "add_experts",
+    "ConfigError", "DataError", "ExpertModel", "Foundation", "InputAdapter", "load_foundation", "LorkdError", "TrainingError", "add_experts",
     "build_architecture", "load_expert", "load_student", "save_expert", "save_student", "__version__",
 ]

@@ -6,6 +6,7 @@
     lorkd demo [--out DIR]
     lorkd report RUN_DIR [RUN_DIR ...] --out FILE
     lorkd bench [...]
+    lorkd teacher CONFIG [--set key=value ...]
 
 Every command may be launched under ``torchrun``; rank 0 alone writes. User errors (bad
 config, bad data, a non-finite loss) print one line naming the cause and exit with code 2.
@@ -76,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("teacher", help="what the config's teacher would be (source, parameters, layer names, "
+                       "output shapes per task), without training")
+    p.add_argument("config", type=Path, help="YAML recipe (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.set_defaults(func=cmd_teacher)
     p = sub.add_parser("bench", help="speed and memory of lorkd vs plain vs grouped convolution", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda a: __import__("lorkd.bench", fromlist=["main"]).main(a.rest))
@@ -190,6 +197,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     predict_files(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
                   device=args.device)
+    return 0
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from .pipelines.adapt import describe_teacher
+
+    print(describe_teacher(load_recipe(args.config, args.overrides)))
     return 0
 
 

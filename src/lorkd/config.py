@@ -133,6 +133,9 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error, with its dotted key
+            return _convert(options[0], value, path)
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:

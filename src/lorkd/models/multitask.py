@@ -52,6 +52,12 @@ class MultiTaskNet(nn.Module):
         return isinstance(self.backbone, ExpertModel)
 
     @property
+    def feature_root(self) -> nn.Module:
+        """The module whose layer names the configs use for this network as a teacher (here: itself;
+        a loaded foundation model, :class:`~lorkd.models.teacher.Foundation`: the user's module)."""
+        return self
+
+    @property
     def num_tasks(self) -> int:
         return len(self.heads)
 

@@ -26,6 +26,7 @@ from ..engine.distributed import DistributedContext
 from ..experts import save_expert
 from ..models.backbones import backbone_spec
 from ..models.classifier import MultiTaskClassifier
+from ..models.multitask import MultiTaskNet
 from .common import drive, fit_stage
 from .schema import ClassificationConfig, Stage
 
@@ -128,7 +129,8 @@ def predict_probs(model: nn.Module, dataset: MultiTaskDataset, device: torch.dev
                   batch_size: int = 256) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Class probabilities and labels per task: ``{task: (probs [n, C_t], labels [n])}``.
 
-    ``model`` is a :class:`MultiTaskClassifier` (any task) or a plain network of one task (then
+    ``model`` is a multi-task network (:class:`MultiTaskClassifier`, a loaded teacher; any task)
+    or a plain network of one task (then
     ``tasks`` must hold that single task). The model is put in eval mode and restored after.
     """
     was_training = model.training
@@ -140,7 +142,7 @@ def predict_probs(model: nn.Module, dataset: MultiTaskDataset, device: torch.dev
         probs = []
         for start in range(0, len(idx), batch_size):
             batch = collate_task_batch([dataset[i] for i in idx[start:start + batch_size]]).to(device)
-            if isinstance(model, MultiTaskClassifier) or hasattr(model, "module"):
+            if isinstance(model, MultiTaskNet) or hasattr(model, "module"):
                 logits = model(batch.images, batch.task_ids).logits[task]
             else:
                 logits = model(batch.images)

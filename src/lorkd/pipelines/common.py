@@ -223,18 +223,20 @@ def check_feature_layers(run: Any, teacher: nn.Module | None = None) -> None:
         check_layer_names(pairs, teacher=teacher)
         return
     check_layer_names(pairs, student=run.network(sc.net, run.num_classes, sc.experts.as_kwargs()))
-    if not run.cfg.teacher.checkpoint and not has_network(run.out / "teacher"):
+    if run.cfg.teacher.source is None and not has_network(run.out / "teacher"):
         check_layer_names(pairs, teacher=run.network(run.cfg.teacher.net, run.num_classes))
 
 
-def reuse_network(run: Any, folder: Path, tasks: list[int] | None = None) -> nn.Module:
+def reuse_network(run: Any, folder: Path, tasks: list[int] | None = None,
+                  build: Callable[[dict[str, Any]], nn.Module] | None = None) -> nn.Module:
     """Load a network an earlier stage or run saved, after checking it was trained for the
-    tasks and classes of this run's data (``tasks``: a subset, by task id).
+    tasks and classes of this run's data (``tasks``: a subset, by task id). ``build(meta)``
+    rebuilds it (default ``run.build``).
 
     Raises:
         DataError: it was trained on other tasks or another number of classes (names the file).
     """
-    model, meta = load_network(folder, run.build)
+    model, meta = load_network(folder, build or run.build)
     tasks = list(range(len(run.names))) if tasks is None else tasks
     names, classes = [run.names[t] for t in tasks], [run.num_classes[t] for t in tasks]
     if meta.get("tasks") != names or meta.get("num_classes") != classes:
@@ -244,19 +246,31 @@ def reuse_network(run: Any, folder: Path, tasks: list[int] | None = None) -> nn.
 
 
 def stage_teacher(run: Any) -> nn.Module:
-    """Train the foundation model on all tasks (or load ``teacher.checkpoint``); writes ``teacher/``."""
+    """Train the foundation model on all tasks, or load ``teacher.source`` (and adapt it, see
+    :mod:`lorkd.pipelines.adapt`); writes ``teacher/`` and sets ``run.teacher_info`` (where the
+    teacher came from, what was adapted and how long: recorded in ``teacher/model.json``)."""
+    from .adapt import build_from_meta, load_source_teacher, teacher_description
+
     folder = run.out / "teacher"
-    source = Path(run.cfg.teacher.checkpoint) if run.cfg.teacher.checkpoint else folder
-    if has_network(source):
-        return reuse_network(run, source)
-    if run.cfg.teacher.checkpoint:
-        raise DataError(f"teacher.checkpoint {source}: no {WEIGHTS} + {META} there")
-    with timed(run.timing, "teacher"):
-        model = run.network(run.cfg.teacher.net, run.num_classes)
-        objective = objective_for(run, Distill(kd_weight=0.0))
-        model = run.fit(model, run.cfg.teacher.train, folder, objective)
+    tcfg = run.cfg.teacher
+    if tcfg.source is not None:
+        model = load_source_teacher(run, folder)
+    elif has_network(folder):
+        model = reuse_network(run, folder, build=lambda meta: build_from_meta(run, meta))
+        run.teacher_info = read_json(folder / META).get("teacher_info") or {
+            "source": {"kind": "trained", "net": tcfg.net.arch}, "adapt": {"epochs": tcfg.train.epochs}}
+    else:
+        with timed(run.timing, "teacher"):
+            model = run.network(tcfg.net, run.num_classes)
+            objective = objective_for(run, Distill(kd_weight=0.0))
+            model = run.fit(model, tcfg.train, folder, objective)
+        run.teacher_info = {"source": {"kind": "trained", "net": tcfg.net.arch},
+                            "adapt": {"mode": "trained on all tasks", "epochs": tcfg.train.epochs,
+                                      "seconds": run.timing["teacher"]}}
+        run.teacher_info["description"] = teacher_description(run.teacher_info)
         if run.ctx.is_main:
-            save_network(model, folder, run.meta(model, "teacher"))
+            save_network(model, folder, run.meta(model, "teacher", teacher_info=run.teacher_info))
+    run.teacher_info.setdefault("description", teacher_description(run.teacher_info))
     return model
 
 
@@ -332,7 +346,7 @@ class TaskRemap(nn.Module):
 
     @property
     def feature_root(self) -> nn.Module:
-        """Layer names of feature pairs refer to the wrapped teacher's (see :mod:`lorkd.pipelines.features`)."""
+        """The wrapped teacher's :attr:`feature_root` (teacher layer names are relative to it)."""
         return getattr(self.teacher, "feature_root", self.teacher)
 
     def forward(self, x, task_ids):
@@ -374,6 +388,9 @@ def drive(run: Any, stages: tuple[str, ...], export: Callable[[Any, nn.Module], 
             return None
         with timed(run.timing, "evaluate"):
             metrics = evaluate(run, teacher, student, baselines)
+        metrics["teacher"] = run.teacher_info
+        # the first clause (where it came from); the report's "Teacher" line gives all of it
+        metrics["models"] = {**metrics.get("models", {}), "teacher": run.teacher_info["description"].split(";")[0]}
         metrics["timing_s"] = _record_timing(out, run.timing)
         metrics["config"] = to_dict(run.cfg)
         write_json(out / "metrics.json", metrics)

@@ -3,6 +3,7 @@ config may give only ``data.tasks``. See README "Config reference" for the same 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -155,12 +156,104 @@ class Experts:
 
 
 @dataclass
+class KeyMap:
+    """How the keys of a weights file are rewritten before loading (see :func:`lorkd.load_foundation`)."""
+
+    strip_prefix: str | None = None  # e.g. "module." (DDP) or "model."
+    rename: list[list[str]] = field(default_factory=list)  # [regex, replacement] pairs, applied in order
+
+    def validate(self, path: str) -> None:
+        check(all(len(pair) == 2 for pair in self.rename), f"{path}.rename",
+              f"give [regex, replacement] pairs, got {self.rename}")
+
+
+TEACHER_KINDS = ("lorkd", "state_dict", "torchscript", "monai_bundle", "torchvision", "timm")
+
+
+@dataclass
+class TeacherSource:
+    """Where the foundation model comes from (README "Use your own foundation model").
+
+    ``lorkd``: a ``teacher/`` folder of an earlier run; ``state_dict``: a weights file plus the
+    architecture (``factory`` + ``kwargs``, else the backbone ``teacher.net``); ``torchscript``; a
+    ``monai_bundle`` folder; ``torchvision``/``timm``: model ``name`` + weights file."""
+
+    kind: Literal["lorkd", "state_dict", "torchscript", "monai_bundle", "torchvision", "timm"]
+    path: str
+    factory: str | None = None  # "package.module:function" building the architecture (state_dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # of factory, or of the torchvision/timm model
+    name: str | None = None  # torchvision/timm model name
+    key_map: KeyMap = field(default_factory=KeyMap)
+    strict: bool = True  # every key must fit (False: missing/unexpected keys are skipped)
+    network_key: str = "network_def"  # monai_bundle: the config entry of the network
+
+    def validate(self, path: str) -> None:
+        check(bool(self.path), f"{path}.path", "give the file or folder of the teacher")
+        check(self.kind not in ("torchvision", "timm") or bool(self.name), f"{path}.name",
+              f"kind {self.kind} needs the model name (e.g. resnet50)")
+
+
+@dataclass
+class TeacherInput:
+    """What the teacher's input needs (applied to the teacher's input only, 2D and 3D)."""
+
+    size: int | list[int] | None = None  # resize to this (one number: every spatial dim)
+    channels: Literal["repeat", "average"] | None = None  # data channels -> in_channels
+    in_channels: int | None = None  # default: the teacher's first convolution's input channels
+    mean: float | list[float] | None = None  # the teacher's normalisation, on [0, 1] images
+    std: float | list[float] | None = None
+
+    def validate(self, path: str) -> None:
+        stds = self.std if isinstance(self.std, list) else [self.std] if self.std is not None else []
+        check(all(s > 0 for s in stds), f"{path}.std", f"must be > 0, got {self.std}")
+        sizes = self.size if isinstance(self.size, list) else [self.size] if self.size is not None else []
+        check(all(s >= 1 for s in sizes), f"{path}.size", f"must be >= 1, got {self.size}")
+        check(self.in_channels is None or self.in_channels >= 1, f"{path}.in_channels", f"must be >= 1, got {self.in_channels}")
+
+
+@dataclass
+class TeacherAdapt(Stage):
+    """Fitting a loaded teacher to the run's tasks: ``heads`` (linear probe: one head per task on
+    the frozen model), ``finetune`` (heads and the whole model) or ``none``. ``None``: ``heads`` when
+    some task has no output in ``teacher.heads``, else ``none``."""
+
+    mode: Literal["none", "heads", "finetune"] | None = None
+    epochs: int = 5
+    optim: Optim = field(default_factory=lambda: Optim(name="adamw", lr=1e-3, weight_decay=1e-4))
+
+
+@dataclass
 class TeacherSection:
-    """The foundation model: trained on all tasks, or loaded from ``checkpoint``."""
+    """The foundation model: trained by the run on all tasks, or loaded from ``source``.
+
+    With ``source``: ``heads`` maps tasks to outputs the teacher already has (an output index,
+    a ``[start, stop]`` slice of its channels, or a layer name); other tasks get a head on
+    ``features`` (a layer name; default: the model's output), fitted by ``adapt``."""
 
     net: Net = field(default_factory=lambda: Net(arch="resnet50"))
-    checkpoint: str | None = None  # a teacher folder written by an earlier run (teacher/)
+    checkpoint: str | None = None  # old spelling of source: {kind: lorkd, path: ...}
     train: Stage = field(default_factory=Stage)
+    source: TeacherSource | None = None
+    heads: dict[str, int | list[int] | str] = field(default_factory=dict)
+    features: str | None = None
+    input: TeacherInput | None = None
+    adapt: TeacherAdapt = field(default_factory=TeacherAdapt)
+
+    def validate(self, path: str) -> None:
+        p = path or "teacher"
+        if self.checkpoint is not None:  # alias of the old key
+            check(self.source is None, f"{p}.checkpoint", f"give {p}.source only (checkpoint is its old spelling)")
+            logging.getLogger("lorkd").warning("%s.checkpoint is deprecated: use %s.source: {kind: lorkd, path: %s}",
+                                               p, p, self.checkpoint)
+            self.source, self.checkpoint = TeacherSource(kind="lorkd", path=self.checkpoint), None
+        own = self.source is None or self.source.kind == "lorkd"
+        what = "trains its own teacher" if self.source is None else "reuses a lorkd teacher folder, which has its heads"
+        for name in ("heads", "features", "input"):
+            check(not own or not getattr(self, name), f"{p}.{name}",
+                  f"only for a loaded foundation model (teacher.source of kind state_dict, torchscript, ...); "
+                  f"this run {what}")
+        check(not own or self.adapt.mode in (None, "none"), f"{p}.adapt.mode",
+              f"only for a loaded foundation model; this run {what}")
 
 
 @dataclass

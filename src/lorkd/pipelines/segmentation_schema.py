@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from ..config import check
 from ..engine.trainer import OptimConfig as Optim
-from .schema import Baselines, Distill, Experts, Export, Stage, StudentSection, TeacherSection
+from .schema import Baselines, Distill, Experts, Export, Stage, StudentSection, TeacherAdapt, TeacherSection
 
 __all__ = ["AugmentConfig", "PreprocessConfig", "SegEvaluate", "SegNet", "SegStudentSection", "SegTaskFile", "SegTeacherSection",
            "SegmentationConfig", "SegmentationData"]
@@ -151,6 +151,7 @@ def _seg_stage() -> Stage:
 class SegTeacherSection(TeacherSection):
     net: SegNet = field(default_factory=SegNet)
     train: Stage = field(default_factory=_seg_stage)
+    adapt: TeacherAdapt = field(default_factory=lambda: TeacherAdapt(batch_size=8))  # batches of patches
 
 
 @dataclass

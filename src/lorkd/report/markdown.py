@@ -272,6 +272,9 @@ def _summary(metrics: Mapping[str, Any], tasks: Mapping[str, Any], primary: str,
         out.append("- **Compared models:**")
         for m in models:
             out.append(f"  - `{m}`" + (f": {descr[m]}" if descr.get(m) else ""))
+    teacher = metrics.get("teacher")
+    if isinstance(teacher, Mapping) and teacher.get("description"):
+        out.append(f"- **Teacher:** {teacher['description']}.")
     data = [d for d in (metrics.get("data") or []) if isinstance(d, Mapping)]
     if data:
         parts = [f"{d.get('name', '?')} ({d.get('n_train', 'n/a')} train / {d.get('n_val', 'n/a')} val / "
