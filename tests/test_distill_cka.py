@@ -67,3 +67,12 @@ def test_bad_shapes_are_named():
         linear_cka(torch.randn(4, 3), torch.randn(5, 3))
     with pytest.raises(ValueError, match="at least 4"):
         unbiased_cka(torch.randn(3, 2), torch.randn(3, 2))
+
+
+def test_wide_features_use_the_gram_form_with_the_same_value():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 40, dtype=torch.float64, generator=g)   # n < D: Gram branch
+    y = torch.randn(6, 30, dtype=torch.float64, generator=g)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    expected = (yc.T @ xc).pow(2).sum() / ((xc.T @ xc).pow(2).sum().sqrt() * (yc.T @ yc).pow(2).sum().sqrt())
+    assert linear_cka(x, y).item() == pytest.approx(expected.item(), rel=1e-10)

@@ -47,9 +47,15 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     a, b = _pair(x, y)
     a = a - a.mean(0, keepdim=True)
     b = b - b.mean(0, keepdim=True)
-    cross = (b.T @ a).pow(2).sum()
-    norm_a = (a.T @ a).pow(2).sum().sqrt()
-    norm_b = (b.T @ b).pow(2).sum().sqrt()
+    if a.shape[0] < max(a.shape[1], b.shape[1]):
+        # few samples, wide features: the same sums through the [n, n] Gram matrices
+        # (||B^T A||_F^2 = <A A^T, B B^T>_F), never a [D, D] matrix.
+        k, l = a @ a.T, b @ b.T
+        cross, norm_a, norm_b = (k * l).sum(), k.pow(2).sum().sqrt(), l.pow(2).sum().sqrt()
+    else:
+        cross = (b.T @ a).pow(2).sum()
+        norm_a = (a.T @ a).pow(2).sum().sqrt()
+        norm_b = (b.T @ b).pow(2).sum().sqrt()
     return cross / (norm_a * norm_b + _EPS)
 
 
