@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,9 +16,12 @@ from ..distill import FeatureProjector, feature_kd, soft_target_kd
 from ..engine.trainer import StepLoss
 from ..errors import DataError
 from ..fileio import read_json, write_atomic, write_json
+from .runfolder import record_stage, start_training
 from .schema import Distill
 
 WEIGHTS, META = "model.safetensors", "model.json"
+
+log = logging.getLogger("lorkd")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,7 +46,10 @@ def load_network(folder: Path, build: Callable[[dict[str, Any]], nn.Module]) -> 
         DataError: a file is missing or corrupt, or the weights do not fit (names the file).
     """
     meta = read_json(folder / META)
-    model = build(meta)
+    try:
+        model = build(meta)
+    except DataError as err:
+        raise DataError(f"{folder / META}: {err}") from err
     path = folder / WEIGHTS
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -204,11 +211,14 @@ def stage_teacher(run: Any) -> nn.Module:
     folder = run.out / "teacher"
     source = Path(run.cfg.teacher.checkpoint) if run.cfg.teacher.checkpoint else folder
     if has_network(source):
-        return reuse_network(run, source)
+        model = reuse_network(run, source)
+        record_stage(run, "teacher", "loaded" if run.cfg.teacher.checkpoint else "reused", source)
+        return model
     if run.cfg.teacher.checkpoint:
         raise DataError(f"teacher.checkpoint {source}: no {WEIGHTS} + {META} there")
     with timed(run.timing, "teacher"):
         model = run.network(run.cfg.teacher.net, run.num_classes)
+        start_training(run, "teacher", folder)
         objective = objective_for(run, Distill(kd_weight=0.0))
         model = run.fit(model, run.cfg.teacher.train, folder, objective)
         if run.ctx.is_main:
@@ -220,11 +230,14 @@ def stage_student(run: Any, teacher: nn.Module, name: str = "student", distill: 
     """Decompose: train the student with experts, distilling from ``teacher``; writes ``<name>/``."""
     folder = run.out / name
     if has_network(folder):
-        return reuse_network(run, folder)
+        model = reuse_network(run, folder)
+        record_stage(run, name, "reused", folder)
+        return model
     sc = run.cfg.student
     distill = distill or sc.distill
     with timed(run.timing, name):
         model = run.network(sc.net, run.num_classes, sc.experts.as_kwargs())
+        start_training(run, name, folder)
         projector = run.projector(model, teacher) if distill.feat_weight > 0 else None
         objective = objective_for(run, distill, teacher, projector)
         model = run.fit(model, sc.train, folder, objective, extra=projector)
@@ -248,15 +261,16 @@ def stage_baselines(run: Any, teacher: nn.Module) -> dict[str, Any]:
         if name == "student_nokd":
             trained[name] = stage_student(run, teacher, name="baselines/student_nokd", distill=distill)
             continue
-        groups = [[t] for t in range(len(run.names))] if name.startswith("stl") else [list(range(len(run.names)))]
         models = {}
-        for tasks in groups:
-            folder = run.out / "baselines" / name / (run.names[tasks[0]] if len(tasks) == 1 else "all")
+        for tasks, folder in baseline_groups(run, name):
+            stage = folder.relative_to(run.out).as_posix()
             if has_network(folder):
                 models[tuple(tasks)] = reuse_network(run, folder, tasks)
+                record_stage(run, stage, "reused", folder)
                 continue
             with timed(run.timing, f"baseline_{name}"):
                 model = run.network(sc.net, [run.num_classes[t] for t in tasks])
+                start_training(run, stage, folder)
                 sub_teacher = TaskRemap(teacher, tasks) if kd else None
                 projector = run.projector(model, teacher) if kd and distill.feat_weight > 0 else None
                 objective = objective_for(run, distill, sub_teacher, projector)
@@ -266,6 +280,16 @@ def stage_baselines(run: Any, teacher: nn.Module) -> dict[str, Any]:
             models[tuple(tasks)] = model
         trained[name] = models
     return trained
+
+
+def baseline_groups(run: Any, name: str) -> list[tuple[list[int], Path]]:
+    """The ``(task ids, folder)`` of each model of baseline ``name`` (``stl*``: one per task;
+    ``mtl*``: one of all tasks; ``student_nokd``: the whole student)."""
+    if name == "student_nokd":
+        return [(list(range(len(run.names))), run.out / "baselines" / name)]
+    groups = [[t] for t in range(len(run.names))] if name.startswith("stl") else [list(range(len(run.names)))]
+    return [(tasks, run.out / "baselines" / name / (run.names[tasks[0]] if len(tasks) == 1 else "all"))
+            for tasks in groups]
 
 
 class TaskRemap(nn.Module):
@@ -285,17 +309,34 @@ class TaskRemap(nn.Module):
 
 
 def drive(run: Any, stages: tuple[str, ...], export: Callable[[Any, nn.Module], Any],
-          evaluate: Callable[[Any, nn.Module, nn.Module, dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
+          evaluate: Callable[[Any, nn.Module, nn.Module, dict[str, Any]], dict[str, Any]],
+          reuse: bool = False) -> dict[str, Any] | None:
     """Run ``stages`` in order on ``run``; earlier stages' outputs are reused when present.
 
-    Writes ``config.yaml`` first and ``metrics.json`` (with ``timing_s`` and ``config``) last.
-    Returns the metrics when ``evaluate`` ran (on rank 0), else ``None``.
+    First :func:`~lorkd.pipelines.runfolder.preflight` (fingerprints of the stages to reuse,
+    networks to train, before anything is written; ``reuse`` accepts differing fingerprints).
+    Writes ``config.yaml`` (unless a stage was accepted with ``reuse`` although its config
+    differs: config.yaml then keeps describing the models in the folder) and ``metrics.json``
+    (with ``timing_s``, ``config`` and ``stages``) last. Factories outside the known namespaces
+    are accepted only with ``cfg.trust_code``. Returns the metrics when ``evaluate`` ran (on
+    rank 0), else ``None``.
     """
-    from ..config import to_dict, write_config
+    from ..factories import trusted_code
+
+    with trusted_code(getattr(run.cfg, "trust_code", False)):
+        return _drive(run, stages, export, evaluate, reuse)
+
+
+def _drive(run: Any, stages: tuple[str, ...], export: Callable, evaluate: Callable, reuse: bool) -> dict[str, Any] | None:
+    from ..config import load_yaml, to_dict, write_config
+    from .runfolder import preflight, startup_summary
 
     out, ctx = run.out, run.ctx
+    mismatch = preflight(run, stages, reuse)
     if ctx.is_main:
-        write_config(out / "config.yaml", run.cfg)
+        log.info(startup_summary(run))
+        if not mismatch:
+            write_config(out / "config.yaml", run.cfg)
     try:
         teacher = stage_teacher(run)
         if stages == ("teacher",):
@@ -314,7 +355,13 @@ def drive(run: Any, stages: tuple[str, ...], export: Callable[[Any, nn.Module], 
         with timed(run.timing, "evaluate"):
             metrics = evaluate(run, teacher, student, baselines)
         metrics["timing_s"] = _record_timing(out, run.timing)
-        metrics["config"] = to_dict(run.cfg)
+        metrics["config"] = load_yaml(out / "config.yaml") if mismatch and (out / "config.yaml").is_file() \
+            else to_dict(run.cfg)
+        metrics["stages"] = run.stage_log
+        if mismatch:
+            metrics.setdefault("notes", []).append(
+                "--reuse: stages were reused although their config differs from this command's; config.yaml and "
+                "the Config section describe the models in the folder; see Stages for the differing keys.")
         write_json(out / "metrics.json", metrics)
         return metrics
     finally:

@@ -181,3 +181,4 @@ class ClassificationConfig:
     baselines: Baselines = field(default_factory=Baselines)
     evaluate: Evaluate = field(default_factory=Evaluate)
     export: Export = field(default_factory=Export)
+    trust_code: bool = False  # allow saved specs to name factories outside the known namespaces (lorkd.factories)

@@ -316,10 +316,11 @@ MODEL_DESCRIPTIONS = {
 
 # ---------------------------------------------------------------------------------------- driver
 def run_stages(cfg: SegmentationConfig, out: Path, ctx: DistributedContext, stages: tuple[str, ...] = STAGES,
-               resume: bool = False, progress: bool = True) -> dict[str, Any] | None:
-    """Run ``stages`` in order; earlier stages' outputs are reused when present.
+               resume: bool = False, progress: bool = True, reuse: bool = False) -> dict[str, Any] | None:
+    """Run ``stages`` in order; earlier stages' outputs are reused when present (when their
+    fingerprint matches the config, or with ``reuse``: see :func:`~lorkd.pipelines.common.drive`).
 
     Returns the metrics when ``evaluate`` ran (on rank 0), else ``None``.
     """
     run = Run(cfg, out, ctx, resume=resume, progress=progress)  # scans the data and writes the splits first
-    return drive(run, stages, stage_export, stage_evaluate)
+    return drive(run, stages, stage_export, stage_evaluate, reuse=reuse)

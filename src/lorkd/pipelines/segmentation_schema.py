@@ -160,6 +160,7 @@ class SegmentationConfig:
     baselines: Baselines = field(default_factory=Baselines)
     evaluate: SegEvaluate = field(default_factory=SegEvaluate)
     export: Export = field(default_factory=Export)
+    trust_code: bool = False  # allow saved specs to name factories outside the known namespaces (lorkd.factories)
 
     def validate(self, path: str) -> None:
         roi = self.evaluate.roi_size
