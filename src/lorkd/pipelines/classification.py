@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data.medmnist import ClassificationTask, load_npz_task
 from ..data.multitask import MultiTaskDataset, collate_task_batch
-from ..data.paths import shared_data_dir
+from ..data.paths import locate
 from ..data.synthetic import make_synthetic_tasks
 from ..distill import FeatureProjector
 from ..engine import metrics as M
@@ -51,11 +51,7 @@ def load_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
     tasks = []
     for i, spec in enumerate(cfg.data.tasks):
         key = f"data.tasks[{i}]"
-        path = Path(spec.path).expanduser()
-        places = [path.absolute()] + ([] if path.is_absolute() else [shared_data_dir() / path])
-        found = next((p for p in places if p.is_file()), None)
-        if found is None:
-            raise DataError(f"{key}.path: {spec.path!r} not found; looked in: {', '.join(map(str, places))}")
+        found = locate(spec.path, f"{key}.path")
         try:
             tasks.append(load_npz_task(found, name=spec.name, num_classes=spec.num_classes))
         except DataError as err:

@@ -54,7 +54,9 @@ def load_inputs(paths: list[Path], split: str) -> list[tuple[str, np.ndarray]]:
 
 def preprocess(image: np.ndarray, card: dict[str, Any]) -> torch.Tensor:
     """uint8 ``[H, W]`` / ``[H, W, C]`` -> float ``[C, S, S]`` as the expert was trained."""
-    x = torch.from_numpy(np.array(image, dtype=np.float32)).div(255.0)
+    x = torch.from_numpy(np.array(image, dtype=np.float32))
+    if not np.issubdtype(np.asarray(image).dtype, np.floating):  # .npz float images are in [0, 1] already
+        x = x.div(255.0)
     x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
     channels = card["input_channels"]
     if x.shape[0] != channels:

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.paths import locate
 from ..data.segmentation import PatchDataset, SegmentationTaskData, VolumeCache, VolumeDataset, load_segmentation_task
 from ..distill import FeatureProjector, dice_ce_loss
 from ..engine import metrics as M
 from ..engine.distributed import DistributedContext
 from ..engine.inference import sliding_window_logits
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..experts import load_expert, save_expert
 from ..models.multitask import MultiTaskNet
 from ..models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
@@ -53,13 +54,17 @@ def load_tasks(cfg: SegmentationConfig, out: Path | None = None, write: bool = T
     run see the same cases) and a new split is written there (when ``write``).
     """
     tasks = []
-    for spec in cfg.data.tasks:
+    for i, spec in enumerate(cfg.data.tasks):
         saved = Path(out) / f"split_{spec.name}.json" if out is not None else None
         split: Any = spec.split if spec.split is not None else list(cfg.data.split)
         if saved is not None and saved.is_file():
             split = str(saved)
-        task = load_segmentation_task(spec.name, spec.path, format=spec.format, num_classes=spec.num_classes,
-                                      split=split, seed=cfg.data.seed, **spec.reader)
+        locate(spec.path, f"data.tasks[{i}].path")  # a missing folder: the places searched
+        try:
+            task = load_segmentation_task(spec.name, spec.path, format=spec.format, num_classes=spec.num_classes,
+                                          split=split, seed=cfg.data.seed, **spec.reader)
+        except DataError as err:
+            raise DataError(f"data.tasks[{i}] ({spec.name}): {err}") from err
         for name in ("train", "val", "test"):
             if not task.splits.get(name):
                 raise ConfigError(f"data.tasks[{spec.name}]: split {name!r} holds no case "
