@@ -102,7 +102,8 @@ class Run:
                          seed=self.cfg.seed, num_workers=self.cfg.num_workers, progress=self.progress,
                          resume=self.resume, evaluate=lambda m: self.val_metrics(m, task_subset), select_metric="acc",
                          task_names=[self.names[t] for t in (task_subset or range(len(self.tasks)))],
-                         sampler_mode=self.cfg.data.sampler, extra=extra)
+                         sampler_mode=self.cfg.data.sampler, extra=extra,
+                         tensorboard=self.cfg.logging.tensorboard)
 
     # hooks of the shared stages (lorkd.pipelines.common)
     task_loss = None  # cross-entropy

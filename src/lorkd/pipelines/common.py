@@ -162,13 +162,15 @@ def timed(timing: dict[str, float], stage: str) -> Iterator[None]:
 def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Any, folder: Path, ctx: Any, *, seed: int,
               num_workers: int, progress: bool, resume: bool, evaluate: Callable[[nn.Module], dict[str, float]],
               select_metric: str, task_names: list[str], sampler_mode: str = "proportional",
-              extra: nn.Module | None = None) -> nn.Module:
+              extra: nn.Module | None = None, tensorboard: bool = False) -> nn.Module:
     """Train ``model`` on ``train_set`` with a :class:`TaskBatchSampler` under :func:`fit`; keep
     the epoch with the best ``select_metric`` of ``evaluate`` (``checkpoints/best.pt``).
 
-    ``train_set`` must give each task a contiguous block of indices (``task_sizes``)."""
+    ``train_set`` must give each task a contiguous block of indices (``task_sizes``). With
+    ``tensorboard``, rank 0 writes each epoch's scalars to ``folder/tensorboard/``."""
     from ..data.multitask import TaskBatchSampler
     from ..engine.checkpoint import load_checkpoint
+    from ..engine.scalars import open_tensorboard
     from ..engine.trainer import FitConfig, fit
 
     sampler = TaskBatchSampler(train_set, stage.batch_size, mode=sampler_mode, seed=seed,
@@ -177,8 +179,17 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Any, fold
                         checkpoint_every=stage.checkpoint_every, amp=stage.amp, select_metric=select_metric,
                         num_workers=num_workers, progress=progress, stage=folder.name)
     model = model.to(ctx.device)
-    fit(model, objective, train_set, sampler, fit_cfg, folder, ctx, evaluate=evaluate, extra_modules=extra,
-        resume=resume and (folder / "checkpoints" / "latest.pt").is_file(), task_names=task_names)
+    if ctx.is_main:
+        log.info(f"[{folder.name}] {stage.epochs} epochs x {len(sampler)} steps per epoch "
+                 f"(batch {stage.batch_size} per rank x world size {ctx.world_size}; {len(train_set)} training items)")
+    scalars = open_tensorboard(folder / "tensorboard") if tensorboard and ctx.is_main else None
+    try:
+        fit(model, objective, train_set, sampler, fit_cfg, folder, ctx, evaluate=evaluate, extra_modules=extra,
+            resume=resume and (folder / "checkpoints" / "latest.pt").is_file(), task_names=task_names,
+            scalars=scalars)
+    finally:
+        if scalars is not None:
+            scalars.close()
     best = folder / "checkpoints" / "best.pt"
     if best.is_file():  # the epoch with the best validation score
         model.load_state_dict(load_checkpoint(best)["model"])

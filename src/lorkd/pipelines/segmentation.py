@@ -158,7 +158,8 @@ class Run:
         return fit_stage(model, objective, train, stage, folder, self.ctx, seed=self.cfg.seed,
                          num_workers=self.cfg.num_workers, progress=self.progress, resume=self.resume,
                          evaluate=lambda m: self.val_metrics(m, task_subset), select_metric="dice",
-                         task_names=[self.names[t] for t in ids], sampler_mode=self.cfg.data.sampler, extra=extra)
+                         task_names=[self.names[t] for t in ids], sampler_mode=self.cfg.data.sampler, extra=extra,
+                         tensorboard=self.cfg.logging.tensorboard)
 
     def val_metrics(self, model: nn.Module, tasks: list[int] | None = None) -> dict[str, float]:
         """Mean foreground Dice on whole validation volumes, over ``tasks`` (key ``dice``) and per task."""
