@@ -1,8 +1,8 @@
 """The ``lorkd`` command.
 
-    lorkd run CONFIG --out DIR [--set key=value ...] [--resume | --overwrite]
+    lorkd run CONFIG --out DIR [--set key=value ...] [--resume | --overwrite] [--reuse] [--trust-code]
     lorkd pretrain | decompose | baselines | export | evaluate  CONFIG --out DIR [...]
-    lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE]
+    lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE] [--trust-code]
     lorkd demo [--out DIR]
     lorkd report RUN_DIR [RUN_DIR ...] --out FILE
     lorkd bench [...]
