@@ -39,7 +39,7 @@ def test_checkpoint_with_a_pickled_object_is_refused_by_name(tmp_path):
 
 
 @pytest.mark.parametrize("name, allowed", [
-    ("monai.networks.nets.UNet", True), ("lorkd.models.classifier.plain_classifier", True),
+    ("monai.networks.nets.UNet", True), ("monai.networks.utils.save_state", False), ("lorkd.models.classifier.plain_classifier", True),
     ("torchvision.models.resnet18", True), ("timm.create_model", True), ("timm.models.resnet.resnet18", True),
     ("torch.nn.Linear", False), ("os.system", False), ("lorkd.fileio.write_json", False),
     ("monai.networksX.evil", False), ("builtins.eval", False)])
@@ -73,3 +73,16 @@ def test_trust_code_is_a_config_key_and_a_cli_flag(tmp_path):
     args = cli.build_parser().parse_args(["run", str(path), "--out", "x", "--trust-code", "--reuse"])
     assert args.trust_code and args.reuse
     assert cli.build_parser().parse_args(["predict", "e", "a.png", "--trust-code"]).trust_code
+
+
+def test_model_json_factory_is_checked_before_anything_is_called(tmp_path, monkeypatch):
+    from lorkd.fileio import write_json
+    from lorkd.pipelines.classification import Run
+    from lorkd.pipelines.common import load_network
+
+    monkeypatch.chdir(tmp_path)
+    write_json(tmp_path / "teacher" / "model.json", {"num_classes": [2], "backbone": {
+        "factory": "os.system", "kwargs": {"command": "touch pwned"}}})
+    with pytest.raises(DataError, match=r"teacher/model\.json: .*'os\.system' is outside the known namespaces"):
+        load_network(tmp_path / "teacher", Run.build)
+    assert not (tmp_path / "pwned").exists()

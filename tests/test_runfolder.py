@@ -84,7 +84,7 @@ def test_stage_without_fingerprint_counts_as_unknown(tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_with_another_config_is_refused_then_reused_and_recorded(tmp_path, capsys):
-    cfg = cfg_file(tmp_path, TINY)
+    cfg = cfg_file(tmp_path, {**TINY, "evaluate": {"latency_repeats": 1}})
     out = tmp_path / "run"
     assert cli.main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 0
     config_before = (out / "config.yaml").read_text()

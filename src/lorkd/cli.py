@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="write results here (.csv or .json) instead of printing; for a "
                    "segmentation expert: the folder for the masks (default ./masks)")
     p.add_argument("--trust-code", action="store_true", help="allow the card's architecture factory to lie "
-                   "outside monai.networks, lorkd.models, torchvision, timm (only for experts you trust)")
+                   "outside monai.networks.nets, lorkd.models, torchvision.models, timm (only for experts you trust)")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("report", help="mean and std over several runs (e.g. seeds) as markdown")
     p.add_argument("runs", nargs="+", type=Path)
@@ -93,7 +93,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse", action="store_true", help="reuse trained stages in --out even though their "
                    "fingerprint.json records another config (the differences go into the report)")
     p.add_argument("--trust-code", action="store_true", help="allow saved architecture specs (model.json, "
-                   "card.json) to name factories outside monai.networks, lorkd.models, torchvision, timm "
+                   "card.json) to name factories outside monai.networks.nets, lorkd.models, torchvision.models, timm "
                    "(the same as trust_code: true in the config)")
 
 
@@ -130,9 +130,9 @@ def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = 
             progress: bool = True, first_stage: bool = True, reuse: bool = False) -> int:
     """Prepare the run folder, run the stages (under torchrun too), write the report on rank 0.
 
-    A command that started on an empty folder and fails before any training state exists
-    (bad data, a typo in ``arch``) empties the folder again, so the corrected rerun is not
-    refused as "another run's output"."""
+    A first command (``run``, ``pretrain``) that started on an empty folder (new, or emptied by
+    ``--overwrite``) and fails before any training state exists (bad data, a typo in ``arch``)
+    empties the folder again, so the corrected rerun is not refused as "another run's output"."""
     from .config import to_dict
     from .engine.checkpoint import RUN_MARKER, prepare_run_dir
     from .engine.distributed import DistributedContext
@@ -140,11 +140,12 @@ def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = 
     from .pipelines.common import resolve_device
 
     ctx = DistributedContext.from_env(resolve_device(cfg.device))
-    fresh = first_stage and not (out.is_dir() and any(p.name != RUN_MARKER for p in out.iterdir()))
+    fresh = False
     try:
         if first_stage:
             if ctx.is_main:
                 prepare_run_dir(out, overwrite=overwrite, resume=resume)
+                fresh = not any(p.name != RUN_MARKER for p in out.iterdir())  # new, emptied or overwritten
             ctx.barrier()
         elif not (out / RUN_MARKER).is_file() and not (out / "config.yaml").is_file():
             raise ConfigError(f"{out}: not a lorkd run folder; start it with `lorkd run` or `lorkd pretrain`")

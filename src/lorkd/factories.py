@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterator
 
 from .errors import DataError
 
-#: Module prefixes whose callables a spec may name without ``trust_code``.
-ALLOWED_NAMESPACES = ("monai.networks", "lorkd.models", "torchvision.models", "timm.models", "timm.create_model")
+#: Module prefixes whose callables a spec may name without ``trust_code``: model constructors only
+#: (``monai.networks.nets``, not all of ``monai.networks``, whose ``utils`` can write files).
+ALLOWED_NAMESPACES = ("monai.networks.nets", "lorkd.models", "torchvision.models", "timm.models", "timm.create_model")
 
 _TRUST = contextvars.ContextVar("lorkd_trust_code", default=False)
 
