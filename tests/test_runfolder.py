@@ -135,3 +135,11 @@ def test_written_files_follow_the_umask(tmp_path):
     assert mode(tmp_path / "sub" / "a.json") == 0o644 and mode(tmp_path / "w.safetensors") == 0o644
     assert mode(tmp_path / "sub") == 0o755
     assert mode(tmp_path / "private.json") == 0o600
+
+
+def test_baselines_left_in_the_folder_are_checked_even_when_no_longer_configured(tmp_path):
+    old = from_dict(ClassificationConfig, {**TINY, "baselines": {"run": ["stl"]}})
+    _fake_stage(tmp_path, "baselines/stl/a", old)
+    new = from_dict(ClassificationConfig, {**TINY, "student": {**TINY["student"], "net": {"arch": "resnet18"}}})
+    with pytest.raises(ConfigError, match=r"baselines/stl/a .*student\.net\.arch: \"resnet10\" -> \"resnet18\""):
+        check_fingerprints(SimpleNamespace(cfg=new, out=tmp_path, names=["a"]), reuse=False)

@@ -31,13 +31,17 @@ log = logging.getLogger("lorkd")
 
 
 def stage_folders(run: Any) -> list[tuple[str, Path]]:
-    """``(stage, folder)`` of every network stage of the run's config, in training order."""
+    """``(stage, folder)`` of every network stage of the run's config, in training order, and of
+    baselines found in the folder though no longer configured (config.yaml must fit them too)."""
     from .common import baseline_groups
+    from .schema import BASELINES
 
     out = [("student", run.out / "student")]
     if not run.cfg.teacher.checkpoint:
         out.insert(0, ("teacher", run.out / "teacher"))
-    for name in run.cfg.baselines.run:
+    root = run.out / "baselines"
+    on_disk = sorted(p.name for p in root.iterdir() if p.name in BASELINES) if root.is_dir() else []
+    for name in dict.fromkeys([*run.cfg.baselines.run, *on_disk]):
         out += [(folder.relative_to(run.out).as_posix(), folder) for _, folder in baseline_groups(run, name)]
     return out
 
