@@ -95,39 +95,43 @@ def check_input_size(run: Any, key: str, net: Any) -> None:
     """Build ``net`` and run it (eval mode, no grad) on zeros shaped like a training input.
 
     Raises:
-        ConfigError: the network cannot be built (names ``key.arch``) or fails on the run's
-            input size (a one-line hint with the smallest size that works, when one is found).
+        ConfigError: the network cannot be built (names ``key.arch`` or ``key``) or fails on the
+            run's input size (a one-line hint with the smallest size that works, when one is found).
     """
     try:
         model = run.network(net, run.num_classes)
     except ConfigError as err:
         raise ConfigError(f"{key}.arch: {err}") from err
+    except (TypeError, ValueError, RuntimeError) as err:  # the network's own constructor refused its arguments
+        raise ConfigError(f"{key}: cannot build {net.arch!r} with these settings ({type(err).__name__}: "
+                          f"{' '.join(str(err).split())}); check {key}.kwargs") from err
     shape = tuple(run.train_set[0][0].shape)  # [C, *spatial]
-    if _runs(model, shape):
+    failure = _failure(model, shape)
+    if failure is None:
         return
     segmentation = hasattr(run, "patch")
     size_key = "data.patch_size" if segmentation else "data.size"
     spatial = shape[1:]
     for factor in (2, 3, 4, 6, 8, 12, 16):
         bigger = tuple(int(math.ceil(s * factor / 16) * 16) if segmentation else s * factor for s in spatial)
-        if _runs(model, (shape[0], *bigger)):
+        if _failure(model, (shape[0], *bigger)) is None:
             wanted = list(bigger) if segmentation else bigger[0]
-            break
-    else:
-        wanted = None
-    hint = f"set {size_key} to at least {wanted}" if wanted is not None else f"choose a larger {size_key} or another {key}.arch"
-    raise ConfigError(f"{key}.arch {net.arch!r} does not run on inputs of {list(spatial)} px (too small for it); {hint}")
+            raise ConfigError(f"{key}.arch {net.arch!r} does not run on inputs of {list(spatial)} px (too small "
+                              f"for it); set {size_key} to at least {wanted}")
+    raise ConfigError(f"{key}.arch {net.arch!r} does not run on the run's inputs [C, *spatial] = {list(shape)}, "
+                      f"nor on larger ones ({failure}); check {key}.kwargs or choose another {key}.arch")
 
 
-def _runs(model: torch.nn.Module, shape: tuple[int, ...]) -> bool:
+def _failure(model: torch.nn.Module, shape: tuple[int, ...]) -> str | None:
+    """``None`` when ``model`` runs on zeros ``[2, *shape]`` (eval mode, no grad), else the error's first line."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
             model(torch.zeros(2, *shape), torch.zeros(2, dtype=torch.long))
-        return True
-    except (RuntimeError, ValueError, IndexError):
-        return False
+        return None
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     finally:
         model.train(was)
 
