@@ -145,3 +145,20 @@ def test_baselines_left_in_the_folder_are_checked_even_when_no_longer_configured
     new = from_dict(ClassificationConfig, {**TINY, "student": {**TINY["student"], "net": {"arch": "resnet18"}}})
     with pytest.raises(ConfigError, match=r"baselines/stl/a .*student\.net\.arch: \"resnet10\" -> \"resnet18\""):
         check_fingerprints(SimpleNamespace(cfg=new, out=tmp_path, names=["a"]), reuse=False)
+
+
+def test_segmentation_recipe_records_and_checks_its_stages(tmp_path, capsys):
+    from test_segmentation import tiny_config, write_h5_task
+
+    task = write_h5_task(tmp_path / "a", shape=(8, 24, 24), classes=3, patients=4, frames=1)
+    data = tiny_config([{"name": "a", "path": str(task), "num_classes": 3}], [4, 8, 8])
+    out = tmp_path / "run"
+    assert cli.main(["pretrain", str(cfg_file(tmp_path, data)), "--out", str(out), "--no-progress"]) == 0
+    recorded = json.loads((out / "teacher" / "fingerprint.json").read_text())
+    assert recorded["stage"] == "teacher" and recorded["config"]["data.patch_size"] == [4, 8, 8]
+    capsys.readouterr()
+    data["teacher"]["train"]["optim"]["lr"] = 1e-3
+    assert cli.main(["decompose", str(cfg_file(tmp_path, data, "b.yaml")), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.train.optim.lr: 0.01 -> 0.001" in err and "--reuse" in err
+    assert not (out / "student").exists()
