@@ -224,9 +224,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .pipelines.predict import predict_files
-
     from .factories import trusted_code
+    from .pipelines.predict import predict_files
 
     with trusted_code(args.trust_code):
         predict_files(args.expert, args.inputs, split=args.split, output=args.output)

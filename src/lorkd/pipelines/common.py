@@ -366,8 +366,10 @@ def _drive(run: Any, stages: tuple[str, ...], export: Callable, evaluate: Callab
         with timed(run.timing, "evaluate"):
             metrics = evaluate(run, teacher, student, baselines)
         metrics["timing_s"] = _record_timing(out, run.timing)
-        metrics["config"] = load_yaml(out / "config.yaml") if mismatch and (out / "config.yaml").is_file() \
-            else to_dict(run.cfg)
+        if mismatch and (out / "config.yaml").is_file():  # --reuse: the config of the models in the folder
+            metrics["config"] = {k: v for k, v in load_yaml(out / "config.yaml").items() if k != "recipe"}
+        else:
+            metrics["config"] = to_dict(run.cfg)
         metrics["stages"] = run.stage_log
         if mismatch:
             metrics.setdefault("notes", []).append(
