@@ -40,3 +40,26 @@ def test_unknown_recipe_is_named(tmp_path):
     path.write_text("recipe: detection\ndata: {}\n")
     with pytest.raises(ConfigError, match="recipe: 'detection'"):
         load_recipe(path, [])
+
+
+def test_scientific_notation_is_read_as_numbers_in_files_and_overrides(tmp_path):
+    from lorkd.config import load_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("a: 1e-3\nb: 1E-4\nc: 5e+2\nd: 2.5e-1\ne: 3\nf: e5\ng: '1e-3'\nh: 1_000\n")
+    assert load_yaml(path) == {"a": 0.001, "b": 0.0001, "c": 500.0, "d": 0.25, "e": 3, "f": "e5", "g": "1e-3", "h": 1000}
+    assert apply_overrides({}, ["x.lr=1e-3", "y=-2E+1"]) == {"x": {"lr": 0.001}, "y": -20.0}
+    path.write_text("data: {synthetic: {}}\nteacher: {train: {optim: {lr: 1e-3, weight_decay: 5E-5}}}\n")
+    cfg = load_recipe(path, ["student.train.optim.lr=2e-3"])
+    assert cfg.teacher.train.optim.lr == 0.001 and cfg.teacher.train.optim.weight_decay == 5e-5
+    assert cfg.student.train.optim.lr == 0.002
+
+
+def test_config_errors_name_the_yaml_file(tmp_path):
+    path = tmp_path / "my_recipe.yaml"
+    path.write_text("data: {synthetic: {}}\nstudent: {train: {epochs: ten}}\n")
+    with pytest.raises(ConfigError, match=r"my_recipe\.yaml: student\.train\.epochs: expected an integer"):
+        load_recipe(path, [])
+    path.write_text("data: {synthetic: {}}\n")
+    with pytest.raises(ConfigError, match=r"my_recipe\.yaml: seed: expected an integer"):
+        load_recipe(path, ["seed=x"])

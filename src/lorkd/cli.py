@@ -1,8 +1,8 @@
 """The ``lorkd`` command.
 
-    lorkd run CONFIG --out DIR [--set key=value ...] [--resume | --overwrite]
+    lorkd run CONFIG --out DIR [--set key=value ...] [--resume | --overwrite] [--reuse] [--trust-code]
     lorkd pretrain | decompose | baselines | export | evaluate  CONFIG --out DIR [...]
-    lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE] [--device DEV]
+    lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE] [--device DEV] [--trust-code]
     lorkd demo [--out DIR]
     lorkd report RUN_DIR [RUN_DIR ...] --out FILE
     lorkd bench [...]
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "segmentation expert: the folder for the masks (default ./masks)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--batch-size", type=int, default=256, help="inputs per forward pass (classification)")
+    p.add_argument("--trust-code", action="store_true", help="allow the card's architecture factory to lie "
+                   "outside monai.networks.nets, lorkd.models, torchvision.models, timm (only for experts you trust)")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("report", help="mean and std over several runs (e.g. seeds) as markdown")
     p.add_argument("runs", nargs="+", type=Path)
@@ -98,6 +100,11 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     mode.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--reuse", action="store_true", help="reuse trained stages in --out even though their "
+                   "fingerprint.json records another config (the differences go into the report)")
+    p.add_argument("--trust-code", action="store_true", help="allow saved architecture specs (model.json, "
+                   "card.json) to name factories outside monai.networks.nets, lorkd.models, torchvision.models, timm "
+                   "(the same as trust_code: true in the config)")
 
 
 def load_recipe(path: Path, overrides: list[str]) -> Any:
@@ -107,26 +114,35 @@ def load_recipe(path: Path, overrides: list[str]) -> Any:
 
     data = apply_overrides(load_yaml(path), overrides)
     recipe = data.pop("recipe", "classification")
-    if recipe == "classification":
-        from .pipelines.schema import ClassificationConfig
+    try:
+        if recipe == "classification":
+            from .pipelines.schema import ClassificationConfig
 
-        return from_dict(ClassificationConfig, data)
-    if recipe == "segmentation":
-        from .pipelines.segmentation_schema import SegmentationConfig
+            return from_dict(ClassificationConfig, data)
+        if recipe == "segmentation":
+            from .pipelines.segmentation_schema import SegmentationConfig
 
-        return from_dict(SegmentationConfig, data)
-    raise ConfigError(f"recipe: {recipe!r} is not one of 'classification', 'segmentation'")
+            return from_dict(SegmentationConfig, data)
+        raise ConfigError(f"recipe: {recipe!r} is not one of 'classification', 'segmentation'")
+    except ConfigError as err:  # every config error names the YAML file
+        raise ConfigError(f"{path}: {err}") from err
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.config, args.overrides)
+    if args.trust_code:
+        cfg.trust_code = True
     return execute(cfg, args.out, args.stages, resume=args.resume, overwrite=args.overwrite,
-                   progress=not args.no_progress, first_stage=args.command in ("run", "pretrain"))
+                   progress=not args.no_progress, first_stage=args.command in ("run", "pretrain"), reuse=args.reuse)
 
 
 def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = False, overwrite: bool = False,
-            progress: bool = True, first_stage: bool = True) -> int:
-    """Prepare the run folder, run the stages (under torchrun too), write the report on rank 0."""
+            progress: bool = True, first_stage: bool = True, reuse: bool = False) -> int:
+    """Prepare the run folder, run the stages (under torchrun too), write the report on rank 0.
+
+    A first command (``run``, ``pretrain``) that started on an empty folder (new, or emptied by
+    ``--overwrite``) and fails before any training state exists (bad data, a typo in ``arch``)
+    empties the folder again, so the corrected rerun is not refused as "another run's output"."""
     from .config import to_dict
     from .engine.checkpoint import RUN_MARKER, prepare_run_dir
     from .engine.distributed import DistributedContext
@@ -134,25 +150,50 @@ def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = 
     from .pipelines.common import resolve_device
 
     ctx = DistributedContext.from_env(resolve_device(cfg.device))
+    fresh = False
     try:
         if first_stage:
             if ctx.is_main:
                 prepare_run_dir(out, overwrite=overwrite, resume=resume)
+                fresh = not any(p.name != RUN_MARKER for p in out.iterdir())  # new, emptied or overwritten
             ctx.barrier()
         elif not (out / RUN_MARKER).is_file() and not (out / "config.yaml").is_file():
             raise ConfigError(f"{out}: not a lorkd run folder; start it with `lorkd run` or `lorkd pretrain`")
         pipeline = _pipeline(cfg)
         stages = stages or pipeline.STAGES
-        metrics = pipeline.run_stages(cfg, out, ctx, stages, resume=resume, progress=progress)
+        try:
+            metrics = pipeline.run_stages(cfg, out, ctx, stages, resume=resume, progress=progress, reuse=reuse)
+        except Exception:
+            if fresh and ctx.is_main:
+                _clear_failed_start(out)
+            raise
         if metrics is not None and ctx.is_main:
             from .report import load_histories, write_report
 
-            report = write_report(out, metrics, to_dict(cfg), load_histories(out))
+            report = write_report(out, metrics, metrics.get("config", to_dict(cfg)), load_histories(out))
             print(summary_table(metrics))
             print(f"report: {report}")
     finally:
         ctx.shutdown()
     return 0
+
+
+def _clear_failed_start(out: Path) -> None:
+    """Remove what a failed first command wrote into ``out`` (config.yaml, splits, fingerprints,
+    timing), unless some training state (a checkpoint or a saved network) exists."""
+    import shutil
+
+    from .engine.checkpoint import RUN_MARKER
+
+    if any(out.rglob("*.pt")) or any(out.rglob("*.safetensors")):
+        return
+    for entry in out.iterdir():
+        if entry.name == RUN_MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _pipeline(cfg: Any):
@@ -193,10 +234,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .factories import trusted_code
     from .pipelines.predict import predict_files
 
-    predict_files(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
-                  device=args.device)
+    with trusted_code(args.trust_code):
+        predict_files(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
+                      device=args.device)
     return 0
 
 

@@ -14,7 +14,9 @@ from .errors import DataError
 def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     """Create ``path`` by calling ``write(tmp)`` on a temporary file beside it, then renaming.
 
-    A reader never sees a half-written file, and a crash leaves the previous file intact.
+    A reader never sees a half-written file, and a crash leaves the previous file intact. The file
+    gets the mode an ordinary ``open(path, "w")`` would give (0666 less the umask, usually 0644),
+    not the 0600 of :func:`tempfile.mkstemp`; folders are created 0777 less the umask (0755).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,11 +24,25 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # after write: some writers replace the file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask (from ``/proc/self/status`` on Linux, else by setting and restoring it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -26,7 +26,8 @@ class ClassificationTask:
 
     Attributes:
         name: task name, e.g. ``"breastmnist"``.
-        images: split -> uint8 array ``[N, H, W]`` (grayscale) or ``[N, H, W, C]`` (colour).
+        images: split -> uint8 (0-255) or float32 (in [0, 1]) array ``[N, H, W]`` (grayscale) or
+            ``[N, H, W, C]`` (colour); see :func:`image_unit_scale`.
         labels: split -> int64 array ``[N]`` with values in ``[0, num_classes)``.
         num_classes: number of classes.
         channels: 1 for ``[N, H, W]`` images, else ``C``.
@@ -63,18 +64,51 @@ class ClassificationTask:
         return np.bincount(self.labels[split], minlength=self.num_classes).astype(np.int64)
 
 
-def _as_uint8_images(arr: np.ndarray, where: str) -> np.ndarray:
-    """Check ``arr`` is ``[N, H, W]`` or ``[N, H, W, C]`` with values in [0, 255]; return it as uint8."""
+def _as_images(arr: np.ndarray, where: str) -> np.ndarray:
+    """Check ``arr`` is ``[N, H, W]`` or ``[N, H, W, C]`` and bring it to one of the two stored forms
+    by its dtype: uint8 (0-255, kept) or float32 in [0, 1].
+
+    * uint8: kept; read as ``x / 255`` by the datasets.
+    * uint16: float32 ``x / 65535`` (16-bit images keep their precision).
+    * bool: float32 0 / 1.
+    * other integers: must lie in [0, 255] (then uint8), else refused.
+    * floats: must be finite; all values in [0, 1]: kept (float32); max in (1, 255]: read as a 0-255
+      scale (integral values: uint8, else float32 ``x / 255``); anything else is refused.
+    """
     if arr.ndim not in (3, 4):
         raise DataError(f"{where}: images must be 3D [N, H, W] or 4D [N, H, W, C], got shape {arr.shape}")
     if arr.dtype == np.uint8:
         return arr
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating) or arr.dtype == bool):
-        raise DataError(f"{where}: images of dtype {arr.dtype} cannot be converted to uint8")
-    if arr.size and (not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 255):
-        raise DataError(f"{where}: images of dtype {arr.dtype} hold values outside [0, 255] (or non-finite); "
-                        "cannot be converted to uint8")
-    return np.rint(arr).astype(np.uint8) if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.uint8)
+    if arr.dtype == np.uint16:
+        return (arr.astype(np.float32) / 65535.0).astype(np.float32)
+    if arr.dtype == bool:
+        return arr.astype(np.float32)
+    accepted = "store images as uint8 (0-255), uint16 (0-65535) or float in [0, 1]"
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise DataError(f"{where}: images of dtype {arr.dtype} cannot be read; {accepted}")
+    if arr.size == 0:
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        raise DataError(f"{where}: images of dtype {arr.dtype} hold non-finite values; {accepted}")
+    lo, hi = arr.min(), arr.max()
+    if np.issubdtype(arr.dtype, np.integer):
+        if lo < 0 or hi > 255:
+            raise DataError(f"{where}: integer images of dtype {arr.dtype} hold values in [{lo}, {hi}], outside "
+                            f"[0, 255] (not uint8-convertible); {accepted}")
+        return arr.astype(np.uint8)
+    if lo < 0 or hi > 255:
+        raise DataError(f"{where}: float images hold values in [{lo:.4g}, {hi:.4g}], neither in [0, 1] nor in "
+                        f"[0, 255] (not uint8-convertible); {accepted}")
+    if hi <= 1.0:
+        return arr.astype(np.float32)
+    if np.all(arr == np.round(arr)):
+        return arr.astype(np.uint8)
+    return (arr / 255.0).astype(np.float32)
+
+
+def image_unit_scale(images: np.ndarray) -> float:
+    """The factor that brings stored ``images`` to [0, 1]: ``1 / 255`` for uint8, 1 for float32."""
+    return 1.0 / 255.0 if images.dtype == np.uint8 else 1.0
 
 
 def _as_int64_labels(arr: np.ndarray, where: str) -> np.ndarray:
@@ -92,6 +126,25 @@ def _as_int64_labels(arr: np.ndarray, where: str) -> np.ndarray:
     if arr.size and arr.min() < 0:
         raise DataError(f"{where}: labels must be >= 0, found {arr.min()}")
     return arr.astype(np.int64)
+
+
+def _check_label_sets(path: Path, labels: dict[str, np.ndarray], num_classes: int, inferred: bool) -> None:
+    """Every class of val and test must occur in train; with ``num_classes`` inferred from the
+    largest label, every class ``0 .. num_classes - 1`` must occur in some split (a gap means
+    shifted or re-coded labels, which would silently train extra classes)."""
+    train = set(np.unique(labels["train"]).tolist())
+    for split in SPLITS[1:]:
+        extra = sorted(set(np.unique(labels[split]).tolist()) - train)
+        if extra:
+            raise DataError(f"{path}: key '{split}_labels' holds classes {extra} that never occur in key "
+                            f"'train_labels' (which holds {sorted(train)}); are the labels of one split shifted?")
+    if inferred:
+        seen = set().union(*(np.unique(labels[s]).tolist() for s in SPLITS))
+        missing = sorted(set(range(num_classes)) - seen)
+        if missing:
+            raise DataError(f"{path}: classes {missing} occur in no split although the largest label is "
+                            f"{num_classes - 1} (key 'train_labels' holds {sorted(train)}); relabel to 0..K-1, or "
+                            "give num_classes for this task in the config if the classes exist but are unseen")
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -119,13 +172,16 @@ def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | 
         num_classes: number of classes; defaults to ``max label + 1`` over all splits.
 
     Returns:
-        The task with uint8 images ``[N, H, W]`` or ``[N, H, W, C]`` and int64 labels ``[N]`` per split.
+        The task with images ``[N, H, W]`` or ``[N, H, W, C]`` (uint8, or float32 in [0, 1]: see
+        :func:`_as_images` for how each dtype is read) and int64 labels ``[N]`` per split.
 
     Raises:
         DataError: the file is missing, not a valid npz (corrupt, truncated), lacks a key; images are
-            not 3D/4D, not uint8-convertible, or differ in ``H, W, C`` between splits; a split is
-            empty or its images and labels differ in length; labels are negative, multi-label
-            (more than one column), or ``>= num_classes``. The message names the file and the key.
+            not 3D/4D, of a dtype or range that cannot be read, or differ in ``H, W, C`` between
+            splits; a split is empty or its images and labels differ in length; labels are
+            negative, multi-label (more than one column), or ``>= num_classes``; val or test hold
+            a class train lacks; with ``num_classes`` inferred, a class below the largest label
+            occurs in no split. The message names the file and the key.
     """
     path = Path(path)
     arrays = _read_npz(path)
@@ -136,7 +192,7 @@ def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | 
     images: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
     for split in SPLITS:
-        imgs = _as_uint8_images(arrays[f"{split}_images"], f"{path} key '{split}_images'")
+        imgs = _as_images(arrays[f"{split}_images"], f"{path} key '{split}_images'")
         labs = _as_int64_labels(arrays[f"{split}_labels"], f"{path} key '{split}_labels'")
         if imgs.shape[0] == 0:
             raise DataError(f"{path}: split {split!r} is empty (key '{split}_images' has 0 images)")
@@ -151,6 +207,7 @@ def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | 
     channels = 1 if images["train"].ndim == 3 else int(images["train"].shape[3])
 
     max_label = max(int(labels[s].max()) for s in SPLITS)
+    inferred = num_classes is None
     if num_classes is None:
         num_classes = max_label + 1
     elif num_classes < 1:
@@ -159,6 +216,7 @@ def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | 
         if int(labels[split].max()) >= num_classes:
             raise DataError(f"{path}: split {split!r} key '{split}_labels' holds label {int(labels[split].max())} "
                             f">= num_classes={num_classes}")
+    _check_label_sets(path, labels, num_classes, inferred)
 
     return ClassificationTask(
         name=name if name is not None else path.stem,

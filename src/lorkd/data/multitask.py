@@ -84,7 +84,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
     """One split of several tasks, concatenated in task order.
 
     Item ``i`` is ``(image, label, task_id)``: image float32 ``[C, H, W]`` normalised as
-    ``(x / 255 - mean) / std``, label an ``int`` in ``[0, num_classes[task_id])``.
+    ``(x - mean) / std`` with ``x`` in [0, 1] (uint8 images divided by 255, float32 ones as stored), label an ``int`` in ``[0, num_classes[task_id])``.
 
     Channels: ``channels`` defaults to the largest ``task.channels``. A grayscale image going to
     a 3-channel model is repeated; an RGB image going to a 1-channel model is averaged.
@@ -119,8 +119,9 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                 raise DataError(f"MultiTaskDataset: task {task.name!r} ({task.source}) has no split {split!r}; "
                                 f"it has {list(task.images)}")
         if size is None and len({task.image_size for task in tasks}) > 1:
-            sizes = {task.name: task.image_size for task in tasks}
-            raise DataError(f"MultiTaskDataset: tasks differ in image size {sizes}; pass size= to resize")
+            sizes = ", ".join(f"{task.name} ({task.source}): {task.image_size[0]}x{task.image_size[1]}" for task in tasks)
+            raise DataError(f"tasks differ in image size ({sizes}); set data.size to resize every image to one "
+                            f"size (e.g. --set data.size={max(max(task.image_size) for task in tasks)})")
         if size is not None and size < 1:
             raise DataError(f"MultiTaskDataset: size must be >= 1, got {size}")
         self.channels = int(channels) if channels is not None else max(task.channels for task in tasks)
@@ -136,7 +137,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.mean, self.std = float(mean), float(std)
         self.seed, self.epoch = int(seed), 0
-        # uint8 [N, C, H, W] per task, kept small; float conversion happens per item.
+        # uint8 (or float32 in [0, 1]) [N, C, H, W] per task, kept small; float conversion happens per item.
         self._images = [self._as_nchw(torch.from_numpy(task.images[split])) for task in tasks]
         self._labels = [torch.from_numpy(task.labels[split]).to(torch.int64) for task in tasks]
         sizes = [len(lab) for lab in self._labels]
@@ -206,7 +207,9 @@ class MultiTaskDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         t, j = self.locate(int(index))
         index = self._offsets[t] + j
-        x = self._images[t][j].to(torch.float32).div_(255.0)  # [c, h, w] in [0, 1]
+        x = self._images[t][j].to(torch.float32)  # [c, h, w]
+        if self._images[t].dtype == torch.uint8:
+            x = x.div_(255.0)  # uint8 0-255; float32 images are stored in [0, 1] already
         if x.shape[0] != self.channels:
             x = x.expand(self.channels, -1, -1).clone() if x.shape[0] == 1 else x.mean(0, keepdim=True)
         if self.size is not None and tuple(x.shape[1:]) != (self.size, self.size):

@@ -16,3 +16,19 @@ def shared_data_dir() -> Path:
         return Path(env)
     repo = Path(__file__).resolve().parents[3]
     return repo.parent / "shared" / "data"
+
+
+def locate(path: str | Path, key: str) -> Path:
+    """``path`` as given, or (relative and absent) under :func:`shared_data_dir`.
+
+    Raises:
+        DataError: neither exists; the message names the config ``key`` and every place searched.
+    """
+    from ..errors import DataError
+
+    given = Path(path).expanduser()
+    places = [given.absolute()] + ([] if given.is_absolute() else [shared_data_dir() / given])
+    for place in places:
+        if place.exists():
+            return place
+    raise DataError(f"{key}: {str(path)!r} not found; looked in: {', '.join(map(str, places))}")

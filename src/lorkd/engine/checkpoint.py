@@ -68,6 +68,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` with ``torch.save`` (temporary file beside ``path``, then rename).
 
     If writing fails the previous ``path`` (if any) is left as it was and no temporary file remains.
+    ``state`` must hold only tensors and plain containers (dicts, lists, tuples, strings, numbers,
+    ``None``): :func:`load_checkpoint` reads with ``weights_only=True``.
     """
     if not isinstance(state, dict):
         raise TypeError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
@@ -85,23 +87,39 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Raises:
-        DataError: the file is missing, truncated or corrupt, or does not hold a dict; the message
-            names the file.
+        DataError: the file is missing, truncated or corrupt, holds pickled objects other than
+            tensors and plain containers (``weights_only=True``), or does not hold a dict; the
+            message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
     try:
-        # weights_only=False: this only ever reads lorkd's own checkpoints (which may hold plain
-        # Python containers from callers' ``state``). Unpickling can run code: never point it at a
-        # file from an untrusted source.
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only=True: only tensors and plain containers (dict, list, tuple, str, numbers,
+        # None) are unpickled, so a foreign file cannot run code. lorkd's checkpoints hold
+        # nothing else (RNG states are stored as ints, lists and tensors).
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err).lower().replace(" ", "_"):
+            raise DataError(f"{path}: cannot read checkpoint, the file is truncated or corrupt "
+                            f"({type(err).__name__}: {err})") from err
+        raise DataError(f"{path}: the checkpoint holds objects other than tensors and plain containers; "
+                        "lorkd reads checkpoints with torch.load(weights_only=True) and will not unpickle "
+                        f"them ({_unsupported_global(err)})") from err
     except _LOAD_ERRORS as err:
         raise DataError(f"{path}: cannot read checkpoint, the file is truncated or corrupt "
                         f"({type(err).__name__}: {err})") from err
     if not isinstance(state, dict):
         raise DataError(f"{path}: expected a checkpoint dict, found {type(state).__name__}")
     return state
+
+
+def _unsupported_global(err: Exception) -> str:
+    """The ``Unsupported global: GLOBAL x.y`` part of torch's weights-only error, if any."""
+    for line in str(err).splitlines():
+        if "Unsupported global" in line:
+            return line.strip().split(" was not", 1)[0].removeprefix("WeightsUnpickler error: ")
+    return "weights-only load failed"
 
 
 class CheckpointManager:

@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from lorkd.data.multitask import collate_task_batch
 from lorkd.errors import ConfigError, TrainingError
@@ -38,6 +37,7 @@ from lorkd.fileio import write_atomic
 
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from .distributed import DistributedContext, global_task_counts
+from .progress import progress_bar
 
 __all__ = [
     "FitConfig", "FitResult", "OptimConfig", "StepLoss", "build_optimizer", "build_scheduler", "fit",
@@ -182,7 +182,8 @@ class FitConfig:
         select_metric: key of ``evaluate()``'s result that selects ``best.pt``; ``None``: no best.
         select_mode: ``"max"`` or ``"min"``.
         num_workers: ``DataLoader`` workers.
-        progress: show a tqdm bar (rank 0, on stderr).
+        progress: show progress on rank 0 (stderr): a tqdm bar on a terminal, else a line every
+            10 % of the steps (:func:`~lorkd.engine.progress.progress_bar`).
         stage: name of this stage in logs (``"pretrain"``, ``"decompose"``, ...).
     """
 
@@ -248,6 +249,7 @@ def fit(
     extra_modules: nn.Module | None = None,
     resume: bool = False,
     task_names: list[str] | None = None,
+    scalars: Any | None = None,
 ) -> FitResult:
     """Train ``model`` (and ``extra_modules``) with ``objective`` for ``cfg.epochs`` epochs.
 
@@ -275,6 +277,8 @@ def fit(
             does not exist).
         task_names: names for logs; ``len(task_names)`` is the number of tasks ``T``. Without it
             ``T`` is the model's ``num_tasks`` attribute or ``len(sampler.task_sizes)``.
+        scalars: called as ``scalars.epoch(row)`` with each epoch's history row on rank 0 (e.g. a
+            :class:`~lorkd.engine.scalars.ScalarLog` writing TensorBoard scalars), or ``None``.
 
     Returns:
         :class:`FitResult`.
@@ -390,9 +394,8 @@ def fit(
 
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "none" else nullcontext())
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=epoch * steps_per_epoch + getattr(sampler, "batches_done", 0),
-               desc=cfg.stage, unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=not (cfg.progress and ctx.is_main))
+    bar = progress_bar(steps_per_epoch * cfg.epochs, epoch * steps_per_epoch + getattr(sampler, "batches_done", 0),
+                       cfg.stage, cfg.progress and ctx.is_main)
     try:
         while epoch < cfg.epochs:
             if not mid_epoch:
@@ -441,8 +444,8 @@ def fit(
                 global_step += 1
                 total = float(loss.total.detach())
                 sums.add(total, loss.parts, loss.per_task, counts)
-                bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{total:.4g}", refresh=False)
+                bar.update(1)
                 last_of_epoch = sampler.batches_done >= steps_per_epoch
                 if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and not last_of_epoch:
                     save_latest(finished=False)
@@ -473,6 +476,8 @@ def fit(
             if ctx.is_main:
                 _append_history(out_dir, history)
                 bar.write(_format_row(row), file=sys.stderr)
+                if scalars is not None:
+                    scalars.epoch(row)
             save_latest(finished=True)
             sums = _EpochSums()
             epoch += 1

@@ -13,7 +13,6 @@ that builds the plain model, e.g. ``{"factory": "monai.networks.nets.resnet18",
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import DataError
+from ..factories import resolve_factory
 from ..fileio import read_json, write_atomic, write_json
 from .model import ExpertConfig, ExpertModel, add_experts
 
@@ -29,20 +29,19 @@ EXPERT_WEIGHTS, EXPERT_CARD = "expert.safetensors", "card.json"
 FORMAT_VERSION = 1
 
 
-def build_architecture(spec: dict[str, Any]) -> nn.Module:
+def build_architecture(spec: dict[str, Any], where: str = "architecture spec") -> nn.Module:
     """Build a plain model from ``{"factory": "pkg.mod.callable", "kwargs": {...}}``.
 
+    The factory must lie under :data:`lorkd.factories.ALLOWED_NAMESPACES` unless the call runs
+    inside :func:`lorkd.factories.trusted_code` (the user's ``trust_code``).
+
     Raises:
-        DataError: the spec lacks ``factory`` or names something that cannot be imported.
+        DataError: the spec lacks ``factory``, names something outside the known namespaces
+            (without ``trust_code``) or that cannot be imported; ``where`` names the file.
     """
     if not isinstance(spec, dict) or "factory" not in spec:
-        raise DataError(f"architecture spec must be a dict with a 'factory' key, got {spec!r}")
-    module_name, _, attr = spec["factory"].rpartition(".")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise DataError(f"architecture factory {spec['factory']!r} cannot be imported: {err}") from err
-    return factory(**spec.get("kwargs", {}))
+        raise DataError(f"{where}: architecture spec must be a dict with a 'factory' key, got {spec!r}")
+    return resolve_factory(spec["factory"], where)(**spec.get("kwargs", {}))
 
 
 def save_student(student: ExpertModel, folder: str | Path, architecture: dict[str, Any] | None = None) -> Path:
@@ -83,7 +82,7 @@ def load_student(folder: str | Path, model: nn.Module | None = None) -> ExpertMo
     if model is None:
         if not meta.get("architecture"):
             raise DataError(f"{folder / STUDENT_META}: no 'architecture' saved; pass the base model as model=")
-        model = build_architecture(meta["architecture"])
+        model = build_architecture(meta["architecture"], str(folder / STUDENT_META))
     cfg = meta["config"]
     # Rebuild with exactly the saved layers and ranks, whatever the original targets were.
     student = add_experts(model, cfg["num_tasks"], rank=dict(meta["layers"]), alpha=cfg["alpha"],
@@ -118,7 +117,7 @@ def load_expert(folder: str | Path, model: nn.Module | None = None) -> nn.Module
     if model is None:
         if not card.get("architecture"):
             raise DataError(f"{folder / EXPERT_CARD}: no 'architecture' saved; pass the model as model=")
-        model = build_architecture(card["architecture"])
+        model = build_architecture(card["architecture"], str(folder / EXPERT_CARD))
     _load_into(model, folder / EXPERT_WEIGHTS)
     model.card = card
     return model

@@ -138,6 +138,8 @@ def load_source_teacher(run: Any, folder: Path) -> nn.Module:
     model adapted to the tasks (writes ``folder``). Sets ``run.teacher_info``."""
     from ..engine.metrics import count_parameters
     from .common import has_network, objective_for, reuse_network, save_network, timed
+    from .fingerprint import write_fingerprint
+    from .runfolder import record_stage, start_training
 
     tcfg = run.cfg.teacher
     if tcfg.source.kind == "lorkd":
@@ -146,17 +148,24 @@ def load_source_teacher(run: Any, folder: Path) -> nn.Module:
             raise ConfigError(f"teacher.source.path: {source} is not a lorkd teacher folder (no model.safetensors "
                               "+ model.json there)")
         model = reuse_network(run, source, build=lambda meta: build_from_meta(run, meta))
+        record_stage(run, "teacher", "loaded", source)
         run.teacher_info = {"source": {"kind": "lorkd", "path": str(source)},
                             "reused": read_json(source / "model.json").get("teacher_info")}
         return model
     if has_network(folder):  # this run's adapted teacher, finished earlier
         model = reuse_network(run, folder, build=lambda meta: build_from_meta(run, meta))
+        record_stage(run, "teacher", "reused", folder)
         run.teacher_info = read_json(folder / "model.json").get("teacher_info") or {}
         return model
     model = build_foundation(run)
     mode = adapt_mode(tcfg, model, run.names)
     seconds = 0.0
-    if mode != "none":
+    if mode == "none":
+        if run.ctx.is_main:
+            write_fingerprint(folder, "teacher", run.cfg)
+        record_stage(run, "teacher", "loaded", folder)
+    else:
+        start_training(run, "teacher", folder)
         timing: dict[str, float] = {}
         with timed(timing, "adapt"):
             model.freeze_backbone(mode == "heads")

@@ -19,10 +19,11 @@ from torch import nn
 
 from ..data.medmnist import ClassificationTask, load_npz_task
 from ..data.multitask import MultiTaskDataset, collate_task_batch
-from ..data.paths import shared_data_dir
+from ..data.paths import locate
 from ..data.synthetic import make_synthetic_tasks
 from ..engine import metrics as M
 from ..engine.distributed import DistributedContext
+from ..errors import DataError
 from ..experts import save_expert
 from ..models.backbones import backbone_spec
 from ..models.classifier import MultiTaskClassifier
@@ -38,16 +39,23 @@ def load_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
     """The tasks of the config: its ``.npz`` files, or the embedded synthetic set.
 
     A relative path that does not exist is looked up under the shared data folder.
+
+    Raises:
+        DataError: a file is missing (the message lists the places searched) or fails the checks
+            of :func:`~lorkd.data.medmnist.load_npz_task`; the message starts with the config key
+            ``data.tasks[i]`` and names the file.
     """
     if cfg.data.synthetic is not None:
         s = cfg.data.synthetic
         return make_synthetic_tasks(s.num_tasks, s.size, s.n_train, s.n_val, s.n_test, s.seed)
     tasks = []
-    for spec in cfg.data.tasks:
-        path = Path(spec.path).expanduser()
-        if not path.is_absolute() and not path.exists() and (shared_data_dir() / path).exists():
-            path = shared_data_dir() / path
-        tasks.append(load_npz_task(path, name=spec.name, num_classes=spec.num_classes))
+    for i, spec in enumerate(cfg.data.tasks):
+        key = f"data.tasks[{i}]"
+        found = locate(spec.path, f"{key}.path")
+        try:
+            tasks.append(load_npz_task(found, name=spec.name, num_classes=spec.num_classes))
+        except DataError as err:
+            raise DataError(f"{key} ({spec.name}): {err}") from err
     return tasks
 
 
@@ -95,7 +103,8 @@ class Run:
                          resume=self.resume, evaluate=lambda m: self.val_metrics(m, task_subset),
                          select_metric=self.select_metric,
                          task_names=[self.names[t] for t in (task_subset or range(len(self.tasks)))],
-                         sampler_mode=self.cfg.data.sampler, extra=extra)
+                         sampler_mode=self.cfg.data.sampler, extra=extra,
+                         tensorboard=self.cfg.logging.tensorboard)
 
     # hooks of the shared stages (lorkd.pipelines.common)
     task_loss = None  # cross-entropy
@@ -257,10 +266,11 @@ STAGES = ("teacher", "student", "baselines", "export", "evaluate")
 
 
 def run_stages(cfg: ClassificationConfig, out: Path, ctx: DistributedContext, stages: tuple[str, ...] = STAGES,
-               resume: bool = False, progress: bool = True) -> dict[str, Any] | None:
-    """Run ``stages`` in order; earlier stages' outputs are reused when present.
+               resume: bool = False, progress: bool = True, reuse: bool = False) -> dict[str, Any] | None:
+    """Run ``stages`` in order; earlier stages' outputs are reused when present (when their
+    fingerprint matches the config, or with ``reuse``: see :func:`~lorkd.pipelines.common.drive`).
 
     Returns the metrics when ``evaluate`` ran (on rank 0), else ``None``.
     """
     run = Run(cfg, out, ctx, resume=resume, progress=progress)  # reads and checks the data first
-    return drive(run, stages, stage_export, stage_evaluate)
+    return drive(run, stages, stage_export, stage_evaluate, reuse=reuse)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,9 +17,12 @@ from ..engine.trainer import StepLoss
 from ..errors import DataError
 from ..fileio import read_json, write_atomic, write_json
 from .features import FeatureDistiller, check_layer_names, feature_terms
+from .runfolder import record_stage, start_training
 from .schema import Distill
 
 WEIGHTS, META = "model.safetensors", "model.json"
+
+log = logging.getLogger("lorkd")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,7 +47,10 @@ def load_network(folder: Path, build: Callable[[dict[str, Any]], nn.Module]) -> 
         DataError: a file is missing or corrupt, or the weights do not fit (names the file).
     """
     meta = read_json(folder / META)
-    model = build(meta)
+    try:
+        model = build(meta)
+    except DataError as err:
+        raise DataError(f"{folder / META}: {err}") from err
     path = folder / WEIGHTS
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -159,13 +166,15 @@ def timed(timing: dict[str, float], stage: str) -> Iterator[None]:
 def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Any, folder: Path, ctx: Any, *, seed: int,
               num_workers: int, progress: bool, resume: bool, evaluate: Callable[[nn.Module], dict[str, float]],
               select_metric: str, task_names: list[str], sampler_mode: str = "proportional",
-              extra: nn.Module | None = None) -> nn.Module:
+              extra: nn.Module | None = None, tensorboard: bool = False) -> nn.Module:
     """Train ``model`` on ``train_set`` with a :class:`TaskBatchSampler` under :func:`fit`; keep
     the epoch with the best ``select_metric`` of ``evaluate`` (``checkpoints/best.pt``).
 
-    ``train_set`` must give each task a contiguous block of indices (``task_sizes``)."""
+    ``train_set`` must give each task a contiguous block of indices (``task_sizes``). With
+    ``tensorboard``, rank 0 writes each epoch's scalars to ``folder/tensorboard/``."""
     from ..data.multitask import TaskBatchSampler
     from ..engine.checkpoint import load_checkpoint
+    from ..engine.scalars import open_tensorboard
     from ..engine.trainer import FitConfig, fit
 
     sampler = TaskBatchSampler(train_set, stage.batch_size, mode=sampler_mode, seed=seed,
@@ -174,8 +183,17 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Any, fold
                         checkpoint_every=stage.checkpoint_every, amp=stage.amp, select_metric=select_metric,
                         num_workers=num_workers, progress=progress, stage=folder.name)
     model = model.to(ctx.device)
-    fit(model, objective, train_set, sampler, fit_cfg, folder, ctx, evaluate=evaluate, extra_modules=extra,
-        resume=resume and (folder / "checkpoints" / "latest.pt").is_file(), task_names=task_names)
+    if ctx.is_main:
+        log.info(f"[{folder.name}] {stage.epochs} epochs x {len(sampler)} steps per epoch "
+                 f"(batch {stage.batch_size} per rank x world size {ctx.world_size}; {len(train_set)} training items)")
+    scalars = open_tensorboard(folder / "tensorboard") if tensorboard and ctx.is_main else None
+    try:
+        fit(model, objective, train_set, sampler, fit_cfg, folder, ctx, evaluate=evaluate, extra_modules=extra,
+            resume=resume and (folder / "checkpoints" / "latest.pt").is_file(), task_names=task_names,
+            scalars=scalars)
+    finally:
+        if scalars is not None:
+            scalars.close()
     best = folder / "checkpoints" / "best.pt"
     if best.is_file():  # the epoch with the best validation score
         model.load_state_dict(load_checkpoint(best)["model"])
@@ -257,11 +275,13 @@ def stage_teacher(run: Any) -> nn.Module:
         model = load_source_teacher(run, folder)
     elif has_network(folder):
         model = reuse_network(run, folder, build=lambda meta: build_from_meta(run, meta))
+        record_stage(run, "teacher", "reused", folder)
         run.teacher_info = read_json(folder / META).get("teacher_info") or {
             "source": {"kind": "trained", "net": tcfg.net.arch}, "adapt": {"epochs": tcfg.train.epochs}}
     else:
         with timed(run.timing, "teacher"):
             model = run.network(tcfg.net, run.num_classes)
+            start_training(run, "teacher", folder)
             objective = objective_for(run, Distill(kd_weight=0.0))
             model = run.fit(model, tcfg.train, folder, objective)
         run.teacher_info = {"source": {"kind": "trained", "net": tcfg.net.arch},
@@ -283,7 +303,9 @@ def stage_student(run: Any, teacher: nn.Module, name: str = "student", distill: 
 
     folder = run.out / name
     if has_network(folder):
-        return reuse_network(run, folder)
+        model = reuse_network(run, folder)
+        record_stage(run, name, "reused", folder)
+        return model
     sc = run.cfg.student
     if distill is None and sc.distill.search.enabled:
         distill, chosen = search_distill(run, teacher)
@@ -296,6 +318,7 @@ def stage_student(run: Any, teacher: nn.Module, name: str = "student", distill: 
     distill = distill or sc.distill
     with timed(run.timing, name):
         model = run.network(sc.net, run.num_classes, sc.experts.as_kwargs())
+        start_training(run, name, folder)
         model = distill_fit(run, model, sc.train, folder, distill, teacher)
         if run.ctx.is_main:
             save_network(model, folder, run.meta(model, "student", experts=sc.experts.as_kwargs()))
@@ -318,15 +341,16 @@ def stage_baselines(run: Any, teacher: nn.Module) -> dict[str, Any]:
         if name == "student_nokd":
             trained[name] = stage_student(run, teacher, name="baselines/student_nokd", distill=distill)
             continue
-        groups = [[t] for t in range(len(run.names))] if name.startswith("stl") else [list(range(len(run.names)))]
         models = {}
-        for tasks in groups:
-            folder = run.out / "baselines" / name / (run.names[tasks[0]] if len(tasks) == 1 else "all")
+        for tasks, folder in baseline_groups(run, name):
+            stage = folder.relative_to(run.out).as_posix()
             if has_network(folder):
                 models[tuple(tasks)] = reuse_network(run, folder, tasks)
+                record_stage(run, stage, "reused", folder)
                 continue
             with timed(run.timing, f"baseline_{name}"):
                 model = run.network(sc.net, [run.num_classes[t] for t in tasks])
+                start_training(run, stage, folder)
                 sub_teacher = TaskRemap(teacher, tasks) if kd else None
                 model = distill_fit(run, model, sc.train, folder, distill, sub_teacher, task_subset=tasks)
                 if run.ctx.is_main:
@@ -334,6 +358,16 @@ def stage_baselines(run: Any, teacher: nn.Module) -> dict[str, Any]:
             models[tuple(tasks)] = model
         trained[name] = models
     return trained
+
+
+def baseline_groups(run: Any, name: str) -> list[tuple[list[int], Path]]:
+    """The ``(task ids, folder)`` of each model of baseline ``name`` (``stl*``: one per task;
+    ``mtl*``: one of all tasks; ``student_nokd``: the whole student)."""
+    if name == "student_nokd":
+        return [(list(range(len(run.names))), run.out / "baselines" / name)]
+    groups = [[t] for t in range(len(run.names))] if name.startswith("stl") else [list(range(len(run.names)))]
+    return [(tasks, run.out / "baselines" / name / (run.names[tasks[0]] if len(tasks) == 1 else "all"))
+            for tasks in groups]
 
 
 class TaskRemap(nn.Module):
@@ -358,17 +392,34 @@ class TaskRemap(nn.Module):
 
 
 def drive(run: Any, stages: tuple[str, ...], export: Callable[[Any, nn.Module], Any],
-          evaluate: Callable[[Any, nn.Module, nn.Module, dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
+          evaluate: Callable[[Any, nn.Module, nn.Module, dict[str, Any]], dict[str, Any]],
+          reuse: bool = False) -> dict[str, Any] | None:
     """Run ``stages`` in order on ``run``; earlier stages' outputs are reused when present.
 
-    Writes ``config.yaml`` first and ``metrics.json`` (with ``timing_s`` and ``config``) last.
-    Returns the metrics when ``evaluate`` ran (on rank 0), else ``None``.
+    First :func:`~lorkd.pipelines.runfolder.preflight` (fingerprints of the stages to reuse,
+    networks to train, before anything is written; ``reuse`` accepts differing fingerprints).
+    Writes ``config.yaml`` (unless a stage was accepted with ``reuse`` although its config
+    differs: config.yaml then keeps describing the models in the folder) and ``metrics.json``
+    (with ``timing_s``, ``config`` and ``stages``) last. Factories outside the known namespaces
+    are accepted only with ``cfg.trust_code``. Returns the metrics when ``evaluate`` ran (on
+    rank 0), else ``None``.
     """
-    from ..config import to_dict, write_config
+    from ..factories import trusted_code
+
+    with trusted_code(getattr(run.cfg, "trust_code", False)):
+        return _drive(run, stages, export, evaluate, reuse)
+
+
+def _drive(run: Any, stages: tuple[str, ...], export: Callable, evaluate: Callable, reuse: bool) -> dict[str, Any] | None:
+    from ..config import load_yaml, to_dict, write_config
+    from .runfolder import preflight, startup_summary
 
     out, ctx = run.out, run.ctx
+    mismatch = preflight(run, stages, reuse)
     if ctx.is_main:
-        write_config(out / "config.yaml", run.cfg)
+        log.info(startup_summary(run))
+        if not mismatch:
+            write_config(out / "config.yaml", run.cfg)
     try:
         check_feature_layers(run)
         teacher = stage_teacher(run)
@@ -392,7 +443,15 @@ def drive(run: Any, stages: tuple[str, ...], export: Callable[[Any, nn.Module], 
         # the first clause (where it came from); the report's "Teacher" line gives all of it
         metrics["models"] = {**metrics.get("models", {}), "teacher": run.teacher_info["description"].split(";")[0]}
         metrics["timing_s"] = _record_timing(out, run.timing)
-        metrics["config"] = to_dict(run.cfg)
+        if mismatch and (out / "config.yaml").is_file():  # --reuse: the config of the models in the folder
+            metrics["config"] = {k: v for k, v in load_yaml(out / "config.yaml").items() if k != "recipe"}
+        else:
+            metrics["config"] = to_dict(run.cfg)
+        metrics["stages"] = run.stage_log
+        if mismatch:
+            metrics.setdefault("notes", []).append(
+                "--reuse: stages were reused although their config differs from this command's; config.yaml and "
+                "the Config section describe the models in the folder; see Stages for the differing keys.")
         write_json(out / "metrics.json", metrics)
         return metrics
     finally:

@@ -306,6 +306,13 @@ class Export:
 
 
 @dataclass
+class Logging:
+    """What a run logs besides history.jsonl and the progress lines."""
+
+    tensorboard: bool = False  # TensorBoard scalars in <stage>/tensorboard/ (needs the tensorboard package)
+
+
+@dataclass
 class TaskFile:
     """One classification task: a MedMNIST-layout ``.npz`` file."""
 
@@ -361,3 +368,5 @@ class ClassificationConfig:
     baselines: Baselines = field(default_factory=Baselines)
     evaluate: Evaluate = field(default_factory=Evaluate)
     export: Export = field(default_factory=Export)
+    logging: Logging = field(default_factory=Logging)
+    trust_code: bool = False  # allow saved specs to name factories outside the known namespaces (lorkd.factories)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.paths import locate
 from ..data.segmentation import (
     PatchDataset,
     SegmentationTaskData,
@@ -42,7 +43,7 @@ from ..distill import dice_ce_loss
 from ..engine import metrics as M
 from ..engine.distributed import DistributedContext
 from ..engine.inference import sliding_window_logits
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..experts import load_expert, save_expert
 from ..models.multitask import MultiTaskNet
 from ..models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
@@ -63,13 +64,17 @@ def load_tasks(cfg: SegmentationConfig, out: Path | None = None, write: bool = T
     run see the same cases) and a new split is written there (when ``write``).
     """
     tasks = []
-    for spec in cfg.data.tasks:
+    for i, spec in enumerate(cfg.data.tasks):
         saved = Path(out) / f"split_{spec.name}.json" if out is not None else None
         split: Any = spec.split if spec.split is not None else list(cfg.data.split)
         if saved is not None and saved.is_file():
             split = str(saved)
-        task = load_segmentation_task(spec.name, spec.path, format=spec.format, num_classes=spec.num_classes,
-                                      split=split, seed=cfg.data.seed, **spec.reader)
+        locate(spec.path, f"data.tasks[{i}].path")  # a missing folder: the places searched
+        try:
+            task = load_segmentation_task(spec.name, spec.path, format=spec.format, num_classes=spec.num_classes,
+                                          split=split, seed=cfg.data.seed, **spec.reader)
+        except DataError as err:
+            raise DataError(f"data.tasks[{i}] ({spec.name}): {err}") from err
         for name in ("train", "val", "test"):
             if not task.splits.get(name):
                 raise ConfigError(f"data.tasks[{spec.name}]: split {name!r} holds no case "
@@ -160,7 +165,8 @@ class Run:
         return fit_stage(model, objective, train, stage, folder, self.ctx, seed=self.cfg.seed,
                          num_workers=self.cfg.num_workers, progress=self.progress, resume=self.resume,
                          evaluate=lambda m: self.val_metrics(m, task_subset), select_metric=self.select_metric,
-                         task_names=[self.names[t] for t in ids], sampler_mode=self.cfg.data.sampler, extra=extra)
+                         task_names=[self.names[t] for t in ids], sampler_mode=self.cfg.data.sampler, extra=extra,
+                         tensorboard=self.cfg.logging.tensorboard)
 
     def val_metrics(self, model: nn.Module, tasks: list[int] | None = None) -> dict[str, float]:
         """Mean foreground Dice on whole validation volumes, over ``tasks`` (key ``dice``) and per task."""
@@ -382,10 +388,11 @@ MODEL_DESCRIPTIONS = {
 
 # ---------------------------------------------------------------------------------------- driver
 def run_stages(cfg: SegmentationConfig, out: Path, ctx: DistributedContext, stages: tuple[str, ...] = STAGES,
-               resume: bool = False, progress: bool = True) -> dict[str, Any] | None:
-    """Run ``stages`` in order; earlier stages' outputs are reused when present.
+               resume: bool = False, progress: bool = True, reuse: bool = False) -> dict[str, Any] | None:
+    """Run ``stages`` in order; earlier stages' outputs are reused when present (when their
+    fingerprint matches the config, or with ``reuse``: see :func:`~lorkd.pipelines.common.drive`).
 
     Returns the metrics when ``evaluate`` ran (on rank 0), else ``None``.
     """
     run = Run(cfg, out, ctx, resume=resume, progress=progress)  # scans the data and writes the splits first
-    return drive(run, stages, stage_export, stage_evaluate)
+    return drive(run, stages, stage_export, stage_evaluate, reuse=reuse)

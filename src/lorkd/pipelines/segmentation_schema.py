@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from ..config import check
 from ..engine.trainer import OptimConfig as Optim
-from .schema import Baselines, Distill, Experts, Export, Stage, StudentSection, TeacherAdapt, TeacherSection
+from .schema import Baselines, Distill, Experts, Export, Logging, Stage, StudentSection, TeacherAdapt, TeacherSection
 
 __all__ = ["AugmentConfig", "PreprocessConfig", "SegEvaluate", "SegNet", "SegStudentSection", "SegTaskFile", "SegTeacherSection",
            "SegmentationConfig", "SegmentationData"]
@@ -193,6 +193,8 @@ class SegmentationConfig:
     baselines: Baselines = field(default_factory=Baselines)
     evaluate: SegEvaluate = field(default_factory=SegEvaluate)
     export: Export = field(default_factory=Export)
+    logging: Logging = field(default_factory=Logging)
+    trust_code: bool = False  # allow saved specs to name factories outside the known namespaces (lorkd.factories)
 
     def validate(self, path: str) -> None:
         roi = self.evaluate.roi_size

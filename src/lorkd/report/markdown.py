@@ -411,6 +411,17 @@ def _timing_section(metrics: Mapping[str, Any]) -> list[str]:
     return out + [markdown_table(["stage", "seconds", "h:mm:ss", "share"], rows), ""]
 
 
+def _stages_section(metrics: Mapping[str, Any]) -> list[str]:
+    """What each stage did in the command that wrote the report: trained, resumed, reused
+    (from an earlier command, same config), reused with --reuse (config differs), or loaded."""
+    stages = metrics.get("stages") or []
+    if not stages:
+        return []
+    rows = [[s.get("stage", ""), s.get("status", ""), "; ".join(s.get("config_differs") or []) or "-"]
+            for s in stages]
+    return ["## Stages", "", markdown_table(["stage", "this command", "config differs (recorded -> now)"], rows, "lll"), ""]
+
+
 def _ordered_histories(histories: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
     order = list((metrics.get("timing_s") or {}).keys())
     names = [s for s in order if s in histories] + [s for s in histories if s not in order]
@@ -491,6 +502,7 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], config: Mappin
     lines += search_section(run_dir)
     lines += _cost_section(metrics)
     lines += _timing_section(metrics)
+    lines += _stages_section(metrics)
     lines += _plots(run_dir, metrics, keys, primary, histories)
     notes = metrics.get("notes") or []
     lines += ["## Notes", ""] + ([f"- {n}" for n in notes] if notes else ["None."]) + [""]

@@ -1,0 +1,196 @@
+"""Run-folder integrity for both recipes: checks before anything trains, and what each stage did.
+
+:func:`preflight` runs before the first stage and before anything is written:
+
+* every stage folder this command would reuse or resume must carry the fingerprint of the
+  current config (:mod:`lorkd.pipelines.fingerprint`), or the command is refused with the
+  differing keys listed, unless ``reuse`` (``--reuse``) accepts them;
+* every network this command will train is built and run once on an input of the run's size,
+  so a typo in ``arch`` or an input smaller than the backbone's minimum fails here with a
+  one-line hint instead of a traceback after training has started;
+* ``logging.tensorboard: true`` needs the ``tensorboard`` package.
+
+Stages then call :func:`start_training` (writes the fingerprint) or :func:`record_stage`, and
+the list (``run.stage_log``) goes into ``metrics.json`` as ``stages`` and into the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .fingerprint import compare, write_fingerprint
+
+log = logging.getLogger("lorkd")
+
+
+def stage_folders(run: Any) -> list[tuple[str, Path]]:
+    """``(stage, folder)`` of every network stage of the run's config, in training order, and of
+    baselines found in the folder though no longer configured (config.yaml must fit them too)."""
+    from .common import baseline_groups
+    from .schema import BASELINES
+
+    out = [("student", run.out / "student")]
+    source = run.cfg.teacher.source
+    if source is None or source.kind != "lorkd":  # a lorkd source is another run's folder
+        out.insert(0, ("teacher", run.out / "teacher"))
+    root = run.out / "baselines"
+    on_disk = sorted(p.name for p in root.iterdir() if p.name in BASELINES) if root.is_dir() else []
+    for name in dict.fromkeys([*run.cfg.baselines.run, *on_disk]):
+        out += [(folder.relative_to(run.out).as_posix(), folder) for _, folder in baseline_groups(run, name)]
+    return out
+
+
+def _has_output(folder: Path) -> bool:
+    from .common import has_network
+
+    return has_network(folder) or (folder / "checkpoints" / "latest.pt").is_file()
+
+
+def check_fingerprints(run: Any, reuse: bool) -> dict[str, list[str]]:
+    """``{stage: [differences]}`` of the stage folders whose recorded config differs from
+    ``run.cfg`` (a folder without a fingerprint counts as differing).
+
+    Raises:
+        ConfigError: some differ and ``reuse`` is false; the message lists ``key: old -> new``.
+    """
+    found: dict[str, list[str]] = {}
+    for stage, folder in stage_folders(run):
+        if not _has_output(folder):
+            continue
+        diffs = compare(folder, stage, run.cfg)
+        if diffs is None:
+            found[stage] = ["no fingerprint.json (made by an older lorkd or by hand): its config is unknown"]
+        elif diffs:
+            found[stage] = diffs
+    if found and not reuse:
+        lines = [f"  {stage} ({run.out / stage}): " + "; ".join(d) for stage, d in found.items()]
+        raise ConfigError(f"{run.out}: the trained stages in this folder were made with another config:\n"
+                          + "\n".join(lines) + "\npass --reuse to use them anyway (recorded in the report), "
+                          "--overwrite to retrain, or another --out")
+    return found
+
+
+def will_train(run: Any, stages: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """``(config key, Net)`` of the networks this command trains (teacher, student/baselines)."""
+    from .common import has_network
+
+    nets = []
+    if run.cfg.teacher.source is None and not has_network(run.out / "teacher"):
+        nets.append(("teacher.net", run.cfg.teacher.net))
+    student = "student" in stages and not has_network(run.out / "student")
+    baselines = ("baselines" in stages or "evaluate" in stages) and any(
+        not has_network(folder) for stage, folder in stage_folders(run) if stage.startswith("baselines/"))
+    if student or baselines:
+        nets.append(("student.net", run.cfg.student.net))
+    return nets
+
+
+def check_input_size(run: Any, key: str, net: Any) -> None:
+    """Build ``net`` and run it (eval mode, no grad) on zeros shaped like a training input.
+
+    Raises:
+        ConfigError: the network cannot be built (names ``key.arch`` or ``key``) or fails on the
+            run's input size (a one-line hint with the smallest size that works, when one is found).
+    """
+    try:
+        model = run.network(net, run.num_classes)
+    except ConfigError as err:
+        raise ConfigError(f"{key}.arch: {err}") from err
+    except (TypeError, ValueError, RuntimeError) as err:  # the network's own constructor refused its arguments
+        raise ConfigError(f"{key}: cannot build {net.arch!r} with these settings ({type(err).__name__}: "
+                          f"{' '.join(str(err).split())}); check {key}.kwargs") from err
+    shape = tuple(run.train_set[0][0].shape)  # [C, *spatial]
+    failure = _failure(model, shape)
+    if failure is None:
+        return
+    segmentation = hasattr(run, "patch")
+    size_key = "data.patch_size" if segmentation else "data.size"
+    spatial = shape[1:]
+    for factor in (2, 3, 4, 6, 8, 12, 16):
+        bigger = tuple(int(math.ceil(s * factor / 16) * 16) if segmentation else s * factor for s in spatial)
+        if _failure(model, (shape[0], *bigger)) is None:
+            wanted = list(bigger) if segmentation else bigger[0]
+            raise ConfigError(f"{key}.arch {net.arch!r} does not run on inputs of {list(spatial)} px (too small "
+                              f"for it); set {size_key} to at least {wanted}")
+    raise ConfigError(f"{key}.arch {net.arch!r} does not run on the run's inputs [C, *spatial] = {list(shape)}, "
+                      f"nor on larger ones ({failure}); check {key}.kwargs or choose another {key}.arch")
+
+
+def _failure(model: torch.nn.Module, shape: tuple[int, ...]) -> str | None:
+    """``None`` when ``model`` runs on zeros ``[2, *shape]`` (eval mode, no grad), else the error's first line."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *shape), torch.zeros(2, dtype=torch.long))
+        return None
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    finally:
+        model.train(was)
+
+
+def check_tensorboard(run: Any) -> None:
+    """``logging.tensorboard: true`` needs ``torch.utils.tensorboard`` (the tensorboard package)."""
+    cfg = getattr(run.cfg, "logging", None)
+    if cfg is not None and cfg.tensorboard:
+        from ..engine.scalars import tensorboard_writer_class
+
+        tensorboard_writer_class()  # raises ConfigError naming logging.tensorboard
+
+
+def preflight(run: Any, stages: tuple[str, ...], reuse: bool) -> dict[str, list[str]]:
+    """All checks before the first stage (see module docstring); returns the accepted differences."""
+    run.stage_log, run.reuse = [], reuse
+    run.mismatch = check_fingerprints(run, reuse)
+    check_tensorboard(run)
+    state = torch.random.get_rng_state()  # building networks seeds the global RNG: leave it as it was
+    try:
+        for key, net in will_train(run, stages):
+            check_input_size(run, key, net)
+    finally:
+        torch.random.set_rng_state(state)
+    return run.mismatch
+
+
+def record_stage(run: Any, stage: str, status: str, folder: Path) -> None:
+    """Note what ``stage`` did in this command: ``trained``, ``resumed``, ``reused`` or ``loaded``."""
+    entry: dict[str, Any] = {"stage": stage, "status": status, "folder": str(folder)}
+    diffs = getattr(run, "mismatch", {}).get(stage)
+    if status == "reused" and diffs:
+        entry.update(status="reused with --reuse", config_differs=diffs)
+    getattr(run, "stage_log", []).append(entry)
+
+
+def start_training(run: Any, stage: str, folder: Path) -> None:
+    """Called as ``stage`` starts (or resumes) training: writes its fingerprint (rank 0) and records it."""
+    resumed = run.resume and (folder / "checkpoints" / "latest.pt").is_file()
+    if run.ctx.is_main:
+        write_fingerprint(folder, stage, run.cfg)
+    record_stage(run, stage, "resumed" if resumed else "trained", folder)
+
+
+def startup_summary(run: Any) -> str:
+    """One block of text: device, threads, world size, the data found per task and split."""
+    ctx = run.ctx
+    lines = [f"lorkd: device {ctx.device}, {torch.get_num_threads()} torch threads (OMP_NUM_THREADS="
+             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), world size {ctx.world_size}, out {run.out}"]
+    for task, name in zip(run.tasks, run.names):
+        counts = ", ".join(f"{s} {_count(task, s)}" for s in ("train", "val", "test"))
+        source = getattr(task, "source", None) or getattr(task, "root", "")
+        lines.append(f"  task {name}: {counts} ({'images' if hasattr(task, 'num_samples') else 'cases'}; "
+                     f"{run.num_classes[run.names.index(name)]} classes; {source})")
+    return "\n".join(lines)
+
+
+def _count(task: Any, split: str) -> int:
+    if hasattr(task, "num_samples"):
+        return task.num_samples(split)
+    return len(task.splits.get(split, []))
