@@ -371,34 +371,28 @@ def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...
     return logits.argmax(0).numpy().astype(np.uint8)
 
 
-def to_orientation(image: np.ndarray, spacing: tuple[float, ...], affine: np.ndarray, codes: str,
-                   name: str = "input") -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+def to_orientation(image: np.ndarray, affine: np.ndarray, codes: str, name: str = "input") -> tuple[np.ndarray, tuple[float, ...], np.ndarray, str]:
     """Flip / transpose a NIfTI volume ``[C, X, Y, Z]`` to the axis codes the expert was trained in
-    (card ``orientation``, e.g. ``"SPL"``); exact, no interpolation.
+    (card ``orientation``, e.g. ``"SPL"``) with :func:`lorkd.data.volumes.reorient`; exact.
 
     Returns:
-        ``(image [C, *spatial'], spacing', back)``: ``back`` is the nibabel orientation that turns a
-        mask ``[*spatial']`` back to the file's own axes (``nibabel.orientations.apply_orientation``).
+        ``(image [C, *spatial'], spacing', affine', from_codes)``: reorienting a mask ``[*spatial']``
+        with ``affine'`` to ``from_codes`` puts it back on the file's own axes.
 
     Raises:
         DataError: the affine or the codes cannot be used (names the file).
     """
-    from nibabel import orientations as nio
+    from ..data.volumes import reorient
 
     try:
-        current, target = nio.io_orientation(affine), nio.axcodes2ornt(tuple(codes))
-        forward, back = nio.ornt_transform(current, target), nio.ornt_transform(target, current)
-    except Exception as err:  # nibabel raises ValueError / OrientationError for degenerate input
-        raise DataError(f"{name}: cannot turn its affine to the expert's orientation {codes!r}: {err}") from err
-    moved = nio.apply_orientation(np.moveaxis(image, 0, -1), forward)
-    new_spacing = [0.0] * len(spacing)
-    for axis, (to_axis, _) in enumerate(forward):
-        new_spacing[int(to_axis)] = spacing[axis]
-    from_codes = "".join(nio.ornt2axcodes(current))
+        moved, new_affine, from_codes = reorient(image, affine, to=codes, channels_first=True)
+    except DataError as err:
+        raise DataError(f"{name}: {err}") from err
+    spacing = tuple(float(v) for v in np.linalg.norm(new_affine[:3, :3], axis=0))
     if from_codes != codes:
         log.info("predict: %s: reoriented %s -> %s as the expert was trained; the mask is written back in %s",
                  name, from_codes, codes, from_codes)
-    return np.ascontiguousarray(np.moveaxis(moved, -1, 0)), tuple(new_spacing), back
+    return np.ascontiguousarray(moved), spacing, new_affine, from_codes
 
 
 def write_mask(mask: np.ndarray, source: Path, geometry: Any, folder: Path) -> Path:
@@ -445,12 +439,12 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
         image, spacing, geometry = read_segmentation_input(path)
         back = None
         if card.get("orientation") and geometry is not None and image.ndim == 4:
-            image, spacing, back = to_orientation(image, spacing, geometry.affine, card["orientation"], path.name)
+            image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], path.name)
         mask = segment(model, image, spacing, card, dev)
         if back is not None:
-            from nibabel.orientations import apply_orientation
+            from ..data.volumes import reorient
 
-            mask = np.ascontiguousarray(apply_orientation(mask, back))
+            mask = np.ascontiguousarray(reorient(mask, affine, to=back)[0])
         written = write_mask(mask, path, geometry, folder)
         counts = np.bincount(mask.reshape(-1), minlength=card["classes"])
         rows.append({"input": path.name, "mask": str(written), "shape": "x".join(map(str, mask.shape)),
