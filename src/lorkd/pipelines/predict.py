@@ -53,16 +53,19 @@ def load_inputs(paths: list[Path], split: str) -> list[tuple[str, np.ndarray]]:
 
 
 def preprocess(image: np.ndarray, card: dict[str, Any]) -> torch.Tensor:
-    """uint8 ``[H, W]`` / ``[H, W, C]`` -> float ``[C, S, S]`` as the expert was trained."""
+    """uint8 ``[H, W]`` / ``[H, W, C]`` (volumes: ``[D, H, W(, C)]``) -> float ``[C, *size]`` as the
+    expert was trained (card ``spatial_dims``, default 2)."""
+    dims = int(card.get("spatial_dims", 2))
     x = torch.from_numpy(np.array(image, dtype=np.float32)).div(255.0)
-    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    x = x[None] if x.ndim == dims else x.movedim(-1, 0)
     channels = card["input_channels"]
     if x.shape[0] != channels:
-        x = x.expand(channels, -1, -1) if x.shape[0] == 1 else x.mean(0, keepdim=True)
+        x = x.expand(channels, *x.shape[1:]) if x.shape[0] == 1 else x.mean(0, keepdim=True)
     size = card["input_size"]
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = (size,) * dims if isinstance(size, int) else tuple(size)
     if tuple(x.shape[1:]) != size:
-        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        x = F.interpolate(x[None], size=size, mode="bilinear" if dims == 2 else "trilinear", align_corners=False,
+                          antialias=dims == 2)[0]
     norm = card["normalisation"]
     return (x - norm["mean"]) / norm["std"]
 
