@@ -5,6 +5,7 @@
     lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE]
     lorkd demo [--out DIR]
     lorkd report RUN_DIR [RUN_DIR ...] --out FILE
+    lorkd transfer CONFIG --out DIR [--set key=value ...] [--resume | --overwrite]
     lorkd bench [...]
 
 Every command may be launched under ``torchrun``; rank 0 alone writes. User errors (bad
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("transfer", help="foundation model vs its experts on unseen downstream tasks "
+                       "(fine-tuning, linear probe, LoRA, KD, Reprogramming Distillation)")
+    _run_arguments(p)
+    p.set_defaults(func=cmd_transfer)
     p = sub.add_parser("bench", help="speed and memory of lorkd vs plain vs grouped convolution", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda a: __import__("lorkd.bench", fromlist=["main"]).main(a.rest))
@@ -194,6 +199,38 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     path = write_aggregate_report(args.runs, args.out)
     print(Path(path).read_text())
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from .config import apply_overrides, from_dict, load_yaml
+    from .engine.checkpoint import prepare_run_dir
+    from .engine.distributed import DistributedContext
+    from .errors import ConfigError
+    from .pipelines.common import resolve_device
+    from .pipelines.transfer import run_transfer
+    from .pipelines.transfer_schema import TransferConfig
+
+    data = apply_overrides(load_yaml(args.config), args.overrides)
+    recipe = data.pop("recipe", "transfer")
+    if recipe != "transfer":
+        raise ConfigError(f"recipe: {recipe!r} in {args.config}; `lorkd transfer` takes a transfer config "
+                          "(recipe: transfer, see configs/transfer_medmnist.yaml)")
+    cfg = from_dict(TransferConfig, data)
+    ctx = DistributedContext.from_env(resolve_device(cfg.device))
+    try:
+        if ctx.is_main:
+            prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+        ctx.barrier()
+        metrics = run_transfer(cfg, args.out, ctx, resume=args.resume, progress=not args.no_progress)
+        if metrics is not None:
+            for task, table in metrics["methods"].items():
+                print(f"{task}: test acc (mean over {len(cfg.seeds)} seed(s))")
+                for label, m in table.items():
+                    print(f"  {label:<28} {m['test_acc_mean']:.4f}  trained {m['trained_params']:>10}")
+            print(f"report: {args.out / 'report.md'}")
+    finally:
+        ctx.shutdown()
     return 0
 
 

@@ -45,12 +45,18 @@ def load_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
         return make_synthetic_tasks(s.num_tasks, s.size, s.n_train, s.n_val, s.n_test, s.seed)
     tasks = []
     for spec in cfg.data.tasks:
-        path = Path(spec.path).expanduser()
-        if not path.is_absolute() and not path.exists() and (shared_data_dir() / path).exists():
-            path = shared_data_dir() / path
+        path = resolve_task_path(spec.path)
         tasks.append(load_npz_task(path, name=spec.name, num_classes=spec.num_classes, spatial_dims=spec.spatial_dims))
     check_spatial_dims(tasks)
     return tasks
+
+
+def resolve_task_path(path: str | Path) -> Path:
+    """``path``, or the same relative path under the shared data folder when only that exists."""
+    path = Path(path).expanduser()
+    if not path.is_absolute() and not path.exists() and (shared_data_dir() / path).exists():
+        path = shared_data_dir() / path
+    return path
 
 
 def check_spatial_dims(tasks: list[ClassificationTask], key: str = "data.tasks") -> int:
