@@ -217,6 +217,19 @@ def test_bad_input_errors(run2d, tmp_path):
         _run(run2d, tmp_path, rd={"pairs": [["layer4"]]})
 
 
+def test_cli_refuses_the_wrong_recipe(run2d, tmp_path, capsys):
+    down = write_npz(tmp_path / "down.npz", (12, 12), seed=3)
+    assert run_transfer_cli(tmp_path, {**transfer_cfg(run2d, down), "recipe": "classification"}) == 2
+    assert "`lorkd transfer` takes a transfer config" in capsys.readouterr().err
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(transfer_cfg(run2d, down)))
+    assert cli.main(["run", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "run it with `lorkd transfer`" in capsys.readouterr().err
+    cfg = transfer_cfg(run2d, down, methods=["foundation_lp"])
+    del cfg["recipe"]  # `lorkd transfer` reads a config without `recipe` as a transfer config
+    assert run_transfer_cli(tmp_path, cfg) == 0
+    assert set(json.loads((tmp_path / "out" / "metrics.json").read_text())["methods"]["down"]) == {"foundation_lp"}
+
+
 def test_cap_train_is_stratified_and_the_same_every_time(tmp_path):
     task = load_npz_task(write_npz(tmp_path / "t.npz", (4, 4), classes=3, counts=(30, 3, 3)))
     a, b = cap_train(task, 12), cap_train(task, 12)

@@ -95,13 +95,14 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def load_recipe(path: Path, overrides: list[str]) -> Any:
-    """Read, override and validate a recipe; the ``recipe`` key picks classification or segmentation."""
+def load_recipe(path: Path, overrides: list[str], default: str = "classification") -> Any:
+    """Read, override and validate a recipe; the ``recipe`` key (else ``default``) picks classification,
+    segmentation or transfer."""
     from .config import apply_overrides, from_dict, load_yaml
     from .errors import ConfigError
 
     data = apply_overrides(load_yaml(path), overrides)
-    recipe = data.pop("recipe", "classification")
+    recipe = data.pop("recipe", default)
     if recipe == "classification":
         from .pipelines.schema import ClassificationConfig
 
@@ -110,11 +111,19 @@ def load_recipe(path: Path, overrides: list[str]) -> Any:
         from .pipelines.segmentation_schema import SegmentationConfig
 
         return from_dict(SegmentationConfig, data)
-    raise ConfigError(f"recipe: {recipe!r} is not one of 'classification', 'segmentation'")
+    if recipe == "transfer":
+        from .pipelines.transfer_schema import TransferConfig
+
+        return from_dict(TransferConfig, data)
+    raise ConfigError(f"recipe: {recipe!r} is not one of 'classification', 'segmentation', 'transfer'")
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.config, args.overrides)
+    if getattr(cfg, "RECIPE", None) == "transfer":
+        from .errors import ConfigError
+
+        raise ConfigError(f"{args.config} is a transfer config (recipe: transfer); run it with `lorkd transfer`")
     return execute(cfg, args.out, args.stages, resume=args.resume, overwrite=args.overwrite,
                    progress=not args.no_progress, first_stage=args.command in ("run", "pretrain"))
 
@@ -203,20 +212,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from .config import apply_overrides, from_dict, load_yaml
     from .engine.checkpoint import prepare_run_dir
     from .engine.distributed import DistributedContext
     from .errors import ConfigError
     from .pipelines.common import resolve_device
     from .pipelines.transfer import run_transfer
-    from .pipelines.transfer_schema import TransferConfig
 
-    data = apply_overrides(load_yaml(args.config), args.overrides)
-    recipe = data.pop("recipe", "transfer")
+    from .config import apply_overrides, load_yaml
+
+    recipe = apply_overrides(load_yaml(args.config), list(args.overrides)).get("recipe", "transfer")
     if recipe != "transfer":
-        raise ConfigError(f"recipe: {recipe!r} in {args.config}; `lorkd transfer` takes a transfer config "
-                          "(recipe: transfer, see configs/transfer_medmnist.yaml)")
-    cfg = from_dict(TransferConfig, data)
+        raise ConfigError(f"{args.config}: recipe {recipe!r}; `lorkd transfer` takes a transfer config "
+                          "(`recipe: transfer`, see configs/transfer_medmnist.yaml)")
+    cfg = load_recipe(args.config, args.overrides, default="transfer")
     ctx = DistributedContext.from_env(resolve_device(cfg.device))
     try:
         if ctx.is_main:
