@@ -227,6 +227,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.config, args.overrides, default="transfer")
     ctx = DistributedContext.from_env(resolve_device(cfg.device))
     try:
+        if ctx.is_distributed:
+            raise ConfigError("lorkd transfer runs in one process; launch it without torchrun")
         if ctx.is_main:
             prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)
         ctx.barrier()
