@@ -19,7 +19,7 @@ from lorkd.engine.distributed import DistributedContext
 from lorkd.errors import ConfigError, DataError
 from lorkd.models.backbones import backbone_spec, build_backbone
 from lorkd.pipelines.transfer import TransferRun, cap_train, load_downstream, scores
-from lorkd.pipelines.transfer_report import bootstrap_interval
+from lorkd.pipelines.transfer_report import bootstrap_interval, item_statistic
 from lorkd.pipelines.transfer_schema import TransferConfig
 
 STAGE = {"epochs": 1, "batch_size": 8}
@@ -83,9 +83,9 @@ def test_every_method_end_to_end_2d(run2d, tmp_path, capsys):
     assert set(table) == ALL_LABELS
     assert metrics["data"][0]["n_train"] == 18 and metrics["data"][0]["n_test"] == 12
     for label, m in table.items():
-        assert m["n_seeds"] == 2 and 0 <= m["test_acc_mean"] <= 1 and m["trained_params"] > 0, label
-        lo, hi = m["test_acc_ci95"]
-        assert lo <= m["test_acc_mean"] <= hi
+        assert m["n_seeds"] == 2 and 0 <= m["test_mean"] <= 1 and m["trained_params"] > 0, label
+        lo, hi = m["test_ci95"]
+        assert lo <= m["test_mean"] <= hi
     # trained parameters: a probe trains its head only; lora adds adapters; rd trains more than its student
     lp = table["foundation_lp"]
     assert lp["trained_params"] == lp["deployed_params"] - metrics["foundation"]["params"] == feat_dim(run2d) * 3 + 3
@@ -115,7 +115,7 @@ def test_every_method_end_to_end_2d(run2d, tmp_path, capsys):
     before = (out / "down" / "seed0" / "rd" / "result.json").stat().st_mtime_ns
     assert run_transfer_cli(tmp_path, cfg, "--resume") == 0
     again = json.loads((out / "metrics.json").read_text())["methods"]["down"]
-    assert {k: v["test_acc_mean"] for k, v in again.items()} == {k: v["test_acc_mean"] for k, v in table.items()}
+    assert {k: v["test_mean"] for k, v in again.items()} == {k: v["test_mean"] for k, v in table.items()}
     assert (out / "down" / "seed0" / "rd" / "result.json").stat().st_mtime_ns == before
 
 
@@ -244,6 +244,12 @@ def test_bootstrap_interval():
     lo, hi = bootstrap_interval(correct, resamples=2000)
     assert lo < 0.75 < hi and hi - lo < 0.2
     assert np.isnan(bootstrap_interval(correct, resamples=0)[0])
+    # per-class items with NaN where a class is absent: the statistic is the mean of per-class means
+    dice = np.array([[0.5, np.nan], [1.0, 0.2], [0.0, 0.4]])
+    assert item_statistic(dice) == pytest.approx((0.5 + 0.3) / 2)
+    assert bootstrap_interval(np.stack([np.ones((4, 2))] * 2), resamples=20) == (1.0, 1.0)
+    lo, hi = bootstrap_interval(dice[None], resamples=500)
+    assert 0.0 <= lo <= item_statistic(dice) <= hi <= 1.0
 
 
 @pytest.mark.slow

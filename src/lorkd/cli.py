@@ -235,9 +235,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         metrics = run_transfer(cfg, args.out, ctx, resume=args.resume, progress=not args.no_progress)
         if metrics is not None:
             for task, table in metrics["methods"].items():
-                print(f"{task}: test acc (mean over {len(cfg.seeds)} seed(s))")
+                print(f"{task}: test {metrics['primary_metric']} (mean over {len(cfg.seeds)} seed(s))")
                 for label, m in table.items():
-                    print(f"  {label:<28} {m['test_acc_mean']:.4f}  trained {m['trained_params']:>10}")
+                    print(f"  {label:<28} {m['test_mean']:.4f}  trained {m['trained_params']:>10}")
             print(f"report: {args.out / 'report.md'}")
     finally:
         ctx.shutdown()

@@ -1,8 +1,11 @@
 """``lorkd transfer``: a foundation model and its experts on downstream tasks they have not seen.
 
 For each downstream task and seed, every method of ``methods`` is trained with the same budget
-(``train``), augmentation and selection on validation (the epoch with the best validation accuracy),
-then read once on test. Methods (``K`` the task's classes; ``F`` a backbone's feature width):
+(``train``), augmentation and selection on validation (the epoch with the best validation accuracy,
+or Dice for segmentation), then read once on test. Classification (2D and 3D) and segmentation
+(a segmentation foundation run, ``data.segmentation``; heads are 1x1 convolutions, the loss
+Dice + CE, the metric mean foreground Dice on whole volumes) share everything else.
+Methods (``K`` the task's classes; ``F`` a backbone's feature width):
 
 * ``scratch``: the student expert's architecture, random initialisation, trained end to end.
 * ``foundation_ft`` / ``foundation_lp``: the foundation backbone + a new ``Linear(F, K)`` head,
@@ -51,8 +54,11 @@ from ..errors import ConfigError, DataError
 from ..experts import ExpertModel, add_experts, load_expert, save_expert
 from ..fileio import read_json, write_json
 from ..models.multitask import plain_sequential
+from ..distill import dice_ce_loss
+from ..distill.reprogram import pointwise
 from .classification import _build_from_meta, predict_probs, resolve_task_path
 from .common import META, fit_stage, has_network, load_network
+from .transfer_report import item_statistic
 from .transfer_schema import METHODS, TransferConfig
 
 log = logging.getLogger("lorkd")
@@ -75,6 +81,7 @@ class Foundation:
         task_files: the files of those tasks, where known.
         experts: expert name -> its folder (``save_expert`` format).
         source: a description for the report.
+        dense: a segmentation model (features ``[B, F, *spatial]``).
     """
 
     backbone: nn.Module
@@ -89,6 +96,7 @@ class Foundation:
     task_files: list[Path]
     experts: dict[str, Path]
     source: str
+    dense: bool = False
 
 
 def load_foundation(section: Any, key: str = "foundation") -> Foundation:
@@ -106,21 +114,24 @@ def load_foundation(section: Any, key: str = "foundation") -> Foundation:
 
 
 def foundation_from_run(run: Path, expert_names: list[str] | None = None, key: str = "foundation") -> Foundation:
-    """The ``teacher/`` and ``experts/`` of a ``lorkd run`` (classification) folder.
+    """The ``teacher/`` and ``experts/`` of a ``lorkd run`` folder (classification or segmentation).
 
     Raises:
-        ConfigError: no trained teacher there, a segmentation run, no exported experts, or an
-            expert in ``expert_names`` that the run does not have (names the folder and the choices).
+        ConfigError: no trained teacher there, no exported experts, or an expert in
+            ``expert_names`` that the run does not have (names the folder and the choices).
         DataError: the teacher's files are corrupt.
     """
     teacher_dir = run / "teacher"
     if not has_network(teacher_dir):
         raise ConfigError(f"{key}.run: {teacher_dir} holds no trained foundation model (model.safetensors + "
                           f"{META}); run `lorkd run` or `lorkd pretrain` on {run} first")
-    meta = read_json(teacher_dir / META)
-    if "segmenter" in str(meta.get("backbone", {}).get("factory", "")) or meta.get("task_kind") == "segmentation":
-        raise ConfigError(f"{key}.run: {run} is a segmentation run; lorkd transfer handles classification runs only")
-    model, meta = load_network(teacher_dir, _build_from_meta)
+    dense = read_json(teacher_dir / META).get("task_kind") == "segmentation"
+    if dense:
+        from .segmentation import Run as SegRun
+
+        model, meta = load_network(teacher_dir, SegRun.build)
+    else:
+        model, meta = load_network(teacher_dir, _build_from_meta)
     spec = meta["backbone"]
     expert_root = run / "experts"
     available = sorted(p.name for p in expert_root.iterdir() if (p / "card.json").is_file()) if expert_root.is_dir() else []
@@ -138,7 +149,7 @@ def foundation_from_run(run: Path, expert_names: list[str] | None = None, key: s
                       channels=int(meta["channels"]), spatial_dims=int(meta.get("spatial_dims", spec["kwargs"].get("spatial_dims", 2))),
                       size=meta.get("size"), mean=float(meta.get("mean", 0.5)), std=float(meta.get("std", 0.5)),
                       tasks=list(meta["tasks"]), task_files=files, experts={n: expert_root / n for n in wanted},
-                      source=f"lorkd run {run} (teacher/ and experts/)")
+                      source=f"lorkd run {run} (teacher/ and experts/)", dense=dense)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -170,6 +181,61 @@ def load_downstream(cfg: TransferConfig, foundation: Foundation) -> list[Classif
     return tasks
 
 
+@dataclass
+class SegDownstream:
+    """One segmentation downstream task: its single-task segmentation config and folder.
+
+    :meth:`data` builds the recipe's :class:`~lorkd.pipelines.segmentation.Run` on it (patient split
+    written to ``folder/split_<task>.json`` and reused by every seed and method)."""
+
+    name: str
+    num_classes: int
+    source: str
+    config: Any  # SegmentationConfig with this task only
+    folder: Path
+    n_cases: dict[str, int]
+
+    def data(self, seed: int, ctx: DistributedContext) -> Any:
+        from .segmentation import Run as SegRun
+
+        return SegRun(dataclasses.replace(self.config, seed=seed), self.folder, ctx, progress=False)
+
+
+def load_seg_downstream(cfg: TransferConfig, foundation: Foundation, out: Path, ctx: DistributedContext) -> list[SegDownstream]:
+    """The segmentation downstream tasks of ``data.segmentation``, checked against the foundation.
+
+    Raises:
+        ConfigError: a task (by name or folder) was one of the decomposed tasks.
+        DataError: its volumes do not fit the foundation model (spatial dims of the patches,
+            channels); the message names the task's folder.
+    """
+    from .segmentation_schema import SegmentationConfig
+
+    d = cfg.data.segmentation
+    decomposed = {p.resolve() for p in foundation.task_files}
+    tasks = []
+    for i, spec in enumerate(d.tasks):
+        key = f"data.segmentation.tasks[{i}]"
+        path = resolve_task_path(spec.path)
+        if spec.name in foundation.tasks or path.resolve() in decomposed:
+            raise ConfigError(f"{key}: task {spec.name!r} ({path}) is one of the tasks the foundation model and its "
+                              f"experts were trained on ({', '.join(foundation.tasks)}); transfer is measured on "
+                              "tasks they have not seen")
+        one = SegmentationConfig(data=dataclasses.replace(d, tasks=[spec]), evaluate=cfg.evaluate, device=cfg.device)
+        task = SegDownstream(spec.name, 0, str(path), one, out / spec.name, {})
+        run = task.data(0, ctx)
+        if run.spatial_dims != foundation.spatial_dims:
+            raise DataError(f"{key} ({path}): patches of data.segmentation.patch_size are {run.spatial_dims}D but the "
+                            f"foundation model takes {foundation.spatial_dims}D inputs")
+        if run.channels != foundation.channels:
+            raise DataError(f"{key} ({path}): volumes have {run.channels} channel(s) but the foundation model takes "
+                            f"{foundation.channels}")
+        task.num_classes = run.num_classes[0]
+        task.n_cases = {s: len(run.tasks[0].splits.get(s, [])) for s in ("train", "val", "test")}
+        tasks.append(task)
+    return tasks
+
+
 def cap_train(task: ClassificationTask, max_train: int | None, seed: int = 0) -> ClassificationTask:
     """``task`` with at most ``max_train`` training images: a class-stratified random subset drawn
     with ``seed`` (each class keeps its share, at least one image); val and test are untouched."""
@@ -190,7 +256,8 @@ def cap_train(task: ClassificationTask, max_train: int | None, seed: int = 0) ->
 
 # ---------------------------------------------------------------------------------------- models
 class Classifier(nn.Module):
-    """``head(backbone(x))``: ``[B, C, *spatial] -> [B, K]``.
+    """``head(backbone(x))``: ``[B, C, *spatial] -> [B, K]`` (segmentation: ``[B, K, *spatial]``, the
+    head a 1x1 convolution).
 
     With ``frozen``, the backbone stays in eval mode (BatchNorm statistics fixed) whatever
     ``train()`` is called with; which of its parameters train is set by the caller. An
@@ -218,17 +285,22 @@ class Classifier(nn.Module):
         return plain_sequential(backbone, copy.deepcopy(self.head)).train(self.training)
 
 
-def plain_spec(backbone_spec: dict[str, Any], feature_dim: int, num_classes: int) -> dict[str, Any]:
-    """The architecture spec of ``plain_classifier`` (what ``load_expert`` rebuilds)."""
-    return {"factory": "lorkd.models.classifier.plain_classifier",
-            "kwargs": {"backbone": backbone_spec, "feature_dim": feature_dim, "num_classes": num_classes}}
+def plain_spec(backbone_spec: dict[str, Any], feature_dim: int, num_classes: int, dense_dims: int | None = None) -> dict[str, Any]:
+    """The architecture spec of ``plain_classifier`` (or ``plain_segmenter`` with ``dense_dims``):
+    what ``load_expert`` rebuilds."""
+    kwargs = {"backbone": backbone_spec, "feature_dim": feature_dim, "num_classes": num_classes}
+    if dense_dims is None:
+        return {"factory": "lorkd.models.classifier.plain_classifier", "kwargs": kwargs}
+    return {"factory": "lorkd.models.segmenter.plain_segmenter", "kwargs": {**kwargs, "spatial_dims": dense_dims}}
 
 
 class TransferObjective:
-    """Single-task loss: CE, CE + soft-target KD from a frozen ``teacher``, or the RD loss."""
+    """Single-task loss: ``task_loss`` (CE; Dice + CE for segmentation), that + soft-target KD from a
+    frozen ``teacher``, or the RD loss."""
 
-    def __init__(self, kind: str = "ce", teacher: nn.Module | None = None, cfg: TransferConfig | None = None) -> None:
-        self.kind, self.teacher, self.cfg = kind, teacher, cfg
+    def __init__(self, kind: str = "ce", teacher: nn.Module | None = None, cfg: TransferConfig | None = None,
+                 task_loss=F.cross_entropy) -> None:
+        self.kind, self.teacher, self.cfg, self.task_loss = kind, teacher, cfg, task_loss
         if teacher is not None:
             freeze(teacher)
 
@@ -236,10 +308,10 @@ class TransferObjective:
         if self.kind == "rd":
             r = self.cfg.rd
             total, parts = rd_loss(model(batch.images, both=True), batch.labels, r.foundation_ce_weight, r.kd_weight,
-                                   r.temperature, r.cka_weight)
+                                   r.temperature, r.cka_weight, self.task_loss)
             return StepLoss(total=total, per_task={0: float(total.detach())}, parts=parts)
         logits = model(batch.images)
-        ce = F.cross_entropy(logits, batch.labels)
+        ce = self.task_loss(logits, batch.labels)
         if self.kind == "ce":
             return StepLoss(total=ce, per_task={0: float(ce.detach())}, parts={"ce": float(ce.detach())})
         k = self.cfg.kd
@@ -259,8 +331,15 @@ class TransferRun:
     def __init__(self, cfg: TransferConfig, out: Path, ctx: DistributedContext, resume: bool = False,
                  progress: bool = True) -> None:
         self.cfg, self.out, self.ctx, self.resume, self.progress = cfg, Path(out), ctx, resume, progress
-        self.foundation = load_foundation(cfg.foundation)
-        self.tasks = load_downstream(cfg, self.foundation)
+        self.foundation = f = load_foundation(cfg.foundation)
+        self.dense = f.dense
+        self.dense_dims = f.spatial_dims if f.dense else None
+        self.metric = "dice" if f.dense else "acc"
+        if f.dense and cfg.data.segmentation is None:
+            raise ConfigError(f"data.tasks: {f.source} is a segmentation run; give the downstream tasks as data.segmentation")
+        if not f.dense and cfg.data.segmentation is not None:
+            raise ConfigError(f"data.segmentation: {f.source} is a classification run; give data.tasks (.npz files)")
+        self.tasks = load_seg_downstream(cfg, f, self.out, ctx) if f.dense else load_downstream(cfg, f)
         self.experts = {name: load_expert(folder) for name, folder in self.foundation.experts.items()}
         for name, expert in self.experts.items():
             if expert.card.get("input_channels", self.foundation.channels) != self.foundation.channels:
@@ -272,11 +351,22 @@ class TransferRun:
         self.size = cfg.data.size if cfg.data.size is not None else self.foundation.size
 
     # ---- data
-    def datasets(self, task: ClassificationTask, seed: int) -> dict[str, MultiTaskDataset]:
+    def datasets(self, task: Any, seed: int) -> dict[str, Any]:
+        """``{"train", "val", "test"}`` datasets of one task (segmentation: patches for train, whole
+        volumes for val and test, and ``"run"``: the segmentation recipe's run that evaluates them)."""
+        if self.dense:
+            run = task.data(seed, self.ctx)
+            return {"train": run.train_set, "val": run.val_set, "test": run.test_set, "run": run}
         f = self.foundation
         return {split: MultiTaskDataset([task], split, size=self.size, channels=f.channels,
                                         augment=split == "train" and self.cfg.data.augment, mean=f.mean, std=f.std, seed=seed)
                 for split in ("train", "val", "test")}
+
+    def score(self, model: nn.Module, data: dict[str, Any], split: str, keep_items: bool = False) -> dict[str, Any]:
+        """The metric of ``model`` on ``split`` (+ ``per_item`` for the bootstrap)."""
+        if self.dense:
+            return seg_scores(model, data[split], data["run"], keep_items)
+        return scores(model, data[split], self.ctx.device, keep_items)
 
     # ---- methods
     def jobs(self) -> list[tuple[str, str | None]]:
@@ -306,13 +396,14 @@ class TransferRun:
                     p.requires_grad_(True)
             elif method == "foundation_lp":
                 freeze(backbone)
-            model = Classifier(backbone, nn.Linear(f.feature_dim, num_classes), frozen=method != "foundation_ft")
-            return model, plain_spec(f.backbone_spec, f.feature_dim, num_classes)
+            model = Classifier(backbone, self.head(f.feature_dim, num_classes), frozen=method != "foundation_ft")
+            return model, plain_spec(f.backbone_spec, f.feature_dim, num_classes, self.dense_dims)
         if method in EXPERT_METHODS:
             backbone, spec, dim = self.expert_parts(expert)
             if method == "expert_lp":
                 freeze(backbone)
-            return Classifier(backbone, nn.Linear(dim, num_classes), frozen=method == "expert_lp"), plain_spec(spec, dim, num_classes)
+            return (Classifier(backbone, self.head(dim, num_classes), frozen=method == "expert_lp"),
+                    plain_spec(spec, dim, num_classes, self.dense_dims))
         backbone, spec, dim = self.expert_parts(self.student_name)
         if method == "scratch" or self.cfg.student_init == "random":
             from ..experts import build_architecture
@@ -321,21 +412,31 @@ class TransferRun:
         if method == "rd":
             r = self.cfg.rd
             model = ReprogrammingDistiller(f.backbone, f.feature_dim, backbone, dim, num_classes, f.channels,
-                                           f.spatial_dims, r.input, r.feature, r.input_hidden, r.feature_hidden, r.pairs)
-            return model, plain_spec(spec, dim, num_classes)
-        return Classifier(backbone, nn.Linear(dim, num_classes)), plain_spec(spec, dim, num_classes)
+                                           f.spatial_dims, r.input, r.feature, r.input_hidden, r.feature_hidden, r.pairs,
+                                           dense=self.dense)
+            return model, plain_spec(spec, dim, num_classes, self.dense_dims)
+        return Classifier(backbone, self.head(dim, num_classes)), plain_spec(spec, dim, num_classes, self.dense_dims)
+
+    def head(self, dim: int, num_classes: int) -> nn.Module:
+        """A new task head: ``Linear(dim, K)``, or a 1x1 convolution for segmentation."""
+        return pointwise(dim, num_classes, self.dense_dims)
 
     def folder(self, task: str, method: str, expert: str | None, seed: int) -> Path:
         return self.out / task / f"seed{seed}" / (method if expert is None else f"{method}-{expert}")
 
-    def card(self, task: ClassificationTask, label: str, seed: int) -> dict[str, Any]:
+    def card(self, task: Any, label: str, seed: int, data: dict[str, Any]) -> dict[str, Any]:
+        """What ``lorkd predict`` needs to run an exported model (as the recipes' expert cards)."""
         f = self.foundation
+        if self.dense:
+            from .segmentation import expert_card
+
+            return {**expert_card(data["run"], 0), "method": label, "seed": seed, "foundation": f.source}
         return {"task": task.name, "classes": task.num_classes, "input_channels": f.channels,
                 "input_size": self.size or list(task.image_size), "spatial_dims": f.spatial_dims,
                 "normalisation": {"mean": f.mean, "std": f.std, "scale": "x / 255"}, "method": label, "seed": seed,
                 "foundation": f.source}
 
-    def train_method(self, task: ClassificationTask, data: dict[str, MultiTaskDataset], method: str, expert: str | None,
+    def train_method(self, task: Any, data: dict[str, Any], method: str, expert: str | None,
                      seed: int, lp_model: nn.Module | None) -> tuple[dict[str, Any], nn.Module]:
         """Train (or reuse) one method; returns its result and the trained model."""
         label = method if expert is None else f"{method}:{expert}"
@@ -350,19 +451,20 @@ class TransferRun:
         if method == "kd" and lp_model is None:
             raise ConfigError("kd needs the foundation_lp model, which was not trained")
         objective = TransferObjective("rd" if method == "rd" else "kd" if method == "kd" else "ce",
-                                      teacher=copy.deepcopy(lp_model) if method == "kd" else None, cfg=self.cfg)
+                                      teacher=copy.deepcopy(lp_model) if method == "kd" else None, cfg=self.cfg,
+                                      task_loss=dice_ce_loss if self.dense else F.cross_entropy)
         if objective.teacher is not None:
             objective.teacher.to(self.ctx.device)
         start = time.perf_counter()
         model = fit_stage(model, objective, data["train"], self.cfg.train, folder, self.ctx, seed=seed,
                           num_workers=self.cfg.num_workers, progress=self.progress, resume=self.resume,
-                          evaluate=lambda m: scores(m, data["val"], self.ctx.device), select_metric="acc",
-                          task_names=[task.name])
+                          evaluate=lambda m: self.score(m, data, "val"), select_metric=self.metric,
+                          task_names=[task.name], sampler_mode="proportional")
         seconds = time.perf_counter() - start
         model.eval()
         deployed = model.export()
-        val = scores(model, data["val"], self.ctx.device)
-        test = scores(model, data["test"], self.ctx.device, keep_correct=True)
+        val = self.score(model, data, "val")
+        test = self.score(model, data, "test", keep_items=True)
         result = {"task": task.name, "method": method, "expert": expert, "label": label, "seed": seed,
                   "val": val, "test": test, "trained_params": M.count_parameters(model, trainable_only=True),
                   "deployed_params": M.count_parameters(deployed), "seconds": round(seconds, 3),
@@ -371,7 +473,7 @@ class TransferRun:
             if method == "foundation_lp":
                 save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(folder / "head.safetensors"))
             else:
-                save_expert(deployed.cpu(), folder / "model", architecture=spec, card=self.card(task, label, seed))
+                save_expert(deployed.cpu(), folder / "model", architecture=spec, card=self.card(task, label, seed, data))
             if method == "rd":
                 parts = model.trainable_modules().state_dict()
                 save_file({k: v.contiguous() for k, v in parts.items()}, str(folder / "reprogram.safetensors"))
@@ -391,12 +493,35 @@ def _best_epoch(folder: Path) -> int | None:
 
 
 @torch.no_grad()
-def scores(model: nn.Module, dataset: MultiTaskDataset, device: torch.device, keep_correct: bool = False) -> dict[str, Any]:
-    """``{"acc", "auc"}`` of a single-task model on ``dataset`` (+ ``correct``: 0/1 per image)."""
+def scores(model: nn.Module, dataset: MultiTaskDataset, device: torch.device, keep_items: bool = False) -> dict[str, Any]:
+    """``{"acc", "auc"}`` of a single-task classifier on ``dataset`` (+ ``per_item``: 0/1 per image)."""
     probs, labels = predict_probs(model, dataset, device, [0])[0]
     out: dict[str, Any] = {"acc": M.accuracy(probs, labels), "auc": M.roc_auc(probs, labels)}
-    if keep_correct:
-        out["correct"] = (probs.argmax(1) == labels).astype(int).tolist()
+    if keep_items:
+        out["per_item"] = (probs.argmax(1) == labels).astype(int).tolist()
+    return out
+
+
+@torch.no_grad()
+def seg_scores(model: nn.Module, dataset: Any, seg_run: Any, keep_items: bool = False) -> dict[str, Any]:
+    """``{"dice"}`` of a single-task segmenter on whole volumes (sliding windows, as the recipe):
+    the mean over foreground classes of each class's mean Dice over the cases where it is present
+    in prediction or label (+ ``per_item``: the ``[cases, K - 1]`` Dice, NaN where absent)."""
+    from .segmentation import predict_case
+
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for i in range(len(dataset)):
+            image, label, t, _, _ = dataset[i]
+            pred = predict_case(model, image, t, seg_run)
+            rows.append(M.dice_per_class(pred, label.numpy(), dataset.tasks[t].num_classes))
+    finally:
+        model.train(was_training)
+    out: dict[str, Any] = {"dice": item_statistic(np.stack(rows))}
+    if keep_items:
+        out["per_item"] = np.stack(rows).tolist()
     return out
 
 

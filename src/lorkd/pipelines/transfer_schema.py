@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from ..config import check
 from .schema import Optim, Stage, TaskFile
+from .segmentation_schema import SegEvaluate, SegmentationData
 
 METHODS = ("scratch", "foundation_ft", "foundation_lp", "expert_ft", "expert_lp", "foundation_lora", "kd", "rd")
 Method = Literal["scratch", "foundation_ft", "foundation_lp", "expert_ft", "expert_lp", "foundation_lora", "kd", "rd"]
@@ -32,16 +33,22 @@ class FoundationSection:
 
 @dataclass
 class DownstreamData:
-    """The downstream tasks: MedMNIST-layout ``.npz`` files (as ``data.tasks`` of the recipe)."""
+    """The downstream tasks: classification ``tasks`` (MedMNIST-layout ``.npz`` files, as ``data.tasks``
+    of the recipe), or ``segmentation`` (the ``data`` section of a segmentation recipe) for a
+    segmentation foundation run."""
 
     tasks: list[TaskFile] = field(default_factory=list)
+    segmentation: SegmentationData | None = None
     size: int | None = None  # resize to size^2 (size^3); default: the foundation run's data.size
     augment: bool = True
     max_train: int | None = None  # per-task cap on training images, the same subset for every method and seed
     cap_seed: int = 0  # which subset max_train keeps
 
     def validate(self, path: str) -> None:
-        check(bool(self.tasks), f"{path}.tasks", "list at least one downstream task {name, path}")
+        check(bool(self.tasks) != (self.segmentation is not None), path or "data",
+              "give either data.tasks (classification .npz files) or data.segmentation, exactly one")
+        check(self.segmentation is None or self.max_train is None, f"{path}.max_train",
+              "caps classification images; for segmentation set data.segmentation.samples_per_epoch")
         names = [t.name for t in self.tasks]
         check(len(names) == len(set(names)), f"{path}.tasks", f"task names must be unique, got {names}")
         check(self.max_train is None or self.max_train >= 2, f"{path}.max_train", f"must be >= 2, got {self.max_train}")
@@ -119,6 +126,7 @@ class TransferConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     kd: KDSection = field(default_factory=KDSection)
     rd: RDSection = field(default_factory=RDSection)
+    evaluate: SegEvaluate = field(default_factory=lambda: SegEvaluate(hd95=False))  # segmentation only
     bootstrap: int = 1000  # resamples of the test set for the intervals in the report
     keep_checkpoints: bool = False  # keep each finished method's checkpoints/ (they hold the foundation's weights)
 
