@@ -184,6 +184,14 @@ def test_reprogramming_modules_start_as_identity():
     assert len(out.pairs) == 2 and out.pairs[1][0].shape[0] == 6
     # the exported student (projector and classifier merged) gives the student's logits
     assert torch.allclose(rd.export()(x), out.student_logits, atol=1e-5)
+    # dense (segmentation): pointwise feature reprogramming, 1x1 classifier and projector, merged on export
+    fmap = torch.randn(2, 16, 3, 4, 5)
+    assert torch.equal(FeatureReprogram(16, 8, dense_dims=3)(fmap), fmap)
+    dense = ReprogrammingDistiller(torch.nn.Conv3d(1, 6, 3, padding=1), 6, torch.nn.Conv3d(1, 4, 3, padding=1), 4,
+                                   3, 1, 3, pairs=[], dense=True).eval()
+    v = torch.randn(2, 1, 5, 6, 7)
+    assert dense(v).shape == (2, 3, 5, 6, 7) and isinstance(dense.export().head, torch.nn.Conv3d)
+    assert torch.allclose(dense.export()(v), dense(v), atol=1e-5)
     with pytest.raises(ConfigError, match=r"rd\.pairs \(foundation layer\): no layer named 'layer9'"):
         ReprogrammingDistiller(found, fdim, stud, sdim, 3, 1, 2, pairs=[["layer4", "layer9"]])
     with pytest.raises(ConfigError, match="input and/or feature"):
@@ -263,3 +271,44 @@ def test_every_method_end_to_end_3d(tmp_path):
                                                "expert_lp:tb", "foundation_lora", "kd", "rd"}
     expert = load_expert(tmp_path / "out" / "down" / "seed0" / "rd" / "model")
     assert expert.card["spatial_dims"] == 3 and any(isinstance(m, torch.nn.Conv3d) for m in expert.modules())
+
+
+@pytest.mark.slow
+def test_segmentation_transfer_end_to_end(tmp_path, capsys):
+    """A tiny segmentation foundation run (UNet) on two tasks; transfer to a third one (Dice)."""
+    from test_segmentation import tiny_config, write_h5_task
+
+    tasks = [{"name": n, "path": str(write_h5_task(tmp_path / n, classes=c)), "format": "hdf5"}
+             for n, c in (("sa", 3), ("sb", 2))]
+    found = tiny_config(tasks, [8, 16, 16])
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(found))
+    assert cli.main(["run", str(tmp_path / "seg.yaml"), "--out", str(tmp_path / "segrun"), "--no-progress"]) == 0
+    down = write_h5_task(tmp_path / "sdown", classes=2, patients=4)
+    seg_data = {"tasks": [{"name": "sdown", "path": str(down), "format": "hdf5"}], "patch_size": [8, 16, 16],
+                "samples_per_epoch": 8, "split": [0.5, 0.25, 0.25]}
+    cfg = {"recipe": "transfer", "foundation": {"run": str(tmp_path / "segrun"), "experts": ["sb"]},
+           "data": {"segmentation": seg_data}, "train": {"epochs": 1, "batch_size": 4},
+           "methods": ["scratch", "foundation_ft", "foundation_lp", "expert_ft", "foundation_lora", "kd", "rd"],
+           "rd": {"pairs": [["model.0", "model.0"]]}, "bootstrap": 20}
+    assert run_transfer_cli(tmp_path, cfg) == 0
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task_kind"] == "segmentation" and metrics["primary_metric"] == "dice"
+    table = metrics["methods"]["sdown"]
+    assert set(table) == {"scratch", "foundation_ft", "foundation_lp", "expert_ft:sb", "foundation_lora", "kd", "rd"}
+    assert all(0 <= m["test_mean"] <= 1 for m in table.values())
+    assert (out / "sdown" / "split_sdown.json").is_file() and "| rd |" in (out / "report.md").read_text()
+    rd = load_expert(out / "sdown" / "seed0" / "rd" / "model")
+    assert rd.card["task_kind"] == "segmentation" and isinstance(rd.head, torch.nn.Conv3d)
+    # the exported rd student reproduces the reported test Dice (sliding windows on whole volumes)
+    from lorkd.pipelines.transfer import seg_scores
+
+    run = TransferRun(from_dict(TransferConfig, {k: v for k, v in cfg.items() if k != "recipe"}), out,
+                      DistributedContext.from_env(torch.device("cpu")), progress=False)
+    data = run.datasets(run.tasks[0], 0)
+    assert seg_scores(rd, data["test"], data["run"])["dice"] == pytest.approx(table["rd"]["test_mean"], nan_ok=True)
+    # a classification downstream task for a segmentation foundation is refused
+    bad = {**cfg, "data": {"tasks": [{"name": "x", "path": str(tmp_path / "x.npz")}]}}
+    (tmp_path / "b").mkdir()
+    assert run_transfer_cli(tmp_path / "b", bad) == 2
+    assert "is a segmentation run; give the downstream tasks as data.segmentation" in capsys.readouterr().err
