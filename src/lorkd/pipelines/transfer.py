@@ -248,7 +248,10 @@ def cap_train(task: ClassificationTask, max_train: int | None, seed: int = 0) ->
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         keep.append(rng.permutation(idx)[:max(1, int(round(max_train * len(idx) / n)))])
-    keep = np.sort(np.concatenate(keep))[:max_train] if sum(map(len, keep)) > max_train else np.sort(np.concatenate(keep))
+    keep = np.concatenate(keep)
+    if len(keep) > max_train:  # rounding up the classes' shares overshot by at most one per class
+        keep = rng.choice(keep, max_train, replace=False)
+    keep = np.sort(keep)
     images, labels_ = dict(task.images), dict(task.labels)
     images["train"], labels_["train"] = task.images["train"][keep], labels[keep]
     return dataclasses.replace(task, images=images, labels=labels_)
