@@ -165,6 +165,19 @@ def test_frozen_parts_are_bit_identical_after_training(run2d, tmp_path):
     assert lp["trained_params"] == lp_model.head.weight.numel() + lp_model.head.bias.numel()
 
 
+def test_interrupted_method_resumes_from_its_checkpoint(run2d, tmp_path):
+    run = _run(run2d, tmp_path, keep_checkpoints=True, train={"epochs": 2, "batch_size": 8})
+    task = run.tasks[0]
+    first, _ = run.train_method(task, run.datasets(task, 0), "rd", None, 0, None)
+    folder = tmp_path / "out" / "down" / "seed0" / "rd"
+    (folder / "result.json").unlink()  # as if killed after its last checkpoint, before finishing
+    history = (folder / "history.jsonl").read_text()
+    run.resume = True
+    again, _ = run.train_method(task, run.datasets(task, 0), "rd", None, 0, None)
+    assert (folder / "history.jsonl").read_text() == history  # no epoch trained twice
+    assert again["test"] == first["test"] and again["val"] == first["val"]
+
+
 def test_reprogramming_modules_start_as_identity():
     torch.manual_seed(0)
     for dims, shape in ((2, (3, 2, 9, 9)), (3, (3, 2, 5, 6, 7))):
