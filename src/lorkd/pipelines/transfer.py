@@ -102,7 +102,7 @@ class Foundation:
 def load_foundation(section: Any, key: str = "foundation") -> Foundation:
     """The foundation model and experts that ``section`` names: the one entry point for every source.
 
-    Only ``run`` (a lorkd classification run folder) exists so far; other sources (a checkpoint,
+    Only ``run`` (a lorkd run folder, classification or segmentation) exists so far; other sources (a checkpoint,
     a MONAI bundle, ...) plug in here by returning a :class:`Foundation`.
 
     Raises:
