@@ -197,7 +197,8 @@ def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | 
 
     shapes = {split: images[split].shape[1:] for split in SPLITS}
     if len(set(shapes.values())) > 1:
-        raise DataError(f"{path}: image shapes [H, W(, C)] differ between splits: {shapes}")
+        raise DataError(f"{path}: image shapes [H, W(, C)] differ between splits (keys "
+                        f"{', '.join(repr(f'{s}_images') for s in SPLITS)}): {shapes}")
     dims = infer_spatial_dims(images["train"].shape, f"{path} key 'train_images'", spatial_dims)
     channels = 1 if images["train"].ndim == dims + 1 else int(images["train"].shape[-1])
 
