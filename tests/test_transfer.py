@@ -234,6 +234,8 @@ def test_bad_input_errors(run2d, tmp_path):
         _run(run2d, tmp_path, student="tz")
     with pytest.raises(ConfigError, match=r"methods\[0\]: 'distill' is not one of"):
         _run(run2d, tmp_path, methods=["distill"])
+    with pytest.raises(ConfigError, match=r"rd\.pairs\[0\]\[1\] \(foundation layer\): no layer named 'layer7'"):
+        _run(run2d, tmp_path, rd={"pairs": [["layer4", "layer7"]]})
     with pytest.raises(ConfigError, match=r"rd\.pairs\[0\]: must be \[student_layer, foundation_layer\]"):
         _run(run2d, tmp_path, rd={"pairs": [["layer4"]]})
 

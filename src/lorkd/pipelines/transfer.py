@@ -352,6 +352,12 @@ class TransferRun:
         if self.student_name not in self.experts:
             raise ConfigError(f"student: {self.student_name!r} is not one of the experts {list(self.experts)}")
         self.size = cfg.data.size if cfg.data.size is not None else self.foundation.size
+        if "rd" in cfg.methods:  # fail before any training, not when rd's turn comes
+            from ..models.taps import find_layer
+
+            for i, (student_layer, foundation_layer) in enumerate(cfg.rd.pairs):
+                find_layer(self.experts[self.student_name].backbone, student_layer, f"rd.pairs[{i}][0] (student layer)")
+                find_layer(f.backbone, foundation_layer, f"rd.pairs[{i}][1] (foundation layer)")
 
     # ---- data
     def datasets(self, task: Any, seed: int) -> dict[str, Any]:
