@@ -109,7 +109,7 @@ def test_missing_key(tmp_path):
         load_npz_task(write(tmp_path, **arrs))
 
 
-@pytest.mark.parametrize("shape", [(12, 64), (12, 8, 8, 3, 1)])
+@pytest.mark.parametrize("shape", [(12, 64), (12, 8, 8, 3, 1, 1)])
 def test_images_wrong_rank(tmp_path, shape):
     arrs = arrays()
     arrs["train_images"] = np.zeros(shape, np.uint8)

@@ -5,6 +5,7 @@
     lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE] [--device DEV] [--trust-code]
     lorkd demo [--out DIR]
     lorkd report RUN_DIR [RUN_DIR ...] --out FILE
+    lorkd transfer CONFIG --out DIR [--set key=value ...] [--resume | --overwrite]
     lorkd bench [...]
     lorkd teacher CONFIG [--set key=value ...]
 
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
     p.set_defaults(func=cmd_teacher)
+    p = sub.add_parser("transfer", help="foundation model vs its experts on unseen downstream tasks "
+                       "(fine-tuning, linear probe, LoRA, KD, Reprogramming Distillation)")
+    _run_arguments(p)
+    p.set_defaults(func=cmd_transfer)
     p = sub.add_parser("bench", help="speed and memory of lorkd vs plain vs grouped convolution", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda a: __import__("lorkd.bench", fromlist=["main"]).main(a.rest))
@@ -107,13 +112,14 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                    "(the same as trust_code: true in the config)")
 
 
-def load_recipe(path: Path, overrides: list[str]) -> Any:
-    """Read, override and validate a recipe; the ``recipe`` key picks classification or segmentation."""
+def load_recipe(path: Path, overrides: list[str], default: str = "classification") -> Any:
+    """Read, override and validate a recipe; the ``recipe`` key (else ``default``) picks classification,
+    segmentation or transfer."""
     from .config import apply_overrides, from_dict, load_yaml
     from .errors import ConfigError
 
     data = apply_overrides(load_yaml(path), overrides)
-    recipe = data.pop("recipe", "classification")
+    recipe = data.pop("recipe", default)
     try:
         if recipe == "classification":
             from .pipelines.schema import ClassificationConfig
@@ -123,13 +129,21 @@ def load_recipe(path: Path, overrides: list[str]) -> Any:
             from .pipelines.segmentation_schema import SegmentationConfig
 
             return from_dict(SegmentationConfig, data)
-        raise ConfigError(f"recipe: {recipe!r} is not one of 'classification', 'segmentation'")
+        if recipe == "transfer":
+            from .pipelines.transfer_schema import TransferConfig
+
+            return from_dict(TransferConfig, data)
+        raise ConfigError(f"recipe: {recipe!r} is not one of 'classification', 'segmentation', 'transfer'")
     except ConfigError as err:  # every config error names the YAML file
         raise ConfigError(f"{path}: {err}") from err
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.config, args.overrides)
+    if getattr(cfg, "RECIPE", None) == "transfer":
+        from .errors import ConfigError
+
+        raise ConfigError(f"{args.config} is a transfer config (recipe: transfer); run it with `lorkd transfer`")
     if args.trust_code:
         cfg.trust_code = True
     return execute(cfg, args.out, args.stages, resume=args.resume, overwrite=args.overwrite,
@@ -255,6 +269,39 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     path = write_aggregate_report(args.runs, args.out)
     print(Path(path).read_text())
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from .engine.checkpoint import prepare_run_dir
+    from .engine.distributed import DistributedContext
+    from .errors import ConfigError
+    from .pipelines.common import resolve_device
+    from .pipelines.transfer import run_transfer
+
+    from .config import apply_overrides, load_yaml
+
+    recipe = apply_overrides(load_yaml(args.config), list(args.overrides)).get("recipe", "transfer")
+    if recipe != "transfer":
+        raise ConfigError(f"{args.config}: recipe {recipe!r}; `lorkd transfer` takes a transfer config "
+                          "(`recipe: transfer`, see configs/transfer_medmnist.yaml)")
+    cfg = load_recipe(args.config, args.overrides, default="transfer")
+    ctx = DistributedContext.from_env(resolve_device(cfg.device))
+    try:
+        if ctx.is_distributed:
+            raise ConfigError("lorkd transfer runs in one process; launch it without torchrun")
+        if ctx.is_main:
+            prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+        ctx.barrier()
+        metrics = run_transfer(cfg, args.out, ctx, resume=args.resume, progress=not args.no_progress)
+        if metrics is not None:
+            for task, table in metrics["methods"].items():
+                print(f"{task}: test {metrics['primary_metric']} (mean over {len(cfg.seeds)} seed(s))")
+                for label, m in table.items():
+                    print(f"  {label:<28} {m['test_mean']:.4f}  trained {m['trained_params']:>10}")
+            print(f"report: {args.out / 'report.md'}")
+    finally:
+        ctx.shutdown()
     return 0
 
 

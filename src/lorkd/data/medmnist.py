@@ -1,9 +1,15 @@
-"""2D classification tasks in the MedMNIST ``.npz`` layout.
+"""2D and 3D classification tasks in the MedMNIST ``.npz`` layout.
 
-A MedMNIST file holds six arrays: ``{train,val,test}_images`` (uint8 ``[N, H, W]`` for grayscale or
-``[N, H, W, C]`` for colour) and ``{train,val,test}_labels`` (uint8 ``[N, 1]`` or ``[N]``).
+A MedMNIST file holds six arrays: ``{train,val,test}_images`` and ``{train,val,test}_labels``
+(uint8 ``[N, 1]`` or ``[N]``). Images are 2D (``[N, H, W]`` grayscale, ``[N, H, W, C]`` colour) or
+3D volumes (``[N, D, H, W]``, as the MedMNIST 3D sets, or ``[N, D, H, W, C]``).
 :func:`load_npz_task` reads and checks such a file and returns a :class:`ClassificationTask`, the
 in-memory form every other part of ``lorkd`` (datasets, samplers, pipelines) works with.
+
+A 4D array is read as 2D colour images when its last axis is a small channel count (1, 3 or
+4) and the two before it are larger, and as volumes when its three axes are equal (the MedMNIST
+3D cubes, ``28^3`` or ``64^3``); any other 4D shape (``[N, 8, 28, 28]``: eight channels, or a
+volume of depth 8?) is refused unless ``spatial_dims`` says which it is.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ class ClassificationTask:
 
     Attributes:
         name: task name, e.g. ``"breastmnist"``.
-        images: split -> uint8 (0-255) or float32 (in [0, 1]) array ``[N, H, W]`` (grayscale) or
-            ``[N, H, W, C]`` (colour); see :func:`image_unit_scale`.
+        images: split -> uint8 (0-255) or float32 (in [0, 1]) array ``[N, *spatial]`` (one channel)
+            or ``[N, *spatial, C]``, with ``spatial`` ``(H, W)`` in 2D and ``(D, H, W)`` in 3D; see
+            :func:`image_unit_scale`.
         labels: split -> int64 array ``[N]`` with values in ``[0, num_classes)``.
         num_classes: number of classes.
-        channels: 1 for ``[N, H, W]`` images, else ``C``.
+        channels: 1 for ``[N, *spatial]`` images, else ``C``.
         source: the file the task was read from, or ``"synthetic"``.
+        spatial_dims: 2 for images, 3 for volumes.
     """
 
     name: str
@@ -40,6 +48,7 @@ class ClassificationTask:
     num_classes: int
     channels: int
     source: str
+    spatial_dims: int = 2
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -53,10 +62,10 @@ class ClassificationTask:
         return int(self.labels[split].shape[0])
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        """``(H, W)`` of the images (the same for every split)."""
+    def image_size(self) -> tuple[int, ...]:
+        """``(H, W)`` of the images, ``(D, H, W)`` of volumes (the same for every split)."""
         first = next(iter(self.images.values()))
-        return int(first.shape[1]), int(first.shape[2])
+        return tuple(int(n) for n in first.shape[1:1 + self.spatial_dims])
 
     def class_counts(self, split: str) -> np.ndarray:
         """int64 ``[num_classes]``: how many samples of each class ``split`` holds."""
@@ -65,8 +74,8 @@ class ClassificationTask:
 
 
 def _as_images(arr: np.ndarray, where: str) -> np.ndarray:
-    """Check ``arr`` is ``[N, H, W]`` or ``[N, H, W, C]`` and bring it to one of the two stored forms
-    by its dtype: uint8 (0-255, kept) or float32 in [0, 1].
+    """Check ``arr`` is 3D to 5D (``[N, H, W]`` .. ``[N, D, H, W, C]``) and bring it to one of the
+    two stored forms by its dtype: uint8 (0-255, kept) or float32 in [0, 1].
 
     * uint8: kept; read as ``x / 255`` by the datasets.
     * uint16: float32 ``x / 65535`` (16-bit images keep their precision).
@@ -75,8 +84,9 @@ def _as_images(arr: np.ndarray, where: str) -> np.ndarray:
     * floats: must be finite; all values in [0, 1]: kept (float32); max in (1, 255]: read as a 0-255
       scale (integral values: uint8, else float32 ``x / 255``); anything else is refused.
     """
-    if arr.ndim not in (3, 4):
-        raise DataError(f"{where}: images must be 3D [N, H, W] or 4D [N, H, W, C], got shape {arr.shape}")
+    if arr.ndim not in (3, 4, 5):
+        raise DataError(f"{where}: images must be 3D [N, H, W], 4D [N, H, W, C] or [N, D, H, W] (volumes), "
+                        f"or 5D [N, D, H, W, C], got shape {arr.shape}")
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.uint16:
@@ -109,6 +119,42 @@ def _as_images(arr: np.ndarray, where: str) -> np.ndarray:
 def image_unit_scale(images: np.ndarray) -> float:
     """The factor that brings stored ``images`` to [0, 1]: ``1 / 255`` for uint8, 1 for float32."""
     return 1.0 / 255.0 if images.dtype == np.uint8 else 1.0
+
+
+COLOUR_CHANNELS = (1, 3, 4)
+
+
+def infer_spatial_dims(shape: tuple[int, ...], where: str, spatial_dims: int | None = None) -> int:
+    """2 (images) or 3 (volumes) for an image array of ``shape`` ``[N, ...]`` (see the module docstring).
+
+    Args:
+        shape: the array's shape, 3D to 5D.
+        where: names the file and key in errors.
+        spatial_dims: the caller's answer (2 or 3), checked against the shape; ``None``: infer.
+
+    Raises:
+        DataError: ``spatial_dims`` does not fit the shape, or the shape is ambiguous and
+            ``spatial_dims`` is not given (the message suggests setting it).
+    """
+    ndim = len(shape)
+    if spatial_dims is not None:
+        if spatial_dims not in (2, 3):
+            raise DataError(f"{where}: spatial_dims must be 2 or 3, got {spatial_dims}")
+        fits = {2: (3, 4), 3: (4, 5)}[spatial_dims]
+        if ndim not in fits:
+            layouts = "[N, H, W] or [N, H, W, C]" if spatial_dims == 2 else "[N, D, H, W] or [N, D, H, W, C]"
+            raise DataError(f"{where}: spatial_dims={spatial_dims} needs images {layouts}, got shape {tuple(shape)}")
+        return spatial_dims
+    if ndim in (3, 5):
+        return 2 if ndim == 3 else 3
+    a, b, c = shape[1:]
+    if c in COLOUR_CHANNELS and min(a, b) > c:
+        return 2
+    if a == b == c:
+        return 3
+    raise DataError(f"{where}: images of shape {tuple(shape)} are ambiguous: 2D images [N, H, W, C] with C={c} "
+                    f"channels, or 3D volumes [N, D, H, W] of depth {a}? Set spatial_dims (2 or 3) for this task "
+                    "in data.tasks")
 
 
 def _as_int64_labels(arr: np.ndarray, where: str) -> np.ndarray:
@@ -163,25 +209,29 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a valid .npz file (corrupt or truncated?): {exc}") from exc
 
 
-def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | None = None) -> ClassificationTask:
+def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | None = None,
+                  spatial_dims: int | None = None) -> ClassificationTask:
     """Read a MedMNIST-layout ``.npz`` file into a :class:`ClassificationTask`.
 
     Args:
         path: the ``.npz`` file with keys ``{train,val,test}_images`` and ``{train,val,test}_labels``.
         name: task name; defaults to the file name without extension.
         num_classes: number of classes; defaults to ``max label + 1`` over all splits.
+        spatial_dims: 2 (images) or 3 (volumes); ``None``: inferred from the shape (see
+            :func:`infer_spatial_dims`).
 
     Returns:
-        The task with images ``[N, H, W]`` or ``[N, H, W, C]`` (uint8, or float32 in [0, 1]: see
+        The task with images ``[N, *spatial(, C)]`` (uint8, or float32 in [0, 1]: see
         :func:`_as_images` for how each dtype is read) and int64 labels ``[N]`` per split.
 
     Raises:
         DataError: the file is missing, not a valid npz (corrupt, truncated), lacks a key; images are
-            not 3D/4D, of a dtype or range that cannot be read, or differ in ``H, W, C`` between
-            splits; a split is empty or its images and labels differ in length; labels are
-            negative, multi-label (more than one column), or ``>= num_classes``; val or test hold
-            a class train lacks; with ``num_classes`` inferred, a class below the largest label
-            occurs in no split. The message names the file and the key.
+            not 3D-5D, ambiguous (2D colour or 3D?) without ``spatial_dims``, of a dtype or range
+            that cannot be read, or differ in shape between splits; a split is empty or its images
+            and labels differ in length; labels are negative, multi-label (more than one column),
+            or ``>= num_classes``; val or test hold a class train lacks; with ``num_classes``
+            inferred, a class below the largest label occurs in no split. The message names the
+            file and the key.
     """
     path = Path(path)
     arrays = _read_npz(path)
@@ -203,8 +253,10 @@ def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | 
 
     shapes = {split: images[split].shape[1:] for split in SPLITS}
     if len(set(shapes.values())) > 1:
-        raise DataError(f"{path}: image shapes [H, W(, C)] differ between splits: {shapes}")
-    channels = 1 if images["train"].ndim == 3 else int(images["train"].shape[3])
+        raise DataError(f"{path}: image shapes [H, W(, C)] differ between splits (keys "
+                        f"{', '.join(repr(f'{s}_images') for s in SPLITS)}): {shapes}")
+    dims = infer_spatial_dims(images["train"].shape, f"{path} key 'train_images'", spatial_dims)
+    channels = 1 if images["train"].ndim == dims + 1 else int(images["train"].shape[-1])
 
     max_label = max(int(labels[s].max()) for s in SPLITS)
     inferred = num_classes is None
@@ -225,4 +277,5 @@ def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | 
         num_classes=int(num_classes),
         channels=channels,
         source=str(path),
+        spatial_dims=dims,
     )

@@ -1,7 +1,7 @@
-"""Multi-task 2D classification data: one dataset over several tasks, task-mixing batches.
+"""Multi-task classification data (2D or 3D): one dataset over several tasks, task-mixing batches.
 
 * :class:`MultiTaskDataset` concatenates one split of several :class:`ClassificationTask`\\ s; an
-  item is ``(image [C, H, W] float32, label, task_id)``.
+  item is ``(image [C, H, W] (or [C, D, H, W]) float32, label, task_id)``.
 * :func:`collate_task_batch` stacks items into a :class:`TaskBatch`.
 * :class:`TaskBatchSampler` yields batches (lists of dataset indices) that mix tasks, in
   proportional or balanced mode, split across distributed ranks, and resumable mid-epoch.
@@ -83,21 +83,25 @@ def collate_task_batch(items: Sequence[tuple[Tensor, int, int]]) -> TaskBatch:
 class MultiTaskDataset(torch.utils.data.Dataset):
     """One split of several tasks, concatenated in task order.
 
-    Item ``i`` is ``(image, label, task_id)``: image float32 ``[C, H, W]`` normalised as
-    ``(x - mean) / std`` with ``x`` in [0, 1] (uint8 images divided by 255, float32 ones as stored), label an ``int`` in ``[0, num_classes[task_id])``.
+    Item ``i`` is ``(image, label, task_id)``: image float32 ``[C, H, W]`` (volumes: ``[C, D, H, W]``;
+    every task must have the same ``spatial_dims``) normalised as ``(x - mean) / std`` with ``x`` in
+    [0, 1] (uint8 images divided by 255, float32 ones as stored), label an ``int`` in
+    ``[0, num_classes[task_id])``.
 
     Channels: ``channels`` defaults to the largest ``task.channels``. A grayscale image going to
     a 3-channel model is repeated; an RGB image going to a 1-channel model is averaged.
     Size: with ``size`` set, images are resized to ``size x size`` with bilinear interpolation
-    (antialiased); without it every task must share one ``H, W``.
+    (antialiased; volumes to ``size^3``, trilinear); without it every task must share one size.
     Augmentation (``augment=True``): random horizontal flip, then a random affine map (rotation
-    up to 10 degrees, scale 0.9-1.1, shift up to 8 % each way, reflection padding). Its randomness
+    up to 10 degrees, scale 0.9-1.1, shift up to 8 % each way, reflection padding). Volumes get
+    the same, applied in the ``H, W`` plane (rotation about the ``D`` axis) plus a shift up to
+    8 % along ``D``; no flip along ``D`` (head-foot order is anatomy). Its randomness
     comes from a ``torch.Generator`` seeded by ``(seed, epoch, index)``, so it is reproducible and
     independent of ``DataLoader`` workers; call :meth:`set_epoch` each epoch for fresh draws
     (with ``persistent_workers=True`` the workers keep the epoch they were started with).
 
     Raises:
-        DataError: no tasks; a task lacks ``split``; tasks differ in ``H, W`` and no ``size`` is
+        DataError: no tasks; tasks mix 2D and 3D; a task lacks ``split``; tasks differ in size and no ``size`` is
             given; a task's channel count cannot be mapped to ``channels``; ``std <= 0``.
     """
 
@@ -118,6 +122,11 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             if split not in task.images:
                 raise DataError(f"MultiTaskDataset: task {task.name!r} ({task.source}) has no split {split!r}; "
                                 f"it has {list(task.images)}")
+        dims = {task.name: task.spatial_dims for task in tasks}
+        if len(set(dims.values())) > 1:
+            raise DataError(f"MultiTaskDataset: tasks mix 2D images and 3D volumes (spatial_dims per task: {dims}); "
+                            "one run takes one kind")
+        self.spatial_dims = tasks[0].spatial_dims
         if size is None and len({task.image_size for task in tasks}) > 1:
             sizes = ", ".join(f"{task.name} ({task.source}): {task.image_size[0]}x{task.image_size[1]}" for task in tasks)
             raise DataError(f"tasks differ in image size ({sizes}); set data.size to resize every image to one "
@@ -137,17 +146,17 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.mean, self.std = float(mean), float(std)
         self.seed, self.epoch = int(seed), 0
-        # uint8 (or float32 in [0, 1]) [N, C, H, W] per task, kept small; float conversion happens per item.
-        self._images = [self._as_nchw(torch.from_numpy(task.images[split])) for task in tasks]
+        # uint8 (or float32 in [0, 1]) [N, C, *spatial] per task, kept small; float conversion per item.
+        self._images = [self._channels_first(torch.from_numpy(task.images[split])) for task in tasks]
         self._labels = [torch.from_numpy(task.labels[split]).to(torch.int64) for task in tasks]
         sizes = [len(lab) for lab in self._labels]
         self._offsets = [0]
         for n in sizes:
             self._offsets.append(self._offsets[-1] + n)
 
-    @staticmethod
-    def _as_nchw(images: Tensor) -> Tensor:
-        return images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    def _channels_first(self, images: Tensor) -> Tensor:
+        """``[N, *spatial]`` or ``[N, *spatial, C]`` -> ``[N, C, *spatial]``."""
+        return images.unsqueeze(1) if images.ndim == self.spatial_dims + 1 else images.movedim(-1, 1)
 
     # ---- task bookkeeping -------------------------------------------------------------------
     @property
@@ -207,29 +216,36 @@ class MultiTaskDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         t, j = self.locate(int(index))
         index = self._offsets[t] + j
-        x = self._images[t][j].to(torch.float32)  # [c, h, w]
+        x = self._images[t][j].to(torch.float32)  # [c, *spatial]
         if self._images[t].dtype == torch.uint8:
             x = x.div_(255.0)  # uint8 0-255; float32 images are stored in [0, 1] already
         if x.shape[0] != self.channels:
-            x = x.expand(self.channels, -1, -1).clone() if x.shape[0] == 1 else x.mean(0, keepdim=True)
-        if self.size is not None and tuple(x.shape[1:]) != (self.size, self.size):
-            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear",
-                              align_corners=False, antialias=True)[0]
+            x = x.expand(self.channels, *x.shape[1:]).clone() if x.shape[0] == 1 else x.mean(0, keepdim=True)
+        target = (self.size,) * self.spatial_dims if self.size is not None else None
+        if target is not None and tuple(x.shape[1:]) != target:
+            mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+            x = F.interpolate(x[None], size=target, mode=mode, align_corners=False,
+                              antialias=self.spatial_dims == 2)[0]
         if self.augment:
             x = self._augment(x, index)
         x = (x - self.mean) / self.std
         return x, int(self._labels[t][j]), t
 
     def _augment(self, x: Tensor, index: int) -> Tensor:
-        """Random flip + small affine map of ``x`` ``[C, H, W]``, seeded by (seed, epoch, index)."""
+        """Random flip + small affine map of ``x`` ``[C, H, W]`` or ``[C, D, H, W]`` (in the ``H, W``
+        plane, plus a shift along ``D``), seeded by (seed, epoch, index)."""
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, int(index)))
-        flip, angle, scale, tx, ty = torch.rand(5, generator=g).tolist()
+        flip, angle, scale, tx, ty, tz = torch.rand(6, generator=g).tolist()
         if flip < 0.5:
             x = x.flip(-1)
         angle = math.radians((angle * 2 - 1) * 10.0)
         scale = 0.9 + 0.2 * scale
         cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
-        theta = torch.tensor([[cos, -sin, (tx * 2 - 1) * 0.16], [sin, cos, (ty * 2 - 1) * 0.16]])
+        if self.spatial_dims == 3:  # grid axes (x=W, y=H, z=D)
+            theta = torch.tensor([[cos, -sin, 0.0, (tx * 2 - 1) * 0.16], [sin, cos, 0.0, (ty * 2 - 1) * 0.16],
+                                  [0.0, 0.0, 1.0 / scale, (tz * 2 - 1) * 0.16]])
+        else:
+            theta = torch.tensor([[cos, -sin, (tx * 2 - 1) * 0.16], [sin, cos, (ty * 2 - 1) * 0.16]])
         grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
         return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
 

@@ -23,7 +23,7 @@ from ..data.paths import locate
 from ..data.synthetic import make_synthetic_tasks
 from ..engine import metrics as M
 from ..engine.distributed import DistributedContext
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..experts import save_expert
 from ..models.backbones import backbone_spec
 from ..models.classifier import MultiTaskClassifier
@@ -53,10 +53,26 @@ def load_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
         key = f"data.tasks[{i}]"
         found = locate(spec.path, f"{key}.path")
         try:
-            tasks.append(load_npz_task(found, name=spec.name, num_classes=spec.num_classes))
+            tasks.append(load_npz_task(found, name=spec.name, num_classes=spec.num_classes,
+                                       spatial_dims=spec.spatial_dims))
         except DataError as err:
             raise DataError(f"{key} ({spec.name}): {err}") from err
+    check_spatial_dims(tasks)
     return tasks
+
+
+def check_spatial_dims(tasks: list[ClassificationTask], key: str = "data.tasks") -> int:
+    """The one ``spatial_dims`` (2 or 3) of ``tasks``.
+
+    Raises:
+        ConfigError: the tasks mix 2D images and 3D volumes (names each task's kind and file).
+    """
+    dims = {t.spatial_dims for t in tasks}
+    if len(dims) > 1:
+        kinds = ", ".join(f"{t.name} ({t.spatial_dims}D, {t.source})" for t in tasks)
+        raise ConfigError(f"{key}: the tasks mix 2D images and 3D volumes ({kinds}); one run decomposes one kind, "
+                          "split them into two runs (or set spatial_dims per task if a shape was misread)")
+    return dims.pop()
 
 
 def make_dataset(cfg: ClassificationConfig, tasks: list[ClassificationTask], split: str, augment: bool = False,
@@ -69,6 +85,7 @@ def make_dataset(cfg: ClassificationConfig, tasks: list[ClassificationTask], spl
 
 def data_summary(tasks: list[ClassificationTask]) -> list[dict[str, Any]]:
     return [{"name": t.name, "source": str(t.source), "num_classes": t.num_classes, "channels": t.channels,
+             "spatial_dims": t.spatial_dims, "image_size": list(t.image_size),
              **{f"n_{s}": t.num_samples(s) for s in ("train", "val", "test")}} for t in tasks]
 
 
@@ -85,11 +102,12 @@ class Run:
         self.val_set = make_dataset(cfg, self.tasks, "val")
         self.test_set = make_dataset(cfg, self.tasks, "test")
         self.channels = self.train_set.channels
+        self.spatial_dims = self.train_set.spatial_dims
         self.num_classes = [t.num_classes for t in self.tasks]
         self.timing: dict[str, float] = {}
 
     def spec(self, net) -> dict[str, Any]:
-        return backbone_spec(net.arch, 2, self.channels, net.widen, net.conv1_stride, net.kwargs)
+        return backbone_spec(net.arch, self.spatial_dims, self.channels, net.widen, net.conv1_stride, net.kwargs)
 
     def network(self, net, num_classes: list[int], experts: dict[str, Any] | None = None) -> MultiTaskClassifier:
         torch.manual_seed(self.cfg.seed)
@@ -178,6 +196,7 @@ def _meta(model: MultiTaskClassifier, run: Run, kind: str, tasks: list[int] | No
     tasks = tasks if tasks is not None else list(range(len(run.tasks)))
     return {"kind": kind, "backbone": model.backbone_spec, "num_classes": model.num_classes,
             "tasks": [run.names[t] for t in tasks], "channels": run.channels, "size": run.cfg.data.size,
+            "spatial_dims": run.spatial_dims,
             "mean": run.cfg.data.mean, "std": run.cfg.data.std, **extra}
 
 
@@ -190,7 +209,7 @@ def stage_export(run: Run, student: MultiTaskClassifier) -> dict[str, Path]:
     for t, name in enumerate(run.names):
         expert, spec = student.export_task(t)
         card = {"task": name, "task_id": t, "classes": run.num_classes[t], "input_channels": run.channels,
-                "input_size": run.cfg.data.size or list(run.tasks[t].image_size),
+                "input_size": run.cfg.data.size or list(run.tasks[t].image_size), "spatial_dims": run.spatial_dims,
                 "normalisation": {"mean": run.cfg.data.mean, "std": run.cfg.data.std, "scale": "x / 255"},
                 "rebuild_without_lorkd": "nn.Sequential(OrderedDict(backbone=<architecture.kwargs.backbone.factory>"
                                          "(**kwargs), head=nn.Linear(feature_dim, num_classes)))"}
@@ -233,7 +252,7 @@ def stage_evaluate(run: Run, teacher: MultiTaskClassifier, student: MultiTaskCla
     teacher_plain = teacher.export_task(0)[0].cpu()
     expert_plain = load_expert(run.out / "experts" / run.names[0]).cpu()
     ev = run.cfg.evaluate
-    batch = example.repeat(ev.latency_batch, 1, 1, 1)
+    batch = example.repeat(ev.latency_batch, *([1] * (example.ndim - 1)))
     metrics = {
         "task_kind": "classification", "metric_keys": ["acc", "auc"], "primary_metric": "acc", "split": "test",
         "tasks": results["test"], "val": results["val"],

@@ -314,12 +314,16 @@ class Logging:
 
 @dataclass
 class TaskFile:
-    """One classification task: a MedMNIST-layout ``.npz`` file."""
+    """One classification task: a MedMNIST-layout ``.npz`` file (2D images or 3D volumes)."""
 
     name: str
     path: str
     num_classes: int | None = None
     class_names: list[str] | None = None  # written to the experts' cards; MedMNIST files are named by default
+    spatial_dims: int | None = None  # 2 or 3; default: inferred from the images' shape
+
+    def validate(self, path: str) -> None:
+        check(self.spatial_dims in (None, 2, 3), f"{path}.spatial_dims", f"must be 2 or 3, got {self.spatial_dims}")
 
 
 @dataclass

@@ -1,0 +1,564 @@
+"""``lorkd transfer``: a foundation model and its experts on downstream tasks they have not seen.
+
+For each downstream task and seed, every method of ``methods`` is trained with the same budget
+(``train``), augmentation and selection on validation (the epoch with the best validation accuracy,
+or Dice for segmentation), then read once on test. Classification (2D and 3D) and segmentation
+(a segmentation foundation run, ``data.segmentation``; heads are 1x1 convolutions, the loss
+Dice + CE, the metric mean foreground Dice on whole volumes) share everything else.
+Methods (``K`` the task's classes; ``F`` a backbone's feature width):
+
+* ``scratch``: the student expert's architecture, random initialisation, trained end to end.
+* ``foundation_ft`` / ``foundation_lp``: the foundation backbone + a new ``Linear(F, K)`` head,
+  fine-tuned / linear-probed (backbone frozen: no gradients, BatchNorm statistics fixed).
+* ``expert_ft`` / ``expert_lp``: the same from each expert's backbone (its old head is dropped).
+* ``foundation_lora``: the frozen foundation with lorkd's low-rank expert layers for one task
+  (``lorkd.add_experts(..., num_tasks=1)``) + a new head; only adapters and head train.
+* ``kd``: the student architecture trained with CE + soft-target KD from the foundation model
+  whose head was fitted on the task (the ``foundation_lp`` model, trained first).
+* ``rd``: Reprogramming Distillation (:mod:`lorkd.distill.reprogram`); the student is exported.
+
+Outputs under ``--out``: ``<task>/seed<k>/<method>[-<expert>]/`` with ``history.jsonl``,
+``result.json`` and the trained model (``model/``: a plain ``nn.Sequential(backbone, head)`` in the
+expert format, runnable with ``lorkd predict``; ``foundation_lp`` keeps only ``head.safetensors``,
+its backbone being the foundation run's teacher), ``metrics.json``, ``report.md`` and
+``plots/transfer_<task>.png``. A finished method (``result.json``) is reused when the command is
+run again with ``--resume``; an interrupted one resumes from its ``checkpoints/latest.pt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..config import load_yaml, to_dict, write_config
+from ..data.medmnist import ClassificationTask, load_npz_task
+from ..data.multitask import MultiTaskDataset
+from ..distill import soft_target_kd
+from ..distill.reprogram import ReprogrammingDistiller, freeze, rd_loss
+from ..engine import metrics as M
+from ..engine.distributed import DistributedContext
+from ..engine.trainer import StepLoss
+from ..errors import ConfigError, DataError
+from ..experts import ExpertModel, add_experts, load_expert, save_expert
+from ..fileio import read_json, write_json
+from ..models.multitask import plain_sequential
+from ..distill import dice_ce_loss
+from ..distill.reprogram import pointwise
+from ..data.paths import locate
+from .classification import _build_from_meta, predict_probs
+from .common import META, fit_stage, has_network, load_network
+from .transfer_report import item_statistic
+from .transfer_schema import METHODS, TransferConfig
+
+log = logging.getLogger("lorkd")
+
+EXPERT_METHODS = ("expert_ft", "expert_lp")
+
+
+# ---------------------------------------------------------------------------------------- foundation
+@dataclass
+class Foundation:
+    """A frozen-able foundation model and the experts decomposed from it.
+
+    Attributes:
+        backbone: ``[B, C, *spatial] -> [B, F]`` pooled features.
+        feature_dim: ``F``.
+        backbone_spec: its architecture spec (see :func:`lorkd.experts.build_architecture`).
+        channels, spatial_dims, size, mean, std: the input it was trained on (``size`` ``None``:
+            the images' own size).
+        tasks: names of the tasks it (and the experts) were trained on.
+        task_files: the files of those tasks, where known.
+        experts: expert name -> its folder (``save_expert`` format).
+        source: a description for the report.
+        dense: a segmentation model (features ``[B, F, *spatial]``).
+    """
+
+    backbone: nn.Module
+    feature_dim: int
+    backbone_spec: dict[str, Any]
+    channels: int
+    spatial_dims: int
+    size: int | None
+    mean: float
+    std: float
+    tasks: list[str]
+    task_files: list[Path]
+    experts: dict[str, Path]
+    source: str
+    dense: bool = False
+
+
+def load_foundation(section: Any, key: str = "foundation") -> Foundation:
+    """The foundation model and experts that ``section`` names: the one entry point for every source.
+
+    Only ``run`` (a lorkd run folder, classification or segmentation) exists so far; other sources (a checkpoint,
+    a MONAI bundle, ...) plug in here by returning a :class:`Foundation`.
+
+    Raises:
+        ConfigError: no source given, or the source is unusable (see :func:`foundation_from_run`).
+    """
+    if getattr(section, "run", None):
+        return foundation_from_run(Path(section.run).expanduser(), section.experts, key)
+    raise ConfigError(f"{key}: give run (a lorkd run folder with teacher/ and experts/)")
+
+
+def foundation_from_run(run: Path, expert_names: list[str] | None = None, key: str = "foundation") -> Foundation:
+    """The ``teacher/`` and ``experts/`` of a ``lorkd run`` folder (classification or segmentation).
+
+    Raises:
+        ConfigError: no trained teacher there, no exported experts, or an expert in
+            ``expert_names`` that the run does not have (names the folder and the choices).
+        DataError: the teacher's files are corrupt.
+    """
+    teacher_dir = run / "teacher"
+    if not has_network(teacher_dir):
+        raise ConfigError(f"{key}.run: {teacher_dir} holds no trained foundation model (model.safetensors + "
+                          f"{META}); run `lorkd run` or `lorkd pretrain` on {run} first")
+    dense = read_json(teacher_dir / META).get("task_kind") == "segmentation"
+    if dense:
+        from .segmentation import Run as SegRun
+
+        model, meta = load_network(teacher_dir, SegRun.build)
+    else:
+        model, meta = load_network(teacher_dir, _build_from_meta)
+    spec = meta["backbone"]
+    expert_root = run / "experts"
+    available = sorted(p.name for p in expert_root.iterdir() if (p / "card.json").is_file()) if expert_root.is_dir() else []
+    if not available:
+        raise ConfigError(f"{key}.run: {expert_root} holds no exported expert; run `lorkd export` on {run} first")
+    wanted = list(expert_names) if expert_names else available
+    for name in wanted:
+        if name not in available:
+            raise ConfigError(f"{key}.experts: no expert {name!r} in {expert_root}; the run has {available}")
+    files = []
+    if (run / "config.yaml").is_file():
+        files = [locate(t["path"], f"{run / 'config.yaml'}: data.tasks") for t in (load_yaml(run / "config.yaml").get("data") or {}).get("tasks") or []
+                 if isinstance(t, dict) and "path" in t]
+    return Foundation(backbone=model.backbone, feature_dim=model.feature_dim, backbone_spec=spec,
+                      channels=int(meta["channels"]), spatial_dims=int(meta.get("spatial_dims", spec["kwargs"].get("spatial_dims", 2))),
+                      size=meta.get("size"), mean=float(meta.get("mean", 0.5)), std=float(meta.get("std", 0.5)),
+                      tasks=list(meta["tasks"]), task_files=files, experts={n: expert_root / n for n in wanted},
+                      source=f"lorkd run {run} (teacher/ and experts/)", dense=dense)
+
+
+# ---------------------------------------------------------------------------------------- data
+def load_downstream(cfg: TransferConfig, foundation: Foundation) -> list[ClassificationTask]:
+    """The downstream tasks, checked against the foundation model and capped to ``data.max_train``.
+
+    Raises:
+        ConfigError: a task (by name or file) was one of the decomposed tasks.
+        DataError: a file is unreadable, or its images do not fit the foundation model (2D vs 3D,
+            channels that cannot be mapped); the message names the file.
+    """
+    decomposed = {p.resolve() for p in foundation.task_files}
+    tasks = []
+    for i, spec in enumerate(cfg.data.tasks):
+        key = f"data.tasks[{i}]"
+        path = locate(spec.path, f"{key}.path")
+        if spec.name in foundation.tasks or path.resolve() in decomposed:
+            raise ConfigError(f"{key}: task {spec.name!r} ({path}) is one of the tasks the foundation model and its "
+                              f"experts were trained on ({', '.join(foundation.tasks)}); transfer is measured on "
+                              "tasks they have not seen")
+        task = load_npz_task(path, name=spec.name, num_classes=spec.num_classes, spatial_dims=spec.spatial_dims)
+        if task.spatial_dims != foundation.spatial_dims:
+            raise DataError(f"{key} ({path}): holds {task.spatial_dims}D inputs but the foundation model takes "
+                            f"{foundation.spatial_dims}D inputs")
+        if not (task.channels == foundation.channels or 1 in (task.channels, foundation.channels)):
+            raise DataError(f"{key} ({path}): images have {task.channels} channels but the foundation model takes "
+                            f"{foundation.channels}; only 1 <-> C channels are mapped (repeat / average)")
+        tasks.append(cap_train(task, cfg.data.max_train, cfg.data.cap_seed))
+    return tasks
+
+
+@dataclass
+class SegDownstream:
+    """One segmentation downstream task: its single-task segmentation config and folder.
+
+    :meth:`data` builds the recipe's :class:`~lorkd.pipelines.segmentation.Run` on it (patient split
+    written to ``folder/split_<task>.json`` and reused by every seed and method)."""
+
+    name: str
+    num_classes: int
+    source: str
+    config: Any  # SegmentationConfig with this task only
+    folder: Path
+    n_cases: dict[str, int]
+
+    def data(self, seed: int, ctx: DistributedContext) -> Any:
+        from .segmentation import Run as SegRun
+
+        return SegRun(dataclasses.replace(self.config, seed=seed), self.folder, ctx, progress=False)
+
+
+def load_seg_downstream(cfg: TransferConfig, foundation: Foundation, out: Path, ctx: DistributedContext) -> list[SegDownstream]:
+    """The segmentation downstream tasks of ``data.segmentation``, checked against the foundation.
+
+    Raises:
+        ConfigError: a task (by name or folder) was one of the decomposed tasks.
+        DataError: its volumes do not fit the foundation model (spatial dims of the patches,
+            channels); the message names the task's folder.
+    """
+    from .segmentation_schema import SegmentationConfig
+
+    d = cfg.data.segmentation
+    decomposed = {p.resolve() for p in foundation.task_files}
+    tasks = []
+    for i, spec in enumerate(d.tasks):
+        key = f"data.segmentation.tasks[{i}]"
+        path = locate(spec.path, f"{key}.path")
+        if spec.name in foundation.tasks or path.resolve() in decomposed:
+            raise ConfigError(f"{key}: task {spec.name!r} ({path}) is one of the tasks the foundation model and its "
+                              f"experts were trained on ({', '.join(foundation.tasks)}); transfer is measured on "
+                              "tasks they have not seen")
+        one = SegmentationConfig(data=dataclasses.replace(d, tasks=[spec]), evaluate=cfg.evaluate, device=cfg.device)
+        task = SegDownstream(spec.name, 0, str(path), one, out / spec.name, {})
+        run = task.data(0, ctx)
+        if run.spatial_dims != foundation.spatial_dims:
+            raise DataError(f"{key} ({path}): patches of data.segmentation.patch_size are {run.spatial_dims}D but the "
+                            f"foundation model takes {foundation.spatial_dims}D inputs")
+        if run.channels != foundation.channels:
+            raise DataError(f"{key} ({path}): volumes have {run.channels} channel(s) but the foundation model takes "
+                            f"{foundation.channels}")
+        task.num_classes = run.num_classes[0]
+        task.n_cases = {s: len(run.tasks[0].splits.get(s, [])) for s in ("train", "val", "test")}
+        tasks.append(task)
+    return tasks
+
+
+def cap_train(task: ClassificationTask, max_train: int | None, seed: int = 0) -> ClassificationTask:
+    """``task`` with at most ``max_train`` training images: a class-stratified random subset drawn
+    with ``seed`` (each class keeps its share, at least one image); val and test are untouched."""
+    n = task.num_samples("train")
+    if max_train is None or max_train >= n:
+        return task
+    rng = np.random.default_rng(seed)
+    labels = task.labels["train"]
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.append(rng.permutation(idx)[:max(1, int(round(max_train * len(idx) / n)))])
+    keep = np.concatenate(keep)
+    if len(keep) > max_train:  # rounding up the classes' shares overshot by at most one per class
+        keep = rng.choice(keep, max_train, replace=False)
+    keep = np.sort(keep)
+    images, labels_ = dict(task.images), dict(task.labels)
+    images["train"], labels_["train"] = task.images["train"][keep], labels[keep]
+    return dataclasses.replace(task, images=images, labels=labels_)
+
+
+# ---------------------------------------------------------------------------------------- models
+class Classifier(nn.Module):
+    """``head(backbone(x))``: ``[B, C, *spatial] -> [B, K]`` (segmentation: ``[B, K, *spatial]``, the
+    head a 1x1 convolution).
+
+    With ``frozen``, the backbone stays in eval mode (BatchNorm statistics fixed) whatever
+    ``train()`` is called with; which of its parameters train is set by the caller. An
+    :class:`~lorkd.experts.ExpertModel` backbone (``foundation_lora``) is called with task 0.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, frozen: bool = False) -> None:
+        super().__init__()
+        self.backbone, self.head, self.frozen = backbone, head, frozen
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.backbone, ExpertModel):
+            return self.head(self.backbone(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)))
+        return self.head(self.backbone(x))
+
+    def export(self) -> nn.Sequential:
+        """A plain ``nn.Sequential(backbone, head)`` (adapters merged); same logits in eval mode."""
+        backbone = self.backbone.extract(0) if isinstance(self.backbone, ExpertModel) else copy.deepcopy(self.backbone)
+        return plain_sequential(backbone, copy.deepcopy(self.head)).train(self.training)
+
+
+def plain_spec(backbone_spec: dict[str, Any], feature_dim: int, num_classes: int, dense_dims: int | None = None) -> dict[str, Any]:
+    """The architecture spec of ``plain_classifier`` (or ``plain_segmenter`` with ``dense_dims``):
+    what ``load_expert`` rebuilds."""
+    kwargs = {"backbone": backbone_spec, "feature_dim": feature_dim, "num_classes": num_classes}
+    if dense_dims is None:
+        return {"factory": "lorkd.models.classifier.plain_classifier", "kwargs": kwargs}
+    return {"factory": "lorkd.models.segmenter.plain_segmenter", "kwargs": {**kwargs, "spatial_dims": dense_dims}}
+
+
+class TransferObjective:
+    """Single-task loss: ``task_loss`` (CE; Dice + CE for segmentation), that + soft-target KD from a
+    frozen ``teacher``, or the RD loss."""
+
+    def __init__(self, kind: str = "ce", teacher: nn.Module | None = None, cfg: TransferConfig | None = None,
+                 task_loss=F.cross_entropy) -> None:
+        self.kind, self.teacher, self.cfg, self.task_loss = kind, teacher, cfg, task_loss
+        if teacher is not None:
+            freeze(teacher)
+
+    def __call__(self, model: nn.Module, batch: Any, global_counts: Tensor) -> StepLoss:
+        if self.kind == "rd":
+            r = self.cfg.rd
+            total, parts = rd_loss(model(batch.images, both=True), batch.labels, r.foundation_ce_weight, r.kd_weight,
+                                   r.temperature, r.cka_weight, self.task_loss)
+            return StepLoss(total=total, per_task={0: float(total.detach())}, parts=parts)
+        logits = model(batch.images)
+        ce = self.task_loss(logits, batch.labels)
+        if self.kind == "ce":
+            return StepLoss(total=ce, per_task={0: float(ce.detach())}, parts={"ce": float(ce.detach())})
+        k = self.cfg.kd
+        with torch.no_grad():
+            self.teacher.eval()
+            teacher_logits = self.teacher(batch.images)
+        kd = soft_target_kd(logits, teacher_logits, k.temperature)
+        total = k.ce_weight * ce + k.kd_weight * kd
+        return StepLoss(total=total, per_task={0: float(total.detach())},
+                        parts={"ce": float(ce.detach()), "kd": float(kd.detach())})
+
+
+# ---------------------------------------------------------------------------------------- run
+class TransferRun:
+    """Shared state of one ``lorkd transfer``: config, foundation, experts, downstream tasks."""
+
+    def __init__(self, cfg: TransferConfig, out: Path, ctx: DistributedContext, resume: bool = False,
+                 progress: bool = True) -> None:
+        self.cfg, self.out, self.ctx, self.resume, self.progress = cfg, Path(out), ctx, resume, progress
+        self.foundation = f = load_foundation(cfg.foundation)
+        self.dense = f.dense
+        self.dense_dims = f.spatial_dims if f.dense else None
+        self.metric = "dice" if f.dense else "acc"
+        if f.dense and cfg.data.segmentation is None:
+            raise ConfigError(f"data.tasks: {f.source} is a segmentation run; give the downstream tasks as data.segmentation")
+        if not f.dense and cfg.data.segmentation is not None:
+            raise ConfigError(f"data.segmentation: {f.source} is a classification run; give data.tasks (.npz files)")
+        self.tasks = load_seg_downstream(cfg, f, self.out, ctx) if f.dense else load_downstream(cfg, f)
+        self.experts = {name: load_expert(folder) for name, folder in self.foundation.experts.items()}
+        for name, expert in self.experts.items():
+            if expert.card.get("input_channels", self.foundation.channels) != self.foundation.channels:
+                raise DataError(f"{self.foundation.experts[name]}: the expert takes {expert.card['input_channels']} "
+                                f"channels, the foundation model {self.foundation.channels}")
+        self.student_name = cfg.student or next(iter(self.experts))
+        if self.student_name not in self.experts:
+            raise ConfigError(f"student: {self.student_name!r} is not one of the experts {list(self.experts)}")
+        self.size = cfg.data.size if cfg.data.size is not None else self.foundation.size
+        if "rd" in cfg.methods:  # fail before any training, not when rd's turn comes
+            from ..models.taps import find_layer
+
+            for i, (student_layer, foundation_layer) in enumerate(cfg.rd.pairs):
+                find_layer(self.experts[self.student_name].backbone, student_layer, f"rd.pairs[{i}][0] (student layer)")
+                find_layer(f.backbone, foundation_layer, f"rd.pairs[{i}][1] (foundation layer)")
+
+    # ---- data
+    def datasets(self, task: Any, seed: int) -> dict[str, Any]:
+        """``{"train", "val", "test"}`` datasets of one task (segmentation: patches for train, whole
+        volumes for val and test, and ``"run"``: the segmentation recipe's run that evaluates them)."""
+        if self.dense:
+            run = task.data(seed, self.ctx)
+            return {"train": run.train_set, "val": run.val_set, "test": run.test_set, "run": run}
+        f = self.foundation
+        return {split: MultiTaskDataset([task], split, size=self.size, channels=f.channels,
+                                        augment=split == "train" and self.cfg.data.augment, mean=f.mean, std=f.std, seed=seed)
+                for split in ("train", "val", "test")}
+
+    def score(self, model: nn.Module, data: dict[str, Any], split: str, keep_items: bool = False) -> dict[str, Any]:
+        """The metric of ``model`` on ``split`` (+ ``per_item`` for the bootstrap)."""
+        if self.dense:
+            return seg_scores(model, data[split], data["run"], keep_items)
+        return scores(model, data[split], self.ctx.device, keep_items)
+
+    # ---- methods
+    def jobs(self) -> list[tuple[str, str | None]]:
+        """``(method, expert or None)`` in training order; ``kd`` needs ``foundation_lp`` first."""
+        wanted = set(self.cfg.methods) | ({"foundation_lp"} if "kd" in self.cfg.methods else set())
+        out = []
+        for method in METHODS:
+            if method in wanted:
+                out += [(method, e) for e in self.experts] if method in EXPERT_METHODS else [(method, None)]
+        return out
+
+    def expert_parts(self, name: str) -> tuple[nn.Module, dict[str, Any], int]:
+        """A fresh copy of expert ``name``'s backbone, its spec and feature width."""
+        expert = self.experts[name]
+        kwargs = expert.card["architecture"]["kwargs"]
+        return copy.deepcopy(expert.backbone), kwargs["backbone"], int(kwargs["feature_dim"])
+
+    def build(self, method: str, expert: str | None, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+        """The model of ``method`` and the spec of its exported plain form."""
+        f = self.foundation
+        if method in ("foundation_ft", "foundation_lp", "foundation_lora"):
+            backbone = copy.deepcopy(f.backbone)
+            if method == "foundation_lora":
+                backbone = add_experts(backbone, 1, rank=self.cfg.lora.rank, alpha=self.cfg.lora.alpha, norm="shared")
+                backbone.requires_grad_(False)
+                for p in backbone.expert_parameters(0):
+                    p.requires_grad_(True)
+            elif method == "foundation_lp":
+                freeze(backbone)
+            model = Classifier(backbone, self.head(f.feature_dim, num_classes), frozen=method != "foundation_ft")
+            return model, plain_spec(f.backbone_spec, f.feature_dim, num_classes, self.dense_dims)
+        if method in EXPERT_METHODS:
+            backbone, spec, dim = self.expert_parts(expert)
+            if method == "expert_lp":
+                freeze(backbone)
+            return (Classifier(backbone, self.head(dim, num_classes), frozen=method == "expert_lp"),
+                    plain_spec(spec, dim, num_classes, self.dense_dims))
+        backbone, spec, dim = self.expert_parts(self.student_name)
+        if method == "scratch" or self.cfg.student_init == "random":
+            from ..experts import build_architecture
+
+            backbone = build_architecture(spec)
+        if method == "rd":
+            r = self.cfg.rd
+            model = ReprogrammingDistiller(f.backbone, f.feature_dim, backbone, dim, num_classes, f.channels,
+                                           f.spatial_dims, r.input, r.feature, r.input_hidden, r.feature_hidden, r.pairs,
+                                           dense=self.dense)
+            return model, plain_spec(spec, dim, num_classes, self.dense_dims)
+        return Classifier(backbone, self.head(dim, num_classes)), plain_spec(spec, dim, num_classes, self.dense_dims)
+
+    def head(self, dim: int, num_classes: int) -> nn.Module:
+        """A new task head: ``Linear(dim, K)``, or a 1x1 convolution for segmentation."""
+        return pointwise(dim, num_classes, self.dense_dims)
+
+    def folder(self, task: str, method: str, expert: str | None, seed: int) -> Path:
+        return self.out / task / f"seed{seed}" / (method if expert is None else f"{method}-{expert}")
+
+    def card(self, task: Any, label: str, seed: int, data: dict[str, Any]) -> dict[str, Any]:
+        """What ``lorkd predict`` needs to run an exported model (as the recipes' expert cards)."""
+        f = self.foundation
+        if self.dense:
+            from .segmentation import expert_card
+
+            return {**expert_card(data["run"], 0), "method": label, "seed": seed, "foundation": f.source}
+        return {"task": task.name, "classes": task.num_classes, "input_channels": f.channels,
+                "input_size": self.size or list(task.image_size), "spatial_dims": f.spatial_dims,
+                "normalisation": {"mean": f.mean, "std": f.std, "scale": "x / 255"}, "method": label, "seed": seed,
+                "foundation": f.source}
+
+    def train_method(self, task: Any, data: dict[str, Any], method: str, expert: str | None,
+                     seed: int, lp_model: nn.Module | None) -> tuple[dict[str, Any], nn.Module]:
+        """Train (or reuse) one method; returns its result and the trained model."""
+        label = method if expert is None else f"{method}:{expert}"
+        folder = self.folder(task.name, method, expert, seed)
+        torch.manual_seed(seed)
+        model, spec = self.build(method, expert, task.num_classes)
+        if (folder / "result.json").is_file():
+            result = read_json(folder / "result.json")
+            if method == "foundation_lp":  # kd's teacher: the frozen foundation + the saved head
+                model.head.load_state_dict(load_file(str(folder / "head.safetensors")))
+            return result, model.to(self.ctx.device)
+        if method == "kd" and lp_model is None:
+            raise ConfigError("kd needs the foundation_lp model, which was not trained")
+        objective = TransferObjective("rd" if method == "rd" else "kd" if method == "kd" else "ce",
+                                      teacher=copy.deepcopy(lp_model) if method == "kd" else None, cfg=self.cfg,
+                                      task_loss=dice_ce_loss if self.dense else F.cross_entropy)
+        if objective.teacher is not None:
+            objective.teacher.to(self.ctx.device)
+        start = time.perf_counter()
+        model = fit_stage(model, objective, data["train"], self.cfg.train, folder, self.ctx, seed=seed,
+                          num_workers=self.cfg.num_workers, progress=self.progress, resume=self.resume,
+                          evaluate=lambda m: self.score(m, data, "val"), select_metric=self.metric,
+                          task_names=[task.name], sampler_mode="proportional")
+        seconds = time.perf_counter() - start
+        model.eval()
+        deployed = model.export()
+        val = self.score(model, data, "val")
+        test = self.score(model, data, "test", keep_items=True)
+        result = {"task": task.name, "method": method, "expert": expert, "label": label, "seed": seed,
+                  "val": val, "test": test, "trained_params": M.count_parameters(model, trainable_only=True),
+                  "deployed_params": M.count_parameters(deployed), "seconds": round(seconds, 3),
+                  "best_epoch": _best_epoch(folder)}
+        if self.ctx.is_main:
+            if method == "foundation_lp":
+                save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(folder / "head.safetensors"))
+            else:
+                save_expert(deployed.cpu(), folder / "model", architecture=spec, card=self.card(task, label, seed, data))
+            if method == "rd":
+                parts = model.trainable_modules().state_dict()
+                save_file({k: v.contiguous() for k, v in parts.items()}, str(folder / "reprogram.safetensors"))
+            write_json(folder / "result.json", result)
+            if not self.cfg.keep_checkpoints:
+                shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        return result, model
+
+
+def _best_epoch(folder: Path) -> int | None:
+    path = folder / "checkpoints" / "best.pt"
+    if not path.is_file():
+        return None
+    from ..engine.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path)["epoch"])
+
+
+@torch.no_grad()
+def scores(model: nn.Module, dataset: MultiTaskDataset, device: torch.device, keep_items: bool = False) -> dict[str, Any]:
+    """``{"acc", "auc"}`` of a single-task classifier on ``dataset`` (+ ``per_item``: 0/1 per image)."""
+    probs, labels = predict_probs(model, dataset, device, [0])[0]
+    out: dict[str, Any] = {"acc": M.accuracy(probs, labels), "auc": M.roc_auc(probs, labels)}
+    if keep_items:
+        out["per_item"] = (probs.argmax(1) == labels).astype(int).tolist()
+    return out
+
+
+@torch.no_grad()
+def seg_scores(model: nn.Module, dataset: Any, seg_run: Any, keep_items: bool = False) -> dict[str, Any]:
+    """``{"dice"}`` of a single-task segmenter on whole volumes (sliding windows, as the recipe):
+    the mean over foreground classes of each class's mean Dice over the cases where it is present
+    in prediction or label (+ ``per_item``: the ``[cases, K - 1]`` Dice, NaN where absent)."""
+    from .segmentation import predict_case
+
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for i in range(len(dataset)):
+            image, label, t, _, _ = dataset[i]
+            pred = predict_case(model, image, t, seg_run)
+            rows.append(M.dice_per_class(pred, label.numpy(), dataset.tasks[t].num_classes))
+    finally:
+        model.train(was_training)
+    out: dict[str, Any] = {"dice": item_statistic(np.stack(rows))}
+    if keep_items:
+        out["per_item"] = np.stack(rows).tolist()
+    return out
+
+
+def run_transfer(cfg: TransferConfig, out: Path, ctx: DistributedContext, resume: bool = False,
+                 progress: bool = True) -> dict[str, Any] | None:
+    """Train and evaluate every method on every downstream task and seed; write ``metrics.json``,
+    ``report.md`` and the plots (rank 0). Returns the metrics on rank 0, else ``None``."""
+    from .transfer_report import summarise, write_transfer_report
+
+    run = TransferRun(cfg, out, ctx, resume=resume, progress=progress)  # checks everything before training
+    if ctx.is_main:
+        write_config(out / "config.yaml", cfg)
+    results = []
+    for task in run.tasks:
+        for seed in cfg.seeds:
+            data = run.datasets(task, seed)
+            lp_model = None
+            for method, expert in run.jobs():
+                log.info("transfer: %s / %s%s / seed %d", task.name, method, f" ({expert})" if expert else "", seed)
+                result, model = run.train_method(task, data, method, expert, seed, lp_model)
+                if method == "foundation_lp":
+                    lp_model = model
+                results.append(result)
+    if not ctx.is_main:
+        return None
+    metrics = summarise(run, results)
+    metrics["config"] = to_dict(cfg)
+    write_json(out / "metrics.json", metrics)
+    write_transfer_report(out, metrics)
+    return metrics

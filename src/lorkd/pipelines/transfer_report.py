@@ -1,0 +1,183 @@
+"""Summary, report and plot of ``lorkd transfer``.
+
+Per downstream task and method: the test metric (accuracy and AUC; segmentation: mean foreground
+Dice) as mean ± sd over seeds, a 95 % percentile-bootstrap interval of that mean, the validation
+metric, trained and deployed parameters, and training time. The bootstrap is implemented here
+(lorkd has no shared statistics module yet): it resamples the *test items* (images, or cases for
+segmentation; the same resample for every seed) and recomputes the mean over seeds of the metric,
+so the interval reflects the test set's size; with one seed it is the usual bootstrap interval of
+that run's metric.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..engine import metrics as M
+from ..fileio import write_atomic
+
+BOOTSTRAP_NOTE = ("95 % percentile bootstrap over test items (images; cases for segmentation) of the mean over "
+                  "seeds (lorkd.pipelines.transfer_report.bootstrap_interval; the same resampled items for every seed)")
+
+
+def item_statistic(values: np.ndarray) -> float:
+    """The metric from per-item values ``[n]`` (its mean: accuracy from 0/1) or ``[n, m]`` (per class:
+    the mean over columns of each column's mean over its non-NaN rows; mean foreground Dice)."""
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(np.nanmean(_as_items(values), axis=0)))
+
+
+def _as_items(values: Any) -> np.ndarray:
+    a = np.asarray(values, dtype=np.float64)
+    return a[:, None] if a.ndim == 1 else a
+
+
+def bootstrap_interval(per_item: Any, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over seeds of the metric.
+
+    Args:
+        per_item: ``[S, n]`` (e.g. 0/1: image ``i`` classified correctly by the run of seed ``s``) or
+            ``[S, n, m]`` (e.g. Dice of case ``i`` and class ``m``, NaN where absent); the metric of
+            one seed is :func:`item_statistic` of its ``[n(, m)]`` slice.
+        resamples: number of bootstrap resamples ``B``; 0 gives ``(nan, nan)``.
+        seed: of the resampling.
+        level: coverage.
+
+    Returns:
+        ``(low, high)``: quantiles ``(1 - level) / 2`` and ``(1 + level) / 2`` of the ``B`` values of
+        the mean over seeds of the metric on resampled items (the same items for every seed).
+    """
+    x = np.asarray(per_item, dtype=np.float64)
+    if resamples < 1 or x.size == 0:
+        return float("nan"), float("nan")
+    x = x[..., None] if x.ndim == 2 else x  # [S, n, m]
+    rng = np.random.default_rng(seed)
+    n = x.shape[1]
+    stats = np.empty(resamples)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for start in range(0, resamples, 64):  # bounded memory: 64 resamples at a time
+            idx = rng.integers(0, n, size=(min(64, resamples - start), n))
+            per_class = np.nanmean(x[:, idx], axis=2)  # [S, b, m]
+            stats[start:start + idx.shape[0]] = np.nanmean(per_class, axis=2).mean(0)
+    alpha = (1 - level) / 2
+    return float(np.nanquantile(stats, alpha)), float(np.nanquantile(stats, 1 - alpha))
+
+
+def summarise(run: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``metrics.json`` of a transfer run from the per-(task, method, seed) results."""
+    cfg, f, key = run.cfg, run.foundation, run.metric
+    methods: dict[str, dict[str, Any]] = {}
+    for task in run.tasks:
+        rows = [r for r in results if r["task"] == task.name]
+        table = {}
+        for label in dict.fromkeys(r["label"] for r in rows):
+            runs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["seed"])
+            values = np.array([r["test"][key] for r in runs])
+            lo, hi = bootstrap_interval([r["test"]["per_item"] for r in runs], cfg.bootstrap)
+            table[label] = {
+                "method": runs[0]["method"], "expert": runs[0]["expert"], "n_seeds": len(runs),
+                "test_mean": float(values.mean()), "test_sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                "test_ci95": [lo, hi], "val_mean": float(np.mean([r["val"][key] for r in runs])),
+                "trained_params": runs[0]["trained_params"], "deployed_params": runs[0]["deployed_params"],
+                "seconds_mean": float(np.mean([r["seconds"] for r in runs])),
+                "seeds": {str(r["seed"]): {k: v for k, v in r.items() if k not in ("test",)}
+                          | {"test": {k: v for k, v in r["test"].items() if k != "per_item"}} for r in runs},
+            }
+            if key == "acc":
+                table[label]["test_auc_mean"] = float(np.mean([r["test"]["auc"] for r in runs]))
+        methods[task.name] = table
+    data = []
+    for task in run.tasks:
+        if run.dense:
+            data.append({"name": task.name, "source": task.source, "num_classes": task.num_classes,
+                         "spatial_dims": f.spatial_dims, **{f"n_{s}": n for s, n in task.n_cases.items()}})
+            continue
+        counts = task.class_counts("test")
+        data.append({"name": task.name, "source": task.source, "num_classes": task.num_classes, "channels": task.channels,
+                     "spatial_dims": task.spatial_dims, "n_train": task.num_samples("train"),
+                     "n_val": task.num_samples("val"), "n_test": task.num_samples("test"),
+                     "test_majority_rate": float(counts.max() / counts.sum())})
+    return {
+        "task_kind": "segmentation" if run.dense else "classification", "primary_metric": key, "split": "test",
+        "kind": "transfer",
+        "foundation": {"source": f.source, "tasks": f.tasks, "backbone": f.backbone_spec,
+                       "params": M.count_parameters(f.backbone), "experts": list(f.experts), "student": run.student_name},
+        "data": data, "max_train": cfg.data.max_train, "seeds": list(cfg.seeds),
+        "budget": {"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "optim": cfg.train.optim.name,
+                   "lr": cfg.train.optim.lr},
+        "bootstrap": {"resamples": cfg.bootstrap, "method": BOOTSTRAP_NOTE},
+        "methods": methods,
+    }
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
+
+
+def write_transfer_report(out: Path, metrics: dict[str, Any]) -> Path:
+    """Write ``report.md`` and ``plots/transfer_<task>.png``; returns the report's path."""
+    f = metrics["foundation"]
+    lines = ["# lorkd transfer", "",
+             f"Foundation: {f['source']}; backbone `{f['backbone']['factory']}` ({_fmt_params(f['params'])} params), "
+             f"decomposed on {', '.join(f['tasks'])}. Experts: {', '.join(f['experts'])}; student architecture "
+             f"(scratch, kd, rd): the `{f['student']}` expert's.", "",
+             f"Budget per method: {metrics['budget']['epochs']} epochs, batch {metrics['budget']['batch_size']}, "
+             f"{metrics['budget']['optim']} lr {metrics['budget']['lr']}; selection on validation accuracy; test read "
+             f"once. Seeds: {metrics['seeds']}. Training items per task: "
+             + (f"at most {metrics['max_train']} (the same class-stratified subset for every method and seed)."
+                if metrics["max_train"] else "all."), "",
+             f"Intervals: {metrics['bootstrap']['method']}, {metrics['bootstrap']['resamples']} resamples. "
+             "Trained: parameters that received gradients; deployed: parameters of the model that is run at "
+             "inference (for `rd` the exported student). `kd` uses the `foundation_lp` model as its teacher "
+             "(its time does not include that model's).", ""]
+    key = metrics["primary_metric"]
+    auc = key == "acc"
+    for d in metrics["data"]:
+        table = metrics["methods"][d["name"]]
+        if auc:
+            about = (f"{d['num_classes']} classes, {d['spatial_dims']}D, {d['channels']} channel(s); train {d['n_train']} / "
+                     f"val {d['n_val']} / test {d['n_test']} images; test majority-class rate {d['test_majority_rate']:.3f}.")
+        else:
+            about = (f"{d['num_classes']} classes (background included), {d['spatial_dims']}D; train {d['n_train']} / "
+                     f"val {d['n_val']} / test {d['n_test']} cases; Dice: mean over foreground classes, whole volumes.")
+        lines += [f"## {d['name']}", "", f"{d['source']}: {about}", "",
+                  f"| method | test {key} (mean ± sd) | 95 % CI |{' test AUC |' if auc else ''} val {key} | trained | deployed | time (s) |",
+                  "|---|---|---|" + ("---|" if auc else "") + "---|---|---|---|"]
+        for label, m in table.items():
+            lo, hi = m["test_ci95"]
+            lines.append(f"| {label} | {m['test_mean']:.4f} ± {m['test_sd']:.4f} (n={m['n_seeds']}) | "
+                         f"{lo:.4f} – {hi:.4f} |" + (f" {m['test_auc_mean']:.4f} |" if auc else "") + f" {m['val_mean']:.4f} | "
+                         f"{_fmt_params(m['trained_params'])} | {_fmt_params(m['deployed_params'])} | {m['seconds_mean']:.1f} |")
+        plot = plot_metric_vs_params(out / "plots" / f"transfer_{d['name']}.png", d["name"], table, key)
+        lines += ["", f"![test {key} vs trained parameters]({plot.relative_to(out)})", ""]
+    path = out / "report.md"
+    write_atomic(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return path
+
+
+def plot_metric_vs_params(path: Path, task: str, table: dict[str, Any], metric: str = "acc") -> Path:
+    """The test metric (mean, ± sd bars) against trained parameters (log scale), one point per method."""
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, m in table.items():
+        ax.errorbar([m["trained_params"]], [m["test_mean"]], yerr=[m["test_sd"]], fmt="o", capsize=3)
+        ax.annotate(label, (m["trained_params"], m["test_mean"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trained parameters")
+    ax.set_ylabel("test accuracy" if metric == "acc" else f"test {metric}")
+    ax.set_title(f"{task}: transfer")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return path
