@@ -166,7 +166,7 @@ def load_downstream(cfg: TransferConfig, foundation: Foundation) -> list[Classif
     tasks = []
     for i, spec in enumerate(cfg.data.tasks):
         key = f"data.tasks[{i}]"
-        path = locate(spec.path, f"{key}.path")
+        path = Path(spec.path) if spec.name in foundation.tasks else locate(spec.path, f"{key}.path")
         if spec.name in foundation.tasks or path.resolve() in decomposed:
             raise ConfigError(f"{key}: task {spec.name!r} ({path}) is one of the tasks the foundation model and its "
                               f"experts were trained on ({', '.join(foundation.tasks)}); transfer is measured on "
@@ -217,7 +217,7 @@ def load_seg_downstream(cfg: TransferConfig, foundation: Foundation, out: Path, 
     tasks = []
     for i, spec in enumerate(d.tasks):
         key = f"data.segmentation.tasks[{i}]"
-        path = locate(spec.path, f"{key}.path")
+        path = Path(spec.path) if spec.name in foundation.tasks else locate(spec.path, f"{key}.path")
         if spec.name in foundation.tasks or path.resolve() in decomposed:
             raise ConfigError(f"{key}: task {spec.name!r} ({path}) is one of the tasks the foundation model and its "
                               f"experts were trained on ({', '.join(foundation.tasks)}); transfer is measured on "
