@@ -133,7 +133,8 @@ class ReprogrammingDistiller(nn.Module):
         input_reprogram, feature_reprogram: which reprogramming modules to use (at least one).
         input_hidden, feature_hidden: their widths.
         pairs: ``(student_layer, foundation_layer)`` names (as in ``named_modules()`` of each
-            backbone) whose outputs the CKA term aligns; may be empty.
+            backbone; of ``foundation.feature_root`` where it has one, e.g. a user's model) whose
+            outputs the CKA term aligns; may be empty.
         dense: segmentation: the backbones return feature maps, classifier and projector are 1x1
             convolutions (``spatial_dims`` of them).
 
@@ -159,7 +160,8 @@ class ReprogrammingDistiller(nn.Module):
         self.student = copy.deepcopy(student)
         self.pairs = [tuple(p) for p in pairs]
         self._student_taps = LayerTaps(self.student, [s for s, _ in self.pairs], key="rd.pairs (student layer)")
-        self._foundation_taps = LayerTaps(self.foundation, [f for _, f in self.pairs], key="rd.pairs (foundation layer)")
+        root = getattr(self.foundation, "feature_root", self.foundation)  # a user's model: names inside it
+        self._foundation_taps = LayerTaps(root, [f for _, f in self.pairs], key="rd.pairs (foundation layer)")
 
     def train(self, mode: bool = True) -> "ReprogrammingDistiller":
         super().train(mode)

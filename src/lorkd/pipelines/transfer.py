@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..config import load_yaml, to_dict, write_config
+from ..config import to_dict, write_config
 from ..data.medmnist import ClassificationTask, load_npz_task
 from ..data.multitask import MultiTaskDataset
 from ..distill import soft_target_kd
@@ -57,8 +57,9 @@ from ..models.multitask import plain_sequential
 from ..distill import dice_ce_loss
 from ..distill.reprogram import pointwise
 from ..data.paths import locate
-from .classification import _build_from_meta, predict_probs
-from .common import META, fit_stage, has_network, load_network
+from .classification import predict_probs
+from .common import fit_stage
+from .transfer_foundation import TransferFoundation, foundation_from_run, load_transfer_foundation, train_only_used  # noqa: F401
 from .transfer_report import item_statistic
 from .transfer_schema import METHODS, TransferConfig
 
@@ -67,94 +68,8 @@ log = logging.getLogger("lorkd")
 EXPERT_METHODS = ("expert_ft", "expert_lp")
 
 
-# ---------------------------------------------------------------------------------------- foundation
-@dataclass
-class Foundation:
-    """A frozen-able foundation model and the experts decomposed from it.
-
-    Attributes:
-        backbone: ``[B, C, *spatial] -> [B, F]`` pooled features.
-        feature_dim: ``F``.
-        backbone_spec: its architecture spec (see :func:`lorkd.experts.build_architecture`).
-        channels, spatial_dims, size, mean, std: the input it was trained on (``size`` ``None``:
-            the images' own size).
-        tasks: names of the tasks it (and the experts) were trained on.
-        task_files: the files of those tasks, where known.
-        experts: expert name -> its folder (``save_expert`` format).
-        source: a description for the report.
-        dense: a segmentation model (features ``[B, F, *spatial]``).
-    """
-
-    backbone: nn.Module
-    feature_dim: int
-    backbone_spec: dict[str, Any]
-    channels: int
-    spatial_dims: int
-    size: int | None
-    mean: float
-    std: float
-    tasks: list[str]
-    task_files: list[Path]
-    experts: dict[str, Path]
-    source: str
-    dense: bool = False
-
-
-def load_foundation(section: Any, key: str = "foundation") -> Foundation:
-    """The foundation model and experts that ``section`` names: the one entry point for every source.
-
-    Only ``run`` (a lorkd run folder, classification or segmentation) exists so far; other sources (a checkpoint,
-    a MONAI bundle, ...) plug in here by returning a :class:`Foundation`.
-
-    Raises:
-        ConfigError: no source given, or the source is unusable (see :func:`foundation_from_run`).
-    """
-    if getattr(section, "run", None):
-        return foundation_from_run(Path(section.run).expanduser(), section.experts, key)
-    raise ConfigError(f"{key}: give run (a lorkd run folder with teacher/ and experts/)")
-
-
-def foundation_from_run(run: Path, expert_names: list[str] | None = None, key: str = "foundation") -> Foundation:
-    """The ``teacher/`` and ``experts/`` of a ``lorkd run`` folder (classification or segmentation).
-
-    Raises:
-        ConfigError: no trained teacher there, no exported experts, or an expert in
-            ``expert_names`` that the run does not have (names the folder and the choices).
-        DataError: the teacher's files are corrupt.
-    """
-    teacher_dir = run / "teacher"
-    if not has_network(teacher_dir):
-        raise ConfigError(f"{key}.run: {teacher_dir} holds no trained foundation model (model.safetensors + "
-                          f"{META}); run `lorkd run` or `lorkd pretrain` on {run} first")
-    dense = read_json(teacher_dir / META).get("task_kind") == "segmentation"
-    if dense:
-        from .segmentation import Run as SegRun
-
-        model, meta = load_network(teacher_dir, SegRun.build)
-    else:
-        model, meta = load_network(teacher_dir, _build_from_meta)
-    spec = meta["backbone"]
-    expert_root = run / "experts"
-    available = sorted(p.name for p in expert_root.iterdir() if (p / "card.json").is_file()) if expert_root.is_dir() else []
-    if not available:
-        raise ConfigError(f"{key}.run: {expert_root} holds no exported expert; run `lorkd export` on {run} first")
-    wanted = list(expert_names) if expert_names else available
-    for name in wanted:
-        if name not in available:
-            raise ConfigError(f"{key}.experts: no expert {name!r} in {expert_root}; the run has {available}")
-    files = []
-    if (run / "config.yaml").is_file():
-        files = [locate(t["path"], f"{run / 'config.yaml'}: data.tasks") for t in (load_yaml(run / "config.yaml").get("data") or {}).get("tasks") or []
-                 if isinstance(t, dict) and "path" in t]
-    return Foundation(backbone=model.backbone, feature_dim=model.feature_dim, backbone_spec=spec,
-                      channels=int(meta["channels"]), spatial_dims=int(meta.get("spatial_dims", spec["kwargs"].get("spatial_dims", 2))),
-                      size=meta.get("size"), mean=float(meta.get("mean", 0.5)), std=float(meta.get("std", 0.5)),
-                      tasks=list(meta["tasks"]), task_files=files, experts={n: expert_root / n for n in wanted},
-                      source=f"lorkd run {run} (teacher/ and experts/)", dense=dense)
-
-
 # ---------------------------------------------------------------------------------------- data
-def load_downstream(cfg: TransferConfig, foundation: Foundation) -> list[ClassificationTask]:
+def load_downstream(cfg: TransferConfig, foundation: TransferFoundation) -> list[ClassificationTask]:
     """The downstream tasks, checked against the foundation model and capped to ``data.max_train``.
 
     Raises:
@@ -202,7 +117,7 @@ class SegDownstream:
         return SegRun(dataclasses.replace(self.config, seed=seed), self.folder, ctx, progress=False)
 
 
-def load_seg_downstream(cfg: TransferConfig, foundation: Foundation, out: Path, ctx: DistributedContext) -> list[SegDownstream]:
+def load_seg_downstream(cfg: TransferConfig, foundation: TransferFoundation, out: Path, ctx: DistributedContext) -> list[SegDownstream]:
     """The segmentation downstream tasks of ``data.segmentation``, checked against the foundation.
 
     Raises:
@@ -289,9 +204,13 @@ class Classifier(nn.Module):
         return plain_sequential(backbone, copy.deepcopy(self.head)).train(self.training)
 
 
-def plain_spec(backbone_spec: dict[str, Any], feature_dim: int, num_classes: int, dense_dims: int | None = None) -> dict[str, Any]:
+def plain_spec(backbone_spec: dict[str, Any] | None, feature_dim: int, num_classes: int,
+               dense_dims: int | None = None) -> dict[str, Any] | None:
     """The architecture spec of ``plain_classifier`` (or ``plain_segmenter`` with ``dense_dims``):
-    what ``load_expert`` rebuilds."""
+    what ``load_expert`` rebuilds; ``None`` for a backbone without a spec (a ``foundation.source``
+    model: its saved weights load with ``load_expert(folder, model=...)``)."""
+    if backbone_spec is None:
+        return None
     kwargs = {"backbone": backbone_spec, "feature_dim": feature_dim, "num_classes": num_classes}
     if dense_dims is None:
         return {"factory": "lorkd.models.classifier.plain_classifier", "kwargs": kwargs}
@@ -335,7 +254,7 @@ class TransferRun:
     def __init__(self, cfg: TransferConfig, out: Path, ctx: DistributedContext, resume: bool = False,
                  progress: bool = True) -> None:
         self.cfg, self.out, self.ctx, self.resume, self.progress = cfg, Path(out), ctx, resume, progress
-        self.foundation = f = load_foundation(cfg.foundation)
+        self.foundation = f = load_transfer_foundation(cfg.foundation)
         self.dense = f.dense
         self.dense_dims = f.spatial_dims if f.dense else None
         self.metric = "dice" if f.dense else "acc"
@@ -358,7 +277,8 @@ class TransferRun:
 
             for i, (student_layer, foundation_layer) in enumerate(cfg.rd.pairs):
                 find_layer(self.experts[self.student_name].backbone, student_layer, f"rd.pairs[{i}][0] (student layer)")
-                find_layer(f.backbone, foundation_layer, f"rd.pairs[{i}][1] (foundation layer)")
+                find_layer(getattr(f.backbone, "feature_root", f.backbone), foundation_layer,
+                           f"rd.pairs[{i}][1] (foundation layer)")
 
     # ---- data
     def datasets(self, task: Any, seed: int) -> dict[str, Any]:
@@ -407,6 +327,8 @@ class TransferRun:
             elif method == "foundation_lp":
                 freeze(backbone)
             model = Classifier(backbone, self.head(f.feature_dim, num_classes), frozen=method != "foundation_ft")
+            if f.example is not None and method != "foundation_lp":  # a source model: layers after `features` stay
+                train_only_used(model, f.example)
             return model, plain_spec(f.backbone_spec, f.feature_dim, num_classes, self.dense_dims)
         if method in EXPERT_METHODS:
             backbone, spec, dim = self.expert_parts(expert)

@@ -126,7 +126,9 @@ def write_transfer_report(out: Path, metrics: dict[str, Any]) -> Path:
     """Write ``report.md`` and ``plots/transfer_<task>.png``; returns the report's path."""
     f = metrics["foundation"]
     lines = ["# lorkd transfer", "",
-             f"Foundation: {f['source']}; backbone `{f['backbone']['factory']}` ({_fmt_params(f['params'])} params), "
+             f"Foundation: {f['source']}; "
+             + (f"backbone `{f['backbone']['factory']}` " if f['backbone'] else "")
+             + f"({_fmt_params(f['params'])} params), "
              f"decomposed on {', '.join(f['tasks'])}. Experts: {', '.join(f['experts'])}; student architecture "
              f"(scratch, kd, rd): the `{f['student']}` expert's.", "",
              f"Budget per method: {metrics['budget']['epochs']} epochs, batch {metrics['budget']['batch_size']}, "

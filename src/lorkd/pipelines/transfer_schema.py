@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from ..config import check
-from .schema import Optim, Stage, TaskFile
+from .schema import Optim, Stage, TaskFile, TeacherInput, TeacherSource
 from .segmentation_schema import SegEvaluate, SegmentationData
 
 METHODS = ("scratch", "foundation_ft", "foundation_lp", "expert_ft", "expert_lp", "foundation_lora", "kd", "rd")
@@ -15,20 +15,44 @@ Method = Literal["scratch", "foundation_ft", "foundation_lp", "expert_ft", "expe
 
 @dataclass
 class FoundationSection:
-    """Where the foundation model and its experts come from.
+    """Where the foundation model and its experts come from (README "Transfer"): exactly one of
 
-    ``run``: a folder written by ``lorkd run`` (classification): its ``teacher/`` is the foundation
-    model, its ``experts/<task>/`` the exported experts. ``experts``: the names of the experts to
-    use (default: every expert of the run).
+    ``run``: a folder written by ``lorkd run``: its ``teacher/`` is the foundation model, its
+    ``experts/<task>/`` the exported experts; ``experts``: the names of the experts to use
+    (default: every expert of the run).
+
+    ``source``: any foundation model, with the ``teacher.source`` schema of the recipes
+    (``state_dict`` + ``factory``/``kwargs``, ``torchscript``, ``monai_bundle``, ``torchvision``,
+    ``timm``; ``lorkd``: a ``teacher/`` folder); ``features``: the layer of that model whose output
+    is the feature (default: its output); ``input``: the teacher input adapter (size, channels,
+    in_channels, mean, std); ``experts``: the folder of its exported experts (``RUN/experts``, or
+    the run folder).
     """
 
     run: str | None = None
-    experts: list[str] | None = None
+    source: TeacherSource | None = None
+    features: str | None = None
+    input: TeacherInput | None = None
+    experts: str | list[str] | None = None
 
     def validate(self, path: str) -> None:
-        check(self.run is not None, f"{path}.run", "required: the folder of a `lorkd run` (its teacher/ is the "
-              "foundation model, its experts/ the experts)")
-        check(self.experts is None or len(self.experts) >= 1, f"{path}.experts", "list at least one expert or omit it")
+        check((self.run is None) != (self.source is None), path or "foundation",
+              "give exactly one of run (a `lorkd run` folder: its teacher/ and experts/) or source (any foundation "
+              "model, with the teacher.source schema, and experts: its experts' folder)")
+        if self.run is not None:
+            check(not isinstance(self.experts, str), f"{path}.experts",
+                  "with run, list the names of the run's experts to use (or omit it for all)")
+            check(self.experts is None or len(self.experts) >= 1, f"{path}.experts", "list at least one expert or omit it")
+            for name in ("features", "input"):
+                check(getattr(self, name) is None, f"{path}.{name}", "only with source: a run's teacher has its own")
+            return
+        check(isinstance(self.experts, str) and bool(self.experts), f"{path}.experts",
+              "with source, give the folder of the foundation model's exported experts (RUN/experts or the run folder)")
+        check(self.source.kind != "state_dict" or bool(self.source.factory), f"{path}.source.factory",
+              "a state_dict needs its architecture: factory 'package.module:function' (with kwargs)")
+        if self.source.kind == "lorkd":
+            for name in ("features", "input"):
+                check(getattr(self, name) is None, f"{path}.{name}", "not with source.kind lorkd (a lorkd teacher has its own)")
 
 
 @dataclass

@@ -1,0 +1,176 @@
+"""``lorkd transfer`` with any foundation model (``foundation.source``, the ``teacher.source``
+schema) and the experts of a lorkd run: end to end, the frozen foundation bit-identical, errors.
+
+The foundation model is a tiny MONAI DenseNet (RGB, 32 px) trained a few steps and saved as a
+``.pt`` state dict with a DDP ``module.`` prefix (as in test_teacher_source.py); the experts come
+from a tiny ``lorkd run`` on 1-channel 12 px images, so the teacher input adapter (repeat to 3
+channels, resize to 32) is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lorkd import cli, load_expert
+from lorkd.config import from_dict
+from lorkd.engine.distributed import DistributedContext
+from lorkd.engine.metrics import count_parameters
+from lorkd.errors import ConfigError
+from lorkd.pipelines.transfer import TransferRun
+from lorkd.pipelines.transfer_foundation import FoundationFeatures
+from lorkd.pipelines.transfer_schema import TransferConfig
+from test_teacher_source import FACTORY, NET_KWARGS, trained_densenet
+from test_transfer import STAGE, make_foundation_run, write_npz
+
+LAYER = "features.denseblock4"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fmsrc")
+    net = trained_densenet()
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, root / "fm.pt")
+    run = make_foundation_run(root / "lorkd", (12, 12))
+    return {"weights": root / "fm.pt", "run": run, "down": write_npz(root / "down.npz", (12, 12), classes=3, seed=4)}
+
+
+def source_section(parts: dict[str, Path], **extra) -> dict:
+    return {"source": {"kind": "state_dict", "path": str(parts["weights"]), "factory": FACTORY, "kwargs": NET_KWARGS,
+                       "key_map": {"strip_prefix": "module."}},
+            "features": LAYER, "input": {"size": 32, "channels": "repeat"}, "experts": str(parts["run"] / "experts"),
+            **extra}
+
+
+def config(parts: dict[str, Path], foundation: dict | None = None, **extra) -> dict:
+    return {"foundation": foundation or source_section(parts), "data": {"tasks": [{"name": "down", "path": str(parts["down"])}]},
+            "train": STAGE, "bootstrap": 20, "rd": {"pairs": [["layer4", "features.denseblock3"]]}, **extra}
+
+
+def make_run(parts: dict[str, Path], out: Path, foundation: dict | None = None, **extra) -> TransferRun:
+    cfg = from_dict(TransferConfig, config(parts, foundation, **extra))
+    out.mkdir(parents=True, exist_ok=True)
+    return TransferRun(cfg, out, DistributedContext.from_env(torch.device("cpu")), progress=False)
+
+
+def test_source_foundation_is_the_loaded_model_behind_the_input_adapter(parts, tmp_path):
+    run = make_run(parts, tmp_path / "out", methods=["foundation_lp"])
+    f = run.foundation
+    assert isinstance(f.backbone, FoundationFeatures) and f.backbone_spec is None
+    assert (f.channels, f.spatial_dims, f.size, f.tasks) == (1, 2, None, ["ta", "tb"])
+    assert set(f.experts) == {"ta", "tb"} and "state_dict" in f.source and LAYER in f.source
+    net = trained_densenet().eval()
+    x = torch.randn(3, 1, 12, 12)
+    kept = {}
+    handle = dict(net.named_modules())[LAYER].register_forward_hook(lambda m, i, o: kept.update(out=o))
+    with torch.no_grad():  # the data's normalisation undone, gray repeated to RGB, resized to 32 px
+        net(torch.nn.functional.interpolate((x * 0.5 + 0.5).repeat(1, 3, 1, 1), size=[32, 32], mode="bilinear",
+                                            align_corners=False))
+        feats = f.backbone.eval()(x)
+    handle.remove()
+    assert f.feature_dim == kept["out"].shape[1]
+    assert torch.allclose(feats, kept["out"].mean((2, 3)), atol=1e-6)
+    # a deep copy runs on its own (its hook lives only during the call)
+    copy = __import__("copy").deepcopy(f.backbone)
+    assert torch.allclose(copy(x), feats, atol=1e-6)
+
+
+def test_every_method_end_to_end_with_a_state_dict_foundation(parts, tmp_path):
+    cfg = config(parts)
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli.main(["transfer", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    table = metrics["methods"]["down"]
+    assert set(table) == {"scratch", "foundation_ft", "foundation_lp", "expert_ft:ta", "expert_ft:tb", "expert_lp:ta",
+                          "expert_lp:tb", "foundation_lora", "kd", "rd"}
+    assert all(0 <= m["test_mean"] <= 1 and m["trained_params"] > 0 for m in table.values())
+    assert metrics["foundation"]["backbone"] is None and "state_dict" in metrics["foundation"]["source"]
+    # the DenseNet's layers after `features` (norm5, its classifier) get no gradient: not trained, not counted
+    net = trained_densenet()
+    after = count_parameters(net.features.norm5) + count_parameters(net.class_layers)
+    head = table["foundation_lp"]["trained_params"]
+    assert table["foundation_ft"]["trained_params"] == count_parameters(net) - after + head
+    assert head < table["foundation_lora"]["trained_params"] < table["foundation_ft"]["trained_params"]
+    # kd and rd export plain students (the expert architecture); rd's reprogramming modules are saved
+    for folder in ("kd", "rd"):
+        expert = load_expert(tmp_path / "out" / "down" / "seed0" / folder / "model")
+        assert expert.card["foundation"] == metrics["foundation"]["source"]
+    assert (tmp_path / "out" / "down" / "seed0" / "rd" / "reprogram.safetensors").is_file()
+    card = json.loads((tmp_path / "out" / "down" / "seed0" / "foundation_ft" / "model" / "card.json").read_text())
+    assert card["architecture"] is None  # the user's model: no lorkd spec to rebuild it from
+    assert "Foundation: state_dict" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_frozen_source_foundation_is_bit_identical_after_lp_lora_rd(parts, tmp_path):
+    run = make_run(parts, tmp_path / "out", keep_checkpoints=True)
+    task = run.tasks[0]
+    data = run.datasets(task, 0)
+    original = {k: v.clone() for k, v in trained_densenet().state_dict().items()}
+    _, lp = run.train_method(task, data, "foundation_lp", None, 0, None)
+    _, lora = run.train_method(task, data, "foundation_lora", None, 0, None)
+    _, rd = run.train_method(task, data, "rd", None, 0, None)
+
+    def same(state):
+        assert set(state) == set(original)
+        for k, v in original.items():
+            assert torch.equal(state[k], v), k
+
+    same(run.foundation.backbone.module.state_dict())
+    same(lp.backbone.module.state_dict())  # weights and BatchNorm statistics
+    same(rd.foundation.module.state_dict())
+    adapters = {n for n, _ in lora.backbone.named_expert_parameters(0)}
+    base = [v for k, v in lora.backbone.state_dict().items() if k not in adapters]
+    assert len(base) == len(original) and all(torch.equal(a, b) for a, b in zip(base, original.values()))
+    # ... while what trains did change
+    assert not torch.equal(rd.feature_reprogram.body[2].weight, torch.zeros_like(rd.feature_reprogram.body[2].weight))
+    assert any(bool(p.detach().abs().sum() > 0) for n, p in lora.backbone.named_expert_parameters(0) if n.endswith(".B"))
+
+
+def test_bad_foundation_sources_name_the_key(parts, tmp_path):
+    out = tmp_path / "out"
+    bad = source_section(parts)
+    bad["source"] = {**bad["source"], "path": str(tmp_path / "nope.pt")}
+    with pytest.raises(ConfigError, match=r"foundation\.source\.path: file .*nope\.pt not found"):
+        make_run(parts, out, bad)
+    with pytest.raises(ConfigError, match=r"foundation\.features: no layer named 'features\.denseblok4'.*did you mean "
+                                          r"'features\.denseblock4'"):
+        make_run(parts, out, source_section(parts, features="features.denseblok4"))
+    with pytest.raises(ConfigError, match=r"foundation\.input: the foundation model takes 3 channels, the experts' data "
+                                          r"has 1; set foundation\.input\.channels"):
+        make_run(parts, out, {k: v for k, v in source_section(parts).items() if k != "input"})
+    with pytest.raises(ConfigError, match=r"foundation\.input\.channels: the teacher takes 3 channels, the data has 1"):
+        make_run(parts, out, source_section(parts, input={"size": 32}))
+    with pytest.raises(ConfigError, match=r"foundation\.source: the weights of .* missing keys .*key_map"):
+        no_prefix = source_section(parts)
+        no_prefix["source"] = {k: v for k, v in no_prefix["source"].items() if k != "key_map"}
+        make_run(parts, out, no_prefix)
+    with pytest.raises(ConfigError, match=r"foundation\.experts: folder .*missing not found"):
+        make_run(parts, out, source_section(parts, experts=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match=r"foundation\.experts: with source, give the folder"):
+        make_run(parts, out, source_section(parts, experts=["ta"]))
+    with pytest.raises(ConfigError, match=r"foundation\.source\.factory: a state_dict needs its architecture"):
+        no_factory = source_section(parts)
+        no_factory["source"] = {k: v for k, v in no_factory["source"].items() if k != "factory"}
+        make_run(parts, out, no_factory)
+    with pytest.raises(ConfigError, match=r"foundation: give exactly one of run .* or source"):
+        make_run(parts, out, {**source_section(parts), "run": str(parts["run"])})
+    with pytest.raises(ConfigError, match=r"foundation\.features: only with source"):
+        make_run(parts, out, {"run": str(parts["run"]), "features": LAYER})
+    with pytest.raises(ConfigError, match=r"rd\.pairs\[0\]\[1\] \(foundation layer\): no layer named 'layer4'.*"
+                                          r"DenseNet"):
+        make_run(parts, out, rd={"pairs": [["layer4", "layer4"]]})
+
+
+def test_a_lorkd_teacher_folder_as_source(parts, tmp_path):
+    """``source: {kind: lorkd, path: RUN/teacher}`` with ``experts: RUN``: the run's own teacher."""
+    section = {"source": {"kind": "lorkd", "path": str(parts["run"] / "teacher")}, "experts": str(parts["run"])}
+    run = make_run(parts, tmp_path / "out", section, methods=["foundation_lp"], rd={"pairs": []})
+    by_run = make_run(parts, tmp_path / "out2", {"run": str(parts["run"])}, methods=["foundation_lp"])
+    assert run.foundation.feature_dim == by_run.foundation.feature_dim and run.foundation.backbone_spec is not None
+    assert run.foundation.tasks == ["ta", "tb"] and len(run.foundation.task_files) == 2
+    with pytest.raises(ConfigError, match=r"foundation\.source\.path: .*holds no trained foundation model"):
+        make_run(parts, tmp_path / "out3", {**section, "source": {"kind": "lorkd", "path": str(tmp_path)}})
