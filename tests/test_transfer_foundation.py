@@ -148,6 +148,14 @@ def test_bad_foundation_sources_name_the_key(parts, tmp_path):
         no_prefix = source_section(parts)
         no_prefix["source"] = {k: v for k, v in no_prefix["source"].items() if k != "key_map"}
         make_run(parts, out, no_prefix)
+    torch.jit.script(trained_densenet()).save(str(tmp_path / "fm_script.pt"))
+    scripted = source_section(parts, source={"kind": "torchscript", "path": str(tmp_path / "fm_script.pt")})
+    with pytest.raises(ConfigError, match=r"foundation\.features: a TorchScript model runs its layers out of reach"):
+        make_run(parts, out, scripted)
+    scripted.pop("features")  # its output (3 logits) as the feature: loads and runs
+    assert make_run(parts, out, scripted, rd={"pairs": []}, methods=["rd"]).foundation.feature_dim == 3
+    with pytest.raises(ConfigError, match=r"methods: foundation_lora .* TorchScript"):
+        make_run(parts, out, scripted, rd={"pairs": []})
     with pytest.raises(ConfigError, match=r"foundation\.experts: folder .*missing not found"):
         make_run(parts, out, source_section(parts, experts=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match=r"foundation\.experts: with source, give the folder"):
@@ -174,3 +182,36 @@ def test_a_lorkd_teacher_folder_as_source(parts, tmp_path):
     assert run.foundation.tasks == ["ta", "tb"] and len(run.foundation.task_files) == 2
     with pytest.raises(ConfigError, match=r"foundation\.source\.path: .*holds no trained foundation model"):
         make_run(parts, tmp_path / "out3", {**section, "source": {"kind": "lorkd", "path": str(tmp_path)}})
+
+
+@pytest.mark.slow
+def test_segmentation_transfer_with_a_state_dict_unet(tmp_path):
+    """A MONAI UNet state dict as the foundation of a segmentation transfer (Dice), with the
+    experts of a tiny segmentation run; the feature map of a named layer is resized to the input."""
+    from monai.networks.nets import UNet
+    from test_segmentation import tiny_config, write_h5_task
+
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8], "strides": [2]}
+    torch.manual_seed(0)
+    torch.save({f"module.{k}": v for k, v in UNet(**kwargs).state_dict().items()}, tmp_path / "unet.pt")
+    tasks = [{"name": n, "path": str(write_h5_task(tmp_path / n, classes=c)), "format": "hdf5"} for n, c in (("sa", 3), ("sb", 2))]
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(tiny_config(tasks, [8, 16, 16])))
+    assert cli.main(["run", str(tmp_path / "seg.yaml"), "--out", str(tmp_path / "segrun"), "--no-progress"]) == 0
+    down = write_h5_task(tmp_path / "sdown", classes=2, patients=4)
+    cfg = {"foundation": {"source": {"kind": "state_dict", "path": str(tmp_path / "unet.pt"),
+                                     "factory": "monai.networks.nets:UNet", "kwargs": kwargs,
+                                     "key_map": {"strip_prefix": "module."}},
+                          "features": "model.1", "experts": str(tmp_path / "segrun")},
+           "data": {"segmentation": {"tasks": [{"name": "sdown", "path": str(down), "format": "hdf5"}],
+                                     "patch_size": [8, 16, 16], "samples_per_epoch": 8, "split": [0.5, 0.25, 0.25]}},
+           "train": {"epochs": 1, "batch_size": 4}, "methods": ["foundation_lp", "foundation_lora", "expert_ft", "kd", "rd"],
+           "rd": {"pairs": [["model.0", "model.0"]]}, "bootstrap": 10}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli.main(["transfer", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["task_kind"] == "segmentation" and "state_dict" in metrics["foundation"]["source"]
+    table = metrics["methods"]["sdown"]
+    assert set(table) == {"foundation_lp", "foundation_lora", "expert_ft:sa", "expert_ft:sb", "kd", "rd"}
+    assert all(0 <= m["test_mean"] <= 1 for m in table.values())
+    rd = load_expert(tmp_path / "out" / "sdown" / "seed0" / "rd" / "model")
+    assert rd.card["task_kind"] == "segmentation" and isinstance(rd.head, torch.nn.Conv3d)

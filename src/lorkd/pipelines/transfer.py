@@ -1,5 +1,8 @@
 """``lorkd transfer``: a foundation model and its experts on downstream tasks they have not seen.
 
+The foundation model is a lorkd run's teacher or any model of ``foundation.source``
+(:mod:`lorkd.pipelines.transfer_foundation`); either way a backbone giving features ``[B, F]``.
+
 For each downstream task and seed, every method of ``methods`` is trained with the same budget
 (``train``), augmentation and selection on validation (the epoch with the best validation accuracy,
 or Dice for segmentation), then read once on test. Classification (2D and 3D) and segmentation
@@ -272,6 +275,9 @@ class TransferRun:
         if self.student_name not in self.experts:
             raise ConfigError(f"student: {self.student_name!r} is not one of the experts {list(self.experts)}")
         self.size = cfg.data.size if cfg.data.size is not None else self.foundation.size
+        if "foundation_lora" in cfg.methods and isinstance(getattr(f.backbone, "feature_root", None), torch.jit.ScriptModule):
+            raise ConfigError("methods: foundation_lora adds lorkd's expert layers to the foundation's Linear/Conv "
+                              "layers, which a TorchScript model does not expose; drop it or give the model as a state_dict")
         if "rd" in cfg.methods:  # fail before any training, not when rd's turn comes
             from ..models.taps import find_layer
 

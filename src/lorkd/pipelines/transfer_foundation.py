@@ -172,7 +172,7 @@ class FoundationFeatures(nn.Module):
 
     Raises:
         ConfigError: ``features`` is not a layer of ``module`` (close names suggested, key
-            ``{key}.features``).
+            ``{key}.features``), or is given for a TorchScript module.
     """
 
     def __init__(self, module: nn.Module, features: str | None = None, input_adapter: nn.Module | None = None,
@@ -180,6 +180,9 @@ class FoundationFeatures(nn.Module):
         super().__init__()
         self.module, self.layer, self.dense, self.key = module, features, dense, key
         self.input_adapter = input_adapter or nn.Identity()
+        if features and isinstance(module, torch.jit.ScriptModule):
+            raise ConfigError(f"{key}.features: a TorchScript model runs its layers out of reach of forward hooks; "
+                              "leave features unset (its output is the feature)")
         if features:
             find_layer(module, features, f"{key}.features")
 
