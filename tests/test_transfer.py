@@ -121,7 +121,7 @@ def test_every_method_end_to_end_2d(run2d, tmp_path, capsys):
 
 def feat_dim(run: Path) -> int:
     """The foundation model's feature width."""
-    from lorkd.pipelines.transfer import foundation_from_run
+    from lorkd.pipelines.transfer_foundation import foundation_from_run
 
     return foundation_from_run(run).feature_dim
 

@@ -62,7 +62,7 @@ from ..distill.reprogram import pointwise
 from ..data.paths import locate
 from .classification import predict_probs
 from .common import fit_stage
-from .transfer_foundation import TransferFoundation, foundation_from_run, load_transfer_foundation, train_only_used  # noqa: F401
+from .transfer_foundation import TransferFoundation, load_transfer_foundation, train_only_used
 from .transfer_report import item_statistic
 from .transfer_schema import METHODS, TransferConfig
 
