@@ -215,3 +215,27 @@ def test_segmentation_transfer_with_a_state_dict_unet(tmp_path):
     assert all(0 <= m["test_mean"] <= 1 for m in table.values())
     rd = load_expert(tmp_path / "out" / "sdown" / "seed0" / "rd" / "model")
     assert rd.card["task_kind"] == "segmentation" and isinstance(rd.head, torch.nn.Conv3d)
+
+
+def test_a_run_whose_teacher_came_from_a_source(parts, tmp_path):
+    """``foundation.run`` of a run that loaded its teacher from ``teacher.source`` and fine-tuned
+    it: the rebuilt model carries the run's (adapted) weights, not the file's."""
+    root = parts["run"].parent
+    tasks = [{"name": n, "path": str(root / f"{n}.npz")} for n in ("ta", "tb")]
+    section = source_section(parts)
+    teacher = {"source": section["source"], "features": LAYER, "input": section["input"],
+               "adapt": {"mode": "finetune", **STAGE}}
+    cfg = {"data": {"tasks": tasks}, "teacher": teacher, "evaluate": {"latency_repeats": 1},
+           "student": {"net": {"arch": "resnet10", "widen": 0.125}, "train": STAGE}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli.main(["run", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    run = make_run(parts, tmp_path / "out", {"run": str(tmp_path / "run"), "experts": ["tb"]}, methods=["foundation_lp"])
+    f = run.foundation
+    assert isinstance(f.backbone, FoundationFeatures) and list(f.experts) == ["tb"] and len(f.task_files) == 2
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "teacher" / "model.safetensors"))
+    mine, original = f.backbone.module.state_dict(), trained_densenet().state_dict()
+    assert all(torch.equal(mine[k], saved[f"backbone.{k}"]) for k in mine)
+    assert not torch.equal(mine["features.conv0.weight"], original["features.conv0.weight"])  # fine-tuned
+    assert "teacher of lorkd run" in f.source

@@ -2,7 +2,8 @@
 
 The ``foundation`` section names one of:
 
-* ``run``: a ``lorkd run`` folder: its ``teacher/`` is the foundation model, its ``experts/`` the
+* ``run``: a ``lorkd run`` folder: its ``teacher/`` is the foundation model (its own network, or
+  the model it loaded from ``teacher.source``, with the run's weights), its ``experts/`` the
   experts (:func:`foundation_from_run`);
 * ``source``: any foundation model, with exactly the ``teacher.source`` schema of the recipes
   (:class:`~lorkd.pipelines.schema.TeacherSource`, loaded by :func:`lorkd.models.foundation.load_foundation`;
@@ -102,8 +103,7 @@ def _lorkd_teacher(teacher_dir: Path, key: str, hint: str) -> tuple[nn.Module, d
     meta = read_json(teacher_dir / META)
     if "foundation" in meta:
         raise ConfigError(f"{key}: the teacher in {teacher_dir} was loaded from teacher.source "
-                          f"({meta['foundation'].get('source', {}).get('path')}); give that model as foundation.source "
-                          "(with features and input) and the run's experts as foundation.experts")
+                          f"({meta['foundation'].get('source', {}).get('path')}); give its run folder as foundation.run")
     dense = meta.get("task_kind") == "segmentation"
     if dense:
         from .segmentation import Run as SegRun
@@ -142,12 +142,16 @@ def _task_files(run: Path) -> list[Path]:
 
 def foundation_from_run(run: Path, expert_names: list[str] | None = None, key: str = "foundation") -> TransferFoundation:
     """The ``teacher/`` and ``experts/`` of a ``lorkd run`` folder (classification or segmentation).
+    A teacher the run loaded from ``teacher.source`` is rebuilt from that source with the run's
+    weights, ``features`` and ``input`` (see :func:`foundation_from_source`).
 
     Raises:
         ConfigError: no trained teacher there, no exported experts, or an expert in
             ``expert_names`` that the run does not have (names the folder and the choices).
         DataError: the teacher's files are corrupt.
     """
+    if has_network(run / "teacher") and "foundation" in read_json(run / "teacher" / META):
+        return _source_teacher_of_run(run, expert_names, key)
     model, meta, dense = _lorkd_teacher(run / "teacher", f"{key}.run", f"run `lorkd run` or `lorkd pretrain` on {run} first")
     experts = _experts(run / "experts", expert_names, f"{key}.experts" if expert_names else f"{key}.run",
                        f"run `lorkd export` on {run} first")
@@ -157,6 +161,46 @@ def foundation_from_run(run: Path, expert_names: list[str] | None = None, key: s
         spatial_dims=int(meta.get("spatial_dims", spec["kwargs"].get("spatial_dims", 2))), size=meta.get("size"),
         mean=float(meta.get("mean", 0.5)), std=float(meta.get("std", 0.5)), tasks=list(meta["tasks"]),
         task_files=_task_files(run), experts=experts, source=f"lorkd run {run} (teacher/ and experts/)", dense=dense)
+
+
+def _source_teacher_of_run(run: Path, expert_names: list[str] | None, key: str) -> TransferFoundation:
+    """The teacher of a run that loaded it from ``teacher.source``: rebuilt from that section (the
+    source must still be there) with the run's weights (adapted, e.g. by ``finetune``).
+
+    Raises:
+        ConfigError: the source was a ``state_dict`` built from ``teacher.net`` (no ``factory``), or
+            the run's weights do not fit the rebuilt model.
+    """
+    from safetensors.torch import load_file
+
+    from ..config import from_dict
+    from ..models.foundation import load_weights
+    from .schema import TeacherSection
+
+    folder = run / "teacher"
+    tcfg = from_dict(TeacherSection, read_json(folder / META)["foundation"], f"{folder / META}: teacher")
+    if tcfg.source.kind == "state_dict" and not tcfg.source.factory:
+        raise ConfigError(f"{key}.run: the teacher of {run} is a state dict built from teacher.net; give it as "
+                          f"{key}.source with its factory (and {key}.experts: {run / 'experts'})")
+    section = _Section(tcfg.source, tcfg.features, tcfg.input, str(run / "experts"))
+    f = foundation_from_source(section, key, expert_names)
+    state = load_file(str(folder / "model.safetensors"))
+    load_weights(f.backbone.module, {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")},
+                 f"{key}.run", str(folder / "model.safetensors"))
+    f.task_files = _task_files(run)
+    f.source = f"teacher of lorkd run {run} (loaded from {tcfg.source.kind} {tcfg.source.path}, features " \
+               f"{tcfg.features or 'its output'}, the run's weights); experts {run / 'experts'}"
+    return f
+
+
+@dataclass
+class _Section:
+    """The keys of a ``foundation`` section that :func:`foundation_from_source` reads."""
+
+    source: Any
+    features: str | None
+    input: Any
+    experts: str
 
 
 # ---------------------------------------------------------------------------------------- any source
@@ -224,9 +268,9 @@ def _expert_input(experts: dict[str, Path], key: str) -> dict[str, Any]:
     return first
 
 
-def foundation_from_source(section: Any, key: str = "foundation") -> TransferFoundation:
+def foundation_from_source(section: Any, key: str = "foundation", expert_names: list[str] | None = None) -> TransferFoundation:
     """A foundation model loaded from ``section.source`` (the ``teacher.source`` schema) and the
-    experts of ``section.experts``; the downstream input is the experts' (channels, spatial
+    experts of ``section.experts`` (those in ``expert_names``, or all); the downstream input is the experts' (channels, spatial
     dims, size, normalisation, from their cards), mapped to the model by ``section.input``.
 
     Raises:
@@ -241,7 +285,7 @@ def foundation_from_source(section: Any, key: str = "foundation") -> TransferFou
         raise ConfigError(f"{key}.experts: folder {root} not found (give RUN/experts or a lorkd run folder)")
     if (root / "experts").is_dir():
         root = root / "experts"
-    experts = _experts(root, None, f"{key}.experts", "export them with `lorkd export`")
+    experts = _experts(root, expert_names, f"{key}.experts", "export them with `lorkd export`")
     want = _expert_input(experts, f"{key}.experts")
     channels, dims, dense = want["channels"], want["spatial_dims"], want["dense"]
     size = want["size"]
