@@ -224,6 +224,8 @@ def test_cli_run_3d_then_predict_nifti_and_h5(tmp_path, capsys):
     assert {"dice", "dice_1", "dice_2", "hd95"} <= set(a_m["expert"])
     assert a_m["expert"]["dice"] == pytest.approx(a_m["student"]["dice"], abs=1e-6)
     assert (out / "split_a.json").is_file() and (out / "report.md").is_file()
+    diffs = metrics["statistics"]["differences"]["a"]  # per-case Dice bootstrapped
+    assert diffs["expert - best baseline"]["baseline"] == "stl" and (out / "predictions_test.npz").is_file()
     card = json.loads((out / "experts" / "a" / "card.json").read_text())
     assert card["task_kind"] == "segmentation" and card["classes"] == 3 and card["patch_size"] == [4, 8, 8]
     capsys.readouterr()

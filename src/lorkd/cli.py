@@ -4,7 +4,7 @@
     lorkd pretrain | decompose | baselines | export | evaluate  CONFIG --out DIR [...]
     lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE]
     lorkd demo [--out DIR]
-    lorkd report RUN_DIR [RUN_DIR ...] --out FILE
+    lorkd report RUN_DIR [RUN_DIR ...] --out FILE [--allow-different]
     lorkd bench [...]
 
 Every command may be launched under ``torchrun``; rank 0 alone writes. User errors (bad
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="mean and std over several runs (e.g. seeds) as markdown")
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--allow-different", action="store_true", help="aggregate runs whose configs differ in more "
+                   "than the seed (refused by default); the report lists the differences")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("bench", help="speed and memory of lorkd vs plain vs grouped convolution", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -192,7 +194,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_aggregate_report
 
-    path = write_aggregate_report(args.runs, args.out)
+    path = write_aggregate_report(args.runs, args.out, allow_different=args.allow_different)
     print(Path(path).read_text())
     return 0
 
