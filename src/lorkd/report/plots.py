@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from lorkd.errors import DataError
 
@@ -249,7 +249,9 @@ def plot_task_metrics(metrics: Mapping[str, Any], metric: str, path: str | Path,
                 ax.errorbar([j], [v], yerr=[[max(v - lo, 0.0)], [max(hi - v, 0.0)]], color="black", capsize=3, lw=1)
             text = _fmt_bar(v) if not math.isnan(v) else "n/a"
             inside = math.isfinite(v) and (v - low) > 0.25 * (high - low)
-            ax.text(j, low + 0.02 * (high - low), text, rotation=90, ha="center", va="bottom", fontsize=7.5,
+            # in the middle of the bar: clear of the error bar above and the majority line below
+            y = (low + v) / 2 if inside else low + 0.02 * (high - low)
+            ax.text(j, y, text, rotation=90, ha="center", va="center" if inside else "bottom", fontsize=7.5,
                     color="white" if inside and _luminance(colours[j]) < 0.6 else "black")
         maj = majorities[task]
         if metric.lower() == "acc" and math.isfinite(maj):
@@ -378,6 +380,13 @@ def size_points(metrics: Mapping[str, Any], metric: str) -> list[tuple[str, int,
     return out
 
 
+def _fmt_params(x: float, _pos: Any = None) -> str:
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:g}{unit}"
+    return f"{x:g}"
+
+
 _MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h", "*", "p")
 
 
@@ -414,6 +423,9 @@ def plot_size_vs_metric(metrics: Mapping[str, Any], metric: str, path: str | Pat
     ax.set_xscale("log")
     xs = [pt[1] for pt in points]
     ax.set_xlim(min(xs) / 2.0, max(xs) * 2.0)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_fmt_params))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     direction = "higher is better" if higher_is_better(metric) else "lower is better"
     ax.set_xlabel("parameters (log scale)")
     ax.set_ylabel(f"mean {metric} over tasks ({direction})")
