@@ -50,6 +50,15 @@ def test_stage_commands_one_after_another_then_predict(tmp_path, capsys):
     assert set(metrics["tasks"]["synth_xray"]) == {"teacher", "student", "expert", "stl", "mtl"}
     assert metrics["tasks"]["synth_xray"]["expert"]["acc"] == pytest.approx(metrics["tasks"]["synth_xray"]["student"]["acc"])
     assert (out / "report.md").is_file() and (out / "plots" / "metric_acc.png").is_file()
+    # what the bootstrap needs is kept, and its intervals, the majority rates and every size are recorded
+    from lorkd.report.stats import load_predictions
+
+    kept = load_predictions(out / "predictions_test.npz")["synth_xray"]
+    assert set(kept) == {"teacher", "student", "expert", "stl", "mtl"} and kept["stl"]["probs"].shape == (24, 3)
+    stats = metrics["statistics"]
+    assert stats["intervals"]["synth_xray"]["expert"]["acc"]["value"] == metrics["tasks"]["synth_xray"]["expert"]["acc"]
+    assert stats["differences"]["synth_xray"]["expert - best baseline"]["baseline"] in ("stl", "mtl")
+    assert 0 < metrics["majority"]["synth_xray"]["test"] <= 1 and {"stl", "mtl"} <= set(metrics["params"])
     capsys.readouterr()
 
     # predict: a .npz split and two image files through the exported expert
@@ -86,8 +95,13 @@ def test_run_on_npz_files_then_reuse_teacher_and_aggregate_report(tmp_path, caps
     assert run_cli("run", cfg, "--out", tmp_path / "r1", "--no-progress", "--set", "seed=1",
                    "--set", "teacher.source.kind=lorkd", "--set", f"teacher.source.path={tmp_path / 'r0' / 'teacher'}") == 0
     assert not (tmp_path / "r1" / "teacher").exists()
-    assert run_cli("report", tmp_path / "r0", tmp_path / "r1", "--out", tmp_path / "summary.md") == 0
-    assert "±" in (tmp_path / "summary.md").read_text()
+    # the second run's config differs in teacher.checkpoint too: refused unless allowed, and said
+    assert run_cli("report", tmp_path / "r0", tmp_path / "r1", "--out", tmp_path / "summary.md") == 2
+    assert "teacher.checkpoint" in capsys.readouterr().err and not (tmp_path / "summary.md").exists()
+    assert run_cli("report", tmp_path / "r0", tmp_path / "r1", "--out", tmp_path / "summary.md",
+                   "--allow-different") == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "±" in text and "`teacher.checkpoint`" in text and "--allow-different" in text
 
 
 @pytest.mark.slow

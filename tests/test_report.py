@@ -12,8 +12,10 @@ import yaml
 from matplotlib.image import imread
 
 from lorkd.errors import DataError
+from lorkd.errors import ConfigError
 from lorkd.report import (
     aggregate_runs,
+    config_differences,
     load_histories,
     metric_table,
     plot_size_vs_metric,
@@ -23,6 +25,8 @@ from lorkd.report import (
     write_aggregate_report,
     write_report,
 )
+from lorkd.report.markdown import teacher_guard
+from lorkd.report.plots import metric_axis_limits, size_points
 
 NAN = float("nan")
 
@@ -115,10 +119,8 @@ def test_write_report_full(tmp_path):
     # best acc per row in bold: expert on breastmnist, teacher on pneumoniamnist
     assert "| breastmnist | 0.850 | **0.871** | 0.840 | 0.861 |" in text
     assert "| pneumoniamnist | **0.900** | 0.880 | 0.890 | n/a |" in text
-    # headline: beats on breastmnist, below on pneumoniamnist; best baseline named
-    assert "**1 of 2**" in text
-    assert "0.861 (mtl_kd)" in text and "0.890 (stl)" in text
-    assert "| beats |" in text and "| below |" in text
+    # headline without per-sample outputs: no interval, so no verdict (never a "beats" by a point gap)
+    assert "no interval, so no verdict" in text and "| beats |" not in text
     # sizes with ratios to the teacher, timing total, data, notes, machine
     assert "23.50M" in text and "0.0532×" in text and "0.125×" in text
     assert "183.0" in text and "0:03:03" in text
@@ -142,11 +144,74 @@ def test_write_report_minimal_and_segmentation(tmp_path):
     text = path.read_text()
     assert text.startswith("# Seg run")
     assert "| prostate | 5.000 | **4.000** | inf |" in text  # hd95: lower is better
-    assert "| matches |" in text  # equal dice within tolerance
     assert "training curves: no history.jsonl found" in text
     assert "size vs dice" in text  # no params: not plotted, and said so
     assert yaml_block(text) == {"out": str(tmp_path), "sizes": [1, 2]}
     assert sorted(p.name for p in (tmp_path / "seg" / "plots").glob("*.png")) == ["metric_dice.png", "metric_hd95.png"]
+
+
+def with_statistics(metrics: dict) -> dict:
+    """``metrics`` with intervals, majority rates and validation results of baselines."""
+    iv = lambda v, lo, hi: {"value": v, "low": lo, "high": hi, "level": 0.95, "n_resamples": 2000}  # noqa: E731
+    metrics["majority"] = {"breastmnist": {"class": 1, "train": 0.731, "val": 0.731, "test": 0.731},
+                           "pneumoniamnist": {"class": 1, "train": 0.742, "val": 0.742, "test": 0.625}}
+    metrics["val"]["breastmnist"].update({"stl": {"acc": 0.70}, "mtl_kd": {"acc": 0.78}, "student_nokd": {"acc": 0.90}})
+    metrics["val"]["pneumoniamnist"].update({"stl": {"acc": 0.92}, "student_nokd": {"acc": 0.93}})
+    metrics["statistics"] = {
+        "method": {"n_resamples": 2000, "seed": 0, "level": 0.95, "interval": "percentile"},
+        "intervals": {"breastmnist": {"expert": {"acc": iv(0.871, 0.82, 0.92)}, "teacher": {"acc": iv(0.85, 0.80, 0.90)},
+                                      "mtl_kd": {"acc": iv(0.861, 0.81, 0.91)}},
+                      "pneumoniamnist": {"expert": {"acc": iv(0.88, 0.85, 0.91)}, "stl": {"acc": iv(0.89, 0.86, 0.92)}}},
+        "differences": {"breastmnist": {"expert - teacher": iv(0.021, 0.004, 0.04),
+                                        "expert - best baseline": {**iv(0.01, -0.02, 0.03), "baseline": "mtl_kd"}},
+                        "pneumoniamnist": {"expert - teacher": iv(-0.02, -0.035, -0.006),
+                                           "expert - best baseline": {**iv(-0.01, -0.03, 0.01), "baseline": "stl"}}}}
+    return metrics
+
+
+def test_headline_says_beats_ties_below_from_intervals_and_warns_about_a_weak_teacher(tmp_path):
+    text = write_report(tmp_path / "run", with_statistics(fake_metrics()), None, histories={}).read_text()
+    # expert − teacher: [0.004, 0.04] excludes 0 above -> beats; [-0.035, -0.006] below -> is below
+    assert ("| breastmnist | 0.871 [0.820, 0.920] | 0.731 | 0.850 [0.800, 0.900] | +0.021 [+0.004, +0.040] | beats "
+            "| 0.861 [0.810, 0.910] (mtl_kd) | +0.010 [-0.020, +0.030] | ties |") in text
+    assert "| -0.020 [-0.035, -0.006] | is below |" in text and "(stl) | -0.010 [-0.030, +0.010] | ties |" in text
+    assert "**beats on 1, ties on 0, is below on 1 of 2 task(s)** against the teacher" in text
+    assert "**beats on 0, ties on 2, is below on 0 of 2 task(s)** against the best baseline" in text
+    # the guard: the teacher (mean val acc 0.855) is below the student without KD (0.915)
+    assert ("**Warning:** the teacher is weaker than the student trained without distillation on validation "
+            "(mean acc 0.855 vs 0.915; worse on breastmnist, pneumoniamnist): distillation is unlikely to help.") in text
+    # the majority class next to accuracy; the interval table
+    assert "| task | teacher | expert | stl | mtl_kd | majority class |" in text
+    assert "| pneumoniamnist | **0.900** | 0.880 | 0.890 | n/a | 0.625 |" in text
+    assert "## 95% bootstrap intervals (test split)" in text and "0.890 [0.860, 0.920]" in text
+
+
+def test_no_guard_when_the_teacher_is_at_least_as_good(tmp_path):
+    m = with_statistics(fake_metrics())
+    for task in m["val"].values():
+        task["student_nokd"]["acc"] = 0.5
+    assert teacher_guard(m, "acc") is None
+    m["val"]["pneumoniamnist"]["student_nokd"]["acc"] = 0.99  # worse on one task only, but not in the mean
+    assert teacher_guard(m, "acc") is None
+    del m["val"]["breastmnist"]["student_nokd"]  # a mean over fewer tasks would not compare: no guard
+    assert teacher_guard(m, "acc") is None
+
+
+def test_axis_limits_do_not_exaggerate_small_gaps():
+    assert metric_axis_limits("acc", [0.871, 0.873], majority=0.731) == (pytest.approx(0.711), 1.0)
+    assert metric_axis_limits("acc", [0.871, 0.873]) == (0.0, 1.0)
+    assert metric_axis_limits("acc", [0.40, 0.9], majority=0.731) == (pytest.approx(0.38), 1.0)  # never cut a bar
+    assert metric_axis_limits("auc", [0.95, 0.951]) == (pytest.approx(0.48), 1.0)
+    assert metric_axis_limits("dice", [0.8]) == (0.0, 1.0)
+    assert metric_axis_limits("hd95", [4.0, 10.0]) == (0.0, pytest.approx(11.5))
+
+
+def test_size_plot_has_every_model_with_a_size(tmp_path):
+    m = with_statistics(fake_metrics())
+    m["params"].update({"mtl_kd": 1_300_000})
+    assert [p[0] for p in size_points(m, "acc")] == ["teacher", "expert", "stl", "mtl_kd"]
+    assert_png(plot_size_vs_metric(m, "acc", tmp_path / "size.png"))
+    assert_png(plot_task_metrics(m, "acc", tmp_path / "acc.png"))
 
 
 def test_write_report_rejects_metrics_without_tasks(tmp_path):
@@ -263,13 +328,45 @@ def test_write_aggregate_report(tmp_path):
     for i, shift in enumerate((0.0, 0.01)):
         d = tmp_path / f"seed{i}"
         d.mkdir()
-        (d / "metrics.json").write_text(json.dumps(fake_metrics(shift)))  # NaN is written as NaN
+        metrics = with_statistics(fake_metrics(shift))
+        metrics["config"] = {**fake_config(), "seed": i}
+        (d / "metrics.json").write_text(json.dumps(metrics))  # NaN is written as NaN
         dirs.append(d)
     out = write_aggregate_report(dirs, tmp_path / "agg" / "summary.md")
     text = out.read_text()
-    assert "2 runs aggregated" in text and "ddof=1" in text
+    assert "2 runs aggregated" in text and "ddof=1" in text and "allow-different" not in text
+    assert "| breastmnist | 0.021 ± 0.000 | beats 2 | 0.010 ± 0.000 | ties 2 |" in text
+    assert "Majority-class rate" in text and "pneumoniamnist 0.625" in text
+    assert "**Warning:** the teacher is weaker" in text
     assert "breastmnist" in text and "mtl_kd" in text and "n/a" in text
     assert f"0.876 ± {np.std([0.871, 0.881], ddof=1):.3f}" in text
     assert "## Validation split" in text
     with pytest.raises(DataError, match="not found"):
         write_aggregate_report([tmp_path / "nothing"], tmp_path / "x.md")
+
+
+def test_config_differences_and_refusal_to_aggregate_different_recipes(tmp_path):
+    base = {"seed": 0, "student": {"train": {"epochs": 8, "optim": {"lr": 0.05}}}, "data": {"tasks": [{"name": "a"}]}}
+    other = json.loads(json.dumps(base))
+    other["seed"] = 1
+    assert config_differences([base, other]) == {}
+    other["student"]["train"]["epochs"] = 10
+    other["data"]["tasks"].append({"name": "b"})
+    assert config_differences([base, other]) == {"student.train.epochs": [8, 10],
+                                                 "data.tasks.1.name": ["<missing>", "b"]}
+    dirs = []
+    for i, cfg in enumerate((base, other)):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({**fake_metrics(), "config": cfg}))
+        dirs.append(d)
+    with pytest.raises(ConfigError, match=r"`student.train.epochs`: r0=8, r1=10; `data.tasks.1.name`: "
+                                          r"r0='<missing>', r1='b' \(pass --allow-different"):
+        write_aggregate_report(dirs, tmp_path / "s.md")
+    assert not (tmp_path / "s.md").exists()
+    text = write_aggregate_report(dirs, tmp_path / "s.md", allow_different=True).read_text()
+    assert "**Warning:** aggregated with `--allow-different`" in text and "`student.train.epochs`: r0=8, r1=10" in text
+    # a run without any config cannot be checked: refused, unless allowed
+    (dirs[1] / "metrics.json").write_text(json.dumps(fake_metrics()))
+    with pytest.raises(DataError, match="config"):
+        write_aggregate_report(dirs, tmp_path / "s.md")

@@ -338,6 +338,8 @@ def test_cli_run_3d_then_predict_nifti_and_h5(tmp_path, capsys):
     assert a_m["expert"]["dice"] == pytest.approx(a_m["student"]["dice"], abs=1e-6)
     assert (out / "split_a.json").is_file() and (out / "report.md").is_file()
     assert "Missed / spurious structures" in (out / "report.md").read_text()
+    diffs = metrics["statistics"]["differences"]["a"]  # per-case Dice bootstrapped
+    assert diffs["expert - best baseline"]["baseline"] == "stl" and (out / "predictions_test.npz").is_file()
     card = json.loads((out / "experts" / "a" / "card.json").read_text())
     assert card["task_kind"] == "segmentation" and card["classes"] == 3 and card["patch_size"] == [4, 8, 8]
     assert card["orientation"] is None and card["axis_order"] == ["axis0", "axis1", "axis2"]

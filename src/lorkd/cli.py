@@ -4,7 +4,7 @@
     lorkd pretrain | decompose | baselines | export | evaluate  CONFIG --out DIR [...]
     lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE] [--device DEV] [--trust-code]
     lorkd demo [--out DIR]
-    lorkd report RUN_DIR [RUN_DIR ...] --out FILE
+    lorkd report RUN_DIR [RUN_DIR ...] --out FILE [--allow-different]
     lorkd transfer CONFIG --out DIR [--set key=value ...] [--resume | --overwrite]
     lorkd bench [...]
     lorkd teacher CONFIG [--set key=value ...]
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="mean and std over several runs (e.g. seeds) as markdown")
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--allow-different", action="store_true", help="aggregate runs whose configs differ in more "
+                   "than the seed (refused by default); the report lists the differences")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("teacher", help="what the config's teacher would be (source, parameters, layer names, "
                        "output shapes per task), without training")
@@ -267,7 +269,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_aggregate_report
 
-    path = write_aggregate_report(args.runs, args.out)
+    path = write_aggregate_report(args.runs, args.out, allow_different=args.allow_different)
     print(Path(path).read_text())
     return 0
 

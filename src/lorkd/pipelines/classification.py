@@ -28,7 +28,8 @@ from ..experts import save_expert
 from ..models.backbones import backbone_spec
 from ..models.classifier import MultiTaskClassifier
 from ..models.multitask import MultiTaskNet
-from .common import drive, fit_stage
+from ..report.stats import majority_rate, run_statistics, save_predictions
+from .common import baseline_parameters, drive, fit_stage
 from .schema import ClassificationConfig, Stage
 
 log = logging.getLogger("lorkd")
@@ -181,10 +182,14 @@ def predict_probs(model: nn.Module, dataset: MultiTaskDataset, device: torch.dev
 
 
 def evaluate_network(model: nn.Module, dataset: MultiTaskDataset, device: torch.device,
-                     tasks: list[int] | None = None) -> dict[int, dict[str, float]]:
-    """``{task: {"acc": .., "auc": ..}}`` of ``model`` on ``dataset``."""
-    return {t: {"acc": M.accuracy(p, y), "auc": M.roc_auc(p, y)}
-            for t, (p, y) in predict_probs(model, dataset, device, tasks).items()}
+                     tasks: list[int] | None = None, keep: dict[int, dict[str, np.ndarray]] | None = None
+                     ) -> dict[int, dict[str, float]]:
+    """``{task: {"acc": .., "auc": ..}}`` of ``model`` on ``dataset``; with ``keep``, also
+    ``keep[task] = {"probs": [n, C], "labels": [n]}`` (what the bootstrap needs)."""
+    out = predict_probs(model, dataset, device, tasks)
+    if keep is not None:
+        keep.update({t: {"probs": p.astype(np.float32), "labels": y} for t, (p, y) in out.items()})
+    return {t: {"acc": M.accuracy(p, y), "auc": M.roc_auc(p, y)} for t, (p, y) in out.items()}
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -230,24 +235,30 @@ def stage_evaluate(run: Run, teacher: MultiTaskClassifier, student: MultiTaskCla
 
     dev = run.ctx.device
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {"val": {}, "test": {}}
+    outputs: dict[str, dict[str, dict[str, np.ndarray]]] = {name: {} for name in run.names}  # test, per sample
     for split, dataset in (("val", run.val_set), ("test", run.test_set)):
         table = {name: {} for name in run.names}
+
+        def score(label: str, model: nn.Module, data: MultiTaskDataset, tasks: list[int] | None = None,
+                  names: list[str] = run.names) -> None:
+            kept: dict[int, dict[str, np.ndarray]] = {}
+            for t, m in evaluate_network(model, data, dev, tasks, keep=kept if split == "test" else None).items():
+                table[names[t]][label] = m
+                if split == "test":
+                    outputs[names[t]][label] = kept[t]
+
         for label, model in (("teacher", teacher), ("student", student)):
-            for t, m in evaluate_network(model, dataset, dev).items():
-                table[run.names[t]][label] = m
+            score(label, model, dataset)
         for t, name in enumerate(run.names):
-            expert = load_expert(run.out / "experts" / name).to(dev)
-            table[name]["expert"] = evaluate_network(expert, dataset, dev, [t])[t]
+            score("expert", load_expert(run.out / "experts" / name).to(dev), dataset, [t])
         for bname, models in baselines.items():
             if isinstance(models, nn.Module):  # student_nokd: a full student
-                for t, m in evaluate_network(models, dataset, dev).items():
-                    table[run.names[t]][bname] = m
+                score(bname, models, dataset)
                 continue
             for tasks, model in models.items():
-                sub = run.dataset(split, list(tasks))
-                for local, m in evaluate_network(model, sub, dev).items():
-                    table[run.names[tasks[local]]][bname] = m
+                score(bname, model, run.dataset(split, list(tasks)), names=[run.names[t] for t in tasks])
         results[split] = table
+    save_predictions(run.out, outputs)
     example = run.test_set[0][0][None]
     teacher_plain = teacher.export_task(0)[0].cpu()
     expert_plain = load_expert(run.out / "experts" / run.names[0]).cpu()
@@ -264,8 +275,14 @@ def stage_evaluate(run: Run, teacher: MultiTaskClassifier, student: MultiTaskCla
         "latency_batch": ev.latency_batch,
         "data": data_summary(run.tasks),
         "models": MODEL_DESCRIPTIONS,
+        "majority": {t.name: majority_rate(t.labels["train"], t.num_classes,
+                                           {s: t.labels[s] for s in ("val", "test") if s in t.labels})
+                     for t in run.tasks},
     }
+    metrics["params"].update(baseline_parameters(baselines))
+    metrics["statistics"] = run_statistics(outputs, metrics["metric_keys"], "acc", results["val"], list(baselines))
     return metrics
+
 
 
 MODEL_DESCRIPTIONS = {

@@ -370,6 +370,17 @@ def baseline_groups(run: Any, name: str) -> list[tuple[list[int], Path]]:
             for tasks in groups]
 
 
+def baseline_parameters(baselines: dict[str, Any]) -> dict[str, int]:
+    """Parameters of the baseline model that serves one task, per baseline of :func:`stage_baselines`:
+    the whole network for ``student_nokd`` and ``mtl*`` (one network for all tasks), the largest
+    per-task network for ``stl*``."""
+    from ..engine.metrics import count_parameters
+
+    return {name: (count_parameters(models) if isinstance(models, nn.Module)
+                   else max(count_parameters(m) for m in models.values()))
+            for name, models in baselines.items()}
+
+
 class TaskRemap(nn.Module):
     """The teacher seen through a subset of its tasks (local id ``i`` -> teacher task ``tasks[i]``)."""
 

@@ -47,7 +47,8 @@ from ..errors import ConfigError, DataError
 from ..experts import load_expert, save_expert
 from ..models.multitask import MultiTaskNet
 from ..models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
-from .common import drive, fit_stage
+from ..report.stats import run_statistics, save_predictions
+from .common import baseline_parameters, drive, fit_stage
 from .schema import Stage
 from .segmentation_schema import SegmentationConfig
 
@@ -203,7 +204,8 @@ def predict_case(model: nn.Module, image: torch.Tensor, task: int, run: Run,
 
 
 def evaluate_network(model: nn.Module, dataset: VolumeDataset, run: Run, tasks: list[int] | None = None,
-                     hd95: bool = False) -> dict[int, dict[str, float]]:
+                     hd95: bool = False, keep: dict[int, dict[str, np.ndarray]] | None = None
+                     ) -> dict[int, dict[str, float]]:
     """``{task: {"dice", "dice_<c>"..., ["hd95", "hd95_<c>"...], "missed", "spurious", "missed_<c>",
     "spurious_<c>", "cases"}}`` of ``model`` on whole volumes, on each case's original grid.
 
@@ -216,7 +218,8 @@ def evaluate_network(model: nn.Module, dataset: VolumeDataset, run: Run, tasks: 
     (the image diagonal in mm), so it is counted, never dropped. A class absent from both counts
     Dice 1 and is left out of that case's HD95. Per class: the mean over the task's ``cases``;
     ``dice``/``hd95``: the mean over the foreground classes. ``model`` is a multi-task network
-    (any task) or a plain one (``tasks`` = its one task)."""
+    (any task) or a plain one (``tasks`` = its one task). With ``keep``, also
+    ``keep[task] = {"dice": [n_cases, C-1]}`` (per-case Dice, for the bootstrap)."""
     was_training = model.training
     model.eval()
     scores: dict[int, dict[str, list[np.ndarray]]] = {}
@@ -240,6 +243,8 @@ def evaluate_network(model: nn.Module, dataset: VolumeDataset, run: Run, tasks: 
         model.train(was_training)
     result = {}
     for t, entry in scores.items():
+        if keep is not None:
+            keep[t] = {"dice": np.stack(entry["dice"])}
         out: dict[str, float] = {}
         for key in ("dice", "hd95"):
             if entry[key]:
@@ -330,40 +335,50 @@ def stage_evaluate(run: Run, teacher: MultiTaskSegmenter, student: MultiTaskSegm
     dev = run.ctx.device
     use_hd = run.cfg.evaluate.hd95
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    outputs: dict[str, dict[str, dict[str, np.ndarray]]] = {name: {} for name in run.names}  # test, per case
     for split, dataset in (("val", run.val_set), ("test", run.test_set)):
         hd = use_hd and split == "test"
         table: dict[str, dict[str, dict[str, float]]] = {name: {} for name in run.names}
+
+        def score(label: str, model: nn.Module, data: VolumeDataset, tasks: list[int] | None = None,
+                  names: list[str] = run.names) -> None:
+            kept: dict[int, dict[str, np.ndarray]] = {}
+            for t, m in evaluate_network(model, data, run, tasks, hd95=hd, keep=kept).items():
+                table[names[t]][label] = m
+                if split == "test":
+                    outputs[names[t]][label] = kept[t]
+
         for label, model in (("teacher", teacher), ("student", student)):
-            for t, m in evaluate_network(model, dataset, run, hd95=hd).items():
-                table[run.names[t]][label] = m
+            score(label, model, dataset)
         for t, name in enumerate(run.names):
-            expert = load_expert(run.out / "experts" / name).to(dev)
-            table[name]["expert"] = evaluate_network(expert, dataset, run, [t], hd95=hd)[t]
+            score("expert", load_expert(run.out / "experts" / name).to(dev), dataset, [t])
         for bname, models in baselines.items():
             if isinstance(models, nn.Module):  # student_nokd: a full student
-                for t, m in evaluate_network(models, dataset, run, hd95=hd).items():
-                    table[run.names[t]][bname] = m
+                score(bname, models, dataset)
                 continue
             for tasks, model in models.items():
-                sub = run.dataset(split, list(tasks))
-                for local, m in evaluate_network(model, sub, run, hd95=hd).items():
-                    table[run.names[tasks[local]]][bname] = m
+                score(bname, model, run.dataset(split, list(tasks)), names=[run.names[t] for t in tasks])
         results[split] = table
+    save_predictions(run.out, outputs)
     example = torch.zeros(1, run.channels, *run.patch)
     teacher_plain = teacher.export_task(0)[0].cpu().eval()
     expert_plain = load_expert(run.out / "experts" / run.names[0]).cpu().eval()
     reps = run.cfg.evaluate.latency_repeats
+    keys = ["dice", "hd95"] if use_hd else ["dice"]
+    params = {"teacher": M.count_parameters(teacher), "teacher_backbone_and_one_head": M.count_parameters(teacher_plain),
+              "student": M.count_parameters(student), "expert": M.count_parameters(expert_plain),
+              **baseline_parameters(baselines)}
     return {
-        "task_kind": "segmentation", "metric_keys": ["dice", "hd95"] if use_hd else ["dice"], "primary_metric": "dice",
+        "task_kind": "segmentation", "metric_keys": keys, "primary_metric": "dice",
         "split": "test", "tasks": results["test"], "val": results["val"],
-        "params": {"teacher": M.count_parameters(teacher), "teacher_backbone_and_one_head": M.count_parameters(teacher_plain),
-                   "student": M.count_parameters(student), "expert": M.count_parameters(expert_plain)},
+        "params": params,
         "flops": {"teacher": M.count_flops(teacher_plain, example), "expert": M.count_flops(expert_plain, example)},
         "latency_ms": {"teacher": M.cpu_latency_ms(teacher_plain, example, reps),
                        "expert": M.cpu_latency_ms(expert_plain, example, reps)},
         "latency_batch": 1, "latency_input": f"one patch {list(run.patch)}",
         "data": data_summary(run.tasks),
         "models": MODEL_DESCRIPTIONS,
+        "statistics": run_statistics(outputs, keys, "dice", results["val"], list(baselines)),
         "notes": ["Dice and HD95 on whole volumes on each case's original grid (sliding-window inference on the "
                   "preprocessed grid, logits resampled back to the original shape); per-class keys dice_<c>/hd95_<c> "
                   "are foreground classes 1..C-1; HD95 in mm from the file's voxel spacing (NIfTI header; HDF5: "

@@ -3,12 +3,15 @@
 >>> from lorkd.report import write_report, load_histories
 >>> write_report("runs/demo", read_json("runs/demo/metrics.json"), config)   # -> runs/demo/report.md
 
-The report holds, in order: a summary (what was compared, on what data, and per task the expert
-against the teacher and the best baseline, with a verdict beats / matches / below), the data
-table, one results table per metric (rows tasks, columns models, best value in bold, a mean row),
-the same tables on the validation split, model sizes / FLOPs / latency with ratios to the
-teacher, time per stage, the figures (relative links), the notes, the machine, and the exact
-config in a ```yaml block.
+The report holds, in order: a summary (what was compared, on what data; a warning when the teacher
+is worse than the student trained without distillation on validation; per task the expert against
+the teacher and against the best baseline chosen on validation, with 95% paired bootstrap intervals
+of the difference and a verdict beats / ties / is below, see :mod:`lorkd.report.stats`), the data
+table, one results table per metric (rows tasks, columns models, best value in bold, a mean row;
+the accuracy table adds the majority-class rate), the 95% bootstrap intervals per model, the same
+tables on the validation split, model sizes / FLOPs / latency with ratios to the teacher, time per
+stage, the figures (relative links), the notes, the machine, and the exact config in a ```yaml
+block.
 
 Conventions: a missing, ``None`` or NaN value prints ``n/a``; an infinite one ``inf``. "Best" is
 the largest value, except for metrics where lower is better (``hd95``, losses:
@@ -42,18 +45,17 @@ from .plots import (
 )
 
 __all__ = [
-    "MATCH_TOL",
     "NON_BASELINES",
     "fmt_value",
     "fmt_count",
+    "fmt_interval",
+    "interval_table",
+    "teacher_guard",
     "markdown_table",
     "metric_table",
     "load_histories",
     "write_report",
 ]
-
-#: Absolute tolerance on the primary metric within which the expert "matches" the teacher.
-MATCH_TOL = 0.005
 
 #: Models that are not baselines: the reference and the method's own models.
 NON_BASELINES = frozenset({"teacher", "expert", "student"})
@@ -133,23 +135,33 @@ def _models(tasks: Mapping[str, Any]) -> list[str]:
 
 
 def metric_table(tasks: Mapping[str, Mapping[str, Any]], metric: str, models: Sequence[str] | None = None,
-                 mean_row: bool = True) -> str:
+                 mean_row: bool = True, majority: Mapping[str, float] | None = None) -> str:
     """Markdown table of one metric: rows tasks, columns models, the best of each row in bold.
 
     The ``mean`` row averages each model over all tasks; it is ``n/a`` for a model that lacks a
-    finite value on any task (a mean over fewer tasks would not compare).
+    finite value on any task (a mean over fewer tasks would not compare). ``majority``
+    (``{TASK: rate}``) adds a last column ``majority class`` (never bold).
     """
     models = list(models) if models is not None else _models(tasks)
     rows = []
     grid = []
     for task in tasks:
         vals = [_value(tasks, task, m, metric) for m in models]
-        grid.append(vals)
-        rows.append([task] + _bold_row(vals, metric))
+        grid.append(vals + [to_float((majority or {}).get(task))])
+        rows.append([task] + _bold_row(vals, metric) + ([fmt_value(grid[-1][-1])] if majority else []))
     if mean_row and len(grid) > 1:
         arr = np.array(grid, dtype=float)
-        means = [float(arr[:, j].mean()) if np.isfinite(arr[:, j]).all() else math.nan for j in range(len(models))]
-        rows.append(["**mean**"] + _bold_row(means, metric))
+        means = [float(arr[:, j].mean()) if np.isfinite(arr[:, j]).all() else math.nan for j in range(arr.shape[1])]
+        rows.append(["**mean**"] + _bold_row(means[:len(models)], metric) + ([fmt_value(means[-1])] if majority else []))
+    return markdown_table(["task"] + models + (["majority class"] if majority else []), rows)
+
+
+def interval_table(intervals: Mapping[str, Any], metric: str) -> str:
+    """Markdown table of one metric's bootstrap intervals: rows tasks, columns models, cells
+    ``"0.871 [0.830, 0.910]"`` (``n/a`` where a model has no interval)."""
+    models = model_order(m for pm in intervals.values() for m in (pm or {}) if metric in (pm or {}).get(m, {}))
+    rows = [[task] + [fmt_interval(((per_model or {}).get(m) or {}).get(metric)) for m in models]
+            for task, per_model in intervals.items()]
     return markdown_table(["task"] + models, rows)
 
 
@@ -249,18 +261,51 @@ def _metric_keys(metrics: Mapping[str, Any], tasks: Mapping[str, Any]) -> list[s
     return keys
 
 
-def _verdict(expert: float, teacher: float, metric: str, tol: float) -> str:
-    if not (math.isfinite(expert) and math.isfinite(teacher)):
+def _signed(v: float) -> str:
+    text = fmt_value(v)
+    return text if text == "n/a" or text.startswith("-") else "+" + text
+
+
+def fmt_interval(iv: Mapping[str, Any] | None, signed: bool = False) -> str:
+    """``"0.871 [0.830, 0.910]"`` (value and 95% interval); ``n/a`` without one."""
+    if not iv:
         return "n/a"
-    gain = expert - teacher if higher_is_better(metric) else teacher - expert
-    if gain > tol:
-        return "beats"
-    if gain >= -tol:
-        return "matches"
-    return "below"
+    f = _signed if signed else fmt_value
+    return f"{f(to_float(iv.get('value')))} [{f(to_float(iv.get('low')))}, {f(to_float(iv.get('high')))}]"
 
 
-def _summary(metrics: Mapping[str, Any], tasks: Mapping[str, Any], primary: str, tol: float) -> list[str]:
+def _mean_over_tasks(tasks: Mapping[str, Any], model: str, metric: str) -> float:
+    vals = [_value(tasks, t, model, metric) for t in tasks]
+    return float(np.mean(vals)) if vals and all(math.isfinite(v) for v in vals) else math.nan
+
+
+def teacher_guard(metrics: Mapping[str, Any], primary: str) -> str | None:
+    """The warning of the headline when the teacher is worse than the student trained without
+    distillation (``student_nokd``) on the validation split, in the mean of ``primary`` over
+    tasks; ``None`` when it is not, or when either is missing."""
+    val = metrics.get("val")
+    if not isinstance(val, Mapping) or not val:
+        return None
+    t, s = _mean_over_tasks(val, "teacher", primary), _mean_over_tasks(val, "student_nokd", primary)
+    if not (math.isfinite(t) and math.isfinite(s)):
+        return None
+    if (t < s) if higher_is_better(primary) else (t > s):
+        worse = [task for task in val if (_value(val, task, "teacher", primary) < _value(val, task, "student_nokd", primary))
+                 == higher_is_better(primary)]
+        return (f"**Warning:** the teacher is weaker than the student trained without distillation on validation "
+                f"(mean {primary} {fmt_value(t)} vs {fmt_value(s)}; worse on {', '.join(worse)}): "
+                "distillation is unlikely to help.")
+    return None
+
+
+def _counts(verdicts: Sequence[str]) -> str:
+    n = [v for v in verdicts if v != "n/a"]
+    return ", ".join(f"{word} on {sum(v == word for v in n)}" for word in ("beats", "ties", "is below")) + f" of {len(n)} task(s)"
+
+
+def _summary(metrics: Mapping[str, Any], tasks: Mapping[str, Any], primary: str) -> list[str]:
+    from .stats import verdict
+
     models = _models(tasks)
     descr = metrics.get("models") or {}
     out = ["## Summary", ""]
@@ -291,35 +336,52 @@ def _summary(metrics: Mapping[str, Any], tasks: Mapping[str, Any], primary: str,
         out.append(f"- **Latency:** expert {le:.2f} ms vs teacher {lt:.2f} ms ({lt / le:.1f}× faster).")
     out.append("")
 
-    baselines = [m for m in models if m not in NON_BASELINES]
-    rows, wins, counted = [], 0, 0
+    guard = teacher_guard(metrics, primary)
+    if guard:
+        out += [guard, ""]
+    stats = metrics.get("statistics") or {}
+    intervals, differences = stats.get("intervals") or {}, stats.get("differences") or {}
+    majority = metrics.get("majority") or {}
+    show_majority = primary == "acc" and bool(majority)
+    higher = higher_is_better(primary)
+    rows, v_teacher, v_base = [], [], []
     for task in tasks:
-        e, t = _value(tasks, task, "expert", primary), _value(tasks, task, "teacher", primary)
-        best_name, best_v = "n/a", math.nan
-        for b in baselines:
-            v = _value(tasks, task, b, primary)
-            if math.isfinite(v) and (math.isnan(best_v) or (v > best_v if higher_is_better(primary) else v < best_v)):
-                best_name, best_v = b, v
-        verdict = _verdict(e, t, primary, tol)
-        if verdict != "n/a":
-            counted += 1
-            wins += verdict in ("beats", "matches")
-        diff = fmt_value(e - t) if math.isfinite(e) and math.isfinite(t) else "n/a"
-        if diff not in ("n/a",) and not diff.startswith("-"):
-            diff = "+" + diff
-        rows.append([task, fmt_value(e), fmt_value(t), f"{fmt_value(best_v)} ({best_name})" if baselines else "n/a",
-                     diff, verdict])
-    out.append(f"**Headline ({primary}, {split} split):** per task, the expert against the teacher and the best "
-               f"baseline (any model other than {', '.join(sorted(NON_BASELINES))}).")
+        diffs = differences.get(task) or {}
+        d_t, d_b = diffs.get("expert - teacher"), diffs.get("expert - best baseline")
+        iv = (intervals.get(task) or {})
+        cell = lambda m: (fmt_interval((iv.get(m) or {}).get(primary)) if (iv.get(m) or {}).get(primary)  # noqa: E731
+                          else fmt_value(_value(tasks, task, m, primary)))
+        vt, vb = verdict(d_t, higher), verdict(d_b, higher)
+        v_teacher.append(vt)
+        v_base.append(vb)
+        base = (d_b or {}).get("baseline")
+        row = [task, cell("expert")]
+        if show_majority:
+            row.append(fmt_value(to_float((majority.get(task) or {}).get(split))))
+        row += [cell("teacher"), fmt_interval(d_t, signed=True), vt,
+                f"{cell(base)} ({base})" if base else "n/a", fmt_interval(d_b, signed=True), vb]
+        rows.append(row)
+    out.append(f"**Headline ({primary}, {split} split):** per task, the expert against the teacher and against the "
+               f"best baseline (chosen on the validation split among {', '.join(b for b in models if b not in NON_BASELINES) or 'none'}).")
     out.append("")
-    out.append(markdown_table(["task", "expert", "teacher", "best baseline", "expert − teacher", "expert vs teacher"],
-                              rows, align="lrrrrl"))
+    header = ["task", "expert"] + (["majority class"] if show_majority else []) + [
+        "teacher", "expert − teacher", "vs teacher", "best baseline", "expert − baseline", "vs baseline"]
+    out.append(markdown_table(header, rows, align="lr" + ("r" if show_majority else "") + "rrlrrl"))
     out.append("")
-    if counted:
-        out.append(f"The expert **beats or matches** the teacher on **{wins} of {counted}** task(s) "
-                   f"(\"matches\" means within ±{tol:g} {primary}).")
+    method = stats.get("method") or {}
+    if differences:
+        level = int(round(100 * float(method.get("level", 0.95))))
+        out.append(f"The expert **{_counts(v_teacher)}** against the teacher, and **{_counts(v_base)}** against the "
+                   f"best baseline. Cells are value [{level}% interval]; \"beats\" means the {level}% paired bootstrap "
+                   f"interval of the difference lies above 0, \"is below\" below 0, \"ties\" that it contains 0 "
+                   f"({method.get('n_resamples', 'n/a')} resamples of the test samples, seed {method.get('seed', 'n/a')}, "
+                   "percentile method).")
     else:
-        out.append("No task has both an expert and a teacher result: no verdict.")
+        out.append("No per-sample test outputs (`statistics` in metrics.json): no interval, so no verdict.")
+    if show_majority:
+        out.append("")
+        out.append(f"*Majority class*: the accuracy on the {split} split of always predicting the most frequent "
+                   "class of the train split.")
     out.append("")
     return out
 
@@ -335,13 +397,41 @@ def _data_section(metrics: Mapping[str, Any]) -> list[str]:
     return out + [markdown_table(cols, rows, align="ll" + "r" * (len(cols) - 2)), ""]
 
 
-def _results_section(title: str, tasks: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+def _results_section(title: str, tasks: Mapping[str, Any], keys: Sequence[str],
+                     majority: Mapping[str, float] | None = None) -> list[str]:
     out = [title, ""]
     if not tasks:
         return out + ["No results.", ""]
     for key in keys:
         direction = "higher" if higher_is_better(key) else "lower"
-        out += [f"### {key} ({direction} is better; best per row in bold)", "", metric_table(tasks, key), ""]
+        table = metric_table(tasks, key, majority=majority if key == "acc" else None)
+        out += [f"### {key} ({direction} is better; best per row in bold)", "", table, ""]
+        if key == "acc" and majority:
+            out += ["*majority class*: accuracy of always predicting the train split's most frequent class.", ""]
+    return out
+
+
+def _majority(metrics: Mapping[str, Any], split: str) -> dict[str, float] | None:
+    maj = metrics.get("majority")
+    if not isinstance(maj, Mapping) or not maj:
+        return None
+    return {task: to_float((v or {}).get(split)) for task, v in maj.items()}
+
+
+def _intervals_section(metrics: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+    stats = metrics.get("statistics") or {}
+    intervals = stats.get("intervals") or {}
+    if not intervals:
+        return []
+    method = stats.get("method") or {}
+    level = int(round(100 * float(method.get("level", 0.95))))
+    out = [f"## {level}% bootstrap intervals ({metrics.get('split', 'test')} split)", "",
+           f"Percentile intervals over {method.get('n_resamples', 'n/a')} resamples (with replacement) of the test "
+           f"samples ({'cases' if metrics.get('task_kind') == 'segmentation' else 'images'}), seed "
+           f"{method.get('seed', 'n/a')}; cells are value [low, high].", ""]
+    for key in keys:
+        if any(key in (pm or {}).get(m, {}) for pm in intervals.values() for m in (pm or {})):
+            out += [f"### {key}", "", interval_table(intervals, key), ""]
     return out
 
 
@@ -458,8 +548,7 @@ def _plots(run_dir: Path, metrics: Mapping[str, Any], keys: Sequence[str], prima
 
 
 def write_report(run_dir: str | Path, metrics: Mapping[str, Any], config: Mapping[str, Any] | None,
-                 histories: Mapping[str, list[Mapping[str, Any]]] | None = None, title: str | None = None,
-                 *, match_tol: float = MATCH_TOL) -> Path:
+                 histories: Mapping[str, list[Mapping[str, Any]]] | None = None, title: str | None = None) -> Path:
     """Write ``run_dir/report.md`` and its figures ``run_dir/plots/*.png``.
 
     Args:
@@ -470,7 +559,6 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], config: Mappin
             strings, tuples as lists). ``None`` writes a note instead.
         histories: ``{STAGE: [record, ...]}``; ``None`` reads them with :func:`load_histories`.
         title: the report title (default ``"lorkd report: <task_kind>"``).
-        match_tol: absolute tolerance on the primary metric for the verdict "matches".
 
     Returns:
         The path of ``report.md`` (written atomically).
@@ -492,12 +580,15 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], config: Mappin
         keys = [primary] + keys
 
     lines = [f"# {title or 'lorkd report: ' + str(metrics.get('task_kind', 'run'))}", ""]
-    lines += _summary(metrics, tasks, primary, match_tol)
+    lines += _summary(metrics, tasks, primary)
     lines += _data_section(metrics)
-    lines += _results_section(f"## Results ({metrics.get('split', 'test')} split)", tasks, keys)
+    split = metrics.get("split", "test")
+    lines += _results_section(f"## Results ({split} split)", tasks, keys, _majority(metrics, split))
     lines += _structure_section(tasks)
+    lines += _intervals_section(metrics, keys)
     val = metrics.get("val")
-    lines += _results_section("## Validation split", val if isinstance(val, Mapping) else {}, keys)
+    lines += _results_section("## Validation split", val if isinstance(val, Mapping) else {}, keys,
+                              _majority(metrics, "val"))
     from .search import search_section  # here: report.search imports this module
     lines += search_section(run_dir)
     lines += _cost_section(metrics)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from lorkd.errors import DataError
 
@@ -41,6 +41,7 @@ __all__ = [
     "plot_training_curves",
     "plot_size_vs_metric",
     "size_points",
+    "metric_axis_limits",
 ]
 
 #: Display order of the models lorkd knows; any other model follows in order of appearance.
@@ -145,8 +146,63 @@ def _fmt_bar(v: float) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+#: Metrics bounded in [0, 1] (their axes end at 1).
+UNIT_METRICS = ("acc", "auc", "dice", "f1", "iou", "precision", "recall", "sensitivity", "specificity")
+
+
+def _is_unit(metric: str) -> bool:
+    name = metric.lower()
+    return any(name == m or name.startswith(m + "_") for m in UNIT_METRICS)
+
+
+def metric_axis_limits(metric: str, values: Iterable[float], majority: float | None = None) -> tuple[float, float]:
+    """The y range of a figure of ``metric``, chosen so that a tiny gap does not look large.
+
+    * accuracy: from the majority-class rate (the accuracy of a constant prediction; 0 without
+      one) to 1;
+    * AUC: from 0.5 (chance) to 1;
+    * other metrics in [0, 1] (Dice, F1 ...): from 0 to 1;
+    * anything else (``hd95``, losses): from 0 to 15% above the largest value.
+
+    The lower end moves down (to a multiple of 0.05) when a value lies below it, so no value is
+    ever cut off."""
+    vals = [v for v in values if math.isfinite(v)]
+    name = metric.lower()
+    if _is_unit(metric):
+        if name == "acc" or name.startswith("acc_"):
+            low = majority if majority is not None and math.isfinite(majority) else 0.0
+        elif name == "auc" or name.startswith("auc_"):
+            low = 0.5
+        else:
+            low = 0.0
+        if vals and min(vals) < low:
+            low = math.floor(min(vals) * 20) / 20
+        return max(0.0, low - 0.02 if low > 0 else 0.0), 1.0
+    top = max(vals) if vals else 1.0
+    return min(0.0, min(vals) if vals else 0.0), (top * 1.15 if top > 0 else 1.0)
+
+
+def _interval(metrics: Mapping[str, Any], task: str, model: str, metric: str) -> tuple[float, float]:
+    iv = (((metrics.get("statistics") or {}).get("intervals") or {}).get(task) or {}).get(model) or {}
+    iv = iv.get(metric) or {}
+    return to_float(iv.get("low")), to_float(iv.get("high"))
+
+
+def _majority(metrics: Mapping[str, Any], task: str, split: str) -> float:
+    return to_float(((metrics.get("majority") or {}).get(task) or {}).get(split))
+
+
+def _luminance(colour: str) -> float:
+    r, g, b = (int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
 def plot_task_metrics(metrics: Mapping[str, Any], metric: str, path: str | Path, split: str = "tasks") -> Path:
-    """Grouped bar chart of ``metric``: one group per task, one bar per model, values on bars.
+    """Small multiples of ``metric``: one panel per task, one bar per model (named on the x axis),
+    the value written inside each bar, 95% bootstrap intervals as error bars when
+    ``metrics["statistics"]`` holds them, and the majority-class rate as a dashed line for
+    accuracy. Every panel shares the y range of :func:`metric_axis_limits` (accuracy starts at the
+    lowest majority rate of the tasks), so bars of different tasks compare by eye.
 
     Args:
         metrics: a ``metrics.json`` dict.
@@ -154,8 +210,7 @@ def plot_task_metrics(metrics: Mapping[str, Any], metric: str, path: str | Path,
         path: the PNG to write.
         split: ``"tasks"`` (test split) or ``"val"``.
 
-    A NaN or missing value gets no bar and an ``n/a`` label at the baseline; an infinite value
-    gets no bar and an ``inf`` label.
+    A NaN or missing value gets no bar and an ``n/a`` label; an infinite one an ``inf`` label.
 
     Raises:
         DataError: ``metrics[split]`` is missing, or no task/model holds a finite ``metric``.
@@ -166,41 +221,56 @@ def plot_task_metrics(metrics: Mapping[str, Any], metric: str, path: str | Path,
     values = np.array([[_value(tasks, t, m, metric) for m in models] for t in task_names], dtype=float)
     if values.size == 0 or not np.isfinite(values).any():
         raise DataError(f"plot_task_metrics: no finite value of metric '{metric}' in metrics['{split}']")
-
-    others = [m for m in models if m not in _COLOURS]
-    n_t, n_m = len(task_names), len(models)
-    width = 0.8 / n_m
-    fig = Figure(figsize=(max(6.0, 1.0 + n_t * (0.45 * n_m + 0.4)), 4.8))
-    ax = fig.add_subplot(1, 1, 1)
-    finite = values[np.isfinite(values)]
-    top, bottom = max(float(finite.max()), 0.0), min(float(finite.min()), 0.0)
-    span = (top - bottom) or 1.0
-    label_size = 8 if n_m <= 5 else 6.5
-    x = np.arange(n_t)
-    for j, model in enumerate(models):
-        xs = x - 0.4 + width * (j + 0.5)
-        col = values[:, j]
-        heights = np.where(np.isfinite(col), col, 0.0)
-        bars = ax.bar(xs, heights, width * 0.92, label=model, color=model_colour(model, others),
-                      edgecolor="white", linewidth=0.5)
-        for bar, v, xpos in zip(bars, col, xs):
-            if math.isfinite(v):
-                y, text = v, _fmt_bar(v)
-            else:
-                bar.set_visible(False)
-                y, text = 0.0, ("n/a" if math.isnan(v) else _fmt_bar(v))
-            ax.text(xpos, y + (0.01 * span if y >= 0 else -0.01 * span), text, rotation=90, fontsize=label_size,
-                    ha="center", va="bottom" if y >= 0 else "top")
-    ax.set_xticks(x)
-    ax.set_xticklabels(task_names, rotation=20 if n_t > 4 else 0, ha="right" if n_t > 4 else "center")
-    direction = "higher is better" if higher_is_better(metric) else "lower is better"
-    ax.set_ylabel(f"{metric} ({direction})")
     split_name = metrics.get("split", "test") if split == "tasks" else split
-    ax.set_title(f"{metric} per task ({split_name})")
-    ax.set_ylim(bottom - (0.05 * span if bottom < 0 else 0.0), top + 0.22 * span)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    others = [m for m in models if m not in _COLOURS]
+    majorities = {t: _majority(metrics, t, split_name) for t in task_names}
+    finite_maj = [v for v in majorities.values() if math.isfinite(v)]
+    intervals = {(t, m): _interval(metrics, t, m, metric) if split == "tasks" else (math.nan, math.nan)
+                 for t in task_names for m in models}
+    lows = [lo for lo, _ in intervals.values()]
+    low, high = metric_axis_limits(metric, list(values.ravel()) + lows, min(finite_maj) if finite_maj else None)
+    if not _is_unit(metric):
+        high = max(high, max((h for _, h in intervals.values() if math.isfinite(h)), default=high) * 1.05)
+    n_t, n_m = len(task_names), len(models)
+    ncols = min(3, n_t)
+    nrows = math.ceil(n_t / ncols)
+    fig = Figure(figsize=(max(3.2, 0.55 * n_m + 1.0) * ncols, 3.6 * nrows), layout="constrained")
+    x = np.arange(n_m)
+    colours = [model_colour(m, others) for m in models]
+    ax = None
+    for i, task in enumerate(task_names):
+        ax = fig.add_subplot(nrows, ncols, i + 1, sharey=ax)
+        col = values[i]
+        ax.bar(x, np.where(np.isfinite(col), col - low, 0.0), 0.75, bottom=low, color=colours,
+               edgecolor="white", linewidth=0.5)
+        for j, v in enumerate(col):
+            lo, hi = intervals[(task, models[j])]
+            if math.isfinite(v) and math.isfinite(lo) and math.isfinite(hi):
+                ax.errorbar([j], [v], yerr=[[max(v - lo, 0.0)], [max(hi - v, 0.0)]], color="black", capsize=3, lw=1)
+            text = _fmt_bar(v) if not math.isnan(v) else "n/a"
+            inside = math.isfinite(v) and (v - low) > 0.25 * (high - low)
+            # in the middle of the bar: clear of the error bar above and the majority line below
+            y = (low + v) / 2 if inside else low + 0.02 * (high - low)
+            ax.text(j, y, text, rotation=90, ha="center", va="center" if inside else "bottom", fontsize=7.5,
+                    color="white" if inside and _luminance(colours[j]) < 0.6 else "black")
+        maj = majorities[task]
+        if metric.lower() == "acc" and math.isfinite(maj):
+            ax.axhline(maj, color="black", ls="--", lw=1, label="majority class")
+        ax.set_xticks(x)
+        ax.set_xticklabels(models, rotation=45, ha="right", fontsize=8)
+        ax.set_title(task, fontsize=10)
+        ax.set_ylim(low, high)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        if i % ncols == 0:
+            direction = "higher is better" if higher_is_better(metric) else "lower is better"
+            ax.set_ylabel(f"{metric} ({direction})")
+    notes = []
+    if any(math.isfinite(lo) for lo, _ in intervals.values()):
+        notes.append("error bars: 95% bootstrap interval")
+    if metric.lower() == "acc" and finite_maj:
+        notes.append("dashed: majority-class rate; axis starts at the lowest one")
+    fig.suptitle(f"{metric} per task ({split_name})" + (f"\n{'; '.join(notes)}" if notes else ""), fontsize=10)
     return _save(fig, path)
 
 
@@ -227,15 +297,36 @@ def _is_metric_key(key: str) -> bool:
     return name.startswith("val") or any(h in name for h in _METRIC_HINTS)
 
 
+def _distinct(series: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``series`` without a curve that repeats an earlier one (``ce`` when it is the whole ``loss``;
+    the one task's ``val/acc_<task>`` of a single-task model)."""
+    out: dict[str, np.ndarray] = {}
+    for k, s in series.items():
+        if not any(s.shape == o.shape and np.allclose(s, o, rtol=0, atol=1e-6, equal_nan=True) for o in out.values()):
+            out[k] = s
+    return out
+
+
+def _legend_outside(ax: Any) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def plot_training_curves(histories: Mapping[str, list[Mapping[str, Any]]], path: str | Path) -> Path:
-    """One subplot per stage: losses (``loss`` and its parts: ``ce``, ``kd``, ``feat`` ...) against
-    epoch on the left axis, validation metrics (``val_*``, ``*acc*``, ``*dice*`` ...) on a twin
-    right axis.
+    """One row per stage, two panels: the training loss and its parts (``loss``, ``ce``, ``kd``,
+    ``feat`` ...; per-task losses ``loss/<task>`` are left out) on the left, the validation
+    metrics (``val/*``, ``*acc*``, ``*dice*`` ...) on the right; each panel's legend sits outside it,
+    to its right.
+
+    The x axis counts completed epochs: a record's ``epoch`` is the 0-based index the trainer
+    writes, drawn as ``epoch + 1``, with whole-number ticks only. Without an ``epoch`` on every
+    record the x axis is the record number.
 
     Args:
         histories: ``{STAGE: [record, ...]}``, each record one line of ``history.jsonl``. Keys vary;
             every numeric key except bookkeeping (``epoch``, ``step``, ``lr``, ``seconds`` ...)
-            is drawn. Without an ``epoch`` on every record the x axis is the record number.
+            is drawn.
         path: the PNG to write.
 
     Raises:
@@ -246,34 +337,28 @@ def plot_training_curves(histories: Mapping[str, list[Mapping[str, Any]]], path:
     if not stages:
         raise DataError("plot_training_curves: no history holds a numeric value to plot "
                         f"(stages: {sorted(histories) or 'none'})")
-    n = len(stages)
-    ncols = min(3, n)
-    nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(5.2 * ncols, 4.2 * nrows))
+    fig = Figure(figsize=(12.0, 2.9 * len(stages)), layout="constrained")
     for i, (name, (x, xlabel, series)) in enumerate(stages):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        losses = {k: s for k, s in series.items() if not _is_metric_key(k)}
-        mets = {k: s for k, s in series.items() if _is_metric_key(k)}
-        handles = []
-        colours = iter(_CURVE_COLOURS * (1 + len(series) // len(_CURVE_COLOURS)))
-        for k, s in losses.items():
-            handles += ax.plot(x, s, marker="." if len(x) < 30 else None, lw=2.0 if k == "loss" else 1.2,
-                               label=k, color=next(colours))
-        if xlabel in ("epoch", "record"):
+        if xlabel == "epoch":
+            x, xlabel = x + 1, "epochs completed"
+        losses = _distinct({k: s for k, s in series.items() if not _is_metric_key(k) and "/" not in k})
+        mets = _distinct({k: s for k, s in series.items() if _is_metric_key(k)})
+        for col, (group, ylabel) in enumerate(((losses, "training loss"), (mets, "validation metric"))):
+            ax = fig.add_subplot(len(stages), 2, 2 * i + col + 1)
+            for j, (k, s) in enumerate(group.items()):
+                per_task = "_" in k.split("/")[-1] and col == 1
+                ax.plot(x, s, marker="." if len(x) < 30 else None, label=k, color=_CURVE_COLOURS[j % len(_CURVE_COLOURS)],
+                        lw=2.0 if k in ("loss", "val/acc", "val/dice", "val_acc") else 1.0, ls="--" if per_task else "-")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("loss" if losses else "")
-        ax.grid(alpha=0.3)
-        if mets:
-            ax2 = ax.twinx()
-            for k, s in mets.items():
-                handles += ax2.plot(x, s, ls="--", marker="o" if len(x) < 30 else None, ms=3, label=k,
-                                    color=next(colours))
-            ax2.set_ylabel("validation metric")
-        ax.set_title(str(name))
-        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, frameon=False, loc="upper center",
-                  bbox_to_anchor=(0.5, -0.16), ncol=min(4, len(handles)))
-    fig.tight_layout()
+            if len(x):
+                ax.set_xlim(float(np.nanmin(x)) - 0.3, float(np.nanmax(x)) + 0.3)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{name}: {'loss' if col == 0 else 'validation'}", fontsize=10)
+            ax.grid(alpha=0.3)
+            if not group:
+                ax.text(0.5, 0.5, "nothing recorded", ha="center", va="center", transform=ax.transAxes)
+            _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -295,9 +380,22 @@ def size_points(metrics: Mapping[str, Any], metric: str) -> list[tuple[str, int,
     return out
 
 
+def _fmt_params(x: float, _pos: Any = None) -> str:
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:g}{unit}"
+    return f"{x:g}"
+
+
+_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h", "*", "p")
+
+
 def plot_size_vs_metric(metrics: Mapping[str, Any], metric: str, path: str | Path) -> Path:
-    """Scatter of parameter count (log x) against the mean of ``metric`` over tasks, one
-    annotated point per model that has a parameter count (``metrics["params"][MODEL]``).
+    """Scatter of parameter count (log x) against the mean of ``metric`` over tasks: one point
+    per model that has a parameter count (``metrics["params"][MODEL]``: the teacher, the expert,
+    the student and every baseline), each with its own colour and marker, named with its value in
+    a legend outside the axes (models of equal size would hide each other's labels). The y range
+    is :func:`metric_axis_limits` (accuracy from the mean majority-class rate over tasks).
 
     A model that lacks a finite value on some tasks is labelled ``model (k/n tasks)``: its mean
     covers fewer tasks and is not directly comparable.
@@ -310,21 +408,28 @@ def plot_size_vs_metric(metrics: Mapping[str, Any], metric: str, path: str | Pat
     if not points:
         raise DataError(f"plot_size_vs_metric: no model has both metrics['params'][MODEL] and a finite '{metric}'")
     others = [p[0] for p in points if p[0] not in _COLOURS]
-    fig = Figure(figsize=(6.4, 4.6))
+    fig = Figure(figsize=(7.6, 4.4), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
-    for model, p, mean, k, n in points:
-        ax.scatter([p], [mean], s=70, color=model_colour(model, others), edgecolor="black", linewidth=0.5, zorder=3)
-        label = model if k == n else f"{model} ({k}/{n} tasks)"
-        ax.annotate(f"{label}\n{mean:.3f}", (p, mean), textcoords="offset points", xytext=(7, 5), fontsize=8)
+    for i, (model, p, mean, k, n) in enumerate(points):
+        label = (model if k == n else f"{model} ({k}/{n} tasks)") + f": {mean:.3f}, {p / 1e6:.2f}M"
+        ax.scatter([p], [mean], s=70 if model != "expert" else 110, color=model_colour(model, others),
+                   marker=_MARKERS[i % len(_MARKERS)], edgecolor="black", linewidth=0.6, zorder=3, label=label)
+    maj = [_majority(metrics, t, metrics.get("split", "test")) for t in _tasks(metrics)]
+    maj = [v for v in maj if math.isfinite(v)]
+    low, high = metric_axis_limits(metric, [pt[2] for pt in points], float(np.mean(maj)) if maj else None)
+    if metric.lower() == "acc" and maj:
+        ax.axhline(float(np.mean(maj)), color="black", ls="--", lw=1, label=f"majority class (mean): {np.mean(maj):.3f}")
+    ax.set_ylim(low, high)
     ax.set_xscale("log")
-    xs = [p[1] for p in points]
-    ax.set_xlim(min(xs) / 2.0, max(xs) * 4.0)
-    ys = [p[2] for p in points]
-    pad = (max(ys) - min(ys)) * 0.25 or 0.05 * (abs(max(ys)) or 1.0)
-    ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    xs = [pt[1] for pt in points]
+    ax.set_xlim(min(xs) / 2.0, max(xs) * 2.0)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_fmt_params))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     direction = "higher is better" if higher_is_better(metric) else "lower is better"
     ax.set_xlabel("parameters (log scale)")
     ax.set_ylabel(f"mean {metric} over tasks ({direction})")
-    ax.set_title(f"model size vs {metric}")
+    ax.set_title(f"model size vs {metric} ({metrics.get('split', 'test')} split)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
+    _legend_outside(ax)
     return _save(fig, path)
