@@ -2,8 +2,8 @@
 
 Per downstream task and method: the test metric (accuracy and AUC; segmentation: mean foreground
 Dice) as mean ± sd over seeds, a 95 % percentile-bootstrap interval of that mean, the validation
-metric, trained and deployed parameters, and training time. The bootstrap is implemented here
-(lorkd has no shared statistics module yet): it resamples the *test items* (images, or cases for
+metric, trained and deployed parameters, and training time. The bootstrap (through
+:func:`lorkd.report.stats.bootstrap_interval`) resamples the *test items* (images, or cases for
 segmentation; the same resample for every seed) and recomputes the mean over seeds of the metric,
 so the interval reflects the test set's size; with one seed it is the usual bootstrap interval of
 that run's metric.
@@ -23,7 +23,7 @@ from ..engine import metrics as M
 from ..fileio import write_atomic
 
 BOOTSTRAP_NOTE = ("95 % percentile bootstrap over test items (images; cases for segmentation) of the mean over "
-                  "seeds (lorkd.pipelines.transfer_report.bootstrap_interval; the same resampled items for every seed)")
+                  "seeds (lorkd.report.stats, the same resampled items for every seed)")
 
 
 def item_statistic(values: np.ndarray) -> float:
@@ -54,21 +54,23 @@ def bootstrap_interval(per_item: Any, resamples: int = 1000, seed: int = 0, leve
         ``(low, high)``: quantiles ``(1 - level) / 2`` and ``(1 + level) / 2`` of the ``B`` values of
         the mean over seeds of the metric on resampled items (the same items for every seed).
     """
+    from ..report.stats import bootstrap_interval as resample_interval
+
     x = np.asarray(per_item, dtype=np.float64)
     if resamples < 1 or x.size == 0:
         return float("nan"), float("nan")
     x = x[..., None] if x.ndim == 2 else x  # [S, n, m]
-    rng = np.random.default_rng(seed)
-    n = x.shape[1]
-    stats = np.empty(resamples)
+    out = resample_interval(_mean_over_seeds, [np.moveaxis(x, 1, 0)], resamples, seed, level)  # items resampled
+    return out["low"], out["high"]
+
+
+def _mean_over_seeds(items: np.ndarray) -> float:
+    """``[n, S, m]`` per-item values -> the mean over seeds of each seed's metric (the mean over
+    classes of the per-class means over items, NaN entries left out)."""
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for start in range(0, resamples, 64):  # bounded memory: 64 resamples at a time
-            idx = rng.integers(0, n, size=(min(64, resamples - start), n))
-            per_class = np.nanmean(x[:, idx], axis=2)  # [S, b, m]
-            stats[start:start + idx.shape[0]] = np.nanmean(per_class, axis=2).mean(0)
-    alpha = (1 - level) / 2
-    return float(np.nanquantile(stats, alpha)), float(np.nanquantile(stats, 1 - alpha))
+        per_class = np.nanmean(items, axis=0)  # [S, m]
+        return float(np.nanmean(per_class, axis=1).mean())
 
 
 def summarise(run: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
