@@ -21,12 +21,7 @@ LAYOUTS = ["auto", "stacked", "lowrank", "merged"]
 ALPHA, RANK = 6.0, 3
 
 
-@pytest.fixture(autouse=True)
-def double_precision():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+from test_experts_layers import double_precision  # noqa: F401  (autouse: every test runs in float64)
 
 
 def net1d():
@@ -161,3 +156,33 @@ def test_linear_layers_on_token_inputs_equal_the_reference():
                 for expert in layer.experts:
                     expert.B.normal_(0, 0.4)
         assert_matches_reference(student, torch.randn(6, 4, 5), torch.tensor([1, 2, 0, 1, 1, 2]))
+
+
+class GainNet(nn.Module):
+    """A conv, a per-sample gain ``[B, 4]`` given as an extra input, then a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 4, 3), nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x, gain, *, offset):
+        return self.fc(torch.tanh(self.conv(x) * gain[:, :, None, None]).flatten(1)) + offset
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_per_sample_extra_inputs_equal_the_reference(layout):
+    torch.manual_seed(0)
+    student = lorkd.add_experts(GainNet(), 3, rank=RANK, alpha=ALPHA, layout=layout)
+    with torch.no_grad():
+        for _, layer in student.expert_layers():
+            for expert in layer.experts:
+                expert.B.normal_(0, 0.4)
+    x, gain, offset = torch.randn(6, 2, 5, 5), torch.randn(6, 4), torch.randn(6, 3)
+    ids = torch.tensor([2, 0, 1, 2, 0, 0])
+    out = student(x, ids, gain, offset=offset)
+    conv, fc = student.model.conv, student.model.fc
+    ref = torch.cat([
+        reference_layer(fc, t, torch.tanh(reference_layer(conv, t, x[i:i + 1]) * gain[i, :, None, None]).flatten(1)) + offset[i]
+        for i, t in enumerate(ids.tolist())
+    ])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

@@ -88,7 +88,8 @@ def load_student(folder: str | Path, model: nn.Module | None = None) -> ExpertMo
     # Rebuild with exactly the saved layers and ranks, whatever the original targets were.
     student = add_experts(model, cfg["num_tasks"], rank=dict(meta["layers"]), alpha=cfg["alpha"],
                           targets=list(meta["layers"]), norm=cfg["norm"], layout=cfg.get("layout", "auto"))
-    student.config = ExpertConfig(cfg["num_tasks"], cfg["rank"], cfg["alpha"], cfg["targets"], cfg["norm"], cfg.get("layout", "auto"))
+    student.config = ExpertConfig(cfg["num_tasks"], cfg["rank"], cfg["alpha"], cfg["targets"], cfg["norm"],
+                                  cfg.get("layout", "auto"), cfg.get("per_sample_outputs"))
     _load_into(student, folder / STUDENT_WEIGHTS)
     return student
 

@@ -188,7 +188,7 @@ class ExpertLayer(nn.Module):
         rows, spatial = out.shape[0], out.shape[2:]
         y, z = out.split([base.out_channels, n_extra], dim=1)
         # each row keeps only its own task's r channels of z, then all rows share one [out, P r] B
-        z = z.reshape(rows, n_extra, -1) * routing.block_mask(r, out.dtype, out.device)[:, :, None]
+        z = z.reshape(rows, n_extra, -1) * routing.block_mask(r, out.dtype, out.device, routing.rows_per_sample(out))[:, :, None]
         b = torch.stack([self.experts[t].B for t in tasks], dim=1).reshape(base.out_channels, n_extra)
         y = torch.baddbmm(y.reshape(rows, base.out_channels, -1), b.expand(rows, -1, -1), z, alpha=self.scale)
         return y.view(rows, base.out_channels, *spatial)
