@@ -107,12 +107,12 @@ def grads(out: torch.Tensor, x: torch.Tensor, params, cotangent: torch.Tensor):
     return torch.autograd.grad(out, [x, *params], cotangent, allow_unused=True)
 
 
-def assert_matches_reference(student, x, task_ids, **kwargs):
+def assert_matches_reference(student, x, task_ids, reference=reference_forward):
     params = [p for _, p in student.named_parameters()]
     names = ["input"] + [n for n, _ in student.named_parameters()]
     x = x.clone().requires_grad_(True)
     out = student(x, task_ids)
-    ref = reference_forward(student, x, task_ids)
+    ref = reference(student, x, task_ids)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
     for name, got, want in zip(names, grads(out, x, params, cotangent), grads(ref, x, params, cotangent)):
@@ -186,3 +186,36 @@ def test_per_sample_extra_inputs_equal_the_reference(layout):
         for i, t in enumerate(ids.tolist())
     ])
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+class TokenRows(nn.Module):
+    """Layers that see ``k`` rows per sample: ``[B, N, C]`` tokens flattened to ``[B * N, C]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.conv = nn.Linear(5, 6), nn.Conv1d(6, 4, 1)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        h = torch.tanh(self.fc(x.reshape(b * n, c)))
+        return self.conv(h.unsqueeze(-1)).reshape(b, n * 4)
+
+
+def token_rows_reference(student, x, task_ids):
+    fc, conv = student.model.fc, student.model.conv
+    return torch.cat([
+        reference_layer(conv, t, torch.tanh(reference_layer(fc, t, x[i])).unsqueeze(-1)).reshape(1, -1)
+        for i, t in enumerate(task_ids.tolist())
+    ])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layers_with_k_rows_per_sample_equal_the_reference(layout):
+    torch.manual_seed(0)
+    student = lorkd.add_experts(TokenRows(), 3, rank=RANK, alpha=ALPHA, layout=layout)
+    with torch.no_grad():
+        for _, layer in student.expert_layers():
+            for expert in layer.experts:
+                expert.B.normal_(0, 0.4)
+    x, ids = torch.randn(5, 3, 5), torch.tensor([1, 0, 2, 1, 0])
+    assert_matches_reference(student, x, ids, reference=token_rows_reference)
