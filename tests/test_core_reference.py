@@ -60,13 +60,18 @@ def make_student(make, layout, num_tasks=4, seed=0):
     torch.manual_seed(seed)
     model, shape = make()
     student = lorkd.add_experts(model, num_tasks, rank=RANK, alpha=ALPHA, layout=layout)
-    gen = torch.Generator().manual_seed(seed + 1)
+    return nonzero_experts(student, seed + 1), shape
+
+
+def nonzero_experts(student, seed=1):
+    """Random ``A`` and ``B`` for every expert (``B`` starts at zero, which would hide every bug)."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in student.expert_layers():
-            for expert in layer.experts:  # B starts at zero, which would hide every bug
+            for expert in layer.experts:
                 expert.A.copy_(torch.randn(expert.A.shape, generator=gen) * 0.4)
                 expert.B.copy_(torch.randn(expert.B.shape, generator=gen) * 0.4)
-    return student, shape
+    return student
 
 
 def reference_weight(layer: ExpertLayer, task: int) -> torch.Tensor:
@@ -173,10 +178,7 @@ class GainNet(nn.Module):
 def test_per_sample_extra_inputs_equal_the_reference(layout):
     torch.manual_seed(0)
     student = lorkd.add_experts(GainNet(), 3, rank=RANK, alpha=ALPHA, layout=layout)
-    with torch.no_grad():
-        for _, layer in student.expert_layers():
-            for expert in layer.experts:
-                expert.B.normal_(0, 0.4)
+    nonzero_experts(student)
     x, gain, offset = torch.randn(6, 2, 5, 5), torch.randn(6, 4), torch.randn(6, 3)
     ids = torch.tensor([2, 0, 1, 2, 0, 0])
     out = student(x, ids, gain, offset=offset)
@@ -213,9 +215,6 @@ def token_rows_reference(student, x, task_ids):
 def test_layers_with_k_rows_per_sample_equal_the_reference(layout):
     torch.manual_seed(0)
     student = lorkd.add_experts(TokenRows(), 3, rank=RANK, alpha=ALPHA, layout=layout)
-    with torch.no_grad():
-        for _, layer in student.expert_layers():
-            for expert in layer.experts:
-                expert.B.normal_(0, 0.4)
+    nonzero_experts(student)
     x, ids = torch.randn(5, 3, 5), torch.tensor([1, 0, 2, 1, 0])
     assert_matches_reference(student, x, ids, reference=token_rows_reference)
