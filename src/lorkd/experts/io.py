@@ -1,8 +1,8 @@
 """Saving and loading students and exported experts.
 
 A *student* is saved as a folder with ``weights.safetensors`` (every tensor of its state
-dict) and ``student.json`` (tasks, ranks, alpha, targets, norm, the layers with experts and
-the base architecture). An *expert* is a plain model: ``expert.safetensors`` holds its plain
+dict) and ``student.json`` (tasks, ranks, alpha, targets, norm, the layers with experts, each
+layer's layout and the base architecture). An *expert* is a plain model: ``expert.safetensors`` holds its plain
 state dict, loadable with ``safetensors.torch.load_file`` into a fresh instance of its
 architecture with ``load_state_dict(strict=True)``; ``card.json`` describes it.
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import DataError
 from ..fileio import read_json, write_atomic, write_json
+from .layers import LAYOUTS
 from .model import ExpertConfig, ExpertModel, add_experts
 
 STUDENT_WEIGHTS, STUDENT_META = "weights.safetensors", "student.json"
@@ -56,6 +57,7 @@ def save_student(student: ExpertModel, folder: str | Path, architecture: dict[st
         "format": FORMAT_VERSION,
         "config": student.config.to_json(),
         "layers": {name: layer.rank for name, layer in student.expert_layers()},
+        "layouts": {name: layer.layout for name, layer in student.expert_layers()},
         "architecture": architecture,
     }
     write_atomic(folder / STUDENT_WEIGHTS, lambda p: save_file(_contiguous(student.state_dict()), p))
@@ -91,6 +93,11 @@ def load_student(folder: str | Path, model: nn.Module | None = None) -> ExpertMo
     student.config = ExpertConfig(cfg["num_tasks"], cfg["rank"], cfg["alpha"], cfg["targets"], cfg["norm"],
                                   cfg.get("layout", "auto"), cfg.get("per_sample_outputs"))
     _load_into(student, folder / STUDENT_WEIGHTS)
+    layers = dict(student.expert_layers())
+    for name, layout in meta.get("layouts", {}).items():  # per layer, e.g. chosen by tune_layouts
+        if name not in layers or layout not in LAYOUTS:
+            raise DataError(f"{folder / STUDENT_META}: layouts: {name!r}: {layout!r} is not a layout of a layer with experts")
+        layers[name].layout = layout
     return student
 
 

@@ -122,6 +122,17 @@ class ExpertLayer(nn.Module):
         )
 
     # ------------------------------------------------------------------ weights
+    @property
+    def weight(self) -> Tensor:
+        """The shared weight ``W`` (``base.weight``), for code that reads a layer's weight; it
+        does not include any expert."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The shared bias (``base.bias``)."""
+        return self.base.bias
+
     def merged_weight(self, task: int) -> Tensor:
         """``W + (alpha / r) * B_t @ A_t`` in the shape of ``base.weight``."""
         weight = self.base.weight
@@ -245,7 +256,8 @@ class TaskBatchNorm(nn.Module):
 
     Trade-off: each task's statistics come from its share of the batch only (noisier with
     many tasks and small batches), in exchange for exact gradient separation. A task present
-    with one row at a layer without spatial extent is normalised with its running statistics.
+    with one row at a layer without spatial extent is normalised with its running statistics,
+    or, without running statistics, maps to the norm's bias (see ``_normalise``).
     """
 
     def __init__(self, norm: nn.modules.batchnorm._BatchNorm, num_tasks: int, name: str = "") -> None:
@@ -260,12 +272,20 @@ class TaskBatchNorm(nn.Module):
 
     @staticmethod
     def _normalise(norm: nn.Module, rows: Tensor) -> Tensor:
-        """``norm(rows)``; a task with a single value per channel in a training batch (one row,
-        no spatial extent) has no batch statistics, so it is normalised with the task's running
-        statistics instead (and they are left unchanged)."""
-        if norm.training and rows.numel() == rows.shape[1] and norm.track_running_stats:
+        """``norm(rows)``. A task with a single value per channel (one row, no spatial extent)
+        where batch statistics are used has none that PyTorch accepts: with running statistics it
+        is normalised with them (left unchanged); without (``track_running_stats=False``) with
+        its own one-value statistics (mean = the value, variance 0), as the BatchNorm formula
+        gives: the output is the norm's bias."""
+        if rows.numel() != rows.shape[1] or not (norm.training or norm.running_mean is None):
+            return norm(rows)
+        if norm.running_mean is not None:
             return F.batch_norm(rows, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
-        return norm(rows)
+        normalised = (rows - rows) * torch.rsqrt(rows.new_tensor(norm.eps))
+        if norm.affine:
+            shape = (1, -1) + (1,) * (rows.dim() - 2)
+            normalised = normalised * norm.weight.view(shape) + norm.bias.view(shape)
+        return normalised
 
     def extract(self, task: int) -> nn.Module:
         """A copy of task ``task``'s BatchNorm."""

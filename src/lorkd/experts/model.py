@@ -65,6 +65,11 @@ def add_experts(
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    nested = next((n for n, m in model.named_modules() if isinstance(m, (ExpertModel, ExpertLayer, TaskBatchNorm))), None)
+    if nested is not None:
+        raise ValueError(f"{type(model).__name__} already has experts (at {nested or 'its root'!r}); "
+                         "add_experts on it would wrap the expert layers' inner layers again: train it as "
+                         "it is, or pass student.extract(t) (a plain model) to start from one task's weights")
     inner = copy.deepcopy(model)
     inner, layers, skipped = inject(inner, num_tasks, rank, alpha, targets, norm, layout)
     if not layers:

@@ -32,8 +32,15 @@ def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3) -> dict[st
 
     Returns:
         ``{layer name: {layout: milliseconds}}`` of the candidates measured; the chosen layout
-        is stored on each layer (``layer.layout``).
+        is stored on each layer (``layer.layout``; saved by ``save_student``). A batch of one task
+        is skipped (``{}``, layouts unchanged): every layout then runs the merged path. Every
+        buffer (BatchNorm running statistics, ``num_batches_tracked``) and every ``.grad`` is
+        left as it was.
     """
+    routing = route(task_ids, _rows(x), student.num_tasks)
+    if len(routing.segments) == 1:
+        return {}  # one task: every layout runs the merged path, so there is nothing to choose
+    buffers = [(b, b.detach().clone()) for b in student.buffers()]
     captured: dict[str, Tensor] = {}
     hooks = [layer.register_forward_pre_hook(_capture(name, captured)) for name, layer in student.expert_layers()]
     try:
@@ -42,8 +49,11 @@ def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3) -> dict[st
     finally:
         for hook in hooks:
             hook.remove()
+        with torch.no_grad():  # the capture ran in the model's mode: put running statistics etc. back
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
     first = next(iter(captured.values()))
-    routing = route(task_ids, first.shape[0], student.num_tasks, first.device)
+    routing = route(task_ids, routing.batch_size, student.num_tasks, first.device)
     timings = {}
     for name, layer in student.expert_layers():
         inputs = captured[name]
@@ -56,6 +66,12 @@ def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3) -> dict[st
         layer.layout = min(times, key=times.get)
         timings[name] = times
     return timings
+
+
+def _rows(x: Any) -> int:
+    from .model import _batch_size_and_device
+
+    return _batch_size_and_device(x)[0]
 
 
 def _capture(name: str, store: dict[str, Tensor]):
@@ -75,15 +91,15 @@ def _worth_trying(layer: ExpertLayer, layout: str, x: Tensor, routing) -> bool:
 
 
 def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int) -> float:
-    def step() -> None:
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step() -> None:  # autograd.grad, not backward: no .grad of the model is touched
         inp = x.detach().requires_grad_(True)
         with routing_scope(routing):
             out = layer(inp)
-        out.backward(torch.ones_like(out))
+        torch.autograd.grad(out, [inp, *params], torch.ones_like(out), allow_unused=True)
 
-    ms = median_ms(step, repeats, warmup=1, cuda=x.is_cuda)
-    layer.zero_grad(set_to_none=True)
-    return ms
+    return median_ms(step, repeats, warmup=1, cuda=x.is_cuda)
 
 
 def median_ms(step, repeats: int, warmup: int = 1, cuda: bool = False) -> float:
