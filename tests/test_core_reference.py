@@ -17,7 +17,7 @@ from torch import nn
 import lorkd
 from lorkd.experts import ExpertLayer
 
-LAYOUTS = ["auto", "stacked", "lowrank", "merged"]
+LAYOUTS = ["auto", "stacked", "lowrank", "merged", "fused"]
 ALPHA, RANK = 6.0, 3
 
 
@@ -143,8 +143,10 @@ def test_single_task_batch_and_int_task_id_equal_the_reference(layout):
     torch.testing.assert_close(student(x, 1), reference_forward(student, x, torch.tensor([1, 1, 1])), rtol=1e-10, atol=1e-10)
 
 
-def test_inference_without_gradients_equals_the_reference():
-    student, shape = make_student(net3d, "auto")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("net", ["2d", "3d"])
+def test_inference_without_gradients_equals_the_reference(net, layout):
+    student, shape = make_student(NETS[net], layout)
     x, ids = torch.randn(5, *shape), torch.tensor([3, 1, 0, 1, 3])
     with torch.no_grad():
         torch.testing.assert_close(student(x, ids), reference_forward(student, x, ids), rtol=1e-10, atol=1e-10)

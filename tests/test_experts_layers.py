@@ -67,7 +67,7 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("layout", ["auto", "stacked", "lowrank", "merged"])
+@pytest.mark.parametrize("layout", ["auto", "stacked", "lowrank", "merged", "fused"])
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_equals_plain_layer_with_merged_weights(name, layout):
     make, shape = LAYERS[name]

@@ -26,7 +26,7 @@ def loss_on_task(student, x, ids, task):
     return out[ids == task].pow(2).sum()
 
 
-@pytest.mark.parametrize("layout", ["auto", "stacked", "lowrank", "merged"])
+@pytest.mark.parametrize("layout", ["auto", "stacked", "lowrank", "merged", "fused"])
 def test_loss_of_one_task_gives_other_experts_exactly_zero_gradient(layout):
     torch.manual_seed(0)
     student = randomise_experts(lorkd.add_experts(small_cnn(), 4, rank=2, norm="per_task", layout=layout)).train()

@@ -43,15 +43,31 @@ def test_tune_layouts_skips_single_task_batches():
     assert all(layer.layout == "lowrank" for _, layer in student.expert_layers())
 
 
+def test_inference_tuning_sets_only_the_inference_layouts():
+    torch.manual_seed(0)
+    student = randomise_experts(lorkd.add_experts(bn_net(), 3, rank=2, layout="fused")).eval()
+    x, ids = torch.randn(6, 2, 8, 8), torch.tensor([2, 0, 1, 0, 2, 1])
+    with torch.no_grad():
+        before = student(x, ids)
+    timings = student.tune_layouts(x, ids, repeats=1, inference=True)
+    assert all("fused" not in t and {"merged", "lowrank"} <= set(t) for t in timings.values())
+    for name, layer in student.expert_layers():
+        assert layer.layout == "fused" and layer.infer_layout == min(timings[name], key=timings[name].get)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, ids), before, rtol=1e-5, atol=1e-5)
+
+
 def test_tuned_layouts_are_saved_and_restored(tmp_path):
     student = lorkd.add_experts(bn_net(), 3, rank=2)
-    chosen = {"0": "merged", "3": "lowrank", "6": "stacked"}
+    chosen = {"0": "merged", "3": "lowrank", "6": "fused"}
     for name, layer in student.expert_layers():
         layer.layout = chosen[name]  # what tune_layouts stores
+        layer.infer_layout = "stacked" if name == "3" else "auto"
     lorkd.save_student(student, tmp_path)
     loaded = lorkd.load_student(tmp_path, bn_net())
     assert {name: layer.layout for name, layer in loaded.expert_layers()} == chosen
-    assert "layout='lowrank'" in repr(loaded.model[3])
+    assert [layer.infer_layout for _, layer in loaded.expert_layers()] == ["auto", "stacked", "auto"]
+    assert "layout='lowrank', infer_layout='stacked'" in repr(loaded.model[3])
 
 
 def test_unknown_saved_layout_is_a_data_error(tmp_path):

@@ -3,7 +3,8 @@
 Every variant runs the same model on the same batch, which mixes ``tasks`` tasks evenly:
 
 ``plain``    the network without experts.
-``lorkd``    ``add_experts``, each layer's layout chosen by ``tune_layouts`` on the benchmark batch.
+``lorkd``    ``add_experts``, each layer's layouts (training and inference) chosen by
+             ``tune_layouts`` on the benchmark batch.
 ``grouped``  the papers' layout, implemented here as the reference: for each sample one
              merged kernel ``W + s B_t A_t``, all run as one convolution with ``groups=batch``
              (linear layers: one batched matmul with per-sample merged weights).
@@ -108,6 +109,7 @@ def build_variant(case: Case, variant: str, device: str, dtype: str, layouts: li
         net.train()
         if layouts is None:
             net.tune_layouts(x, task_ids)
+            net.tune_layouts(x, task_ids, inference=True)
         else:
             for (_, layer), layout in zip(net.expert_layers(), layouts):
                 layer.layout = layout
@@ -161,6 +163,7 @@ def measure_time(case: Case, variants: list[str], repeats: int, warmup: int, dev
         result["infer_over_plain"] = _median_ratio(times["lorkd_infer"], times["plain_infer"])
     if "lorkd" in nets:
         result["layouts"] = [layer.layout for _, layer in nets["lorkd"][0].expert_layers()]
+        result["infer_layouts"] = [layer.infer_layout for _, layer in nets["lorkd"][0].expert_layers()]
     return result
 
 

@@ -58,6 +58,7 @@ def save_student(student: ExpertModel, folder: str | Path, architecture: dict[st
         "config": student.config.to_json(),
         "layers": {name: layer.rank for name, layer in student.expert_layers()},
         "layouts": {name: layer.layout for name, layer in student.expert_layers()},
+        "infer_layouts": {name: layer.infer_layout for name, layer in student.expert_layers()},
         "architecture": architecture,
     }
     write_atomic(folder / STUDENT_WEIGHTS, lambda p: save_file(_contiguous(student.state_dict()), p))
@@ -94,10 +95,11 @@ def load_student(folder: str | Path, model: nn.Module | None = None) -> ExpertMo
                                   cfg.get("layout", "auto"), cfg.get("per_sample_outputs"))
     _load_into(student, folder / STUDENT_WEIGHTS)
     layers = dict(student.expert_layers())
-    for name, layout in meta.get("layouts", {}).items():  # per layer, e.g. chosen by tune_layouts
-        if name not in layers or layout not in LAYOUTS:
-            raise DataError(f"{folder / STUDENT_META}: layouts: {name!r}: {layout!r} is not a layout of a layer with experts")
-        layers[name].layout = layout
+    for key, attr in (("layouts", "layout"), ("infer_layouts", "infer_layout")):  # e.g. chosen by tune_layouts
+        for name, layout in meta.get(key, {}).items():
+            if name not in layers or layout not in LAYOUTS:
+                raise DataError(f"{folder / STUDENT_META}: {key}: {name!r}: {layout!r} is not a layout of a layer with experts")
+            setattr(layers[name], attr, layout)
     return student
 
 

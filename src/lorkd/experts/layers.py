@@ -6,7 +6,7 @@ the wrapped layer's own weight viewed as a matrix ``[d0, d1]`` (``d0`` = first w
 so a fresh student computes exactly what the wrapped model computed.
 
 A batch routed by :mod:`lorkd.experts.routing` is sorted by task; each task's rows are a
-contiguous segment. Three exact layouts of the computation are available per layer (same
+contiguous segment. Four exact layouts of the computation are available per layer (same
 values and gradients; they differ in speed and memory):
 
 ``"lowrank"``
@@ -17,16 +17,23 @@ values and gradients; they differ in speed and memory):
 ``"merged"``
     per task segment, one call of the plain layer with the merged weight ``W_t``. Extra
     memory is one weight per task present (kept for backward while training). Always used for
-    single-task batches, for inference without gradients, and for grouped convolutions.
+    single-task batches and for grouped convolutions.
+``"fused"``
+    the merged forward in one custom autograd function (:mod:`lorkd.experts.fused`) that keeps
+    no per-task weight and computes the shared weight's gradient once on the full batch, the
+    experts' gradients through thin layers. Linear and ``groups == 1`` zero-padded
+    convolutions (else ``merged``); without gradients it is ``merged``.
 ``"stacked"``
     one convolution with ``[W; A_t1; ...; A_tP]`` stacked along the output channels (the shared
     weight and every present task's ``A`` in one call), then each row's ``B_t`` by one batched
     matmul. Extra compute about ``P r / out_channels``; convolutions with ``groups == 1`` only.
 
-``layout="auto"`` picks ``merged`` for one segment, without gradients, for ``groups > 1``, and
-where the merged weights are no larger than the layer's output; else ``stacked`` (convolutions)
-or ``lowrank`` (linear and transposed layers). ``ExpertModel.tune_layouts`` instead times the
-candidates per layer on the machine at hand.
+Each layer has a ``layout`` (used while gradients are enabled) and an ``infer_layout`` (used
+under ``torch.no_grad()``), both set from ``add_experts(layout=...)``. ``"auto"`` picks
+``merged`` for one segment, for ``groups > 1``, and where the merged weights are no larger
+than the layer's output; else ``stacked`` for convolutions in training and ``lowrank`` for the
+rest and for inference. ``ExpertModel.tune_layouts`` instead times the candidates per layer on
+the machine at hand (``inference=True`` for ``infer_layout``).
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import fused_forward, fused_supported
 from .routing import active_routing
 
-LAYOUTS = ("auto", "stacked", "lowrank", "merged")
+LAYOUTS = ("auto", "stacked", "lowrank", "merged", "fused")
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -93,7 +101,8 @@ class ExpertLayer(nn.Module):
         num_tasks: number of experts ``T``.
         rank: ``r >= 1``.
         alpha: scaling numerator; the expert is scaled by ``alpha / rank``.
-        layout: ``"auto"``, ``"stacked"``, ``"lowrank"`` or ``"merged"`` (see the module docstring).
+        layout: ``"auto"``, ``"stacked"``, ``"lowrank"``, ``"merged"`` or ``"fused"`` (see the module docstring);
+            sets both ``layout`` (training) and ``infer_layout`` (without gradients).
         name: the layer's qualified name, used in error messages.
 
     Shapes: input and output are those of ``base`` (``[B, *, in]`` for Linear, ``[B, C, *spatial]``
@@ -112,6 +121,7 @@ class ExpertLayer(nn.Module):
         self.alpha = float(alpha)
         self.scale = self.alpha / self.rank
         self.layout = layout
+        self.infer_layout = layout
         self.name = name
         weight = base.weight
         self._kind = "linear" if isinstance(base, nn.Linear) else ("conv_transpose" if base.transposed else "conv")
@@ -154,6 +164,8 @@ class ExpertLayer(nn.Module):
             return outs[0] if len(outs) == 1 else torch.cat(outs)
         if layout == "stacked":
             return self._stacked(x, routing)
+        if layout == "fused":
+            return fused_forward(self, x, routing, self._output_padding(x, output_size) if self._kind == "conv_transpose" else None)
         y = self._plain(x, self.base.weight, output_size)
         branch = torch.cat([self._branch(rows, self.experts[seg.task], output_size) for seg, rows in routing.split(x)])
         return torch.add(y, branch, alpha=self.scale)
@@ -161,20 +173,24 @@ class ExpertLayer(nn.Module):
     def resolve_layout(self, num_segments: int, x: Tensor | None = None) -> str:
         """The layout this call uses.
 
-        ``merged`` for a single task, without gradients, and for grouped convolutions (where the
-        others are not exact). Otherwise ``self.layout``; ``auto`` means ``merged`` where the
-        per-task weights it keeps for backward are no larger than the layer's output (early,
-        wide-activation layers, where it runs at the plain layer's speed), else ``stacked`` for
-        convolutions and ``lowrank`` for linear and transposed layers.
+        ``merged`` for a single task and for grouped convolutions (where the others are not
+        exact). Otherwise ``self.layout`` (``self.infer_layout`` without gradients); ``auto``
+        means ``merged`` where the per-task weights are no larger than the layer's output
+        (early, wide-activation layers, where it runs at the plain layer's speed), else
+        ``stacked`` for convolutions in training and ``lowrank`` otherwise.
         """
-        if num_segments == 1 or not torch.is_grad_enabled() or getattr(self.base, "groups", 1) != 1:
+        if num_segments == 1 or getattr(self.base, "groups", 1) != 1:
             return "merged"
-        layout = self.layout
+        layout = self.layout if torch.is_grad_enabled() else self.infer_layout
+        if layout == "fused" and not torch.is_grad_enabled():
+            return "merged"  # the same forward, without the autograd function
         if layout == "auto":
             small = x is not None and num_segments * self.base.weight.numel() <= self._output_numel(x)
-            layout = "merged" if small else "stacked"
+            layout = "merged" if small else ("stacked" if torch.is_grad_enabled() else "lowrank")
         if layout == "stacked" and self._kind != "conv":
             return "lowrank"
+        if layout == "fused" and not fused_supported(self.base):
+            return "merged"
         return layout
 
     def _output_numel(self, x: Tensor) -> float:
@@ -204,15 +220,18 @@ class ExpertLayer(nn.Module):
         y = torch.baddbmm(y.reshape(rows, base.out_channels, -1), b.expand(rows, -1, -1), z, alpha=self.scale)
         return y.view(rows, base.out_channels, *spatial)
 
-    def _plain(self, x: Tensor, weight: Tensor, output_size) -> Tensor:
-        """The wrapped layer's own computation with ``weight`` in place of its weight."""
+    def _plain(self, x: Tensor, weight: Tensor, output_size, output_padding=None) -> Tensor:
+        """The wrapped layer's own computation with ``weight`` in place of its weight (transposed
+        layers: ``output_padding`` if given, else the one ``output_size`` implies)."""
         base = self.base
         if self._kind == "linear":
             return F.linear(x, weight, base.bias)
         if self._kind == "conv":
             return base._conv_forward(x, weight, base.bias)
+        if output_padding is None:
+            output_padding = self._output_padding(x, output_size)
         return _CONV_T[self._spatial_dims](
-            x, weight, base.bias, base.stride, base.padding, self._output_padding(x, output_size), base.groups, base.dilation
+            x, weight, base.bias, base.stride, base.padding, output_padding, base.groups, base.dilation
         )
 
     def _branch(self, x: Tensor, expert: LowRankExpert, output_size) -> Tensor:
@@ -243,7 +262,8 @@ class ExpertLayer(nn.Module):
         return base._output_padding(x, output_size, base.stride, base.padding, base.kernel_size, self._spatial_dims, base.dilation)
 
     def extra_repr(self) -> str:
-        return f"tasks={len(self.experts)}, rank={self.rank}, alpha={self.alpha:g}, layout={self.layout!r}"
+        return (f"tasks={len(self.experts)}, rank={self.rank}, alpha={self.alpha:g}, layout={self.layout!r}, "
+                f"infer_layout={self.infer_layout!r}")
 
 
 class TaskBatchNorm(nn.Module):

@@ -41,7 +41,7 @@ def add_experts(
         norm: ``"shared"`` keeps BatchNorm shared (its batch statistics mix tasks, so a task's
             loss reaches other experts through them); ``"per_task"`` gives each task its own
             BatchNorm, which makes gradient separation exact.
-        layout: ``"auto"`` (default), ``"stacked"``, ``"lowrank"`` or ``"merged"``; see
+        layout: ``"auto"`` (default), ``"stacked"``, ``"lowrank"``, ``"merged"`` or ``"fused"``; see
             :mod:`lorkd.experts.layers`.
         per_sample_outputs: which output tensors are per-sample and are put back in input order.
             ``None`` (default): every output tensor with ``B`` rows except the model's own
@@ -172,12 +172,13 @@ class ExpertModel(nn.Module):
         """Every parameter that is not in any ``expert_parameters(t)``; the two partition ``parameters()``."""
         return (p for _, p in self.named_shared_parameters())
 
-    def tune_layouts(self, x: Any, task_ids: Tensor, repeats: int = 3) -> dict[str, dict[str, float]]:
-        """Time each expert layer's layouts on a batch like ``x`` and keep the fastest
-        (see :mod:`lorkd.experts.tune`); returns ``{layer: {layout: ms}}``."""
+    def tune_layouts(self, x: Any, task_ids: Tensor, repeats: int = 3, inference: bool = False) -> dict[str, dict[str, float]]:
+        """Time each expert layer's layouts on a batch like ``x`` and keep the fastest, for
+        training or (``inference=True``) for forwards without gradients (see
+        :mod:`lorkd.experts.tune`); returns ``{layer: {layout: ms}}``."""
         from .tune import tune_layouts
 
-        return tune_layouts(self, x, task_ids, repeats)
+        return tune_layouts(self, x, task_ids, repeats, inference)
 
     # ------------------------------------------------------------------ extraction
     def extract(self, task: int) -> nn.Module:

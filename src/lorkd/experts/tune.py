@@ -2,7 +2,7 @@
 
 ``tune_layouts(student, x, task_ids)`` runs one routed forward pass to capture every expert
 layer's input, then times forward + backward of each layer alone in each candidate layout
-and keeps the fastest. Layouts are exact alternatives (same values and gradients), so tuning
+and keeps the fastest (``inference=True``: the forward without gradients, kept separately). Layouts are exact alternatives (same values and gradients), so tuning
 changes speed and memory only. The ``merged`` layout keeps one weight per task present for
 the backward pass; it is only a candidate where that costs no more than the layer's output.
 """
@@ -16,23 +16,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .fused import fused_supported
 from .layers import ExpertLayer
 from .routing import route, routing_scope
 
-CANDIDATES = ("stacked", "lowrank", "merged")
+CANDIDATES = ("stacked", "lowrank", "merged", "fused")
 
 
-def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3) -> dict[str, dict[str, float]]:
-    """Set every expert layer's ``layout`` to its fastest candidate for batches like ``x``.
+def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3, inference: bool = False) -> dict[str, dict[str, float]]:
+    """Set every expert layer's layout to its fastest candidate for batches like ``x``.
 
     Args:
         student: an :class:`~lorkd.experts.ExpertModel`.
-        x, task_ids: a representative batch (same sizes and task mix as training).
+        x, task_ids: a representative batch (same sizes and task mix as training or inference).
         repeats: timed repetitions per candidate (median kept), after one warm-up.
+        inference: ``False``: time forward + backward and set ``layer.layout`` (used while
+            gradients are enabled); ``True``: time the forward without gradients and set
+            ``layer.infer_layout`` (used under ``torch.no_grad()``).
 
     Returns:
         ``{layer name: {layout: milliseconds}}`` of the candidates measured; the chosen layout
-        is stored on each layer (``layer.layout``; saved by ``save_student``). A batch of one task
+        is stored on each layer (saved by ``save_student``). A batch of one task
         is skipped (``{}``, layouts unchanged): every layout then runs the merged path. Every
         buffer (BatchNorm running statistics, ``num_batches_tracked``) and every ``.grad`` is
         left as it was.
@@ -54,16 +58,17 @@ def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3) -> dict[st
                 buffer.copy_(saved)
     first = next(iter(captured.values()))
     routing = route(task_ids, routing.batch_size, student.num_tasks, first.device)
+    attr = "infer_layout" if inference else "layout"
     timings = {}
     for name, layer in student.expert_layers():
         inputs = captured[name]
         times = {}
         for layout in CANDIDATES:
-            if not _worth_trying(layer, layout, inputs, routing):
+            if not _worth_trying(layer, layout, inputs, routing, inference):
                 continue
-            layer.layout = layout
-            times[layout] = _time_layer(layer, inputs, routing, repeats)
-        layer.layout = min(times, key=times.get)
+            setattr(layer, attr, layout)
+            times[layout] = _time_layer(layer, inputs, routing, repeats, inference)
+        setattr(layer, attr, min(times, key=times.get))
         timings[name] = times
     return timings
 
@@ -80,17 +85,21 @@ def _capture(name: str, store: dict[str, Tensor]):
     return hook
 
 
-def _worth_trying(layer: ExpertLayer, layout: str, x: Tensor, routing) -> bool:
+def _worth_trying(layer: ExpertLayer, layout: str, x: Tensor, routing, inference: bool) -> bool:
+    """Skip candidates that would run another candidate's code, and ``merged`` in training where
+    the per-task weights it keeps for backward would outweigh the layer's output."""
     if layout == "stacked" and layer._kind != "conv":
         return False
-    if layout == "merged":
+    if layout == "fused":
+        return not inference and fused_supported(layer.base)
+    if layout == "merged" and not inference:
         with torch.no_grad(), routing_scope(routing):
             out_numel = layer.base(x).numel() if layer._kind != "conv_transpose" else x.numel()
         return len(routing.segments) * layer.base.weight.numel() <= out_numel
     return True
 
 
-def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int) -> float:
+def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int, inference: bool) -> float:
     params = [p for p in layer.parameters() if p.requires_grad]
 
     def step() -> None:  # autograd.grad, not backward: no .grad of the model is touched
@@ -99,7 +108,11 @@ def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int) -> float:
             out = layer(inp)
         torch.autograd.grad(out, [inp, *params], torch.ones_like(out), allow_unused=True)
 
-    return median_ms(step, repeats, warmup=1, cuda=x.is_cuda)
+    def forward() -> None:
+        with torch.no_grad(), routing_scope(routing):
+            layer(x)
+
+    return median_ms(forward if inference else step, repeats, warmup=1, cuda=x.is_cuda)
 
 
 def median_ms(step, repeats: int, warmup: int = 1, cuda: bool = False) -> float:
