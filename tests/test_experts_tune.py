@@ -127,3 +127,12 @@ def test_expert_layer_exposes_the_shared_weight_and_bias():
     plain = student.extract(1)
     torch.testing.assert_close(out[[0, 3]], plain(x[[0, 3]]) - plain.fc.weight.sum() + model.fc.weight.sum())
     assert "weight" not in dict(layer.named_parameters(recurse=False))  # not a second copy in state_dict
+
+
+def test_tuning_keeps_backward_memory_within_the_budget():
+    torch.manual_seed(0)
+    student = randomise_experts(lorkd.add_experts(nn.Sequential(nn.Linear(64, 64)), 8, rank=2))
+    x, ids = torch.randn(8, 64), torch.arange(8)  # 8 tasks, one row each: merged keeps 8 weights of 64 x 64
+    timings = student.tune_layouts(x, ids, repeats=1)
+    assert "merged" in timings["0"]  # measured ...
+    assert student.model[0].layout in ("lowrank", "fused")  # ... but never chosen: 8 weights >> 1.2 x the input

@@ -3,8 +3,9 @@
 ``tune_layouts(student, x, task_ids)`` runs one routed forward pass to capture every expert
 layer's input, then times forward + backward of each layer alone in each candidate layout
 and keeps the fastest (``inference=True``: the forward without gradients, kept separately). Layouts are exact alternatives (same values and gradients), so tuning
-changes speed and memory only. The ``merged`` layout keeps one weight per task present for
-the backward pass; it is only a candidate where that costs no more than the layer's output.
+changes speed and memory only. In training, a layout is only chosen where the tensors it keeps
+for backward stay within ``max_memory`` times those of the plain layer (``merged`` keeps one
+weight per task present, ``stacked`` the ``P r`` extra channels).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .routing import route, routing_scope
 CANDIDATES = ("stacked", "lowrank", "merged", "fused")
 
 
-def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3, inference: bool = False) -> dict[str, dict[str, float]]:
+def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3, inference: bool = False,
+                 max_memory: float | None = 1.2) -> dict[str, dict[str, float]]:
     """Set every expert layer's layout to its fastest candidate for batches like ``x``.
 
     Args:
@@ -33,6 +35,9 @@ def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3, inference:
         inference: ``False``: time forward + backward and set ``layer.layout`` (used while
             gradients are enabled); ``True``: time the forward without gradients and set
             ``layer.infer_layout`` (used under ``torch.no_grad()``).
+        max_memory: in training, only layouts whose tensors kept for backward (parameters
+            aside) are at most this multiple of what the plain layer keeps are chosen (the
+            least memory if none is); ``None``: the fastest whatever its memory.
 
     Returns:
         ``{layer name: {layout: milliseconds}}`` of the candidates measured; the chosen layout
@@ -62,13 +67,19 @@ def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3, inference:
     timings = {}
     for name, layer in student.expert_layers():
         inputs = captured[name]
-        times = {}
+        times, kept = {}, {}
         for layout in CANDIDATES:
             if not _worth_trying(layer, layout, inputs, routing, inference):
                 continue
             setattr(layer, attr, layout)
-            times[layout] = _time_layer(layer, inputs, routing, repeats, inference)
-        setattr(layer, attr, min(times, key=times.get))
+            times[layout], kept[layout] = _time_layer(layer, inputs, routing, repeats, inference)
+        if not inference and max_memory is not None:
+            budget = max_memory * _kept_bytes(lambda: layer.base(inputs.detach().requires_grad_(True)), layer)
+            within = [layout for layout in times if kept[layout] <= budget]
+            best = min(within, key=times.get) if within else min(kept, key=kept.get)
+        else:
+            best = min(times, key=times.get)
+        setattr(layer, attr, best)
         timings[name] = times
     return timings
 
@@ -86,20 +97,33 @@ def _capture(name: str, store: dict[str, Tensor]):
 
 
 def _worth_trying(layer: ExpertLayer, layout: str, x: Tensor, routing, inference: bool) -> bool:
-    """Skip candidates that would run another candidate's code, and ``merged`` in training where
-    the per-task weights it keeps for backward would outweigh the layer's output."""
+    """Skip candidates that would run another candidate's code."""
     if layout == "stacked" and layer._kind != "conv":
         return False
     if layout == "fused":
         return not inference and fused_supported(layer.base)
-    if layout == "merged" and not inference:
-        with torch.no_grad(), routing_scope(routing):
-            out_numel = layer.base(x).numel() if layer._kind != "conv_transpose" else x.numel()
-        return len(routing.segments) * layer.base.weight.numel() <= out_numel
     return True
 
 
-def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int, inference: bool) -> float:
+def _kept_bytes(fn, layer: ExpertLayer) -> int:
+    """Bytes of the storages autograd keeps for backward while ``fn()`` runs, the layer's
+    parameters aside (views of one storage count once)."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int, inference: bool) -> tuple[float, int]:
+    """``(median ms, bytes kept for backward)`` of the layer in its current layout."""
     params = [p for p in layer.parameters() if p.requires_grad]
 
     def step() -> None:  # autograd.grad, not backward: no .grad of the model is touched
@@ -112,7 +136,8 @@ def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int, inference:
         with torch.no_grad(), routing_scope(routing):
             layer(x)
 
-    return median_ms(forward if inference else step, repeats, warmup=1, cuda=x.is_cuda)
+    kept = 0 if inference else _kept_bytes(step, layer)  # also the warm-up
+    return median_ms(forward if inference else step, repeats, warmup=int(inference), cuda=x.is_cuda), kept
 
 
 def median_ms(step, repeats: int, warmup: int = 1, cuda: bool = False) -> float:
