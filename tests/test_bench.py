@@ -14,11 +14,13 @@ def test_readme_bench_command_parses():
     assert (args.models, args.tasks, args.ranks, args.repeats, str(args.out)) == (
         ["resnet18_2d"], [10], [4], 10, "runs/bench.json")
     assert (args.device, args.dtype, args.variants, args.no_memory) == ("cpu", "float32", ["plain", "lorkd", "grouped"], False)
-    args = build_parser().parse_args("bench --device cuda --dtype bfloat16 --variants plain lorkd --no-memory".split())
-    assert (args.device, args.dtype, args.variants, args.no_memory) == ("cuda", "bfloat16", ["plain", "lorkd"], True)
+    assert args.layouts == "tuned"
+    args = build_parser().parse_args("bench --device cuda --dtype bfloat16 --variants plain lorkd --no-memory --layouts auto".split())
+    assert (args.device, args.dtype, args.variants, args.no_memory, args.layouts) == (
+        "cuda", "bfloat16", ["plain", "lorkd"], True, "auto")
 
 
-@pytest.mark.parametrize("bad", ["--models resnet50", "--dtype float16", "--device tpu", "--tasks two"])
+@pytest.mark.parametrize("bad", ["--models resnet50", "--dtype float16", "--device tpu", "--tasks two", "--layouts best"])
 def test_bad_bench_options_are_refused_by_argparse(bad, capsys):
     with pytest.raises(SystemExit) as err:
         build_parser().parse_args(["bench", *bad.split()])

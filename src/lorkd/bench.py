@@ -88,8 +88,9 @@ def grouped_forward(layer, x: Tensor, output_size=None) -> Tensor:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def build_variant(case: Case, variant: str, device: str, dtype: str, layouts: list[str] | None = None):
-    """``(net, x, task_ids)`` for one variant; ``lorkd`` layouts are tuned here when not given."""
+def build_variant(case: Case, variant: str, device: str, dtype: str, layouts: list[str] | None = None, tune: bool = True):
+    """``(net, x, task_ids)`` for one variant; ``lorkd`` layouts are tuned here when not given
+    (and ``tune``; else the ``auto`` rule decides)."""
     from .experts import ExpertLayer, add_experts
 
     torch.manual_seed(0)
@@ -107,10 +108,10 @@ def build_variant(case: Case, variant: str, device: str, dtype: str, layouts: li
                 layer.forward = grouped_forward.__get__(layer)
     if variant == "lorkd":
         net.train()
-        if layouts is None:
+        if layouts is None and tune:
             net.tune_layouts(x, task_ids)
             net.tune_layouts(x, task_ids, inference=True)
-        else:
+        elif layouts is not None:
             for (_, layer), layout in zip(net.expert_layers(), layouts):
                 layer.layout = layout
     return net, x, task_ids
@@ -135,14 +136,15 @@ def infer_step(net, x, task_ids):
     return step
 
 
-def measure_time(case: Case, variants: list[str], repeats: int, warmup: int, device: str, dtype: str) -> dict:
+def measure_time(case: Case, variants: list[str], repeats: int, warmup: int, device: str, dtype: str,
+                 tune: bool = True) -> dict:
     """Interleaved timing in this process: each repetition times one training step of every
     variant, then one inference step of plain and lorkd, one after the other, so that load
     from other processes hits them alike. Ratios are medians of the per-repetition ratios."""
     from .experts.tune import median_ms
 
     cuda = device.startswith("cuda")
-    nets = {v: build_variant(case, v, device, dtype) for v in variants}
+    nets = {v: build_variant(case, v, device, dtype, tune=tune) for v in variants}
     steps = {v: train_step(*nets[v]) for v in variants}
     steps.update({f"{v}_infer": infer_step(*nets[v]) for v in ("plain", "lorkd") if v in nets})
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -225,13 +227,13 @@ def default_cases(models: list[str], tasks: list[int], ranks: list[int]) -> list
 
 
 def run(cases: list[Case], repeats: int, warmup: int, device: str, dtype: str = "float32", threads: int = 2,
-        variants: tuple[str, ...] = VARIANTS, memory: bool = True, progress=print) -> dict:
+        variants: tuple[str, ...] = VARIANTS, memory: bool = True, tune: bool = True, progress=print) -> dict:
     """Measure every case: interleaved timing (:func:`measure_time`), then, with ``memory``,
     each variant's peak memory in a fresh process. Returns ``{"machine", "rows"}``."""
     torch.set_num_threads(threads)
     rows = []
     for case in cases:
-        row = measure_time(case, list(variants), repeats, warmup, device, dtype)
+        row = measure_time(case, list(variants), repeats, warmup, device, dtype, tune)
         if memory:
             for variant in variants:
                 layouts = row.get("layouts") if variant == "lorkd" else None
@@ -272,12 +274,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ConfigError("--device cuda: no CUDA device is available to torch here")
     variants = tuple(v for v in VARIANTS if v == "plain" or v in args.variants)
     info = machine_info(args.threads, args.device)
-    print(f"machine: {info}; dtype {args.dtype}; {args.repeats} timed steps after {args.warmup} warm-up, "
+    print(f"machine: {info}; dtype {args.dtype}; layouts {args.layouts}; {args.repeats} timed steps after {args.warmup} warm-up, "
           "variants interleaved in one process, ratios = median of per-step ratios; infer = no grad, eval, "
           "mixed tasks; peak = extra memory of 2 training steps, each variant in its own process")
     print(HEADER)
     report = run(default_cases(args.models, args.tasks, args.ranks), args.repeats, args.warmup, args.device,
-                 args.dtype, args.threads, variants, not args.no_memory)
+                 args.dtype, args.threads, variants, not args.no_memory, args.layouts == "tuned")
     if args.out:
         from .fileio import write_json
 

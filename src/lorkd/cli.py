@@ -94,6 +94,8 @@ def bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=BENCH_DTYPES, help="model and input dtype")
     p.add_argument("--variants", nargs="+", default=list(BENCH_VARIANTS), choices=BENCH_VARIANTS,
                    help="what to time (plain is always measured: ratios are to it); grouped is slow on CPUs")
+    p.add_argument("--layouts", default="tuned", choices=["tuned", "auto"],
+                   help="lorkd's per-layer layouts: timed by tune_layouts on the batch, or the layout='auto' rule")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return p

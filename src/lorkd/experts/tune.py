@@ -67,12 +67,8 @@ def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3, inference:
     timings = {}
     for name, layer in student.expert_layers():
         inputs = captured[name]
-        times, kept = {}, {}
-        for layout in CANDIDATES:
-            if not _worth_trying(layer, layout, inputs, routing, inference):
-                continue
-            setattr(layer, attr, layout)
-            times[layout], kept[layout] = _time_layer(layer, inputs, routing, repeats, inference)
+        candidates = [layout for layout in CANDIDATES if _worth_trying(layer, layout, inputs, routing, inference)]
+        times, kept = _time_candidates(layer, attr, candidates, inputs, routing, repeats, inference)
         if not inference and max_memory is not None:
             budget = max_memory * _kept_bytes(lambda: layer.base(inputs.detach().requires_grad_(True)), layer)
             within = [layout for layout in times if kept[layout] <= budget]
@@ -122,8 +118,11 @@ def _kept_bytes(fn, layer: ExpertLayer) -> int:
     return sum(storages.values())
 
 
-def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int, inference: bool) -> tuple[float, int]:
-    """``(median ms, bytes kept for backward)`` of the layer in its current layout."""
+def _time_candidates(layer: ExpertLayer, attr: str, candidates: list[str], x: Tensor, routing, repeats: int,
+                     inference: bool) -> tuple[dict[str, float], dict[str, int]]:
+    """``({layout: median ms}, {layout: bytes kept for backward})``. The candidates are timed in
+    turn, one call each per round (after one warm-up round), so that load from other processes
+    drifting over the tuning hits them alike."""
     params = [p for p in layer.parameters() if p.requires_grad]
 
     def step() -> None:  # autograd.grad, not backward: no .grad of the model is touched
@@ -136,8 +135,18 @@ def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int, inference:
         with torch.no_grad(), routing_scope(routing):
             layer(x)
 
-    kept = 0 if inference else _kept_bytes(step, layer)  # also the warm-up
-    return median_ms(forward if inference else step, repeats, warmup=int(inference), cuda=x.is_cuda), kept
+    run = forward if inference else step
+    kept, samples = {}, {layout: [] for layout in candidates}
+    for layout in candidates:  # warm-up round, which also measures memory
+        setattr(layer, attr, layout)
+        kept[layout] = 0 if inference else _kept_bytes(step, layer)
+        if inference:
+            run()
+    for _ in range(repeats):
+        for layout in candidates:
+            setattr(layer, attr, layout)
+            samples[layout].append(median_ms(run, 1, warmup=0, cuda=x.is_cuda))
+    return {layout: statistics.median(t) for layout, t in samples.items()}, kept
 
 
 def median_ms(step, repeats: int, warmup: int = 1, cuda: bool = False) -> float:
