@@ -167,8 +167,12 @@ class ExpertLayer(nn.Module):
         if layout == "fused":
             return fused_forward(self, x, routing, self._output_padding(x, output_size) if self._kind == "conv_transpose" else None)
         y = self._plain(x, self.base.weight, output_size)
-        branch = torch.cat([self._branch(rows, self.experts[seg.task], output_size) for seg, rows in routing.split(x)])
-        return torch.add(y, branch, alpha=self.scale)
+        branches = [self._branch(rows, self.experts[seg.task], output_size) for seg, rows in routing.split(x)]
+        if not torch.is_grad_enabled():  # add in place: no concatenated copy of the branches
+            for part, branch in zip(y.split([b.shape[0] for b in branches]), branches):
+                part.add_(branch, alpha=self.scale)
+            return y
+        return torch.add(y, torch.cat(branches), alpha=self.scale)
 
     def resolve_layout(self, num_segments: int, x: Tensor | None = None) -> str:
         """The layout this call uses.
