@@ -49,7 +49,7 @@ def test_inference_tuning_sets_only_the_inference_layouts():
     x, ids = torch.randn(6, 2, 8, 8), torch.tensor([2, 0, 1, 0, 2, 1])
     with torch.no_grad():
         before = student(x, ids)
-    timings = student.tune_layouts(x, ids, repeats=1, inference=True)
+    timings = student.tune_layouts(x, ids, repeats=1, inference=True, margin=0)
     assert all("fused" not in t and {"merged", "lowrank"} <= set(t) for t in timings.values())
     for name, layer in student.expert_layers():
         assert layer.layout == "fused" and layer.infer_layout == min(timings[name], key=timings[name].get)
@@ -136,3 +136,17 @@ def test_tuning_keeps_backward_memory_within_the_budget():
     timings = student.tune_layouts(x, ids, repeats=1)
     assert "merged" in timings["0"]  # measured ...
     assert student.model[0].layout in ("lowrank", "fused")  # ... but never chosen: 8 weights >> 1.2 x the input
+
+
+@pytest.mark.parametrize("lowrank_ms, chosen", [(9.5, "stacked"), (8.0, "lowrank")])
+def test_the_auto_choice_stays_unless_another_is_clearly_faster(monkeypatch, lowrank_ms, chosen):
+    from lorkd.experts import tune
+
+    times = {"stacked": 10.0, "lowrank": lowrank_ms, "merged": 20.0, "fused": 30.0}
+    monkeypatch.setattr(tune, "_time_candidates", lambda layer, attr, candidates, *a: (
+        {c: times[c] for c in candidates}, {c: 0 for c in candidates}))
+    student = lorkd.add_experts(nn.Sequential(nn.Conv2d(8, 64, 3)), 8, rank=2)
+    x, ids = torch.randn(8, 8, 6, 6), torch.arange(8)  # 8 weights > the output: auto picks stacked
+    assert student.model[0].resolve_layout(8, x) == "stacked"
+    student.tune_layouts(x, ids, margin=0.1)
+    assert student.model[0].layout == chosen

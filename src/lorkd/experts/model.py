@@ -173,14 +173,14 @@ class ExpertModel(nn.Module):
         return (p for _, p in self.named_shared_parameters())
 
     def tune_layouts(self, x: Any, task_ids: Tensor, repeats: int = 3, inference: bool = False,
-                     max_memory: float | None = 1.2) -> dict[str, dict[str, float]]:
+                     max_memory: float | None = 1.2, margin: float = 0.1) -> dict[str, dict[str, float]]:
         """Time each expert layer's layouts on a batch like ``x`` and keep the fastest, for
         training (within ``max_memory`` times the plain layer's backward memory) or
-        (``inference=True``) for forwards without gradients (see :mod:`lorkd.experts.tune`);
-        returns ``{layer: {layout: ms}}``."""
+        (``inference=True``) for forwards without gradients; the ``auto`` choice stays unless
+        another is ``margin`` faster (see :mod:`lorkd.experts.tune`); returns ``{layer: {layout: ms}}``."""
         from .tune import tune_layouts
 
-        return tune_layouts(self, x, task_ids, repeats, inference, max_memory)
+        return tune_layouts(self, x, task_ids, repeats, inference, max_memory, margin)
 
     # ------------------------------------------------------------------ extraction
     def extract(self, task: int) -> nn.Module:

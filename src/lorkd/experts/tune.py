@@ -25,7 +25,7 @@ CANDIDATES = ("stacked", "lowrank", "merged", "fused")
 
 
 def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3, inference: bool = False,
-                 max_memory: float | None = 1.2) -> dict[str, dict[str, float]]:
+                 max_memory: float | None = 1.2, margin: float = 0.1) -> dict[str, dict[str, float]]:
     """Set every expert layer's layout to its fastest candidate for batches like ``x``.
 
     Args:
@@ -38,6 +38,8 @@ def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3, inference:
         max_memory: in training, only layouts whose tensors kept for backward (parameters
             aside) are at most this multiple of what the plain layer keeps are chosen (the
             least memory if none is); ``None``: the fastest whatever its memory.
+        margin: the ``layout="auto"`` rule's choice is kept unless another candidate is at
+            least this fraction faster (timings on a loaded machine are noisy).
 
     Returns:
         ``{layer name: {layout: milliseconds}}`` of the candidates measured; the chosen layout
@@ -69,12 +71,16 @@ def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3, inference:
         inputs = captured[name]
         candidates = [layout for layout in CANDIDATES if _worth_trying(layer, layout, inputs, routing, inference)]
         times, kept = _time_candidates(layer, attr, candidates, inputs, routing, repeats, inference)
+        within = list(times)
         if not inference and max_memory is not None:
             budget = max_memory * _kept_bytes(lambda: layer.base(inputs.detach().requires_grad_(True)), layer)
             within = [layout for layout in times if kept[layout] <= budget]
-            best = min(within, key=times.get) if within else min(kept, key=kept.get)
-        else:
-            best = min(times, key=times.get)
+        best = min(within, key=times.get) if within else min(kept, key=kept.get)
+        setattr(layer, attr, "auto")
+        with torch.set_grad_enabled(not inference):
+            default = layer.resolve_layout(len(routing.segments), inputs)
+        if default in within and times[best] > (1 - margin) * times[default]:
+            best = default  # not clearly faster than the auto rule's choice: timing noise
         setattr(layer, attr, best)
         timings[name] = times
     return timings
