@@ -13,7 +13,7 @@ Timing: all variants live in one process and are timed interleaved (each repetit
 training step of every variant, then one mixed-task inference step of plain and lorkd), so
 load from other processes hits them alike; each ratio is the median of the per-repetition
 ratios. Memory: each variant runs 2 training steps in a fresh subprocess and reports the peak
-memory they added over what the model and batch already held (``ru_maxrss``; on CUDA,
+memory they added over what the model and batch already held (``VmHWM``; on CUDA,
 ``torch.cuda.max_memory_allocated``).
 """
 
@@ -185,8 +185,18 @@ def measure_memory(case: Case, variant: str, steps: int, device: str, dtype: str
 
 
 def _peak_bytes(device: str) -> int:
+    """Peak memory of this process so far: CUDA allocations, else the resident high-water mark.
+
+    On Linux this is ``VmHWM`` (this process's own), not ``ru_maxrss``, which a child started
+    by a large parent inherits across ``exec`` and would hide the child's own peak."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
