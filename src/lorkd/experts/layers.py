@@ -63,6 +63,20 @@ _PLAIN_FORWARDS = {
 }
 
 
+def conv_nd(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int = 1) -> Tensor:
+    """``F.conv{1,2,3}d``, except that a float32 3D convolution of fewer than 16 rows on the CPU
+    runs on oneDNN directly: PyTorch's own backend choice sends batch-1 and 1x1x1 3D
+    convolutions (what per-task segments and thin branches are) to a native kernel many times
+    slower. Same values, autograd included."""
+    n = x.dim() - 2
+    if (n == 3 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] < 16
+            and not isinstance(padding, str) and torch.backends.mkldnn.is_available()):
+        as3 = lambda v: (v,) * 3 if isinstance(v, int) else tuple(v)  # noqa: E731
+        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, as3(padding), as3(stride),
+                                                 as3(dilation), groups)
+    return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
+
+
 def ineligibility(module: nn.Module) -> str | None:
     """Why ``module`` cannot take experts, or ``None`` if it can.
 
@@ -231,7 +245,9 @@ class ExpertLayer(nn.Module):
         if self._kind == "linear":
             return F.linear(x, weight, base.bias)
         if self._kind == "conv":
-            return base._conv_forward(x, weight, base.bias)
+            if base.padding_mode != "zeros":
+                return base._conv_forward(x, weight, base.bias)
+            return conv_nd(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
         if output_padding is None:
             output_padding = self._output_padding(x, output_size)
         return _CONV_T[self._spatial_dims](
@@ -252,10 +268,10 @@ class ExpertLayer(nn.Module):
                 x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
                 padding = 0
             a = expert.A.view(self.rank, base.in_channels, *kernel)
-            z = _CONV[n](x, a, None, base.stride, padding, base.dilation)
-            return _CONV[n](z, expert.B.view(base.out_channels, self.rank, *ones))
+            z = conv_nd(x, a, None, base.stride, padding, base.dilation)
+            return conv_nd(z, expert.B.view(base.out_channels, self.rank, *ones), None, 1, 0, 1)
         # transposed: weight [in, out, *k] = B [in, r] @ A [r, out * k]
-        z = _CONV[n](x, expert.B.t().reshape(self.rank, base.in_channels, *ones))
+        z = conv_nd(x, expert.B.t().reshape(self.rank, base.in_channels, *ones), None, 1, 0, 1)
         a = expert.A.view(self.rank, base.out_channels, *kernel)
         return _CONV_T[n](z, a, None, base.stride, base.padding, self._output_padding(x, output_size), 1, base.dilation)
 
