@@ -67,7 +67,7 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("layout", ["auto", "stacked", "lowrank", "merged"])
+@pytest.mark.parametrize("layout", ["auto", "stacked", "lowrank", "merged", "fused"])
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_equals_plain_layer_with_merged_weights(name, layout):
     make, shape = LAYERS[name]
@@ -170,3 +170,27 @@ def test_a_bare_layer_can_be_the_whole_model():
     assert type(expert) is nn.Linear
     x = torch.randn(4, 2)
     torch.testing.assert_close(student(x, 1), expert(x))
+
+
+@pytest.mark.parametrize("layout", ["merged", "lowrank"])
+def test_small_float32_3d_batches_take_onednn_with_the_same_values_and_gradients(layout):
+    """Per-task segments of 1 row in 3D go to oneDNN directly (PyTorch's own choice is a slow
+    native kernel); values and gradients equal float64's within float32 rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1, stride=2), nn.ReLU(), nn.Conv3d(4, 3, 1, bias=False))
+    student = randomise_experts(lorkd.add_experts(model, 2, rank=2, layout=layout)).float()
+    x, ids = torch.randn(2, 2, 6, 6, 6, dtype=torch.float32, requires_grad=True), torch.tensor([1, 0])
+    with torch.profiler.profile() as prof:
+        out = student(x, ids)
+    assert not any("slow_conv3d" in e.key for e in prof.key_averages())
+    out.square().sum().backward()
+    got = [x.grad] + [p.grad for p in student.parameters()]
+    ref_student = student.double()
+    ref_x = x.detach().double().requires_grad_(True)
+    for p in ref_student.parameters():
+        p.grad = None
+    ref = ref_student(ref_x, ids)  # float64: PyTorch's own kernels
+    ref.square().sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(got, [ref_x.grad] + [p.grad for p in ref_student.parameters()]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)

@@ -26,7 +26,7 @@ def loss_on_task(student, x, ids, task):
     return out[ids == task].pow(2).sum()
 
 
-@pytest.mark.parametrize("layout", ["auto", "stacked", "lowrank", "merged"])
+@pytest.mark.parametrize("layout", ["auto", "stacked", "lowrank", "merged", "fused"])
 def test_loss_of_one_task_gives_other_experts_exactly_zero_gradient(layout):
     torch.manual_seed(0)
     student = randomise_experts(lorkd.add_experts(small_cnn(), 4, rank=2, norm="per_task", layout=layout)).train()
@@ -184,7 +184,7 @@ def test_tune_layouts_picks_a_measured_candidate_and_keeps_results_exact():
     student = randomise_experts(lorkd.add_experts(model, 3, rank=2))
     x, ids = torch.randn(6, 2, 8, 8), torch.tensor([2, 0, 1, 0, 2, 1])
     before = student(x, ids).detach()
-    timings = student.tune_layouts(x, ids, repeats=1)
+    timings = student.tune_layouts(x, ids, repeats=1, max_memory=None, margin=0)  # the fastest, whatever its memory
     assert set(timings) == {"0", "2", "4"}
     assert set(timings["0"]) >= {"stacked", "lowrank"} and "stacked" not in timings["4"]
     for name, layer in student.expert_layers():

@@ -1,17 +1,19 @@
-"""Speed and memory of one training step: plain network vs lorkd vs the papers' grouped conv.
+"""Speed and memory of lorkd vs the plain network vs the papers' grouped convolution.
 
 Every variant runs the same model on the same batch, which mixes ``tasks`` tasks evenly:
 
 ``plain``    the network without experts.
-``lorkd``    ``add_experts``, each layer's layout chosen by ``tune_layouts`` on the benchmark
-             batch (tuned in one process, timed in another, so tuning memory is not counted).
+``lorkd``    ``add_experts``, each layer's layouts (training and inference) chosen by
+             ``tune_layouts`` on the benchmark batch.
 ``grouped``  the papers' layout, implemented here as the reference: for each sample one
              merged kernel ``W + s B_t A_t``, all run as one convolution with ``groups=batch``
              (linear layers: one batched matmul with per-sample merged weights).
 
-Each variant is measured in a fresh subprocess (so that peak memory is its own): median
-wall time of ``repeats`` forward+backward steps after ``warmup`` steps, and the peak resident
-memory the steps added over what the model and batch already held (``ru_maxrss``; on CUDA,
+Timing: all variants live in one process and are timed interleaved (each repetition runs one
+training step of every variant, then one mixed-task inference step of plain and lorkd), so
+load from other processes hits them alike; each ratio is the median of the per-repetition
+ratios. Memory: each variant runs 2 training steps in a fresh subprocess and reports the peak
+memory they added over what the model and batch already held (``VmHWM``; on CUDA,
 ``torch.cuda.max_memory_allocated``).
 """
 
@@ -22,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-VARIANTS = ("plain", "lorkd", "grouped")
+from .cli import BENCH_MODELS as MODELS, BENCH_VARIANTS as VARIANTS  # one list for both
 
 
 @dataclass
@@ -44,7 +47,7 @@ class Case:
 
 
 def build_model(name: str) -> tuple[nn.Module, int]:
-    """The benchmark networks and their spatial dims."""
+    """The benchmark networks and their spatial dims (``name`` in :data:`MODELS`)."""
     from monai.networks.nets import UNet, resnet18
 
     if name == "resnet18_2d":
@@ -82,58 +85,127 @@ def grouped_forward(layer, x: Tensor, output_size=None) -> Tensor:
     return y.reshape(n_batch, -1, *y.shape[2:])
 
 
-def measure(case: Case, variant: str, repeats: int, warmup: int, device: str, layouts: list[str] | None = None) -> dict:
-    """Time ``repeats`` training steps of one variant in this process."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_variant(case: Case, variant: str, device: str, dtype: str, layouts: list[str] | None = None, tune: bool = True):
+    """``(net, x, task_ids)`` for one variant; ``lorkd`` layouts are tuned here when not given
+    (and ``tune``; else the ``auto`` rule decides)."""
     from .experts import ExpertLayer, add_experts
-    from .experts.tune import median_ms
 
     torch.manual_seed(0)
     model, dims = build_model(case.model)
-    x = torch.randn(case.batch, 1, *([case.size] * dims), device=device)
-    task_ids = torch.arange(case.batch) % case.tasks
+    x = torch.randn(case.batch, 1, *([case.size] * dims), device=device, dtype=DTYPES[dtype])
+    task_ids = (torch.arange(case.batch) % case.tasks).to(device)
     if variant == "plain":
-        net, call = model.to(device), (lambda: net(x))
-    else:
-        net = add_experts(model, case.tasks, rank=case.rank).to(device)
-        for layer in net.modules():
-            if isinstance(layer, ExpertLayer):
-                nn.init.normal_(layer.experts[0].B)  # non-zero experts, as after training
-                if variant == "grouped":
-                    layer.forward = grouped_forward.__get__(layer)
-        call = lambda: net(x, task_ids)  # noqa: E731
-    net.train()
-
-    def step() -> None:
-        net.zero_grad(set_to_none=True)
-        out = call()
-        out.float().square().mean().backward()
-
+        return model.to(device, DTYPES[dtype]), x, None
+    net = add_experts(model, case.tasks, rank=case.rank).to(device, DTYPES[dtype])
+    for layer in net.modules():
+        if isinstance(layer, ExpertLayer):
+            for expert in layer.experts:
+                nn.init.normal_(expert.B, std=0.02)  # non-zero experts, as after training
+            if variant == "grouped":
+                layer.forward = grouped_forward.__get__(layer)
     if variant == "lorkd":
-        if layouts is None:  # tune here (then this process's peak memory includes the tuning)
+        net.train()
+        if layouts is None and tune:
             net.tune_layouts(x, task_ids)
-            layouts = [layer.layout for _, layer in net.expert_layers()]
-        for (_, layer), layout in zip(net.expert_layers(), layouts):
-            layer.layout = layout
-    base_mem = _peak_bytes(device)
-    ms = median_ms(step, repeats, warmup, cuda=device.startswith("cuda"))
-    result = {"variant": variant, **asdict(case), "median_ms": ms, "peak_mb": (_peak_bytes(device) - base_mem) / 2**20}
-    if variant == "lorkd":
-        result["layouts"] = layouts
+            net.tune_layouts(x, task_ids, inference=True)
+        elif layouts is not None:
+            for (_, layer), layout in zip(net.expert_layers(), layouts):
+                layer.layout = layout
+    return net, x, task_ids
+
+
+def train_step(net, x, task_ids):
+    """One forward + backward in train mode, as a closure."""
+    def step() -> None:
+        net.train()
+        net.zero_grad(set_to_none=True)
+        out = net(x) if task_ids is None else net(x, task_ids)
+        out.float().square().mean().backward()
+    return step
+
+
+def infer_step(net, x, task_ids):
+    """One forward without gradients in eval mode (mixed tasks for the students), as a closure."""
+    def step() -> None:
+        net.eval()
+        with torch.no_grad():
+            net(x) if task_ids is None else net(x, task_ids)
+    return step
+
+
+def measure_time(case: Case, variants: list[str], repeats: int, warmup: int, device: str, dtype: str,
+                 tune: bool = True) -> dict:
+    """Interleaved timing in this process: each repetition times one training step of every
+    variant, then one inference step of plain and lorkd, one after the other, so that load
+    from other processes hits them alike. Ratios are medians of the per-repetition ratios."""
+    from .experts.tune import median_ms
+
+    cuda = device.startswith("cuda")
+    nets = {v: build_variant(case, v, device, dtype, tune=tune) for v in variants}
+    steps = {v: train_step(*nets[v]) for v in variants}
+    steps.update({f"{v}_infer": infer_step(*nets[v]) for v in ("plain", "lorkd") if v in nets})
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(median_ms(step, 1, warmup=0, cuda=cuda))
+    result = {**asdict(case), "device": device, "dtype": dtype,
+              **{f"{name}_ms": statistics.median(t) for name, t in times.items()}}
+    for name in times:
+        if name != "plain" and not name.endswith("_infer"):
+            result[f"{name}_over_plain"] = _median_ratio(times[name], times["plain"])
+    if "lorkd" in times and "grouped" in times:
+        result["lorkd_over_grouped"] = _median_ratio(times["lorkd"], times["grouped"])
+    if "lorkd_infer" in times:
+        result["infer_over_plain"] = _median_ratio(times["lorkd_infer"], times["plain_infer"])
+    if "lorkd" in nets:
+        result["layouts"] = [layer.layout for _, layer in nets["lorkd"][0].expert_layers()]
+        result["infer_layouts"] = [layer.infer_layout for _, layer in nets["lorkd"][0].expert_layers()]
     return result
 
 
+def _median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def measure_memory(case: Case, variant: str, steps: int, device: str, dtype: str, layouts: list[str] | None) -> dict:
+    """Peak memory ``steps`` training steps of one variant add, in this process (run it in a fresh
+    one: :func:`run_isolated`)."""
+    net, x, task_ids = build_variant(case, variant, device, dtype, layouts)
+    step = train_step(net, x, task_ids)
+    base_mem = _peak_bytes(device)
+    for _ in range(steps):
+        step()
+    return {"variant": variant, "peak_mb": (_peak_bytes(device) - base_mem) / 2**20}
+
+
 def _peak_bytes(device: str) -> int:
+    """Peak memory of this process so far: CUDA allocations, else the resident high-water mark.
+
+    On Linux this is ``VmHWM`` (this process's own), not ``ru_maxrss``, which a child started
+    by a large parent inherits across ``exec`` and would hide the child's own peak."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_isolated(case: Case, variant: str, repeats: int, warmup: int, device: str, threads: int,
+def run_isolated(case: Case, variant: str, steps: int, device: str, dtype: str, threads: int,
                  layouts: list[str] | None = None) -> dict:
-    """Run :func:`measure` in a fresh interpreter so that its peak memory is its own."""
-    code = ("import json,sys,torch; from lorkd.bench import Case, measure; "
+    """Run :func:`measure_memory` in a fresh interpreter so that its peak memory is its own."""
+    code = ("import json,sys,torch; from lorkd.bench import Case, measure_memory; "
             f"torch.set_num_threads({threads}); "
-            f"print(json.dumps(measure(Case(**{asdict(case)!r}), {variant!r}, {repeats}, {warmup}, {device!r}, {layouts!r})))")
+            f"print(json.dumps(measure_memory(Case(**{asdict(case)!r}), {variant!r}, {steps}, {device!r}, {dtype!r}, {layouts!r})))")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -164,65 +236,74 @@ def default_cases(models: list[str], tasks: list[int], ranks: list[int]) -> list
     return [Case(m, *sizes[m], t, r) for m in models for t in tasks for r in ranks]
 
 
-def run(cases: list[Case], repeats: int, warmup: int, device: str, threads: int, progress=print) -> dict:
-    """Measure every case; ``plain`` once per model. Returns ``{"machine", "results", "rows"}``."""
-    results, plain = [], {}
+def run(cases: list[Case], repeats: int, warmup: int, device: str, dtype: str = "float32", threads: int = 2,
+        variants: tuple[str, ...] = VARIANTS, memory: bool = True, tune: bool = True, progress=print) -> dict:
+    """Measure every case: interleaved timing (:func:`measure_time`), then, with ``memory``,
+    each variant's peak memory in a fresh process. Returns ``{"machine", "rows"}``."""
+    torch.set_num_threads(threads)
+    rows = []
     for case in cases:
-        if case.model not in plain:
-            plain[case.model] = run_isolated(case, "plain", repeats, warmup, device, threads)
-            results.append(plain[case.model])
-        row = {}
-        # lorkd: layouts tuned per layer in one process, then timed in a fresh one (so that
-        # the tuning's own memory does not count)
-        tuned = run_isolated(case, "lorkd", 1, 0, device, threads)["layouts"]
-        for variant in ("lorkd", "grouped"):
-            row[variant] = run_isolated(case, variant, repeats, warmup, device, threads, tuned if variant == "lorkd" else None)
-            results.append(row[variant])
-        p, lk, gr = plain[case.model], row["lorkd"], row["grouped"]
-        summary = {**asdict(case), "plain_ms": p["median_ms"], "lorkd_ms": lk["median_ms"], "grouped_ms": gr["median_ms"],
-                   "lorkd_over_plain": lk["median_ms"] / p["median_ms"], "lorkd_over_grouped": lk["median_ms"] / gr["median_ms"],
-                   "plain_mb": p["peak_mb"], "lorkd_mb": lk["peak_mb"], "grouped_mb": gr["peak_mb"],
-                   "mem_lorkd_over_plain": lk["peak_mb"] / max(p["peak_mb"], 1e-9)}
-        progress(format_row(summary))
-        row.update(summary)
-        results.append({"variant": "summary", **summary})
-    return {"machine": machine_info(threads, device), "repeats": repeats, "warmup": warmup,
-            "rows": [r for r in results if r["variant"] == "summary"], "raw": [r for r in results if r["variant"] != "summary"]}
+        row = measure_time(case, list(variants), repeats, warmup, device, dtype, tune)
+        if memory:
+            for variant in variants:
+                layouts = row.get("layouts") if variant == "lorkd" else None
+                row[f"{variant}_mb"] = run_isolated(case, variant, 2, device, dtype, threads, layouts)["peak_mb"]
+            if "lorkd" in variants:
+                row["mem_lorkd_over_plain"] = row["lorkd_mb"] / max(row["plain_mb"], 1e-9)
+        progress(format_row(row))
+        rows.append(row)
+    return {"machine": machine_info(threads, device), "repeats": repeats, "warmup": warmup, "rows": rows}
 
 
-HEADER = (f"{'model':<12} {'batch':>5} {'size':>4} {'tasks':>5} {'rank':>4} | {'plain ms':>9} {'lorkd ms':>9} "
-          f"{'grouped ms':>10} | {'lorkd/plain':>11} {'lorkd/grouped':>13} | {'plain MB':>8} {'lorkd MB':>8} "
-          f"{'grouped MB':>10} {'mem l/p':>7}")
+COLUMNS = [  # (key, header, format)
+    ("model", "model", "<12"), ("batch", "batch", ">5"), ("size", "size", ">4"), ("tasks", "tasks", ">5"),
+    ("rank", "rank", ">4"), ("plain_ms", "plain ms", ">9.1f"), ("lorkd_ms", "lorkd ms", ">9.1f"),
+    ("grouped_ms", "grouped ms", ">10.1f"), ("lorkd_over_plain", "lorkd/plain", ">11.2f"),
+    ("lorkd_over_grouped", "lorkd/grouped", ">13.2f"), ("plain_infer_ms", "infer plain ms", ">14.1f"),
+    ("lorkd_infer_ms", "infer lorkd ms", ">14.1f"), ("infer_over_plain", "infer l/p", ">9.2f"),
+    ("plain_mb", "plain MB", ">8.0f"), ("lorkd_mb", "lorkd MB", ">8.0f"), ("grouped_mb", "grouped MB", ">10.0f"),
+    ("mem_lorkd_over_plain", "mem l/p", ">7.2f"),
+]
+HEADER = " ".join(f"{header:{fmt.split('.')[0]}}" for _, header, fmt in COLUMNS)
 
 
 def format_row(r: dict) -> str:
-    return (f"{r['model']:<12} {r['batch']:>5} {r['size']:>4} {r['tasks']:>5} {r['rank']:>4} | {r['plain_ms']:>9.1f} "
-            f"{r['lorkd_ms']:>9.1f} {r['grouped_ms']:>10.1f} | {r['lorkd_over_plain']:>11.2f} {r['lorkd_over_grouped']:>13.2f} | "
-            f"{r['plain_mb']:>8.0f} {r['lorkd_mb']:>8.0f} {r['grouped_mb']:>10.0f} {r['mem_lorkd_over_plain']:>7.2f}")
+    """One table row; a column the run did not measure shows ``-``."""
+    cells = []
+    for key, _, fmt in COLUMNS:
+        value = r.get(key)
+        cells.append(f"{'-':{fmt.split('.')[0]}}" if value is None else f"{value:{fmt}}")
+    return " ".join(cells)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorkd bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18_2d", "unet_3d"])
-    parser.add_argument("--tasks", nargs="+", type=int, default=[2, 10])
-    parser.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmark for the options parsed by :func:`lorkd.cli.bench_arguments`."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError("--device cuda: no CUDA device is available to torch here")
+    variants = tuple(v for v in VARIANTS if v == "plain" or v in args.variants)
     info = machine_info(args.threads, args.device)
-    print(f"machine: {info}; {args.repeats} timed steps after {args.warmup} warm-up, median; "
-          "peak = extra resident memory of the steps")
+    print(f"machine: {info}; dtype {args.dtype}; layouts {args.layouts}; {args.repeats} timed steps after {args.warmup} warm-up, "
+          "variants interleaved in one process, ratios = median of per-step ratios; infer = no grad, eval, "
+          "mixed tasks; peak = extra memory of 2 training steps, each variant in its own process")
     print(HEADER)
-    report = run(default_cases(args.models, args.tasks, args.ranks), args.repeats, args.warmup, args.device, args.threads)
+    report = run(default_cases(args.models, args.tasks, args.ranks), args.repeats, args.warmup, args.device,
+                 args.dtype, args.threads, variants, not args.no_memory, args.layouts == "tuned")
     if args.out:
         from .fileio import write_json
 
         write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lorkd.bench [options]``: the same options as ``lorkd bench``."""
+    from .cli import bench_arguments
+
+    parser = argparse.ArgumentParser(prog="lorkd bench", description=__doc__.split("\n")[0])
+    return run_from_args(bench_arguments(parser).parse_args(argv))
 
 
 if __name__ == "__main__":

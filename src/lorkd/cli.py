@@ -92,10 +92,32 @@ def build_parser() -> argparse.ArgumentParser:
                        "(fine-tuning, linear probe, LoRA, KD, Reprogramming Distillation)")
     _run_arguments(p)
     p.set_defaults(func=cmd_transfer)
-    p = sub.add_parser("bench", help="speed and memory of lorkd vs plain vs grouped convolution", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: __import__("lorkd.bench", fromlist=["main"]).main(a.rest))
+    p = sub.add_parser("bench", help="speed and memory of lorkd vs plain vs grouped convolution")
+    bench_arguments(p)
+    p.set_defaults(func=lambda a: __import__("lorkd.bench", fromlist=["run_from_args"]).run_from_args(a))
     return parser
+
+
+BENCH_MODELS, BENCH_VARIANTS, BENCH_DTYPES = ("resnet18_2d", "unet_3d"), ("plain", "lorkd", "grouped"), ("float32", "bfloat16")
+
+
+def bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``lorkd bench`` options (also those of ``python -m lorkd.bench``)."""
+    p.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=BENCH_MODELS)
+    p.add_argument("--tasks", nargs="+", type=int, default=[2, 10], help="tasks mixed evenly in the batch")
+    p.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16])
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per variant (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=BENCH_DTYPES, help="model and input dtype")
+    p.add_argument("--variants", nargs="+", default=list(BENCH_VARIANTS), choices=BENCH_VARIANTS,
+                   help="what to time (plain is always measured: ratios are to it); grouped is slow on CPUs")
+    p.add_argument("--layouts", default="tuned", choices=["tuned", "auto"],
+                   help="lorkd's per-layer layouts: timed by tune_layouts on the batch, or the layout='auto' rule")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return p
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,11 @@ class Skipped:
     reason: str
 
 
+MHA_REASON = ("its packed q/k/v input projection (in_proj_weight, or q/k/v_proj_weight) and out_proj are "
+              "read as raw tensors by F.multi_head_attention_forward, so no expert can reach them; use an "
+              "attention block built from nn.Linear layers (e.g. MONAI's SABlock) to give attention experts")
+
+
 def validate_rank(rank: RankSpec) -> None:
     """Raise ``ValueError`` naming the bad rank (an int or a ``{pattern: int}`` mapping, each ``>= 1``)."""
     items = rank.items() if isinstance(rank, Mapping) else [("rank", rank)]
@@ -82,6 +87,9 @@ def inject(
             _replace(model, name, TaskBatchNorm(module, num_tasks, name))
             continue
         if not is_targeted(name, module, targets):
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            skipped.append(Skipped(name, type(module).__name__, MHA_REASON))
             continue
         reason = ineligibility(module)
         if reason is None and isinstance(parents.get(module), nn.MultiheadAttention):

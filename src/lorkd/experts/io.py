@@ -1,8 +1,8 @@
 """Saving and loading students and exported experts.
 
 A *student* is saved as a folder with ``weights.safetensors`` (every tensor of its state
-dict) and ``student.json`` (tasks, ranks, alpha, targets, norm, the layers with experts and
-the base architecture). An *expert* is a plain model: ``expert.safetensors`` holds its plain
+dict) and ``student.json`` (tasks, ranks, alpha, targets, norm, the layers with experts, each
+layer's layout and the base architecture). An *expert* is a plain model: ``expert.safetensors`` holds its plain
 state dict, loadable with ``safetensors.torch.load_file`` into a fresh instance of its
 architecture with ``load_state_dict(strict=True)``; ``card.json`` describes it.
 
@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import DataError
 from ..factories import resolve_factory
 from ..fileio import read_json, write_atomic, write_json
+from .layers import LAYOUTS
 from .model import ExpertConfig, ExpertModel, add_experts
 
 STUDENT_WEIGHTS, STUDENT_META = "weights.safetensors", "student.json"
@@ -55,6 +56,8 @@ def save_student(student: ExpertModel, folder: str | Path, architecture: dict[st
         "format": FORMAT_VERSION,
         "config": student.config.to_json(),
         "layers": {name: layer.rank for name, layer in student.expert_layers()},
+        "layouts": {name: layer.layout for name, layer in student.expert_layers()},
+        "infer_layouts": {name: layer.infer_layout for name, layer in student.expert_layers()},
         "architecture": architecture,
     }
     write_atomic(folder / STUDENT_WEIGHTS, lambda p: save_file(_contiguous(student.state_dict()), p))
@@ -87,8 +90,15 @@ def load_student(folder: str | Path, model: nn.Module | None = None) -> ExpertMo
     # Rebuild with exactly the saved layers and ranks, whatever the original targets were.
     student = add_experts(model, cfg["num_tasks"], rank=dict(meta["layers"]), alpha=cfg["alpha"],
                           targets=list(meta["layers"]), norm=cfg["norm"], layout=cfg.get("layout", "auto"))
-    student.config = ExpertConfig(cfg["num_tasks"], cfg["rank"], cfg["alpha"], cfg["targets"], cfg["norm"], cfg.get("layout", "auto"))
+    student.config = ExpertConfig(cfg["num_tasks"], cfg["rank"], cfg["alpha"], cfg["targets"], cfg["norm"],
+                                  cfg.get("layout", "auto"), cfg.get("per_sample_outputs"))
     _load_into(student, folder / STUDENT_WEIGHTS)
+    layers = dict(student.expert_layers())
+    for key, attr in (("layouts", "layout"), ("infer_layouts", "infer_layout")):  # e.g. chosen by tune_layouts
+        for name, layout in meta.get(key, {}).items():
+            if name not in layers or layout not in LAYOUTS:
+                raise DataError(f"{folder / STUDENT_META}: {key}: {name!r}: {layout!r} is not a layout of a layer with experts")
+            setattr(layers[name], attr, layout)
     return student
 
 

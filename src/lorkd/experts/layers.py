@@ -6,7 +6,7 @@ the wrapped layer's own weight viewed as a matrix ``[d0, d1]`` (``d0`` = first w
 so a fresh student computes exactly what the wrapped model computed.
 
 A batch routed by :mod:`lorkd.experts.routing` is sorted by task; each task's rows are a
-contiguous segment. Three exact layouts of the computation are available per layer (same
+contiguous segment. Four exact layouts of the computation are available per layer (same
 values and gradients; they differ in speed and memory):
 
 ``"lowrank"``
@@ -17,16 +17,23 @@ values and gradients; they differ in speed and memory):
 ``"merged"``
     per task segment, one call of the plain layer with the merged weight ``W_t``. Extra
     memory is one weight per task present (kept for backward while training). Always used for
-    single-task batches, for inference without gradients, and for grouped convolutions.
+    single-task batches and for grouped convolutions.
+``"fused"``
+    the merged forward in one custom autograd function (:mod:`lorkd.experts.fused`) that keeps
+    no per-task weight and computes the shared weight's gradient once on the full batch, the
+    experts' gradients through thin layers. Linear and ``groups == 1`` zero-padded
+    convolutions (else ``merged``); without gradients it is ``merged``.
 ``"stacked"``
     one convolution with ``[W; A_t1; ...; A_tP]`` stacked along the output channels (the shared
     weight and every present task's ``A`` in one call), then each row's ``B_t`` by one batched
     matmul. Extra compute about ``P r / out_channels``; convolutions with ``groups == 1`` only.
 
-``layout="auto"`` picks ``merged`` for one segment, without gradients, for ``groups > 1``, and
-where the merged weights are no larger than the layer's output; else ``stacked`` (convolutions)
-or ``lowrank`` (linear and transposed layers). ``ExpertModel.tune_layouts`` instead times the
-candidates per layer on the machine at hand.
+Each layer has a ``layout`` (used while gradients are enabled) and an ``infer_layout`` (used
+under ``torch.no_grad()``), both set from ``add_experts(layout=...)``. ``"auto"`` picks
+``merged`` for one segment, for ``groups > 1``, and where the merged weights are no larger
+than the layer's output; else ``stacked`` for convolutions in training and ``lowrank`` for the
+rest and for inference. ``ExpertModel.tune_layouts`` instead times the candidates per layer on
+the machine at hand (``inference=True`` for ``infer_layout``).
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import fused_forward, fused_supported
 from .routing import active_routing
 
-LAYOUTS = ("auto", "stacked", "lowrank", "merged")
+LAYOUTS = ("auto", "stacked", "lowrank", "merged", "fused")
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -53,6 +61,20 @@ _PLAIN_FORWARDS = {
     nn.ConvTranspose2d: nn.ConvTranspose2d.forward,
     nn.ConvTranspose3d: nn.ConvTranspose3d.forward,
 }
+
+
+def conv_nd(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int = 1) -> Tensor:
+    """``F.conv{1,2,3}d``, except that a float32 3D convolution of fewer than 16 rows on the CPU
+    runs on oneDNN directly: PyTorch's own backend choice sends batch-1 and 1x1x1 3D
+    convolutions (what per-task segments and thin branches are) to a native kernel many times
+    slower. Same values, autograd included."""
+    n = x.dim() - 2
+    if (n == 3 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] < 16
+            and not isinstance(padding, str) and torch.backends.mkldnn.is_available()):
+        as3 = lambda v: (v,) * 3 if isinstance(v, int) else tuple(v)  # noqa: E731
+        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, as3(padding), as3(stride),
+                                                 as3(dilation), groups)
+    return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
 
 
 def ineligibility(module: nn.Module) -> str | None:
@@ -93,7 +115,8 @@ class ExpertLayer(nn.Module):
         num_tasks: number of experts ``T``.
         rank: ``r >= 1``.
         alpha: scaling numerator; the expert is scaled by ``alpha / rank``.
-        layout: ``"auto"``, ``"stacked"``, ``"lowrank"`` or ``"merged"`` (see the module docstring).
+        layout: ``"auto"``, ``"stacked"``, ``"lowrank"``, ``"merged"`` or ``"fused"`` (see the module docstring);
+            sets both ``layout`` (training) and ``infer_layout`` (without gradients).
         name: the layer's qualified name, used in error messages.
 
     Shapes: input and output are those of ``base`` (``[B, *, in]`` for Linear, ``[B, C, *spatial]``
@@ -112,6 +135,7 @@ class ExpertLayer(nn.Module):
         self.alpha = float(alpha)
         self.scale = self.alpha / self.rank
         self.layout = layout
+        self.infer_layout = layout
         self.name = name
         weight = base.weight
         self._kind = "linear" if isinstance(base, nn.Linear) else ("conv_transpose" if base.transposed else "conv")
@@ -122,6 +146,17 @@ class ExpertLayer(nn.Module):
         )
 
     # ------------------------------------------------------------------ weights
+    @property
+    def weight(self) -> Tensor:
+        """The shared weight ``W`` (``base.weight``), for code that reads a layer's weight; it
+        does not include any expert."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The shared bias (``base.bias``)."""
+        return self.base.bias
+
     def merged_weight(self, task: int) -> Tensor:
         """``W + (alpha / r) * B_t @ A_t`` in the shape of ``base.weight``."""
         weight = self.base.weight
@@ -143,27 +178,37 @@ class ExpertLayer(nn.Module):
             return outs[0] if len(outs) == 1 else torch.cat(outs)
         if layout == "stacked":
             return self._stacked(x, routing)
+        if layout == "fused":
+            return fused_forward(self, x, routing, self._output_padding(x, output_size) if self._kind == "conv_transpose" else None)
         y = self._plain(x, self.base.weight, output_size)
-        branch = torch.cat([self._branch(rows, self.experts[seg.task], output_size) for seg, rows in routing.split(x)])
-        return torch.add(y, branch, alpha=self.scale)
+        branches = [self._branch(rows, self.experts[seg.task], output_size) for seg, rows in routing.split(x)]
+        if not torch.is_grad_enabled():  # add in place: no concatenated copy of the branches
+            for part, branch in zip(y.split([b.shape[0] for b in branches]), branches):
+                part.add_(branch, alpha=self.scale)
+            return y
+        return torch.add(y, torch.cat(branches), alpha=self.scale)
 
     def resolve_layout(self, num_segments: int, x: Tensor | None = None) -> str:
         """The layout this call uses.
 
-        ``merged`` for a single task, without gradients, and for grouped convolutions (where the
-        others are not exact). Otherwise ``self.layout``; ``auto`` means ``merged`` where the
-        per-task weights it keeps for backward are no larger than the layer's output (early,
-        wide-activation layers, where it runs at the plain layer's speed), else ``stacked`` for
-        convolutions and ``lowrank`` for linear and transposed layers.
+        ``merged`` for a single task and for grouped convolutions (where the others are not
+        exact). Otherwise ``self.layout`` (``self.infer_layout`` without gradients); ``auto``
+        means ``merged`` where the per-task weights are no larger than the layer's output
+        (early, wide-activation layers, where it runs at the plain layer's speed), else
+        ``stacked`` for convolutions in training and ``lowrank`` otherwise.
         """
-        if num_segments == 1 or not torch.is_grad_enabled() or getattr(self.base, "groups", 1) != 1:
+        if num_segments == 1 or getattr(self.base, "groups", 1) != 1:
             return "merged"
-        layout = self.layout
+        layout = self.layout if torch.is_grad_enabled() else self.infer_layout
+        if layout == "fused" and not torch.is_grad_enabled():
+            return "merged"  # the same forward, without the autograd function
         if layout == "auto":
             small = x is not None and num_segments * self.base.weight.numel() <= self._output_numel(x)
-            layout = "merged" if small else "stacked"
+            layout = "merged" if small else ("stacked" if torch.is_grad_enabled() else "lowrank")
         if layout == "stacked" and self._kind != "conv":
             return "lowrank"
+        if layout == "fused" and not fused_supported(self.base):
+            return "merged"
         return layout
 
     def _output_numel(self, x: Tensor) -> float:
@@ -188,20 +233,25 @@ class ExpertLayer(nn.Module):
         rows, spatial = out.shape[0], out.shape[2:]
         y, z = out.split([base.out_channels, n_extra], dim=1)
         # each row keeps only its own task's r channels of z, then all rows share one [out, P r] B
-        z = z.reshape(rows, n_extra, -1) * routing.block_mask(r, out.dtype, out.device)[:, :, None]
+        z = z.reshape(rows, n_extra, -1) * routing.block_mask(r, out.dtype, out.device, routing.rows_per_sample(out))[:, :, None]
         b = torch.stack([self.experts[t].B for t in tasks], dim=1).reshape(base.out_channels, n_extra)
         y = torch.baddbmm(y.reshape(rows, base.out_channels, -1), b.expand(rows, -1, -1), z, alpha=self.scale)
         return y.view(rows, base.out_channels, *spatial)
 
-    def _plain(self, x: Tensor, weight: Tensor, output_size) -> Tensor:
-        """The wrapped layer's own computation with ``weight`` in place of its weight."""
+    def _plain(self, x: Tensor, weight: Tensor, output_size, output_padding=None) -> Tensor:
+        """The wrapped layer's own computation with ``weight`` in place of its weight (transposed
+        layers: ``output_padding`` if given, else the one ``output_size`` implies)."""
         base = self.base
         if self._kind == "linear":
             return F.linear(x, weight, base.bias)
         if self._kind == "conv":
-            return base._conv_forward(x, weight, base.bias)
+            if base.padding_mode != "zeros":
+                return base._conv_forward(x, weight, base.bias)
+            return conv_nd(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
+        if output_padding is None:
+            output_padding = self._output_padding(x, output_size)
         return _CONV_T[self._spatial_dims](
-            x, weight, base.bias, base.stride, base.padding, self._output_padding(x, output_size), base.groups, base.dilation
+            x, weight, base.bias, base.stride, base.padding, output_padding, base.groups, base.dilation
         )
 
     def _branch(self, x: Tensor, expert: LowRankExpert, output_size) -> Tensor:
@@ -218,10 +268,10 @@ class ExpertLayer(nn.Module):
                 x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
                 padding = 0
             a = expert.A.view(self.rank, base.in_channels, *kernel)
-            z = _CONV[n](x, a, None, base.stride, padding, base.dilation)
-            return _CONV[n](z, expert.B.view(base.out_channels, self.rank, *ones))
+            z = conv_nd(x, a, None, base.stride, padding, base.dilation)
+            return conv_nd(z, expert.B.view(base.out_channels, self.rank, *ones), None, 1, 0, 1)
         # transposed: weight [in, out, *k] = B [in, r] @ A [r, out * k]
-        z = _CONV[n](x, expert.B.t().reshape(self.rank, base.in_channels, *ones))
+        z = conv_nd(x, expert.B.t().reshape(self.rank, base.in_channels, *ones), None, 1, 0, 1)
         a = expert.A.view(self.rank, base.out_channels, *kernel)
         return _CONV_T[n](z, a, None, base.stride, base.padding, self._output_padding(x, output_size), 1, base.dilation)
 
@@ -232,7 +282,8 @@ class ExpertLayer(nn.Module):
         return base._output_padding(x, output_size, base.stride, base.padding, base.kernel_size, self._spatial_dims, base.dilation)
 
     def extra_repr(self) -> str:
-        return f"tasks={len(self.experts)}, rank={self.rank}, alpha={self.alpha:g}, layout={self.layout!r}"
+        return (f"tasks={len(self.experts)}, rank={self.rank}, alpha={self.alpha:g}, layout={self.layout!r}, "
+                f"infer_layout={self.infer_layout!r}")
 
 
 class TaskBatchNorm(nn.Module):
@@ -245,7 +296,8 @@ class TaskBatchNorm(nn.Module):
 
     Trade-off: each task's statistics come from its share of the batch only (noisier with
     many tasks and small batches), in exchange for exact gradient separation. A task present
-    with one row at a layer without spatial extent is normalised with its running statistics.
+    with one row at a layer without spatial extent is normalised with its running statistics,
+    or, without running statistics, maps to the norm's bias (see ``_normalise``).
     """
 
     def __init__(self, norm: nn.modules.batchnorm._BatchNorm, num_tasks: int, name: str = "") -> None:
@@ -260,12 +312,20 @@ class TaskBatchNorm(nn.Module):
 
     @staticmethod
     def _normalise(norm: nn.Module, rows: Tensor) -> Tensor:
-        """``norm(rows)``; a task with a single value per channel in a training batch (one row,
-        no spatial extent) has no batch statistics, so it is normalised with the task's running
-        statistics instead (and they are left unchanged)."""
-        if norm.training and rows.numel() == rows.shape[1] and norm.track_running_stats:
+        """``norm(rows)``. A task with a single value per channel (one row, no spatial extent)
+        where batch statistics are used has none that PyTorch accepts: with running statistics it
+        is normalised with them (left unchanged); without (``track_running_stats=False``) with
+        its own one-value statistics (mean = the value, variance 0), as the BatchNorm formula
+        gives: the output is the norm's bias."""
+        if rows.numel() != rows.shape[1] or not (norm.training or norm.running_mean is None):
+            return norm(rows)
+        if norm.running_mean is not None:
             return F.batch_norm(rows, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
-        return norm(rows)
+        normalised = (rows - rows) * torch.rsqrt(rows.new_tensor(norm.eps))
+        if norm.affine:
+            shape = (1, -1) + (1,) * (rows.dim() - 2)
+            normalised = normalised * norm.weight.view(shape) + norm.bias.view(shape)
+        return normalised
 
     def extract(self, task: int) -> nn.Module:
         """A copy of task ``task``'s BatchNorm."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -24,6 +25,7 @@ def add_experts(
     targets: Sequence[Target] | None = None,
     norm: str = "shared",
     layout: str = "auto",
+    per_sample_outputs: Sequence[str] | None = None,
 ) -> "ExpertModel":
     """Give a copy of ``model`` one low-rank expert per task on its Linear/Conv layers.
 
@@ -39,15 +41,20 @@ def add_experts(
         norm: ``"shared"`` keeps BatchNorm shared (its batch statistics mix tasks, so a task's
             loss reaches other experts through them); ``"per_task"`` gives each task its own
             BatchNorm, which makes gradient separation exact.
-        layout: ``"auto"`` (default), ``"stacked"``, ``"lowrank"`` or ``"merged"``; see
+        layout: ``"auto"`` (default), ``"stacked"``, ``"lowrank"``, ``"merged"`` or ``"fused"``; see
             :mod:`lorkd.experts.layers`.
+        per_sample_outputs: which output tensors are per-sample and are put back in input order.
+            ``None`` (default): every output tensor with ``B`` rows except the model's own
+            parameters and buffers. Else a list of fnmatch patterns on output paths (dict keys
+            and sequence indices joined by dots, e.g. ``["logits", "aux.*"]``; ``""`` for a bare
+            tensor): only matching tensors are reordered, all others are returned as computed.
 
     Returns:
         an :class:`ExpertModel`; call it as ``student(x, task_ids)``.
 
     Raises:
         ValueError: ``num_tasks < 1``, a rank below 1, ``alpha <= 0``, an unknown ``norm`` or
-            ``layout``, or no eligible layer among the targets.
+            ``layout``, no eligible layer among the targets, or ``model`` already has experts.
     """
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks must be an integer >= 1, got {num_tasks!r}")
@@ -58,12 +65,21 @@ def add_experts(
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    nested = next((n for n, m in model.named_modules() if isinstance(m, (ExpertModel, ExpertLayer, TaskBatchNorm))), None)
+    if nested is not None:
+        raise ValueError(f"{type(model).__name__} already has experts (at {nested or 'its root'!r}); "
+                         "add_experts on it would wrap the expert layers' inner layers again: train it as "
+                         "it is, or pass student.extract(t) (a plain model) to start from one task's weights")
     inner = copy.deepcopy(model)
     inner, layers, skipped = inject(inner, num_tasks, rank, alpha, targets, norm, layout)
     if not layers:
         why = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the model has no Linear/Conv layer"
         raise ValueError(f"no eligible layer to add experts to in {type(model).__name__} (targets={targets!r}): {why}")
-    config = ExpertConfig(num_tasks, rank, float(alpha), None if targets is None else list(targets), norm, layout)
+    if per_sample_outputs is not None and (isinstance(per_sample_outputs, str)
+                                           or not all(isinstance(p, str) for p in per_sample_outputs)):
+        raise ValueError(f"per_sample_outputs must be a list of output path patterns, got {per_sample_outputs!r}")
+    config = ExpertConfig(num_tasks, rank, float(alpha), None if targets is None else list(targets), norm, layout,
+                          None if per_sample_outputs is None else list(per_sample_outputs))
     return ExpertModel(inner, config, skipped)
 
 
@@ -77,6 +93,7 @@ class ExpertConfig:
     targets: list[Target] | None
     norm: str
     layout: str = "auto"
+    per_sample_outputs: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         targets = None if self.targets is None else [
@@ -84,7 +101,7 @@ class ExpertConfig:
         ]
         rank = dict(self.rank) if isinstance(self.rank, dict) else self.rank
         return {"num_tasks": self.num_tasks, "rank": rank, "alpha": self.alpha, "targets": targets,
-                "norm": self.norm, "layout": self.layout}
+                "norm": self.norm, "layout": self.layout, "per_sample_outputs": self.per_sample_outputs}
 
 
 class ExpertModel(nn.Module):
@@ -92,8 +109,10 @@ class ExpertModel(nn.Module):
 
     ``forward(x, task_ids, *args, **kwargs)`` runs the wrapped model once on the mixed batch:
     ``x`` is a tensor ``[B, ...]`` (or a tuple/list/dict of them), ``task_ids`` a LongTensor
-    ``[B]`` in any order or an ``int`` for the whole batch. The output has the structure of
-    ``model(x)`` with rows in input order.
+    ``[B]`` in any order or an ``int`` for the whole batch. Every tensor with ``B`` rows in
+    ``args``/``kwargs`` is per-sample and is sorted with ``x``. The output has the structure of
+    ``model(x, *args, **kwargs)``; its per-sample tensors (``config.per_sample_outputs``) are
+    in input order.
     """
 
     def __init__(self, model: nn.Module, config: ExpertConfig, skipped: list[Skipped] | None = None) -> None:
@@ -110,9 +129,17 @@ class ExpertModel(nn.Module):
     def forward(self, x: Any, task_ids: Tensor | int, *args: Any, **kwargs: Any) -> Any:
         batch, device = _batch_size_and_device(x)
         routing = route(task_ids, batch, self.num_tasks, device)
+        if routing.order is None:
+            with routing_scope(routing):
+                return self.model(x, *args, **kwargs)
+        owned = _OwnTensors(self.model)
+        x, args, kwargs = routing.to_sorted((x, args, kwargs), owned)
         with routing_scope(routing):
-            out = self.model(routing.to_sorted(x), *args, **kwargs)
-        return routing.to_input_order(out)
+            out = self.model(x, *args, **kwargs)
+        patterns = self.config.per_sample_outputs
+        if patterns is None:
+            return routing.to_input_order(out, owned)
+        return routing.to_input_order(out, lambda path, _: not any(fnmatch.fnmatchcase(path, p) for p in patterns))
 
     # ------------------------------------------------------------------ parts
     def expert_layers(self) -> Iterator[tuple[str, ExpertLayer]]:
@@ -145,12 +172,15 @@ class ExpertModel(nn.Module):
         """Every parameter that is not in any ``expert_parameters(t)``; the two partition ``parameters()``."""
         return (p for _, p in self.named_shared_parameters())
 
-    def tune_layouts(self, x: Any, task_ids: Tensor, repeats: int = 3) -> dict[str, dict[str, float]]:
-        """Time each expert layer's layouts on a batch like ``x`` and keep the fastest
-        (see :mod:`lorkd.experts.tune`); returns ``{layer: {layout: ms}}``."""
+    def tune_layouts(self, x: Any, task_ids: Tensor, repeats: int = 3, inference: bool = False,
+                     max_memory: float | None = 1.2, margin: float = 0.1) -> dict[str, dict[str, float]]:
+        """Time each expert layer's layouts on a batch like ``x`` and keep the fastest, for
+        training (within ``max_memory`` times the plain layer's backward memory) or
+        (``inference=True``) for forwards without gradients; the ``auto`` choice stays unless
+        another is ``margin`` faster (see :mod:`lorkd.experts.tune`); returns ``{layer: {layout: ms}}``."""
         from .tune import tune_layouts
 
-        return tune_layouts(self, x, task_ids, repeats)
+        return tune_layouts(self, x, task_ids, repeats, inference, max_memory, margin)
 
     # ------------------------------------------------------------------ extraction
     def extract(self, task: int) -> nn.Module:
@@ -227,6 +257,19 @@ class ExpertSummary:
         for s in self.skipped:
             lines.append(f"skipped {s.name} ({s.type}): {s.reason}")
         return "\n".join(lines)
+
+
+class _OwnTensors:
+    """``keep(path, tensor)`` for routing: true for the model's own parameters and buffers, which are
+    never per-sample (the set is built on first use)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.ids = model, None
+
+    def __call__(self, path: str, tensor: Tensor) -> bool:
+        if self.ids is None:
+            self.ids = {id(t) for t in self.model.parameters()} | {id(t) for t in self.model.buffers()}
+        return id(tensor) in self.ids
 
 
 def _batch_size_and_device(x: Any) -> tuple[int, torch.device]:

@@ -2,9 +2,10 @@
 
 Hard routing (one task id per sample) is done by *sorting* the batch by task once at the
 model's entry, so that every task owns one contiguous segment of rows. Inside the network
-each expert layer then works on views (``x.narrow(0, start, length)``) of its own task's
-rows: no per-sample kernels, no copies of activations. The model's outputs are put back in
-input order at the exit.
+each expert layer then works on views of its own task's rows: no per-sample kernels, no
+copies of activations. Extra per-sample inputs are sorted with ``x``; the model's per-sample
+outputs are put back in input order at the exit. A layer may see ``k`` rows per sample
+(``k * B`` rows, sample-major: window attention, flattened tokens); its segments scale by ``k``.
 
 The routing of the forward pass in progress is held in a context variable, so expert
 layers find it without the task ids being threaded through every ``forward`` signature.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -52,49 +53,76 @@ class TaskRouting:
         """The task ids present in the batch, sorted."""
         return tuple(s.task for s in self.segments)
 
-    def split(self, x: Tensor) -> Iterator[tuple[Segment, Tensor]]:
-        """Yield ``(segment, rows)`` with ``rows = x[start:start+length]`` (views, no copies).
+    def rows_per_sample(self, x: Tensor) -> int:
+        """``k`` where ``x`` holds ``k * batch_size`` rows, sample-major (``k = 1`` for a plain batch).
+
+        Layers that see several rows per sample (window attention over ``[B * windows, tokens, C]``,
+        tokens flattened to ``[B * N, C]``) must keep each sample's ``k`` rows contiguous and in
+        sample order, as ``reshape`` of a batch-first tensor does.
 
         Raises:
-            RuntimeError: ``x.shape[0]`` is not the routed batch size.
+            RuntimeError: ``x.shape[0]`` is not a positive multiple of the routed batch size.
         """
-        if x.shape[0] != self.batch_size:
+        rows = x.shape[0] if x.dim() else 0
+        if rows == self.batch_size:
+            return 1
+        if rows == 0 or rows % self.batch_size:
             raise RuntimeError(
-                f"an expert layer got a tensor with {x.shape[0]} rows in a batch routed for "
-                f"{self.batch_size}; lorkd routes along dim 0, so the wrapped model must keep the "
-                "batch as the first dimension of every input to a layer with experts"
+                f"an expert layer got a tensor with {rows} rows in a batch routed for "
+                f"{self.batch_size}; lorkd routes along dim 0, so every input to a layer with experts "
+                f"must hold the batch (or k rows per sample, sample-major: k * {self.batch_size} rows) "
+                "as its first dimension"
             )
+        return rows // self.batch_size
+
+    def split(self, x: Tensor) -> Iterator[tuple[Segment, Tensor]]:
+        """Yield ``(segment, rows)`` with each task's rows of ``x`` (views, no copies).
+
+        ``x`` holds ``k * batch_size`` rows for some ``k >= 1`` (see :meth:`rows_per_sample`);
+        task segments are scaled by ``k``.
+
+        Raises:
+            RuntimeError: ``x.shape[0]`` is not a multiple of the routed batch size.
+        """
+        k = self.rows_per_sample(x)
         if len(self.segments) == 1:
             yield self.segments[0], x
             return
         # One split (not one narrow per segment): its backward is a single concatenation,
         # where per-segment narrows would each scatter into a zero tensor of the full size.
-        yield from zip(self.segments, x.split([s.length for s in self.segments]))
+        yield from zip(self.segments, x.split([k * s.length for s in self.segments]))
 
-    def block_mask(self, block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``[B, P * block]``: row ``i`` is 1 on the ``block`` columns of its own task's position
-        among the present tasks, 0 elsewhere. Computed once per routing and reused by every layer."""
-        key = (block, dtype, device)
+    def block_mask(self, block: int, dtype: torch.dtype, device: torch.device, k: int = 1) -> Tensor:
+        """``[k * B, P * block]``: row ``i`` is 1 on the ``block`` columns of its own task's position
+        among the present tasks, 0 elsewhere (``k`` rows per sample, sample-major). Computed once
+        per routing and reused by every layer."""
+        key = (block, dtype, device, k)
         if key not in self._cache:
-            lengths = torch.tensor([s.length for s in self.segments])
+            lengths = torch.tensor([k * s.length for s in self.segments])
             local = torch.repeat_interleave(torch.arange(len(self.segments)), lengths)
             mask = torch.nn.functional.one_hot(local, len(self.segments)).repeat_interleave(block, dim=1)
             self._cache[key] = mask.to(device=device, dtype=dtype)
         return self._cache[key]
 
-    def to_sorted(self, value: Any) -> Any:
-        """Reorder every tensor with ``batch_size`` rows inside ``value`` into task order."""
+    def to_sorted(self, value: Any, keep: Callable[[str, Tensor], bool] | None = None) -> Any:
+        """Reorder every tensor with ``batch_size`` rows inside ``value`` into task order
+        (those for which ``keep(path, tensor)`` is true are left alone; see :meth:`to_input_order`)."""
         if self.order is None:
             return value
-        return _map_batch_tensors(value, self.batch_size, lambda t: t.index_select(0, self.order))
+        return _map_batch_tensors(value, self.batch_size, lambda t: t.index_select(0, self.order.to(t.device)), keep)
 
-    def to_input_order(self, value: Any) -> Any:
-        """Undo :meth:`to_sorted` on every tensor with ``batch_size`` rows inside ``value``."""
+    def to_input_order(self, value: Any, keep: Callable[[str, Tensor], bool] | None = None) -> Any:
+        """Undo :meth:`to_sorted` on every tensor with ``batch_size`` rows inside ``value``.
+
+        ``keep(path, tensor)`` returning true leaves that tensor as it is; ``path`` names its place
+        in ``value``: dict keys and sequence indices joined by dots (``"logits"``, ``"1.0"``),
+        ``""`` for a bare tensor.
+        """
         if self.order is None:
             return value
         inverse = torch.empty_like(self.order)
         inverse[self.order] = torch.arange(self.batch_size, device=self.order.device)
-        return _map_batch_tensors(value, self.batch_size, lambda t: t.index_select(0, inverse.to(t.device)))
+        return _map_batch_tensors(value, self.batch_size, lambda t: t.index_select(0, inverse.to(t.device)), keep)
 
 
 def route(task_ids: Tensor | int, batch_size: int, num_tasks: int, device: torch.device | None = None) -> TaskRouting:
@@ -166,14 +194,21 @@ def routing_scope(routing: TaskRouting) -> Iterator[TaskRouting]:
         _ACTIVE.reset(token)
 
 
-def _map_batch_tensors(value: Any, batch_size: int, fn) -> Any:
-    """Apply ``fn`` to every tensor with ``batch_size`` rows in a nested tuple/list/dict."""
+def _map_batch_tensors(value: Any, batch_size: int, fn, keep=None, path: str = "") -> Any:
+    """Apply ``fn`` to every tensor with ``batch_size`` rows in a nested tuple/list/dict, except
+    where ``keep(path, tensor)`` is true."""
     if isinstance(value, Tensor):
-        return fn(value) if value.dim() > 0 and value.shape[0] == batch_size else value
+        if value.dim() == 0 or value.shape[0] != batch_size or (keep is not None and keep(path, value)):
+            return value
+        return fn(value)
+
+    def sub(key, v):
+        return _map_batch_tensors(v, batch_size, fn, keep, f"{path}.{key}" if path else str(key))
+
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(_map_batch_tensors(v, batch_size, fn) for v in value))
+        return type(value)(*(sub(k, v) for k, v in zip(value._fields, value)))
     if isinstance(value, (tuple, list)):
-        return type(value)(_map_batch_tensors(v, batch_size, fn) for v in value)
+        return type(value)(sub(i, v) for i, v in enumerate(value))
     if isinstance(value, dict):
-        return type(value)((k, _map_batch_tensors(v, batch_size, fn)) for k, v in value.items())
+        return type(value)((k, sub(k, v)) for k, v in value.items())
     return value

@@ -2,9 +2,10 @@
 
 ``tune_layouts(student, x, task_ids)`` runs one routed forward pass to capture every expert
 layer's input, then times forward + backward of each layer alone in each candidate layout
-and keeps the fastest. Layouts are exact alternatives (same values and gradients), so tuning
-changes speed and memory only. The ``merged`` layout keeps one weight per task present for
-the backward pass; it is only a candidate where that costs no more than the layer's output.
+and keeps the fastest (``inference=True``: the forward without gradients, kept separately). Layouts are exact alternatives (same values and gradients), so tuning
+changes speed and memory only. In training, a layout is only chosen where the tensors it keeps
+for backward stay within ``max_memory`` times those of the plain layer (``merged`` keeps one
+weight per task present, ``stacked`` the ``P r`` extra channels).
 """
 
 from __future__ import annotations
@@ -16,24 +17,41 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .fused import fused_supported
 from .layers import ExpertLayer
 from .routing import route, routing_scope
 
-CANDIDATES = ("stacked", "lowrank", "merged")
+CANDIDATES = ("stacked", "lowrank", "merged", "fused")
 
 
-def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3) -> dict[str, dict[str, float]]:
-    """Set every expert layer's ``layout`` to its fastest candidate for batches like ``x``.
+def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3, inference: bool = False,
+                 max_memory: float | None = 1.2, margin: float = 0.1) -> dict[str, dict[str, float]]:
+    """Set every expert layer's layout to its fastest candidate for batches like ``x``.
 
     Args:
         student: an :class:`~lorkd.experts.ExpertModel`.
-        x, task_ids: a representative batch (same sizes and task mix as training).
+        x, task_ids: a representative batch (same sizes and task mix as training or inference).
         repeats: timed repetitions per candidate (median kept), after one warm-up.
+        inference: ``False``: time forward + backward and set ``layer.layout`` (used while
+            gradients are enabled); ``True``: time the forward without gradients and set
+            ``layer.infer_layout`` (used under ``torch.no_grad()``).
+        max_memory: in training, only layouts whose tensors kept for backward (parameters
+            aside) are at most this multiple of what the plain layer keeps are chosen (the
+            least memory if none is); ``None``: the fastest whatever its memory.
+        margin: the ``layout="auto"`` rule's choice is kept unless another candidate is at
+            least this fraction faster (timings on a loaded machine are noisy).
 
     Returns:
         ``{layer name: {layout: milliseconds}}`` of the candidates measured; the chosen layout
-        is stored on each layer (``layer.layout``).
+        is stored on each layer (saved by ``save_student``). A batch of one task
+        is skipped (``{}``, layouts unchanged): every layout then runs the merged path. Every
+        buffer (BatchNorm running statistics, ``num_batches_tracked``) and every ``.grad`` is
+        left as it was.
     """
+    routing = route(task_ids, _rows(x), student.num_tasks)
+    if len(routing.segments) == 1:
+        return {}  # one task: every layout runs the merged path, so there is nothing to choose
+    buffers = [(b, b.detach().clone()) for b in student.buffers()]
     captured: dict[str, Tensor] = {}
     hooks = [layer.register_forward_pre_hook(_capture(name, captured)) for name, layer in student.expert_layers()]
     try:
@@ -42,20 +60,36 @@ def tune_layouts(student, x: Any, task_ids: Tensor, repeats: int = 3) -> dict[st
     finally:
         for hook in hooks:
             hook.remove()
+        with torch.no_grad():  # the capture ran in the model's mode: put running statistics etc. back
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
     first = next(iter(captured.values()))
-    routing = route(task_ids, first.shape[0], student.num_tasks, first.device)
+    routing = route(task_ids, routing.batch_size, student.num_tasks, first.device)
+    attr = "infer_layout" if inference else "layout"
     timings = {}
     for name, layer in student.expert_layers():
         inputs = captured[name]
-        times = {}
-        for layout in CANDIDATES:
-            if not _worth_trying(layer, layout, inputs, routing):
-                continue
-            layer.layout = layout
-            times[layout] = _time_layer(layer, inputs, routing, repeats)
-        layer.layout = min(times, key=times.get)
+        candidates = [layout for layout in CANDIDATES if _worth_trying(layer, layout, inputs, routing, inference)]
+        times, kept = _time_candidates(layer, attr, candidates, inputs, routing, repeats, inference)
+        within = list(times)
+        if not inference and max_memory is not None:
+            budget = max_memory * _kept_bytes(lambda: layer.base(inputs.detach().requires_grad_(True)), layer)
+            within = [layout for layout in times if kept[layout] <= budget]
+        best = min(within, key=times.get) if within else min(kept, key=kept.get)
+        setattr(layer, attr, "auto")
+        with torch.set_grad_enabled(not inference):
+            default = layer.resolve_layout(len(routing.segments), inputs)
+        if default in within and times[best] > (1 - margin) * times[default]:
+            best = default  # not clearly faster than the auto rule's choice: timing noise
+        setattr(layer, attr, best)
         timings[name] = times
     return timings
+
+
+def _rows(x: Any) -> int:
+    from .model import _batch_size_and_device
+
+    return _batch_size_and_device(x)[0]
 
 
 def _capture(name: str, store: dict[str, Tensor]):
@@ -64,26 +98,61 @@ def _capture(name: str, store: dict[str, Tensor]):
     return hook
 
 
-def _worth_trying(layer: ExpertLayer, layout: str, x: Tensor, routing) -> bool:
+def _worth_trying(layer: ExpertLayer, layout: str, x: Tensor, routing, inference: bool) -> bool:
+    """Skip candidates that would run another candidate's code."""
     if layout == "stacked" and layer._kind != "conv":
         return False
-    if layout == "merged":
-        with torch.no_grad(), routing_scope(routing):
-            out_numel = layer.base(x).numel() if layer._kind != "conv_transpose" else x.numel()
-        return len(routing.segments) * layer.base.weight.numel() <= out_numel
+    if layout == "fused":
+        return not inference and fused_supported(layer.base)
     return True
 
 
-def _time_layer(layer: ExpertLayer, x: Tensor, routing, repeats: int) -> float:
-    def step() -> None:
+def _kept_bytes(fn, layer: ExpertLayer) -> int:
+    """Bytes of the storages autograd keeps for backward while ``fn()`` runs, the layer's
+    parameters aside (views of one storage count once)."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def _time_candidates(layer: ExpertLayer, attr: str, candidates: list[str], x: Tensor, routing, repeats: int,
+                     inference: bool) -> tuple[dict[str, float], dict[str, int]]:
+    """``({layout: median ms}, {layout: bytes kept for backward})``. The candidates are timed in
+    turn, one call each per round (after one warm-up round), so that load from other processes
+    drifting over the tuning hits them alike."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step() -> None:  # autograd.grad, not backward: no .grad of the model is touched
         inp = x.detach().requires_grad_(True)
         with routing_scope(routing):
             out = layer(inp)
-        out.backward(torch.ones_like(out))
+        torch.autograd.grad(out, [inp, *params], torch.ones_like(out), allow_unused=True)
 
-    ms = median_ms(step, repeats, warmup=1, cuda=x.is_cuda)
-    layer.zero_grad(set_to_none=True)
-    return ms
+    def forward() -> None:
+        with torch.no_grad(), routing_scope(routing):
+            layer(x)
+
+    run = forward if inference else step
+    kept, samples = {}, {layout: [] for layout in candidates}
+    for layout in candidates:  # warm-up round, which also measures memory
+        setattr(layer, attr, layout)
+        kept[layout] = 0 if inference else _kept_bytes(step, layer)
+        if inference:
+            run()
+    for _ in range(repeats):
+        for layout in candidates:
+            setattr(layer, attr, layout)
+            samples[layout].append(median_ms(run, 1, warmup=0, cuda=x.is_cuda))
+    return {layout: statistics.median(t) for layout, t in samples.items()}, kept
 
 
 def median_ms(step, repeats: int, warmup: int = 1, cuda: bool = False) -> float:
