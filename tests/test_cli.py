@@ -95,13 +95,13 @@ def test_run_on_npz_files_then_reuse_teacher_and_aggregate_report(tmp_path, caps
     assert run_cli("run", cfg, "--out", tmp_path / "r1", "--no-progress", "--set", "seed=1",
                    "--set", "teacher.source.kind=lorkd", "--set", f"teacher.source.path={tmp_path / 'r0' / 'teacher'}") == 0
     assert not (tmp_path / "r1" / "teacher").exists()
-    # the second run's config differs in teacher.checkpoint too: refused unless allowed, and said
+    # the second run's config differs in teacher.source too: refused unless allowed, and said
     assert run_cli("report", tmp_path / "r0", tmp_path / "r1", "--out", tmp_path / "summary.md") == 2
-    assert "teacher.checkpoint" in capsys.readouterr().err and not (tmp_path / "summary.md").exists()
+    assert "teacher.source" in capsys.readouterr().err and not (tmp_path / "summary.md").exists()
     assert run_cli("report", tmp_path / "r0", tmp_path / "r1", "--out", tmp_path / "summary.md",
                    "--allow-different") == 0
     text = (tmp_path / "summary.md").read_text()
-    assert "±" in text and "`teacher.checkpoint`" in text and "--allow-different" in text
+    assert "±" in text and "`teacher.source.kind`" in text and "--allow-different" in text
 
 
 @pytest.mark.slow

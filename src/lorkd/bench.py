@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cli import BENCH_MODELS as MODELS, BENCH_VARIANTS as VARIANTS  # one list for both
+from .cli import BENCH_VARIANTS as VARIANTS  # one list for the CLI and the benchmark
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Case:
 
 
 def build_model(name: str) -> tuple[nn.Module, int]:
-    """The benchmark networks and their spatial dims (``name`` in :data:`MODELS`)."""
+    """The benchmark networks and their spatial dims (``name`` in :data:`lorkd.cli.BENCH_MODELS`)."""
     from monai.networks.nets import UNet, resnet18
 
     if name == "resnet18_2d":
