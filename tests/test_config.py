@@ -63,3 +63,17 @@ def test_config_errors_name_the_yaml_file(tmp_path):
     path.write_text("data: {synthetic: {}}\n")
     with pytest.raises(ConfigError, match=r"my_recipe\.yaml: seed: expected an integer"):
         load_recipe(path, ["seed=x"])
+
+
+def test_a_partly_given_section_keeps_its_own_defaults(tmp_path):
+    # segmentation trains in batches of 8 patches with AdamW; giving only the epochs keeps those,
+    # and a --set of one key keeps the rest of that section (student.net's half width)
+    path = tmp_path / "seg.yaml"
+    path.write_text("recipe: segmentation\ndata: {tasks: [{name: a, path: x, format: hdf5}]}\n"
+                    "teacher: {train: {epochs: 3}, adapt: {epochs: 2}}\n")
+    cfg = load_recipe(path, [])
+    assert (cfg.teacher.train.epochs, cfg.teacher.train.batch_size, cfg.teacher.train.optim.name) == (3, 8, "adamw")
+    assert (cfg.teacher.adapt.epochs, cfg.teacher.adapt.batch_size) == (2, 8)
+    path.write_text("data: {synthetic: {}}\n")
+    cfg = load_recipe(path, ["student.net.arch=resnet10"])
+    assert (cfg.student.net.arch, cfg.student.net.widen) == ("resnet10", 0.5)

@@ -112,7 +112,7 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     values = {}
     for name, field in fields.items():
         if name in data:
-            values[name] = _convert(hints[name], data[name], _join(path, name))
+            values[name] = _convert(hints[name], _over_default(field, data[name]), _join(path, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(path, name)}: required key is missing")
     obj = cls(**values)
@@ -126,6 +126,25 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
             except ConfigError as err:
                 raise ConfigError(f"{where}: {err}") from err
     return obj
+
+
+def _over_default(field: dataclasses.Field, value: Any) -> Any:
+    """A mapping given for a section whose default is a configured instance (``default_factory``,
+    e.g. segmentation's ``train`` with batches of 8) lays the given keys over that default, at every
+    depth, so ``train: {epochs: 20}`` keeps the section's own batch size and optimiser instead of
+    falling back to the class defaults."""
+    if not isinstance(value, dict) or field.default_factory is dataclasses.MISSING:
+        return value
+    default = field.default_factory()
+    return _deep_merge(to_dict(default), value) if dataclasses.is_dataclass(default) else value
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``: mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def to_dict(obj: Any) -> Any:
