@@ -72,6 +72,22 @@ EXPERT_METHODS = ("expert_ft", "expert_lp")
 
 
 # ---------------------------------------------------------------------------------------- data
+def downstream_path(spec: Any, key: str, foundation: Any, decomposed: set[Path]) -> Path:
+    """The file or folder of downstream task ``spec`` (config key ``key``).
+
+    Raises:
+        ConfigError: the task (by name, or by its file) is one the foundation model and its
+            experts were trained on: transfer is measured on tasks they have not seen.
+        DataError: the path exists nowhere (the places searched are listed).
+    """
+    path = Path(spec.path) if spec.name in foundation.tasks else locate(spec.path, f"{key}.path")
+    if spec.name in foundation.tasks or path.resolve() in decomposed:
+        raise ConfigError(f"{key}: task {spec.name!r} ({path}) is one of the tasks the foundation model and its "
+                          f"experts were trained on ({', '.join(foundation.tasks)}); transfer is measured on "
+                          "tasks they have not seen")
+    return path
+
+
 def load_downstream(cfg: TransferConfig, foundation: TransferFoundation) -> list[ClassificationTask]:
     """The downstream tasks, checked against the foundation model and capped to ``data.max_train``.
 
@@ -84,11 +100,7 @@ def load_downstream(cfg: TransferConfig, foundation: TransferFoundation) -> list
     tasks = []
     for i, spec in enumerate(cfg.data.tasks):
         key = f"data.tasks[{i}]"
-        path = Path(spec.path) if spec.name in foundation.tasks else locate(spec.path, f"{key}.path")
-        if spec.name in foundation.tasks or path.resolve() in decomposed:
-            raise ConfigError(f"{key}: task {spec.name!r} ({path}) is one of the tasks the foundation model and its "
-                              f"experts were trained on ({', '.join(foundation.tasks)}); transfer is measured on "
-                              "tasks they have not seen")
+        path = downstream_path(spec, key, foundation, decomposed)
         task = load_npz_task(path, name=spec.name, num_classes=spec.num_classes, spatial_dims=spec.spatial_dims)
         if task.spatial_dims != foundation.spatial_dims:
             raise DataError(f"{key} ({path}): holds {task.spatial_dims}D inputs but the foundation model takes "
@@ -135,11 +147,7 @@ def load_seg_downstream(cfg: TransferConfig, foundation: TransferFoundation, out
     tasks = []
     for i, spec in enumerate(d.tasks):
         key = f"data.segmentation.tasks[{i}]"
-        path = Path(spec.path) if spec.name in foundation.tasks else locate(spec.path, f"{key}.path")
-        if spec.name in foundation.tasks or path.resolve() in decomposed:
-            raise ConfigError(f"{key}: task {spec.name!r} ({path}) is one of the tasks the foundation model and its "
-                              f"experts were trained on ({', '.join(foundation.tasks)}); transfer is measured on "
-                              "tasks they have not seen")
+        path = downstream_path(spec, key, foundation, decomposed)
         one = SegmentationConfig(data=dataclasses.replace(d, tasks=[spec]), evaluate=cfg.evaluate, device=cfg.device)
         task = SegDownstream(spec.name, 0, str(path), one, out / spec.name, {})
         run = task.data(0, ctx)
