@@ -13,13 +13,13 @@ layers of teacher and student, and ``lorkd teacher``'s listing of usable layer n
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from torch import Tensor, nn
 
 from lorkd.errors import ConfigError
 
-__all__ = ["LayerTaps", "layer_names", "find_layer"]
+__all__ = ["LayerTaps", "layer_names", "find_layer", "first_tensor"]
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -41,15 +41,20 @@ def find_layer(model: nn.Module, name: str, key: str = "layer") -> nn.Module:
     raise ConfigError(f"{key}: no layer named {name!r} in {type(model).__name__}{hint}")
 
 
-def _first_tensor(output: object) -> Tensor:
-    """A layer's output, or its first tensor when it returns a tuple/list (e.g. attention)."""
+def first_tensor(output: object) -> Tensor:
+    """``output`` itself when it is a tensor, else its first tensor value (a tuple/list, e.g.
+    attention's ``(out, weights)``, or a mapping, e.g. ``{"logits": ...}``).
+
+    Raises:
+        TypeError: ``output`` holds no tensor.
+    """
     if isinstance(output, Tensor):
         return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            if isinstance(item, Tensor):
-                return item
-    raise TypeError(f"layer output of type {type(output).__name__} holds no tensor")
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else []
+    for item in values:
+        if isinstance(item, Tensor):
+            return item
+    raise TypeError(f"an output of type {type(output).__name__} holds no tensor")
 
 
 class LayerTaps:
@@ -78,7 +83,7 @@ class LayerTaps:
 
     def _keeper(self, name: str):
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            self._outputs[name] = _first_tensor(output)
+            self._outputs[name] = first_tensor(output)
         return hook
 
     def __getitem__(self, name: str) -> Tensor:

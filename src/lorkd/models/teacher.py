@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .multitask import MultiTaskNet, TaskOutput
-from .taps import LayerTaps, find_layer
+from .taps import LayerTaps, find_layer, first_tensor
 
-__all__ = ["Foundation", "InputAdapter", "first_conv_channels"]
+__all__ = ["Foundation", "InputAdapter", "first_conv_channels", "output_tensor", "resize_map"]
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}  # interpolation mode by spatial dims
@@ -214,10 +214,10 @@ class Foundation(MultiTaskNet):
         return out
 
     def _features(self, out: Any, x: Tensor) -> Tensor:
-        f = self._taps[self.features_layer] if self.features_layer else _tensor(out, self.key)
+        f = self._taps[self.features_layer] if self.features_layer else output_tensor(out, self.key)
         if not self.dense:
             return f.flatten(2).mean(2) if f.ndim > 2 else f
-        return _resize(f, x.shape[2:], f"{self.key}.features")
+        return resize_map(f, x.shape[2:], f"{self.key}.features")
 
     def _mapped(self, out: Any, task: int, x: Tensor) -> Tensor:
         spec, where = self.mapped[task], f"{self.key}.heads.{self.task_names[task]}"
@@ -232,10 +232,10 @@ class Foundation(MultiTaskNet):
             y = out[spec]
         else:
             start, stop = (list(spec) + [None])[:2]
-            y = _tensor(out, where)[:, start:stop]
+            y = output_tensor(out, where)[:, start:stop]
         if not isinstance(y, Tensor):
             raise ConfigError(f"{where}: {spec!r} selects a {type(y).__name__}, not a tensor")
-        return _resize(y, x.shape[2:], where) if self.dense else y
+        return resize_map(y, x.shape[2:], where) if self.dense else y
 
     def forward(self, x: Tensor, task_ids: Tensor) -> TaskOutput:
         """``x`` ``[B, C, *spatial]`` (the recipe's input), ``task_ids`` int64 ``[B]`` -> TaskOutput with
@@ -273,17 +273,16 @@ class _OneTask(nn.Module):
         return self.net(x, ids).logits[self.task]
 
 
-def _tensor(out: Any, key: str) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else []
-    for v in values:
-        if isinstance(v, Tensor):
-            return v
-    raise ConfigError(f"{key}: the teacher returns a {type(out).__name__} without a tensor")
+def output_tensor(out: Any, key: str) -> Tensor:
+    """The model's output tensor (:func:`~lorkd.models.taps.first_tensor`); ConfigError naming ``key``
+    when it holds none."""
+    try:
+        return first_tensor(out)
+    except TypeError:
+        raise ConfigError(f"{key}: the teacher returns a {type(out).__name__} without a tensor") from None
 
 
-def _resize(y: Tensor, size: Sequence[int], key: str) -> Tensor:
+def resize_map(y: Tensor, size: Sequence[int], key: str) -> Tensor:
     """A map ``[B, K, *sp']`` resized (linear interpolation) to ``[B, K, *size]``."""
     if y.ndim != len(size) + 2:
         raise ConfigError(f"{key}: expected a map [B, K, {', '.join(map(str, size))}] for segmentation, "

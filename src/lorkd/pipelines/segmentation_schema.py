@@ -8,10 +8,12 @@ network (a MONAI segmentation body) and evaluation (sliding-window inference, Di
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from ..config import check
+from ..data.augment import Augment
 from ..engine.trainer import OptimConfig as Optim
 from .schema import Baselines, Distill, Experts, Export, Logging, Stage, StudentSection, TeacherAdapt, TeacherSection
 
@@ -66,35 +68,25 @@ class SegTaskFile:
               f"must be >= 2 (background included), got {self.num_classes}")
 
 
-@dataclass
-class AugmentConfig:
-    """Seeded augmentation of training patches (see :class:`lorkd.data.augment.Augment`), on by
-    default; drawn from ``(seed, epoch, patch index)`` so reruns and resumed runs are identical."""
+@dataclass(frozen=True)
+class AugmentConfig(Augment):
+    """``data.augment``: the fields of :class:`lorkd.data.augment.Augment` (seeded flips, rotation
+    + zoom, intensity; drawn from ``(seed, epoch, patch index)`` so reruns and resumed runs are
+    identical) plus ``enabled`` (on by default)."""
 
     enabled: bool = True
-    flip: float = 0.5  # probability of flipping each axis in flip_axes
-    flip_axes: list[int] | None = None  # patch axes that may be flipped (default: all)
-    affine: float = 0.5  # probability of a rotation + zoom
-    rotate: float = 15.0  # max degrees, in the plane of the last two patch axes
-    scale: float = 0.1  # zoom factor in [1 - scale, 1 + scale]
-    intensity: float = 0.5  # probability of the scale/shift, and (separately) of the noise
-    intensity_scale: float = 0.1  # x * (1 + U(-s, s)) per channel
-    intensity_shift: float = 0.1  # + U(-s, s) per channel
-    noise: float = 0.05  # std of additive Gaussian noise
+
+    def __post_init__(self) -> None:  # checked by validate, which names the dotted key
+        pass
 
     def validate(self, path: str) -> None:
-        from ..data.augment import Augment
-
         Augment.check_settings(self, path)
 
-    def build(self):
+    def build(self) -> Augment | None:
         """The :class:`~lorkd.data.augment.Augment`, or ``None`` when disabled."""
-        from ..data.augment import Augment
-
         if not self.enabled:
             return None
-        return Augment(self.flip, tuple(self.flip_axes) if self.flip_axes is not None else None, self.affine,
-                       self.rotate, self.scale, self.intensity, self.intensity_scale, self.intensity_shift, self.noise)
+        return Augment(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Augment)})
 
 
 @dataclass

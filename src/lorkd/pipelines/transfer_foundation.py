@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..fileio import read_json
 from ..models.foundation import load_foundation
 from ..models.taps import LayerTaps, find_layer
-from ..models.teacher import InputAdapter, _resize, _tensor, first_conv_channels
+from ..models.teacher import InputAdapter, first_conv_channels, output_tensor, resize_map
 from .common import META, has_network, load_network
 
 __all__ = ["TransferFoundation", "FoundationFeatures", "load_transfer_foundation", "foundation_from_run",
@@ -237,14 +237,14 @@ class FoundationFeatures(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.layer is None:
-            f = _tensor(self.module(self.input_adapter(x)), self.key)
+            f = output_tensor(self.module(self.input_adapter(x)), self.key)
         else:
             with LayerTaps(self.module, [self.layer], key=f"{self.key}.features") as taps:
                 self.module(self.input_adapter(x))
                 f = taps[self.layer]
         if not self.dense:
             return f.flatten(2).mean(2) if f.ndim > 2 else f
-        return _resize(f, x.shape[2:], f"{self.key}.features")
+        return resize_map(f, x.shape[2:], f"{self.key}.features")
 
 
 def _expert_input(experts: dict[str, Path], key: str) -> dict[str, Any]:
