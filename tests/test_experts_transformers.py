@@ -110,7 +110,7 @@ class Tokens(nn.Module):
         return self.conv(h.unsqueeze(-1)).view(b, n, 3)  # the conv too sees B * N rows
 
 
-@pytest.mark.parametrize("layout", ["stacked", "lowrank", "merged"])
+@pytest.mark.parametrize("layout", ["auto", "lowrank", "merged"])
 def test_layers_with_k_rows_per_sample_equal_the_per_task_expert(layout):
     torch.manual_seed(0)
     student = randomise_experts(lorkd.add_experts(Tokens(), 3, rank=2, layout=layout))

@@ -336,7 +336,7 @@ class TransferRun:
             if method == "foundation_lora":
                 backbone = add_experts(backbone, 1, rank=self.cfg.lora.rank, alpha=self.cfg.lora.alpha, norm="shared")
                 backbone.requires_grad_(False)
-                for p in backbone.expert_parameters(0):
+                for p in backbone.task_parameters():
                     p.requires_grad_(True)
             elif method == "foundation_lp":
                 freeze(backbone)
