@@ -363,7 +363,8 @@ class TaskBatchNorm(nn.Module):
                              f"got {list(x.shape)}")
         tasks = routing.row_tasks(x)
         if not (self.training or self.running_mean is None):  # running statistics: BatchNorm's inference kernel
-            rm, rv, w, b = _per_row(tasks, self.running_mean, self.running_var, self.weight, self.bias)
+            rm, rv = _per_row(tasks, self.running_mean, self.running_var)  # buffers apart: no gradient
+            w, b = _per_row(tasks, self.weight, self.bias)
             flat = x.reshape(1, x.shape[0] * self.num_features, -1)
             return F.batch_norm(flat, rm, rv, w, b, False, 0.0, self.eps).view_as(x)
         values_per_row = x[0, 0].numel()
@@ -477,6 +478,8 @@ class _TaskNorm(torch.autograd.Function):
 def _per_row(tasks: Tensor, *per_task: Tensor | None) -> list[Tensor | None]:
     """Each ``[T, C]`` tensor gathered to its rows' tasks and flattened to ``[N * C]`` (one gather)."""
     present = [t for t in per_task if t is not None]
+    if not present:
+        return [None] * len(per_task)
     gathered = torch.cat(present, dim=1).index_select(0, tasks).split(present[0].shape[1], dim=1)
     it = iter(gathered)
     return [None if t is None else next(it).reshape(-1) for t in per_task]

@@ -112,7 +112,8 @@ class ExpertModel(nn.Module):
         self.model = model
         self.config = config
         self.skipped = list(skipped or [])
-        self.tasks_seen: Tensor | None = None  # BoolTensor [T]: tasks routed with gradients since reset_seen()
+        # BoolTensor [T]: tasks routed with gradients since reset_seen() (not saved; moves with .to())
+        self.register_buffer("tasks_seen", torch.zeros(config.num_tasks, dtype=torch.bool), persistent=False)
 
     @property
     def num_tasks(self) -> int:
@@ -123,18 +124,13 @@ class ExpertModel(nn.Module):
         batch, device = _batch_size_and_device(x)
         routing = route(task_ids, batch, self.num_tasks, device)
         if torch.is_grad_enabled():
-            present = routing.present()
-            if self.tasks_seen is None or self.tasks_seen.device != present.device:
-                self.tasks_seen = present.clone()
-            else:
-                self.tasks_seen.logical_or_(present)
+            self.tasks_seen.logical_or_(routing.present().to(self.tasks_seen.device))
         with routing_scope(routing):
             return self.model(x, *args, **kwargs)
 
     def reset_seen(self) -> None:
         """Forget which tasks were routed (called by :func:`keep_absent_experts` after each step)."""
-        if self.tasks_seen is not None:
-            self.tasks_seen.zero_()
+        self.tasks_seen.zero_()
 
     # ------------------------------------------------------------------ parts
     def expert_layers(self) -> Iterator[tuple[str, ExpertLayer]]:
@@ -174,6 +170,16 @@ class ExpertModel(nn.Module):
     def expert_parameters(self, task: int) -> Iterator[Tensor]:
         """Views of the parameters owned by task ``task`` alone (see :meth:`named_expert_parameters`)."""
         return (p for _, p in self.named_expert_parameters(task))
+
+    def named_expert_gradients(self, task: int) -> Iterator[tuple[str, Tensor | None]]:
+        """``(name, gradient)`` of task ``task``'s rows (``None`` where the whole parameter got no
+        gradient), named as :meth:`named_expert_parameters`."""
+        for (name, _), param in zip(self.named_expert_parameters(task), self.task_parameters()):
+            yield name, None if param.grad is None else param.grad[task]
+
+    def expert_gradients(self, task: int) -> Iterator[Tensor | None]:
+        """The gradients of task ``task``'s rows (see :meth:`named_expert_gradients`)."""
+        return (g for _, g in self.named_expert_gradients(task))
 
     def named_shared_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` that hold no task's rows (the base weights, shared norms, ...)."""

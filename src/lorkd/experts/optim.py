@@ -48,8 +48,7 @@ def keep_absent_experts(optimizer: torch.optim.Optimizer, model: nn.Module,
         return [p for group in optimizer.param_groups for p in group["params"] if id(p) in owners]
 
     def seen_of(student: ExpertModel, device: torch.device) -> Tensor:
-        seen = student.tasks_seen
-        flags = torch.zeros(student.num_tasks, dtype=torch.long, device=device) if seen is None else seen.long()
+        flags = student.tasks_seen.to(device, torch.long)
         return reduce(flags) > 0 if reduce is not None else flags > 0
 
     def before(opt, args, kwargs) -> None:

@@ -11,8 +11,10 @@ every mix of a given batch size.
 A layer may see ``k`` rows per sample (``k * B`` rows, sample-major: window attention,
 flattened tokens); each sample's task is then repeated ``k`` times.
 
-The routing of the forward pass in progress is held in a context variable, so expert layers
-find it without the task ids being threaded through every ``forward`` signature. Soft routing
+The routing of the forward pass in progress is held in a module-level stack (which
+``torch.compile`` traces, unlike a context variable), so expert layers find it without the task
+ids being threaded through every ``forward`` signature. One forward at a time per process:
+threads that run expert models concurrently (``nn.DataParallel``) are not supported; use DDP. Soft routing
 (mixture weights per sample, MoLA-Router) would be a second routing class read by the same
 layers; a single task for the whole batch is :attr:`TaskRouting.single`.
 """
@@ -20,13 +22,12 @@ layers; a single task for the whole batch is :attr:`TaskRouting.single`.
 from __future__ import annotations
 
 import contextlib
-from contextvars import ContextVar
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-_ACTIVE: ContextVar["TaskRouting | None"] = ContextVar("lorkd_routing", default=None)
+_ACTIVE: list["TaskRouting"] = []  # the routing of the forward in progress is the last one
 
 
 class TaskRouting:
@@ -144,20 +145,19 @@ def active_routing(layer_name: str = "an expert layer") -> TaskRouting:
         RuntimeError: no routed forward is in progress (the inner model was called directly
             instead of through the ``ExpertModel`` with task ids).
     """
-    routing = _ACTIVE.get()
-    if routing is None:
+    if not _ACTIVE:
         raise RuntimeError(
             f"{layer_name} was called without task ids: call the ExpertModel as student(x, task_ids), "
             "or use student.extract(t) for a plain single-task model"
         )
-    return routing
+    return _ACTIVE[-1]
 
 
 @contextlib.contextmanager
 def routing_scope(routing: TaskRouting) -> Iterator[TaskRouting]:
     """Make ``routing`` the active routing for the duration of the ``with`` block."""
-    token = _ACTIVE.set(routing)
+    _ACTIVE.append(routing)
     try:
         yield routing
     finally:
-        _ACTIVE.reset(token)
+        _ACTIVE.pop()
