@@ -163,7 +163,7 @@ def test_segmentation_predict_turns_nifti_to_the_card_orientation_and_back(tmp_p
     nib.save(image, str(tmp_path / "scans" / "vol.nii.gz"))
     seen = {}
 
-    def voxelwise(model, array, spacing, card, device):  # orientation-equivariant: the round trip must be exact
+    def voxelwise(model, array, spacing, card, device, name):  # orientation-equivariant: the round trip must be exact
         seen.update(array=array, spacing=spacing)
         return (array[0] > 0).astype(np.uint8)
 
@@ -195,3 +195,45 @@ def test_a_3d_classification_expert_takes_npy_volumes(tmp_path, caplog):
     assert np.abs(_probs(rows[1:2]) - _probs(rows[2:3])).max() < 1e-5
     assert "1 input(s) resized to 8x8x8 as the expert expects: big.npy" in caplog.text
 
+
+
+def _segmentation_expert(folder: Path, in_channels: int, task_channels: int) -> Path:
+    """A 2D UNet expert of ``in_channels`` whose task had ``task_channels`` (zero-filled up in training)."""
+    from lorkd.experts import save_expert
+    from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
+
+    plain, spec = MultiTaskSegmenter(segmentation_backbone_spec("unet", 2, in_channels, [4, 8], 4), [2]).export_task(0)
+    card = {"task_kind": "segmentation", "classes": 2, "spatial_dims": 2, "in_channels": in_channels,
+            "task_channels": task_channels, "channel_fill": "zeros",
+            "preprocessing": {"normalize": "none", "scale": None, "target_spacing": None, "target_shape": None},
+            "inference": {"roi_size": [16, 16], "overlap": 0.25, "sw_batch_size": 4, "mode": "constant"}}
+    return save_expert(plain.eval(), folder, spec, card)
+
+
+def test_segmentation_predict_repeats_gray_for_a_colour_expert_and_warns(tmp_path, monkeypatch, caplog, capsys):
+    from lorkd.engine import inference
+
+    seen = []
+    real = inference.sliding_window_logits
+    monkeypatch.setattr(inference, "sliding_window_logits", lambda m, x, *a: seen.append(x) or real(m, x, *a))
+    gray = _save(tmp_path / "gray.png", _gray(1))
+    colour = _segmentation_expert(tmp_path / "rgb", 3, 3)
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        predict_files(colour, [gray], output=tmp_path / "m1")
+    assert f"{gray}: 1 channel repeated to the 3 channels" in caplog.text
+    assert torch.equal(seen[0][0], seen[0][1]) and torch.equal(seen[0][0], seen[0][2]) and seen[0][0].abs().sum() > 0
+    caplog.clear()
+    mixed = _segmentation_expert(tmp_path / "mixed", 3, 1)  # a gray task of a run with an RGB task: zeros, as trained
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        predict_files(mixed, [gray], output=tmp_path / "m2")
+    assert "repeated" not in caplog.text and seen[1][1:].abs().sum() == 0 and seen[1][0].abs().sum() > 0
+    capsys.readouterr()
+
+
+def test_segmentation_predict_refuses_channels_it_cannot_fit(tmp_path):
+    from lorkd.experts import load_expert
+    from lorkd.pipelines.predict import segment
+
+    model = load_expert(_segmentation_expert(tmp_path / "rgb", 3, 3)).eval()
+    with pytest.raises(DataError, match="scan.h5: image has 2 channels, the expert was trained on 3"):
+        segment(model, np.zeros((2, 16, 16), np.float32), (1.0, 1.0), model.card, name="scan.h5")

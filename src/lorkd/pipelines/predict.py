@@ -339,12 +339,14 @@ def read_segmentation_input(path: Path, image_key: str = "image") -> tuple[np.nd
 
 @torch.no_grad()
 def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...], card: dict[str, Any],
-            device: torch.device | str = "cpu") -> np.ndarray:
+            device: torch.device | str = "cpu", name: str = "input") -> np.ndarray:
     """Mask ``[*spatial]`` (uint8 class indices, the input's own grid) of ``image`` ``[C, *spatial]``:
-    preprocessing of the card, sliding-window logits, resampled back to the input's shape, argmax.
+    channels fitted as in training (:func:`_task_channels`, then the card's ``channel_fill`` up to
+    ``in_channels``), preprocessing of the card, sliding-window logits, resampled back to the
+    input's shape, argmax.
 
     Raises:
-        DataError: the input's dimensions or channels do not fit the expert.
+        DataError: the input's dimensions or channels do not fit the expert (names ``name``).
     """
     from ..data.segmentation import Preprocess, _fit_channels, preprocess_case
     from ..data.volumes import Case
@@ -352,23 +354,44 @@ def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...
 
     spatial = image.ndim - 1
     if spatial not in (card["spatial_dims"], card["spatial_dims"] + 1):
-        raise DataError(f"input of shape {image.shape} ([C, *spatial]) does not fit this {card['spatial_dims']}D expert")
-    channels = card["in_channels"]
-    if image.shape[0] > channels:
-        raise DataError(f"input has {image.shape[0]} channels, the expert takes {channels}")
+        raise DataError(f"{name}: input of shape {image.shape} ([C, *spatial]) does not fit this "
+                        f"{card['spatial_dims']}D expert")
+    image = _task_channels(image, card, name)
     pre = card["preprocessing"]
     tup = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
     prep = Preprocess(pre["normalize"], tup(pre["scale"]), tup(pre["target_spacing"]), tup(pre["target_shape"]))
     shape = image.shape[1:]
     case = Case("input", "input", image, np.zeros(shape, np.int64), tuple(spacing), None, "")
     case, _ = preprocess_case(case, prep)
-    x = torch.from_numpy(_fit_channels(case.image, channels, card.get("channel_fill", "zeros")).copy())
+    x = torch.from_numpy(_fit_channels(case.image, card["in_channels"], card.get("channel_fill", "zeros")).copy())
     inf = card["inference"]
     logits = sliding_window_logits(model, x, inf["roi_size"], inf["overlap"], inf["sw_batch_size"], inf["mode"], device)
     if tuple(logits.shape[1:]) != tuple(shape):
         mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
         logits = F.interpolate(logits[None], size=tuple(shape), mode=mode, align_corners=False)[0]
     return logits.argmax(0).numpy().astype(np.uint8)
+
+
+def _task_channels(image: np.ndarray, card: dict[str, Any], name: str) -> np.ndarray:
+    """``image`` ``[C, *spatial]`` with the channels of the expert's own task (card
+    ``task_channels``, else ``in_channels``): one channel is repeated, several are averaged to one
+    (both warned, naming ``name``); the network's extra channels (``in_channels``) are filled later
+    as in training.
+
+    Raises:
+        DataError: any other channel mismatch (names ``name`` and both counts).
+    """
+    want = int(card.get("task_channels") or card["in_channels"])
+    have = image.shape[0]
+    if have == want:
+        return image
+    if have == 1:
+        log.warning("predict: %s: 1 channel repeated to the %d channels the expert was trained on", name, want)
+        return np.repeat(image, want, axis=0)
+    if want == 1:
+        log.warning("predict: %s: %d channels averaged to the 1 channel the expert was trained on", name, have)
+        return image.mean(0, keepdims=True)
+    raise DataError(f"{name}: image has {have} channels, the expert was trained on {want}")
 
 
 def to_orientation(image: np.ndarray, affine: np.ndarray, codes: str, name: str = "input") -> tuple[np.ndarray, tuple[float, ...], np.ndarray, str]:
@@ -440,7 +463,7 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
         back = None
         if card.get("orientation") and geometry is not None and image.ndim == 4:
             image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], path.name)
-        mask = segment(model, image, spacing, card, dev)
+        mask = segment(model, image, spacing, card, dev, str(path))
         if back is not None:
             from ..data.volumes import reorient
 

@@ -277,7 +277,8 @@ def expert_card(run: Run, t: int) -> dict[str, Any]:
     pre = run.preprocess[t]
     task = run.tasks[t]
     return {"task": run.names[t], "task_id": t, "task_kind": "segmentation", "classes": run.num_classes[t],
-            "in_channels": run.channels, "input_channels": run.channels, "channel_fill": run.cfg.data.channel_fill,
+            "in_channels": run.channels, "input_channels": run.channels, "task_channels": task.in_channels,
+            "channel_fill": run.cfg.data.channel_fill,
             "spatial_dims": run.spatial_dims, "data_spatial_dims": task.spatial_dims,
             "slice_mode": task.spatial_dims == run.spatial_dims + 1, "patch_size": list(run.patch),
             "inference": {"roi_size": list(run.roi), "overlap": run.cfg.evaluate.overlap,
