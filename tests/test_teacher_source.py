@@ -202,6 +202,9 @@ def test_input_adapter_channels_size_and_normalisation(dims):
     raw = torch.nn.functional.interpolate(x * 0.5 + 0.5, size=[8] * dims,
                                           mode=("bilinear", "trilinear")[dims - 2], align_corners=False)
     assert torch.allclose(y[:, 2:3], (raw - 0.3) / 0.5, atol=1e-6)
+    size_only = InputAdapter(dims, size=8, data_mean=0.5, data_std=0.5)  # intensities as the recipe gives them
+    assert torch.allclose(size_only(x * 2 - 1), torch.nn.functional.interpolate(
+        x * 2 - 1, size=[8] * dims, mode=("bilinear", "trilinear")[dims - 2], align_corners=False), atol=1e-6)
     rgb = torch.rand(2, 3, *([4] * dims))
     assert torch.allclose(InputAdapter(dims, channels="average", in_channels=1)(rgb), rgb.mean(1, keepdim=True))
     with pytest.raises(ConfigError, match=r"teacher\.input\.channels: the teacher takes 3 channels, the data has 1"):
