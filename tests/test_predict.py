@@ -96,6 +96,28 @@ def test_16_bit_float_and_npy_images_are_scaled_by_type_not_clipped(expert, tmp_
     assert json.loads((tmp_path / "p.json").read_text())[1]["input"] == "u16.png"
 
 
+def test_12_bit_data_in_16_bit_pngs_is_warned_and_read_with_bits(expert, tmp_path, caplog):
+    image = _gray(8)
+    _save(tmp_path / "u8.png", image)
+    for i in range(2):
+        Image.fromarray((image.astype(np.uint32) * 4095 // 255).astype(np.uint16)).save(tmp_path / f"scan{i}.png")  # 12-bit values
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        dark = predict_files(expert, [tmp_path / "scan0.png", tmp_path / "scan1.png"], output=tmp_path / "p.csv")
+    assert len(caplog.records) == 1 and "2 16-bit input(s) hold values that fit 12 bits" in caplog.text
+    assert "pass --bits 12" in caplog.text and f"{tmp_path / 'scan0.png'}, {tmp_path / 'scan1.png'}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        rows = predict_files(expert, [tmp_path / "u8.png", tmp_path / "scan0.png"], output=tmp_path / "q.csv", bits=12)
+    assert not caplog.records and np.abs(_probs(rows)[0] - _probs(rows)[1]).max() < 1e-3
+    assert np.abs(_probs(rows)[1] - _probs(dark)[0]).max() > 1e-4  # / 65535 differs: the warning is not idle
+    Image.fromarray(np.full((16, 16), 5000, np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(DataError, match=r"deep.png: integer image of dtype uint16 with values in \[5000, 5000\], "
+                                        r"beyond --bits 12 \(max 4095\)"):
+        predict_files(expert, [tmp_path / "deep.png"], bits=12)
+    with pytest.raises(DataError, match="--bits must be in 9..16"):
+        predict_files(expert, [tmp_path / "u8.png"], bits=8)
+
+
 def test_resizing_and_channel_conversion_are_warned(expert, tmp_path, caplog):
     rgb = np.stack([_gray(3)] * 3, -1)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")

@@ -1,8 +1,9 @@
 """``lorkd predict``: run an exported expert on image files, folders, globs, ``.npy`` or ``.npz``
 files and report class probabilities (with class names when the card has them). Inputs are
 preprocessed as the expert's card says (channels, size, normalisation); pixel values are scaled by
-type: uint8 / 255, uint16 / 65535, float kept when in [0, 1] (anything else is an error: nothing is
-clipped). Resizing and channel conversion are logged as warnings."""
+type: uint8 / 255, uint16 / 65535 (``--bits N``: / 2**N - 1), float kept when in [0, 1] (anything
+else is an error: nothing is clipped). Resizing, channel conversion and 16-bit images whose values
+fit fewer bits are logged as warnings."""
 
 from __future__ import annotations
 
@@ -57,28 +58,41 @@ def expand_inputs(inputs: Iterable[str | Path], suffixes: Iterable[str]) -> list
     return paths
 
 
-def to_unit_range(array: np.ndarray, name: str) -> np.ndarray:
+def to_unit_range(array: np.ndarray, name: str, bits: int | None = None,
+                  shallow: list[tuple[str, int]] | None = None) -> np.ndarray:
     """Pixel values -> float32 in [0, 1] by type: uint8 / 255, uint16 / 65535, bool as 0/1, float
     kept. A signed or wider integer image whose values fit 16 bits is read as 16-bit (warned).
+    ``bits`` (e.g. 12 for 12-bit data in 16-bit files): integer images other than uint8 are divided
+    by ``2**bits - 1`` instead.
+
+    A 16-bit image read as such whose values fit 14 bits or fewer is probably shallower data in a
+    16-bit file (it comes out dark): ``(name, depth)`` is appended to ``shallow``, or warned when
+    ``shallow`` is None.
 
     Raises:
-        DataError: float values outside [0, 1] or not finite, integers beyond 16 bits or negative,
-            or another dtype (names ``name``, the dtype and the range; nothing is clipped).
+        DataError: float values outside [0, 1] or not finite, integers beyond 16 bits (``bits``) or
+            negative, or another dtype (names ``name``, the dtype and the range; nothing is clipped).
     """
     kind = array.dtype.kind
     if kind == "b":
         return array.astype(np.float32)
     if kind == "u" and array.dtype.itemsize == 1:
         return array.astype(np.float32) / 255.0
-    if kind == "u" and array.dtype.itemsize == 2:
-        return array.astype(np.float32) / 65535.0
     if kind in "ui":
         lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
-        if lo < 0 or hi > 65535:
-            raise DataError(f"{name}: integer image of dtype {array.dtype} with values in [{lo}, {hi}]; give 8-bit or "
-                            "16-bit unsigned images, or floats in [0, 1]")
-        log.warning("predict: %s: %s image read as 16-bit (values / 65535)", name, array.dtype)
-        return array.astype(np.float32) / 65535.0
+        top = 2 ** (bits or 16) - 1
+        if lo < 0 or hi > top:
+            hint = f", beyond --bits {bits} (max {top})" if bits else "; give 8-bit or 16-bit unsigned images, or floats in [0, 1]"
+            raise DataError(f"{name}: integer image of dtype {array.dtype} with values in [{lo}, {hi}]{hint}")
+        if bits is None and (kind != "u" or array.dtype.itemsize != 2):
+            log.warning("predict: %s: %s image read as 16-bit (values / 65535)", name, array.dtype)
+        depth = next((d for d in (8, 10, 12, 14) if hi < 2 ** d), None)
+        if bits is None and depth is not None:
+            if shallow is None:
+                _warn_shallow([(name, depth)])
+            else:
+                shallow.append((name, depth))
+        return array.astype(np.float32) / top
     if kind == "f":
         if not np.isfinite(array).all():
             raise DataError(f"{name}: float image holds NaN or infinite values")
@@ -88,6 +102,15 @@ def to_unit_range(array: np.ndarray, name: str) -> np.ndarray:
                             "(scale them first; nothing is clipped)")
         return array.astype(np.float32)
     raise DataError(f"{name}: images of dtype {array.dtype} are not supported")
+
+
+def _warn_shallow(shallow: list[tuple[str, int]]) -> None:
+    """One warning for the 16-bit inputs whose values fit fewer bits (``(name, depth)`` each)."""
+    if shallow:
+        depth = max(d for _, d in shallow)
+        names = ", ".join(n for n, _ in shallow[:5]) + (f" and {len(shallow) - 5} more" if len(shallow) > 5 else "")
+        log.warning("predict: %d 16-bit input(s) hold values that fit %d bits, divided by 65535 they come out dark; "
+                    "if they are %d-bit data, pass --bits %d: %s", len(shallow), depth, depth, depth, names)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -114,21 +137,24 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read the image ({err})") from err
 
 
-def load_inputs(paths: list[Path], split: str, spatial_dims: int = 2) -> list[tuple[str, np.ndarray]]:
+def load_inputs(paths: list[Path], split: str, spatial_dims: int = 2,
+                bits: int | None = None) -> list[tuple[str, np.ndarray]]:
     """``(name, image [*spatial] or [*spatial, C] in [0, 1], float32)`` for every image file, every
-    ``.npy`` array and every image of the ``split`` of every ``.npz``.
+    ``.npy`` array and every image of the ``split`` of every ``.npz`` (scaled by
+    :func:`to_unit_range` with ``bits``; one warning for 16-bit inputs that fit fewer bits).
 
     Raises:
         DataError: a file is missing, of an unknown type, unreadable, of an unsupported shape or
             value range (names it).
     """
-    items = []
+    items, shallow = [], []
     for path in paths:
         if not path.is_file():
             raise DataError(f"{path}: file not found")
         suffix = path.suffix.lower()
         if suffix == ".npz":
-            items += [(f"{path.name}[{split}][{i}]", image) for i, image in enumerate(_npz_images(path, split))]
+            images = _npz_images(path, split, bits, shallow)
+            items += [(f"{path.name}[{split}][{i}]", image) for i, image in enumerate(images)]
             continue
         if suffix == ".npy":
             try:
@@ -142,11 +168,12 @@ def load_inputs(paths: list[Path], split: str, spatial_dims: int = 2) -> list[tu
         if image.ndim not in (spatial_dims, spatial_dims + 1) or (image.ndim > spatial_dims and image.shape[-1] > 4):
             raise DataError(f"{path}: array of shape {list(image.shape)}; this {spatial_dims}D expert takes "
                             f"[{', '.join('DHW'[3 - spatial_dims:])}] or [..., C] with C <= 4")
-        items.append((path.name, to_unit_range(image, str(path))))
+        items.append((path.name, to_unit_range(image, str(path), bits, shallow)))
+    _warn_shallow(shallow)
     return items
 
 
-def _npz_images(path: Path, split: str) -> list[np.ndarray]:
+def _npz_images(path: Path, split: str, bits: int | None, shallow: list[tuple[str, int]]) -> list[np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as arrays:
             key = f"{split}_images"
@@ -155,7 +182,7 @@ def _npz_images(path: Path, split: str) -> list[np.ndarray]:
             images = arrays[key]
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read the .npz file ({err})") from err
-    return list(to_unit_range(images, f"{path} key '{split}_images'"))  # one check and warning for the split
+    return list(to_unit_range(images, f"{path} key '{split}_images'", bits, shallow))  # one check and warning for the split
 
 
 def preprocess(image: np.ndarray, card: dict[str, Any], name: str = "input",
@@ -215,12 +242,13 @@ def _warn(notes: dict[str, list[str]], card: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test", output: Path | None = None,
-                  batch_size: int = 256, device: str = "cpu") -> list[dict[str, Any]]:
+                  batch_size: int = 256, device: str = "cpu", bits: int | None = None) -> list[dict[str, Any]]:
     """Probabilities of every input through the expert; printed as CSV or written to ``output``.
 
     ``inputs`` are files, folders or glob patterns (:func:`expand_inputs`). A row holds ``input``,
     ``prediction`` (class index), ``class_name`` when the card has ``class_names``, and ``p0..pK-1``.
-    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``"auto"``.
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``"auto"``. ``bits``: the bit depth of
+    integer images wider than 8 bits (default: 16-bit, / 65535; see :func:`to_unit_range`).
 
     A segmentation expert (card ``task_kind: segmentation``) writes masks instead: see
     :func:`predict_masks` (``output`` is then the folder of the masks).
@@ -234,12 +262,14 @@ def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test
         return predict_masks(expert_dir, inputs, output, device=device)
     if batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    if bits is not None and not 9 <= bits <= 16:
+        raise DataError(f"--bits must be in 9..16 (the depth of images wider than 8 bits), got {bits}")
     dev = _device(device)
     model = load_expert(expert_dir).eval()
     card = model.card
     model = model.to(dev)
     names = card.get("class_names")
-    items = load_inputs(expand_inputs(inputs, CLASSIFICATION_SUFFIXES), split, _spatial_dims(card))
+    items = load_inputs(expand_inputs(inputs, CLASSIFICATION_SUFFIXES), split, _spatial_dims(card), bits)
     notes: dict[str, list[str]] = {"channels": [], "resized": []}
     rows = []
     for start in range(0, len(items), batch_size):
