@@ -328,6 +328,15 @@ def test_lorkd_teacher_prints_source_layers_and_shapes(tmp_path, teacher_files, 
     assert "features.denseblock4  _DenseBlock  [4, " in text and "sample batch: [4, 1, 16, 16]" in text
 
 
+def test_lorkd_teacher_on_a_torchscript_source_shows_its_outputs_without_hooks(tmp_path, teacher_files, capsys):
+    cfg = write_config(tmp_path, foundation_teacher(SOURCES["torchscript"](teacher_files), features=None))
+    assert run_cli("teacher", cfg) == 0
+    text = capsys.readouterr().out
+    assert f"source: torchscript {teacher_files['script']}" in text and "features: the output -> [4, 3]" in text
+    assert "synth_xray (3 classes): its output [0, 3] -> logits [2, 3]" in text
+    assert "layers: none usable (a TorchScript model offers only its outputs" in text
+
+
 def test_lorkd_teacher_without_a_source_shows_the_network_lorkd_would_train(tmp_path, capsys):
     cfg = write_config(tmp_path, {"net": {"arch": "resnet10", "widen": 0.25}})
     assert run_cli("teacher", cfg) == 0
