@@ -170,6 +170,11 @@ def _save(path: Path, image: np.ndarray) -> Path:
 
 
 # ------------------------------------------------------------------ segmentation experts
+SEG_CARD = {"task_kind": "segmentation", "classes": 2, "spatial_dims": 2, "in_channels": 1,
+            "preprocessing": {"normalize": "none", "scale": None, "target_spacing": None, "target_shape": None},
+            "inference": {"roi_size": [16, 16], "overlap": 0.25, "sw_batch_size": 4, "mode": "constant"}}
+
+
 def test_segmentation_predict_turns_nifti_to_the_card_orientation_and_back(tmp_path, monkeypatch, capsys):
     import nibabel as nib
 
@@ -178,7 +183,8 @@ def test_segmentation_predict_turns_nifti_to_the_card_orientation_and_back(tmp_p
     from lorkd.pipelines import predict as P
 
     plain, spec = MultiTaskSegmenter(segmentation_backbone_spec("unet", 3, 1, [4, 8], 4), [2]).export_task(0)
-    expert = save_expert(plain, tmp_path / "expert", spec, {"task_kind": "segmentation", "classes": 2, "orientation": "SPL"})
+    card = {**SEG_CARD, "spatial_dims": 3, "in_channels": 1, "orientation": "SPL"}
+    expert = save_expert(plain, tmp_path / "expert", spec, card)
     data = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
     image = nib.Nifti1Image(data, np.diag([-1.5, 0.8, 2.0, 1.0]))  # axes L, A, S
     (tmp_path / "scans").mkdir()
@@ -225,10 +231,7 @@ def _segmentation_expert(folder: Path, in_channels: int, task_channels: int) -> 
     from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
 
     plain, spec = MultiTaskSegmenter(segmentation_backbone_spec("unet", 2, in_channels, [4, 8], 4), [2]).export_task(0)
-    card = {"task_kind": "segmentation", "classes": 2, "spatial_dims": 2, "in_channels": in_channels,
-            "task_channels": task_channels, "channel_fill": "zeros",
-            "preprocessing": {"normalize": "none", "scale": None, "target_spacing": None, "target_shape": None},
-            "inference": {"roi_size": [16, 16], "overlap": 0.25, "sw_batch_size": 4, "mode": "constant"}}
+    card = {**SEG_CARD, "in_channels": in_channels, "task_channels": task_channels, "channel_fill": "zeros"}
     return save_expert(plain.eval(), folder, spec, card)
 
 
@@ -259,3 +262,29 @@ def test_segmentation_predict_refuses_channels_it_cannot_fit(tmp_path):
     model = load_expert(_segmentation_expert(tmp_path / "rgb", 3, 3)).eval()
     with pytest.raises(DataError, match="scan.h5: image has 2 channels, the expert was trained on 3"):
         segment(model, np.zeros((2, 16, 16), np.float32), (1.0, 1.0), model.card, name="scan.h5")
+
+
+def test_an_expert_saved_with_save_expert_and_no_card_predicts_with_a_warning(tmp_path, caplog, capsys):
+    import lorkd
+    from lorkd.models.backbones import backbone_spec
+    from lorkd.models.classifier import MultiTaskClassifier
+
+    plain, spec = MultiTaskClassifier(backbone_spec("resnet10", 2, 1, widen=0.125), [2]).eval().export_task(0)
+    folder = lorkd.save_expert(plain, tmp_path / "expert1", spec)  # as the quick start: no card
+    Image.fromarray(_gray(1)).resize((20, 20)).save(tmp_path / "big.png")
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        rows = predict_files(folder, [_save(tmp_path / "a.png", _gray(0)), tmp_path / "big.png"], output=tmp_path / "p.csv")
+    assert len(rows) == 2 and _probs(rows).shape == (2, 2)
+    assert f"{folder / 'card.json'} has no input_channels, input_size, normalisation" in caplog.text
+    assert "input_channels=1, input_size=None, normalisation={'mean': 0.0, 'std': 1.0}" in caplog.text
+    with torch.no_grad():  # each input at its own size, [0, 1], not normalised
+        direct = torch.softmax(plain(torch.from_numpy(_gray(0)).float()[None, None] / 255), 1)[0].numpy()
+    assert np.abs(_probs(rows)[0] - direct).max() < 1e-5
+    card = json.loads((folder / "card.json").read_text())
+    (folder / "card.json").write_text(json.dumps({**card, "architecture": None}))
+    with pytest.raises(DataError, match=r"expert1/card.json: no 'architecture' to build the model from"):
+        predict_files(folder, [tmp_path / "a.png"])
+    (folder / "card.json").write_text(json.dumps({**card, "task_kind": "segmentation"}))
+    with pytest.raises(DataError, match=r"expert1/card.json: a segmentation card needs classes, in_channels, "
+                                        r"spatial_dims, preprocessing, inference"):
+        predict_files(folder, [tmp_path / "a.png"])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from ..experts import load_expert
+from ..experts.io import EXPERT_CARD
 
 log = logging.getLogger("lorkd")
 
@@ -187,7 +188,8 @@ def _npz_images(path: Path, split: str, bits: int | None, shallow: list[tuple[st
 
 def preprocess(image: np.ndarray, card: dict[str, Any], name: str = "input",
                notes: dict[str, list[str]] | None = None) -> torch.Tensor:
-    """Float ``[*spatial]`` / ``[*spatial, C]`` in [0, 1] -> ``[C, *size]`` as the expert was trained.
+    """Float ``[*spatial]`` / ``[*spatial, C]`` in [0, 1] -> ``[C, *size]`` as the expert was trained
+    (card ``input_size`` None: the image's own size).
 
     Channels are replicated (gray -> colour) or averaged (colour -> gray) and the image is resized
     (bilinear/trilinear, antialiased in 2D) when it differs from the card; ``notes`` collects the
@@ -211,7 +213,7 @@ def preprocess(image: np.ndarray, card: dict[str, Any], name: str = "input",
             raise DataError(f"{name}: image has {x.shape[0]} channels, the expert takes {channels}")
         if notes is not None:
             notes["channels"].append(name)
-    size = card["input_size"]
+    size = card["input_size"] or x.shape[1:]
     size = (size,) * spatial_dims if isinstance(size, int) else tuple(size)
     if tuple(x.shape[1:]) != size:
         mode = "bilinear" if spatial_dims == 2 else "trilinear"
@@ -232,7 +234,7 @@ def _spatial_dims(card: dict[str, Any]) -> int:
 def _warn(notes: dict[str, list[str]], card: dict[str, Any]) -> None:
     """One warning per kind of conversion, naming the first inputs concerned."""
     size = card["input_size"]
-    size = "x".join(map(str, [size] * _spatial_dims(card) if isinstance(size, int) else size))
+    size = "x".join(map(str, [size] * _spatial_dims(card) if isinstance(size, int) else size or []))
     what = {"channels": f"converted to {card['input_channels']} channel(s)", "resized": f"resized to {size}"}
     for kind, names in notes.items():
         if names:
@@ -265,15 +267,16 @@ def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test
     if bits is not None and not 9 <= bits <= 16:
         raise DataError(f"--bits must be in 9..16 (the depth of images wider than 8 bits), got {bits}")
     dev = _device(device)
-    model = load_expert(expert_dir).eval()
-    card = model.card
+    model = _load(expert_dir)
+    card = _complete_card(model, expert_dir)
     model = model.to(dev)
     names = card.get("class_names")
     items = load_inputs(expand_inputs(inputs, CLASSIFICATION_SUFFIXES), split, _spatial_dims(card), bits)
     notes: dict[str, list[str]] = {"channels": [], "resized": []}
     rows = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+    step = batch_size if card["input_size"] else 1  # inputs of their own sizes go one at a time
+    for start in range(0, len(items), step):
+        chunk = items[start:start + step]
         x = torch.stack([preprocess(img, card, name, notes) for name, img in chunk]).to(dev)
         probs = torch.softmax(model(x).float(), dim=1).cpu().numpy()
         for (name, _), p in zip(chunk, probs):
@@ -288,6 +291,49 @@ def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
     return rows
+
+
+def _load(folder: Path) -> torch.nn.Module:
+    """The expert in ``folder``, in eval mode.
+
+    Raises:
+        DataError: its card has no ``architecture`` to build it from (names the card), or what
+            :func:`lorkd.load_expert` raises.
+    """
+    from ..experts import read_card
+
+    if not read_card(folder).get("architecture"):
+        raise DataError(f"{Path(folder) / EXPERT_CARD}: no 'architecture' to build the model from; save the expert "
+                        "with lorkd.save_expert(model, folder, architecture={'factory': ..., 'kwargs': {...}})")
+    return load_expert(folder).eval()
+
+
+def _complete_card(model: torch.nn.Module, folder: Path) -> dict[str, Any]:
+    """The card of a classification expert with what ``predict`` needs: an expert saved with
+    :func:`lorkd.save_expert` without a card lacks them, so ``input_channels`` and ``spatial_dims``
+    are taken from the model's first convolution, ``input_size`` None (each input's own size) and
+    ``normalisation`` mean 0, std 1 (inputs in [0, 1] as read); one warning names what was assumed.
+
+    Raises:
+        DataError: the card lacks ``input_channels`` and the model has no convolution (names the card).
+    """
+    card = dict(model.card)
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    missing = [k for k in ("input_channels", "input_size", "normalisation") if k not in card]
+    if not missing:
+        return card
+    if conv is None and "input_channels" in missing:
+        raise DataError(f"{Path(folder) / EXPERT_CARD}: no 'input_channels' and the model has no convolution to "
+                        "take it from; add input_channels, input_size and normalisation to the card")
+    if conv is not None and "spatial_dims" not in card and not isinstance(card.get("input_size"), list):
+        card["spatial_dims"] = conv.weight.ndim - 2
+    assumed = {"input_channels": conv.in_channels if conv is not None else None, "input_size": None,
+               "normalisation": {"mean": 0.0, "std": 1.0}}
+    card.update({k: assumed[k] for k in missing})
+    log.warning("predict: %s has no %s (an expert saved without a card?): assuming %s; add them to the card "
+                "(as `lorkd export` writes it) if the expert was trained otherwise", Path(folder) / EXPERT_CARD,
+                ", ".join(missing), ", ".join(f"{k}={card[k]}" for k in missing))
+    return card
 
 
 def _device(name: str) -> torch.device:
@@ -483,8 +529,12 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
         DataError: a missing or unreadable input, or one that does not fit the expert.
     """
     dev = _device(device)
-    model = load_expert(expert_dir).eval()
+    model = _load(expert_dir)
     card = model.card
+    missing = [k for k in ("classes", "in_channels", "spatial_dims", "preprocessing", "inference") if k not in card]
+    if missing:
+        raise DataError(f"{Path(expert_dir) / EXPERT_CARD}: a segmentation card needs {', '.join(missing)} (as "
+                        "`lorkd export` writes them)")
     model = model.to(dev)
     folder = Path(output) if output is not None else Path("masks")
     rows = []
