@@ -34,14 +34,14 @@ def run_cli(*argv: str) -> int:
 
 @pytest.mark.slow
 def test_stage_commands_one_after_another_then_predict(tmp_path, capsys):
-    cfg = write_config(tmp_path, {**TINY, "baselines": {"run": ["stl", "mtl"]}})
+    cfg = write_config(tmp_path, TINY)
     out = tmp_path / "run"
     assert run_cli("pretrain", cfg, "--out", out, "--no-progress") == 0
     assert (out / "teacher" / "model.safetensors").is_file() and not (out / "student").exists()
     assert run_cli("decompose", cfg, "--out", out, "--no-progress") == 0
     assert (out / "student" / "model.safetensors").is_file()
-    assert run_cli("baselines", cfg, "--out", out, "--no-progress") == 0
-    assert (out / "baselines" / "mtl" / "all" / "model.safetensors").is_file()
+    assert run_cli("baselines", cfg, "--out", out, "--no-progress", "--set", "baselines.run=[stl,mtl]") == 0
+    assert (out / "baselines" / "mtl" / "all" / "model.safetensors").is_file()  # evaluate finds them: no --set
     assert run_cli("export", cfg, "--out", out, "--no-progress") == 0
     card = json.loads((out / "experts" / "synth_xray" / "card.json").read_text())
     assert card["classes"] == 3 and card["architecture"]["factory"].endswith("plain_classifier")
