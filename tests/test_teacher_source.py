@@ -99,11 +99,17 @@ def test_rename_rules_and_a_wrapped_checkpoint(tmp_path, teacher_files):
 
 def test_key_mismatch_lists_missing_and_unexpected_keys(teacher_files):
     with pytest.raises(ConfigError, match=r"teacher\.source: .*missing keys \(\d+\): features\.conv0\.weight.*"
-                                          r"unexpected keys \(\d+\): module\.features\.conv0\.weight.*key_map"):
+                                          r"unexpected keys \(\d+\): module\.features\.conv0\.weight.*every "
+                                          r"unexpected key starts with 'module\.': set teacher\.source\.key_map: "
+                                          r"\{strip_prefix: module\.\}"):
         lorkd.load_foundation("state_dict", teacher_files["pt"], factory=FACTORY, kwargs=NET_KWARGS)
+    with pytest.raises(ConfigError, match=r"missing keys .*fix the names with teacher\.source\.key_map"):
+        lorkd.load_foundation("state_dict", teacher_files["pt"], factory=FACTORY, kwargs=NET_KWARGS, strip_prefix="module.",
+                              rename=[[r"^features\.conv0", "features.first"]])
     small = dict(NET_KWARGS, init_features=4)
-    with pytest.raises(ConfigError, match=r"shape mismatches"):
+    with pytest.raises(ConfigError, match=r"shape mismatches.*factory's teacher\.source\.kwargs") as err:
         lorkd.load_foundation("state_dict", teacher_files["pt"], factory=FACTORY, kwargs=small, strip_prefix="module.")
+    assert "strict: false" not in str(err.value)
 
 
 def test_missing_file_unknown_kind_and_missing_packages(tmp_path):
