@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import h5py
@@ -336,6 +337,20 @@ def test_png_reader_mask_rule_as_regex_replacement(tmp_path):
         read_image_mask_folder(root, mask_rule=["(", "x"])
     with pytest.raises(ConfigError, match=r"reader\.mask_rule: give a format string"):
         read_image_mask_folder(root, mask_rule=["a"])
+
+
+def test_png_reader_warns_about_a_stray_mask_value(tmp_path, caplog):
+    root = make_png_folder(tmp_path, size=(64, 64))
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        assert read_image_mask_folder(root)[0].num_classes == 2
+    assert not caplog.records
+    mask = np.asarray(Image.open(root / "masks" / "img1_mask.png")).copy()
+    mask[0, 0] = 254
+    Image.fromarray(mask).save(root / "masks" / "img1_mask.png")
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        assert read_image_mask_folder(root)[0].num_classes == 3
+    assert f"mask value 254 is on only 1 of 12288 pixels ({root / 'masks' / 'img1_mask.png'})" in caplog.text
+    assert "3 classes from values [0, 254, 255]" in caplog.text
 
 
 def test_png_reader_errors(tmp_path):

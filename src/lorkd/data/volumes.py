@@ -21,6 +21,7 @@ a mask value outside the mapping) raises :class:`lorkd.errors.DataError` naming 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from lorkd.errors import ConfigError, DataError
+
+log = logging.getLogger("lorkd")
 
 __all__ = [
     "CANONICAL_ORIENTATION",
@@ -622,12 +625,29 @@ def read_msd_folder(
     return _finish(refs, meta_path, lazy)
 
 
+RARE_LABEL_SHARE = 1e-3  # a mask value on fewer pixels than this share of all is warned about
+
+
 def scan_label_values(mask_paths: Sequence[str | Path]) -> tuple[int, ...]:
-    """Sorted unique raw values over all masks (the default class mapping for 2D masks)."""
-    values: set[int] = set()
+    """Sorted unique raw values over all masks (the default class mapping for 2D masks).
+
+    A value on fewer than :data:`RARE_LABEL_SHARE` of all mask pixels (a stray value, e.g. from a
+    lossy or resized mask, would make a binary task 3-class) is warned about, naming its masks."""
+    counts: dict[int, int] = {}
+    where: dict[int, list[str]] = {}
     for p in mask_paths:
-        values.update(int(v) for v in np.unique(_mask_to_array(_pil_open(str(p), "mask"), str(p))))
-    return tuple(sorted(values))
+        values, n = np.unique(_mask_to_array(_pil_open(str(p), "mask"), str(p)), return_counts=True)
+        for v, c in zip(values.tolist(), n.tolist()):
+            counts[v] = counts.get(v, 0) + c
+            where.setdefault(v, []).append(str(p))
+    total = sum(counts.values())
+    for v in sorted(counts):
+        if len(counts) > 2 and counts[v] < RARE_LABEL_SHARE * total:
+            files = ", ".join(where[v][:3]) + (f" and {len(where[v]) - 3} more" if len(where[v]) > 3 else "")
+            log.warning("mask value %d is on only %d of %d pixels (%s), yet makes its own class (%d classes from "
+                        "values %s); if it is stray (a lossy or resized mask?), fix those masks", v, counts[v], total,
+                        files, len(counts), sorted(counts))
+    return tuple(sorted(counts))
 
 
 def _mask_name_fn(rule: str | Sequence[str]) -> Callable[[str], str]:
