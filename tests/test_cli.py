@@ -74,7 +74,7 @@ def test_stage_commands_one_after_another_then_predict(tmp_path, capsys):
     assert len(rows) == 5 and set(rows[0]) == {"input", "prediction", "p0", "p1", "p2"}
     assert all(abs(sum(float(r[f"p{c}"]) for c in range(3)) - 1) < 1e-5 for r in rows)
     assert run_cli("predict", out / "experts" / "synth_xray", tmp_path / "a.png", "--output", tmp_path / "p.json") == 0
-    assert json.loads((tmp_path / "p.json").read_text())[0]["input"] == "a.png"
+    assert json.loads((tmp_path / "p.json").read_text())[0]["input"] == str(tmp_path / "a.png")
 
 
 @pytest.mark.slow

@@ -66,9 +66,13 @@ def test_folder_and_glob_inputs(expert, tmp_path, capsys):
         Image.fromarray(_gray(i)).save(folder / f"s{i}.png")
     (folder / "notes.txt").write_text("not an image")
     by_folder = predict_files(expert, [folder])
-    assert [r["input"] for r in by_folder] == ["s0.png", "s1.png", "s2.png"]
+    assert [r["input"] for r in by_folder] == [str(folder / f"s{i}.png") for i in range(3)]  # paths, not basenames
     by_glob = predict_files(expert, [str(folder / "s[12].png")])  # a quoted pattern, expanded by lorkd
-    assert [r["input"] for r in by_glob] == ["s1.png", "s2.png"]
+    assert [r["input"] for r in by_glob] == [str(folder / "s1.png"), str(folder / "s2.png")]
+    (tmp_path / "other").mkdir()
+    Image.fromarray(_gray(9)).save(tmp_path / "other" / "s0.png")  # the same name in another folder
+    rows = predict_files(expert, [folder / "s0.png", tmp_path / "other" / "s0.png"])
+    assert [r["input"] for r in rows] == [str(folder / "s0.png"), str(tmp_path / "other" / "s0.png")]
     assert np.allclose(_probs(by_glob), _probs(by_folder[1:]), atol=1e-6)
     with pytest.raises(DataError, match=r"nothing\*.png: pattern matches no input files"):
         predict_files(expert, [str(folder / "nothing*.png")])
@@ -93,7 +97,7 @@ def test_16_bit_float_and_npy_images_are_scaled_by_type_not_clipped(expert, tmp_
     assert np.abs(probs - probs[0]).max() < 1e-5, probs
     white = _probs(predict_files(expert, [_save(tmp_path / "white.png", np.full((16, 16), 255, np.uint8))]))
     assert np.abs(probs[1] - white[0]).max() > 1e-4  # 16-bit is not clipped to white
-    assert json.loads((tmp_path / "p.json").read_text())[1]["input"] == "u16.png"
+    assert json.loads((tmp_path / "p.json").read_text())[1]["input"] == str(tmp_path / "u16.png")
 
 
 def test_12_bit_data_in_16_bit_pngs_is_warned_and_read_with_bits(expert, tmp_path, caplog):
@@ -126,9 +130,9 @@ def test_resizing_and_channel_conversion_are_warned(expert, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lorkd"):
         predict_files(expert, [tmp_path / "rgb.png", tmp_path / "big.png", tmp_path / "pal.png"], output=tmp_path / "o.csv")
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "pal.png: converted image mode P to RGB" in text
-    assert "2 input(s) converted to 1 channel(s) as the expert expects: rgb.png, pal.png" in text
-    assert "1 input(s) resized to 16x16 as the expert expects: big.png" in text
+    assert f"{tmp_path / 'pal.png'}: converted image mode P to RGB" in text
+    assert f"2 input(s) converted to 1 channel(s) as the expert expects: {tmp_path / 'rgb.png'}, {tmp_path / 'pal.png'}" in text
+    assert f"1 input(s) resized to 16x16 as the expert expects: {tmp_path / 'big.png'}" in text
 
 
 def test_bad_inputs_are_named(expert, tmp_path):
@@ -219,9 +223,10 @@ def test_a_3d_classification_expert_takes_npy_volumes(tmp_path, caplog):
     np.save(tmp_path / "big.npy", np.zeros((10, 8, 8), np.float32))
     with caplog.at_level(logging.WARNING, logger="lorkd"):
         rows = predict_files(expert, [str(tmp_path / "*.npy")], output=tmp_path / "p.csv")
-    assert [r["input"] for r in rows] == ["big.npy", "v16.npy", "v8.npy"] and "class_name" not in rows[0]
+    assert [r["input"] for r in rows] == [str(tmp_path / n) for n in ("big.npy", "v16.npy", "v8.npy")]
+    assert "class_name" not in rows[0]
     assert np.abs(_probs(rows[1:2]) - _probs(rows[2:3])).max() < 1e-5
-    assert "1 input(s) resized to 8x8x8 as the expert expects: big.npy" in caplog.text
+    assert f"1 input(s) resized to 8x8x8 as the expert expects: {tmp_path / 'big.npy'}" in caplog.text
 
 
 
@@ -262,6 +267,12 @@ def test_segmentation_predict_refuses_channels_it_cannot_fit(tmp_path):
     model = load_expert(_segmentation_expert(tmp_path / "rgb", 3, 3)).eval()
     with pytest.raises(DataError, match="scan.h5: image has 2 channels, the expert was trained on 3"):
         segment(model, np.zeros((2, 16, 16), np.float32), (1.0, 1.0), model.card, name="scan.h5")
+    for sub in ("a", "b"):  # the same name in two folders: one mask file would overwrite the other
+        (tmp_path / sub).mkdir()
+        _save(tmp_path / sub / "img0.png", _gray(0))
+    with pytest.raises(DataError, match=rf"{tmp_path / 'a' / 'img0.png'} and {tmp_path / 'b' / 'img0.png'} would both "
+                                        r"write the mask img0_mask"):
+        predict_files(tmp_path / "rgb", [tmp_path / "a", tmp_path / "b"], output=tmp_path / "m")
 
 
 def test_an_expert_saved_with_save_expert_and_no_card_predicts_with_a_warning(tmp_path, caplog, capsys):

@@ -356,7 +356,7 @@ def test_cli_run_3d_then_predict_nifti_and_h5(tmp_path, capsys):
     masks = tmp_path / "masks"
     assert run_cli("predict", out / "experts" / "a", tmp_path / "vol.nii.gz", tmp_path / "other.h5", "--output", masks) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [r["input"] for r in rows] == ["vol.nii.gz", "other.h5"]
+    assert [r["input"] for r in rows] == [str(tmp_path / "vol.nii.gz"), str(tmp_path / "other.h5")]
     written = nib.load(str(masks / "vol_mask.nii.gz"))
     assert written.shape == image.shape and np.allclose(written.affine, affine)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}

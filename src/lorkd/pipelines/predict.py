@@ -132,7 +132,7 @@ def read_image(path: Path) -> np.ndarray:
                 return np.asarray(img)
             target = "L" if mode in ("1", "LA", "La") else "RGB"
             if mode != "1":
-                log.warning("predict: %s: converted image mode %s to %s", path.name, mode, target)
+                log.warning("predict: %s: converted image mode %s to %s", path, mode, target)
             return np.asarray(img.convert(target))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(f"{path}: cannot read the image ({err})") from err
@@ -155,7 +155,7 @@ def load_inputs(paths: list[Path], split: str, spatial_dims: int = 2,
         suffix = path.suffix.lower()
         if suffix == ".npz":
             images = _npz_images(path, split, bits, shallow)
-            items += [(f"{path.name}[{split}][{i}]", image) for i, image in enumerate(images)]
+            items += [(f"{path}[{split}][{i}]", image) for i, image in enumerate(images)]
             continue
         if suffix == ".npy":
             try:
@@ -169,7 +169,7 @@ def load_inputs(paths: list[Path], split: str, spatial_dims: int = 2,
         if image.ndim not in (spatial_dims, spatial_dims + 1) or (image.ndim > spatial_dims and image.shape[-1] > 4):
             raise DataError(f"{path}: array of shape {list(image.shape)}; this {spatial_dims}D expert takes "
                             f"[{', '.join('DHW'[3 - spatial_dims:])}] or [..., C] with C <= 4")
-        items.append((path.name, to_unit_range(image, str(path), bits, shallow)))
+        items.append((str(path), to_unit_range(image, str(path), bits, shallow)))
     _warn_shallow(shallow)
     return items
 
@@ -494,11 +494,16 @@ def to_orientation(image: np.ndarray, affine: np.ndarray, codes: str, name: str 
     return np.ascontiguousarray(moved), spacing, new_affine, from_codes
 
 
+def _mask_stem(source: Path) -> str:
+    """The name of ``source`` without its (volume) suffix: its mask is ``<stem>_mask.<ext>``."""
+    return source.name[: -len(_suffix(source))] if source.name.lower().endswith(_suffix(source)) else source.stem
+
+
 def write_mask(mask: np.ndarray, source: Path, geometry: Any, folder: Path) -> Path:
     """Write ``mask`` beside the name of ``source`` in ``folder``: NIfTI (the input's affine and
     header; identity affine for HDF5 input) for volumes, PNG for 2D images."""
     folder.mkdir(parents=True, exist_ok=True)
-    stem = source.name[: -len(_suffix(source))] if source.name.lower().endswith(_suffix(source)) else source.stem
+    stem = _mask_stem(source)
     if mask.ndim == 2 and geometry is None:
         from PIL import Image
 
@@ -526,7 +531,8 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
     volumes were turned to), a NIfTI input is turned to it first and its mask turned back.
 
     Raises:
-        DataError: a missing or unreadable input, or one that does not fit the expert.
+        DataError: a missing or unreadable input, one that does not fit the expert, or two inputs
+            whose masks would have the same name (names both).
     """
     dev = _device(device)
     model = _load(expert_dir)
@@ -538,11 +544,18 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
     model = model.to(dev)
     folder = Path(output) if output is not None else Path("masks")
     rows = []
-    for path in expand_inputs(inputs, (*VOLUME_SUFFIXES, *IMAGE_SUFFIXES)):
+    paths = expand_inputs(inputs, (*VOLUME_SUFFIXES, *IMAGE_SUFFIXES))
+    seen: dict[str, Path] = {}
+    for path in paths:
+        other = seen.setdefault(_mask_stem(path).lower(), path)
+        if other != path:
+            raise DataError(f"{other} and {path} would both write the mask {_mask_stem(path)}_mask in {folder}; "
+                            "predict them into separate --output folders")
+    for path in paths:
         image, spacing, geometry = read_segmentation_input(path)
         back = None
         if card.get("orientation") and geometry is not None and image.ndim == 4:
-            image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], path.name)
+            image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], str(path))
         mask = segment(model, image, spacing, card, dev, str(path))
         if back is not None:
             from ..data.volumes import reorient
@@ -550,7 +563,7 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
             mask = np.ascontiguousarray(reorient(mask, affine, to=back)[0])
         written = write_mask(mask, path, geometry, folder)
         counts = np.bincount(mask.reshape(-1), minlength=card["classes"])
-        rows.append({"input": path.name, "mask": str(written), "shape": "x".join(map(str, mask.shape)),
+        rows.append({"input": str(path), "mask": str(written), "shape": "x".join(map(str, mask.shape)),
                      **{f"voxels_{c}": int(n) for c, n in enumerate(counts)}})
     sys.stdout.write(_format(rows, "csv"))
     return rows
