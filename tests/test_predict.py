@@ -158,6 +158,16 @@ def test_bad_inputs_are_named(expert, tmp_path):
             predict_files(expert, [tmp_path / "ok.png"], device="cuda:0")
 
 
+def test_an_npy_stack_gives_one_row_per_image(expert, tmp_path):
+    stack = np.stack([_gray(i) for i in range(3)])  # [N, H, W]
+    np.save(tmp_path / "stack.npy", stack)
+    np.save(tmp_path / "rgb_stack.npy", np.repeat(stack[..., None], 3, -1))  # [N, H, W, C]
+    singles = predict_files(expert, [_save(tmp_path / f"s{i}.png", stack[i]) for i in range(3)])
+    rows = predict_files(expert, [tmp_path / "stack.npy", tmp_path / "rgb_stack.npy"])
+    assert [r["input"] for r in rows[:3]] == [f"{tmp_path / 'stack.npy'}[{i}]" for i in range(3)]
+    assert np.abs(_probs(rows) - np.concatenate([_probs(singles)] * 2)).max() < 1e-5
+
+
 def test_to_unit_range_by_dtype():
     assert to_unit_range(np.array([0, 255], np.uint8), "x").tolist() == [0.0, 1.0]
     assert to_unit_range(np.array([0, 65535], np.uint16), "x").tolist() == [0.0, 1.0]

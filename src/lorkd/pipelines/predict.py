@@ -141,7 +141,8 @@ def read_image(path: Path) -> np.ndarray:
 def load_inputs(paths: list[Path], split: str, spatial_dims: int = 2,
                 bits: int | None = None) -> list[tuple[str, np.ndarray]]:
     """``(name, image [*spatial] or [*spatial, C] in [0, 1], float32)`` for every image file, every
-    ``.npy`` array and every image of the ``split`` of every ``.npz`` (scaled by
+    ``.npy`` array (a stack ``[N, *spatial]`` / ``[N, *spatial, C]`` gives ``N`` images named
+    ``path[i]``) and every image of the ``split`` of every ``.npz`` (scaled by
     :func:`to_unit_range` with ``bits``; one warning for 16-bit inputs that fit fewer bits).
 
     Raises:
@@ -166,9 +167,15 @@ def load_inputs(paths: list[Path], split: str, spatial_dims: int = 2,
             image = read_image(path)
         else:
             raise DataError(f"{path}: unsupported input type {suffix!r}; give images, folders, .npy or .npz files")
-        if image.ndim not in (spatial_dims, spatial_dims + 1) or (image.ndim > spatial_dims and image.shape[-1] > 4):
+        colour = image.ndim > spatial_dims and image.shape[-1] <= 4  # a last axis of <= 4 is channels
+        if suffix == ".npy" and image.ndim == spatial_dims + 1 + colour:  # a stack: [N, *spatial(, C)]
+            images = to_unit_range(image, str(path), bits, shallow)
+            items += [(f"{path}[{i}]", one) for i, one in enumerate(images)]
+            continue
+        if image.ndim not in (spatial_dims, spatial_dims + 1) or (image.ndim > spatial_dims and not colour):
+            axes = ", ".join("DHW"[3 - spatial_dims:])
             raise DataError(f"{path}: array of shape {list(image.shape)}; this {spatial_dims}D expert takes "
-                            f"[{', '.join('DHW'[3 - spatial_dims:])}] or [..., C] with C <= 4")
+                            f"[{axes}] or [{axes}, C] with C <= 4 (.npy also stacks [N, {axes}(, C)])")
         items.append((str(path), to_unit_range(image, str(path), bits, shallow)))
     _warn_shallow(shallow)
     return items
