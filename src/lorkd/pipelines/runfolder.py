@@ -169,12 +169,18 @@ def preflight(run: Any, stages: tuple[str, ...], reuse: bool) -> dict[str, list[
 
 
 def record_stage(run: Any, stage: str, status: str, folder: Path) -> None:
-    """Note what ``stage`` did in this command: ``trained``, ``resumed``, ``reused`` or ``loaded``."""
+    """Note what ``stage`` did in this command: ``trained``, ``resumed``, ``reused`` or ``loaded``;
+    all but ``trained`` (whose progress shows) also log one line saying so (rank 0)."""
     entry: dict[str, Any] = {"stage": stage, "status": status, "folder": str(folder)}
     diffs = getattr(run, "mismatch", {}).get(stage)
     if status == "reused" and diffs:
         entry.update(status="reused with --reuse", config_differs=diffs)
     getattr(run, "stage_log", []).append(entry)
+    if status != "trained" and run.ctx.is_main:
+        where = {"resumed": f"from {Path(folder) / 'checkpoints' / 'latest.pt'}", "loaded": f"from {folder}",
+                 "reused": f"from {folder}" + (f" though its config differs ({'; '.join(diffs)})" if diffs else
+                                               " (trained earlier with the same config)")}[status]
+        log.info("%s: %s %s", stage, status, where)
 
 
 def start_training(run: Any, stage: str, folder: Path) -> None:
