@@ -154,7 +154,10 @@ def test_config_errors_name_the_key(tmp_path, capsys, change, message):
 def test_bad_override_and_missing_data_file_are_reported(tmp_path, capsys):
     cfg = write_config(tmp_path, TINY)
     assert run_cli("run", cfg, "--out", tmp_path / "a", "--set", "student.train.epochs") == 2
-    assert "expected key=value" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "expected key=value, e.g. " in err
+    example = err.split("e.g. ")[1].split()[0]
+    assert cli.load_recipe(cfg, [example]).student.train.epochs == 5  # the error's own example is a real key
     bad = write_config(tmp_path, {**TINY, "data": {"tasks": [{"name": "x", "path": str(tmp_path / "none.npz")}]}}, "bad.yaml")
     assert run_cli("run", bad, "--out", tmp_path / "b") == 2
     err = capsys.readouterr().err
