@@ -33,8 +33,8 @@ def cfg_file(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> Path:
 def test_flatten_and_differences_name_dotted_keys():
     flat = flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}})
     assert flat == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
-    assert differences({"a.b": 1, "x": "s"}, {"a.b": 2, "y": None}) == [
-        "a.b: 1 -> 2", 'x: "s" -> (absent)', "y: (absent) -> null"]
+    assert differences({"a.b": 1, "x": "s", "z": [1]}, {"a.b": 2, "y": None, "w": 0}) == [
+        "a.b: 1 -> 2", "w: (absent) -> 0", 'x: "s" -> (absent)', "z: [1] -> (absent)"]  # y: added later, at null
 
 
 def test_stage_configs_hold_only_what_the_stage_depends_on():
