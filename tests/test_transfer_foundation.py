@@ -42,7 +42,8 @@ def parts(tmp_path_factory) -> dict[str, Path]:
 def source_section(parts: dict[str, Path], **extra) -> dict:
     return {"source": {"kind": "state_dict", "path": str(parts["weights"]), "factory": FACTORY, "kwargs": NET_KWARGS,
                        "key_map": {"strip_prefix": "module."}},
-            "features": LAYER, "input": {"size": 32, "channels": "repeat"}, "experts": str(parts["run"] / "experts"),
+            "features": LAYER, "input": {"size": 32, "channels": "repeat", "mean": 0.0, "std": 1.0},  # [0, 1] in
+            "experts": str(parts["run"] / "experts"),
             **extra}
 
 
