@@ -367,25 +367,21 @@ class TaskBatchNorm(nn.Module):
             w, b = _per_row(tasks, self.weight, self.bias)
             flat = x.reshape(1, x.shape[0] * self.num_features, -1)
             return F.batch_norm(flat, rm, rv, w, b, False, 0.0, self.eps).view_as(x)
-        values_per_row = x[0, 0].numel()
-        n = routing.counts().to(x.dtype) * (routing.rows_per_sample(x) * values_per_row)  # values per channel, [T]
+        weights = routing.norm_weights(x)
         track = self.training and self.running_mean is not None
         # a task with one value per channel has no batch statistics: it uses its running ones
-        batch_stats = n > 1 if values_per_row == 1 and track else None
+        batch_stats = weights.update.view(-1) if x[0, 0].numel() == 1 and track else None
         running = (self.running_mean, self.running_var) if track else (None, None)
-        y, mean, var = _TaskNorm.apply(x, self.weight, self.bias, tasks, routing.task_means(x, x.dtype), batch_stats,
-                                       *running, self.eps)
+        y, mean, var = _TaskNorm.apply(x, self.weight, self.bias, tasks, weights.reduce, batch_stats, *running, self.eps)
         if track:
             with torch.no_grad():
-                update = n > 1
-                self.num_batches_tracked.add_(update)
+                self.num_batches_tracked.add_(weights.update_count)
                 if self.momentum is None:  # cumulative average
-                    momentum = 1.0 / self.num_batches_tracked.clamp(min=1).to(var.dtype)
+                    momentum = weights.update / self.num_batches_tracked.clamp(min=1).unsqueeze(1)
                 else:
-                    momentum = torch.full_like(n, self.momentum)
-                weight = (momentum * update).unsqueeze(1)
-                self.running_mean.lerp_(mean, weight)
-                self.running_var.lerp_(var * (n / (n - 1).clamp(min=1)).unsqueeze(1), weight)
+                    momentum = weights.momentum(self.momentum)
+                self.running_mean.lerp_(mean, momentum)
+                self.running_var.lerp_(var * weights.unbias, momentum)
         return y
 
     def extract(self, task: int) -> nn.Module:
@@ -412,77 +408,73 @@ class _TaskNorm(torch.autograd.Function):
     ``g * xhat`` in the same pass, from which the batch-statistics terms of the gradient follow
     per task. (Autograd through the same maths costs several times more.)
 
-    ``tasks [N]`` is each row's task, ``means [T, N]`` averages rows per task (see
-    :meth:`TaskRouting.task_means`). Returns ``y`` (``x``'s shape) and the per-task ``mean``, biased ``var``
-    ``[T, C]`` (not differentiable). Where ``batch_stats [T]`` (bool, or ``None``: all true) is
-    false, that task is normalised with ``running_mean``/``running_var`` and its statistics are
-    constants for the gradient.
+    ``tasks [N]`` is each row's task; ``reduce [2T, N]`` averages (first ``T`` rows) and sums
+    (last ``T``) over each task's rows (:meth:`TaskRouting.norm_weights`). Returns ``y``
+    (``x``'s shape) and the per-task ``mean``, biased ``var`` ``[T, C]`` (not differentiable).
+    Where ``batch_stats [T]`` (bool, or ``None``: all true) is false, that task is normalised
+    with ``running_mean``/``running_var`` and its statistics are constants for the gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, tasks, means, batch_stats, running_mean, running_var, eps):
+    def forward(ctx, x, weight, bias, tasks, reduce, batch_stats, running_mean, running_var, eps):
         rows, c = x.shape[:2]
+        num_tasks = reduce.shape[0] // 2
         flat = x.reshape(1, rows * c, -1)
-        length = flat.shape[2]
-        row_mean = flat.mean(dim=2).view(rows, c)
-        row_square = torch.linalg.vector_norm(flat, 2, dim=2).square_().div_(length).view(rows, c)  # E[x^2] per row
-        mean = means @ row_mean
-        var = (means @ row_square).addcmul_(mean, mean, value=-1).clamp_(min=0)  # [T, C]
+        sums = torch.cat([flat.sum(dim=2).view(rows, c), torch.linalg.vector_norm(flat, 2, dim=2).square_().view(rows, c)],
+                         dim=1)  # [N, 2C]: per-row sums of x and x^2
+        moments = reduce[:num_tasks] @ sums  # [T, 2C]: E[x], E[x^2]
+        mean = moments[:, :c]
+        var = moments[:, c:].addcmul(mean, mean, value=-1).clamp_(min=0)
         if batch_stats is not None:
             keep = batch_stats.unsqueeze(1)
             mean, var = torch.where(keep, mean, running_mean), torch.where(keep, var, running_var)
-        per_row = _per_row(tasks, mean, var, weight, bias)
+        stats = _per_row(tasks, mean, var, weight, bias)
         # written through a view into a tensor of x's shape: an output that is a view (or a
         # view taken by the caller) could not be modified in place (ReLU(inplace=True)) cheaply
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        empty = x.new_empty(0)
-        torch.ops.aten.native_batch_norm.out(flat, per_row[2], per_row[3], per_row[0], per_row[1], False, 0.0, eps,
-                                             out=y.view(flat.shape), save_mean=empty, save_invstd=empty.clone())
-        ctx.save_for_backward(flat, tasks, means, batch_stats, mean, var, weight, *per_row)
+        torch.ops.aten.native_batch_norm.out(flat, stats[2], stats[3], stats[0], stats[1], False, 0.0, eps,
+                                             out=y.view(flat.shape), save_mean=x.new_empty(0), save_invstd=x.new_empty(0))
+        ctx.save_for_backward(flat, tasks, reduce, batch_stats, mean, var, weight, *stats[:3])
         ctx.eps, ctx.has_bias, ctx.input_shape = eps, bias is not None, x.shape
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        flat, tasks, means, batch_stats, mean, var, weight, row_mean, row_var, row_weight, _ = ctx.saved_tensors
+        flat, tasks, reduce, batch_stats, mean, var, weight, row_mean, row_var, row_weight = ctx.saved_tensors
         rows, c = tasks.shape[0], mean.shape[1]
-        length = flat.shape[2]
-        g = grad_y.reshape(flat.shape)
+        num_tasks = reduce.shape[0] // 2
         # inference-form backward: a g per value, and per (row, channel) sum(g * xhat), sum(g)
         grad_inf, g_xhat, g_sum = torch.ops.aten.native_batch_norm_backward(
-            g, flat, row_weight, row_mean, row_var, None, None, False, ctx.eps, [True, True, True])
-        sums = torch.cat([g_sum.view(rows, c), g_xhat.view(rows, c)], dim=1)  # [N, 2C]
-        grad_weight = grad_bias = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            task_sums = (means > 0).to(sums.dtype) @ sums  # [T, 2C]
-            grad_bias = task_sums[:, :c] if ctx.has_bias and ctx.needs_input_grad[2] else None
-            grad_weight = task_sums[:, c:] if weight is not None and ctx.needs_input_grad[1] else None
+            grad_y.reshape(flat.shape), flat, row_weight, row_mean, row_var, None, None, False, ctx.eps,
+            [ctx.needs_input_grad[0], True, True])
+        task = reduce @ torch.cat([g_sum.view(rows, c), g_xhat.view(rows, c)], dim=1)  # [2T, 2C]: means; sums
+        grad_bias = task[num_tasks:, :c] if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_weight = task[num_tasks:, c:] if weight is not None and ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            task_means = means @ sums / length  # E[g], E[g xhat] over each task's values
-            e_g, e_gxhat = task_means[:, :c], task_means[:, c:]
+            e_g, e_gxhat = task[:num_tasks, :c], task[:num_tasks, c:]  # E[g], E[g xhat] per task
             if batch_stats is not None:  # tasks normalised with running statistics: constants
                 keep = batch_stats.unsqueeze(1).to(e_g.dtype)
                 e_g, e_gxhat = e_g * keep, e_gxhat * keep
             inv = torch.rsqrt(var + ctx.eps)
-            a = inv if weight is None else inv * weight  # dx = a g + b x + c per task and channel
-            b = -a * inv * e_gxhat
-            cc = -(a * e_g) - b * mean
-            per_row = torch.cat([b, cc], dim=1).index_select(0, tasks)  # [N, 2C]
-            grad_x = grad_inf.addcmul_(flat, per_row[:, :c].reshape(1, -1, 1)).add_(per_row[:, c:].reshape(1, -1, 1))
+            a = inv if weight is None else inv * weight
+            b = a * inv * e_gxhat  # dx = a g - b x - c per task and channel (a g is grad_inf)
+            cc = torch.addcmul(a * e_g, b, mean, value=-1)
+            per_row = _per_row(tasks, b, cc)
+            grad_x = grad_inf.addcmul_(flat, per_row[0].view(1, -1, 1), value=-1).sub_(per_row[1].view(1, -1, 1))
             grad_x = grad_x.view(ctx.input_shape)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _per_row(tasks: Tensor, *per_task: Tensor | None) -> list[Tensor | None]:
-    """Each ``[T, C]`` tensor gathered to its rows' tasks and flattened to ``[N * C]`` (one gather)."""
+    """Each ``[T, C]`` tensor gathered to its rows' tasks as ``[N * C]`` (one gather, one copy)."""
     present = [t for t in per_task if t is not None]
     if not present:
         return [None] * len(per_task)
-    gathered = torch.cat(present, dim=1).index_select(0, tasks).split(present[0].shape[1], dim=1)
-    it = iter(gathered)
-    return [None if t is None else next(it).reshape(-1) for t in per_task]
+    gathered = torch.stack(present, dim=1).index_select(0, tasks).transpose(0, 1).contiguous()  # [k, N, C]
+    it = iter(gathered.view(len(present), -1))
+    return [None if t is None else next(it) for t in per_task]
 
 
 def _stack_old_keys(names: tuple[str, ...], container: str):

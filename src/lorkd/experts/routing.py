@@ -82,16 +82,42 @@ class TaskRouting:
         """BoolTensor ``[T]``: which tasks have at least one sample in this batch."""
         return self.counts() > 0
 
-    def task_means(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """``[T, k * B]`` in ``dtype``: row ``t`` holds ``1 / (k * n_t)`` on the rows of task ``t``,
-        0 elsewhere, so ``task_means(x, dtype) @ v`` averages ``v [k * B, C]`` over each task's rows
-        (rows of absent tasks: 0). Computed once per routing and reused by every layer."""
-        k = self.rows_per_sample(x)
-        key = ("means", k, dtype)
+    def norm_weights(self, x: Tensor) -> "NormWeights":
+        """What a per-task norm of ``x [k * B, C, *]`` needs, computed once per routing and shape
+        (every norm of the same input size shares it); see :class:`NormWeights`."""
+        k, length = self.rows_per_sample(x), x[0, 0].numel()
+        key = ("norm", k, length, x.dtype, x.device)
         if key not in self._cache:
-            onehot = torch.nn.functional.one_hot(self.row_tasks(x), self.num_tasks).t().to(dtype)
-            self._cache[key] = onehot / onehot.sum(dim=1, keepdim=True).clamp(min=1)
+            onehot = torch.nn.functional.one_hot(self.row_tasks(x), self.num_tasks).t().to(x.dtype)  # [T, N]
+            n = onehot.sum(dim=1, keepdim=True) * length  # values per channel, [T, 1]
+            reduce = torch.cat([onehot / n.clamp(min=1), onehot])  # [2T, N]: per-task means, sums
+            update = n > 1
+            unbias = n / (n - 1).clamp(min=1)
+            self._cache[key] = NormWeights(reduce, n, update, update.to(torch.long).view(-1), unbias)
         return self._cache[key]
+
+
+class NormWeights:
+    """Per-task reductions for a norm over ``values`` positions per row (see :meth:`TaskRouting.norm_weights`).
+
+    Attributes:
+        reduce: ``[2T, N]``: ``reduce[:T] @ v`` averages ``v [N, *]`` over each task's values
+            (divide per-row sums by nothing more), ``reduce[T:] @ v`` sums it over each task's rows.
+        values: ``[T, 1]``: values per channel of each task (rows times positions).
+        update: ``[T, 1]`` bool: tasks with more than one value per channel (whose running
+            statistics move); ``update_count`` the same as ``int64 [T]``.
+        unbias: ``[T, 1]``: ``n / (n - 1)`` (1 where ``n <= 1``), biased to unbiased variance.
+    """
+
+    def __init__(self, reduce: Tensor, values: Tensor, update: Tensor, update_count: Tensor, unbias: Tensor) -> None:
+        self.reduce, self.values, self.update, self.update_count, self.unbias = reduce, values, update, update_count, unbias
+        self._momentum: dict = {}
+
+    def momentum(self, momentum: float) -> Tensor:
+        """``[T, 1]``: ``momentum`` where the running statistics update, 0 elsewhere."""
+        if momentum not in self._momentum:
+            self._momentum[momentum] = self.update.to(self.unbias.dtype) * momentum
+        return self._momentum[momentum]
 
 
 def route(task_ids: Tensor | int, batch_size: int, num_tasks: int, device: torch.device | None = None) -> TaskRouting:
