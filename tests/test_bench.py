@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
+import torch
+from torch import nn
 
 from lorkd import bench
 from lorkd.cli import build_parser, main
@@ -32,6 +36,45 @@ def test_cuda_without_a_gpu_is_a_one_line_error(capsys, monkeypatch):
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     assert main("bench --device cuda --models resnet18_2d --tasks 2 --ranks 4".split()) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_count_ops_of_a_hand_checkable_net():
+    """Linear(3, 5) -> ReLU -> Linear(5, 2), no bias, x needs no grad, backward from a given grad:
+    forward mm, clamp_min, mm; backward mm (grad of W2), mm (grad of the hidden), threshold_backward,
+    mm (grad of W1): 7. The profile also holds t, transpose, as_strided and detach calls (the
+    weights' transposes, AccumulateGrad): a counter that counted views would report more."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5, bias=False), nn.ReLU(), nn.Linear(5, 2, bias=False))
+    x, grad = torch.randn(4, 3), torch.randn(4, 2)
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        net(x).backward(grad)
+
+    assert bench.counted_ops(step) == Counter({"aten::mm": 5, "aten::clamp_min": 1, "aten::threshold_backward": 1})
+    assert bench.count_ops(step) == 7
+
+
+def test_views_and_metadata_count_zero():
+    x = torch.randn(4, 3)
+
+    def step():  # every call here only makes views or reads metadata
+        x.view(12).reshape(3, 4).t().unsqueeze(0).expand(2, 4, 3).permute(2, 1, 0).transpose(0, 1)[1:]
+        x.select(0, 0), x.narrow(0, 1, 2), x.unsqueeze(1).squeeze(1), x.split(1), x.chunk(2), x.unbind(0), x.flatten(), x.detach()
+        x.to(torch.float32), x.contiguous(), x.as_strided((2, 2), (1, 1)), x.size(), x.numel()
+        torch.empty(3), torch.empty_like(x)
+
+    assert bench.count_ops(step) == 0
+    assert bench.count_ops(lambda: x + 1) == 1  # and one elementwise op is one
+
+
+def test_count_ops_of_the_benchmark_step_on_a_plain_network():
+    case = bench.Case("resnet18_2d", batch=2, size=16, tasks=2, rank=2)
+    counted = bench.counted_ops(bench.train_step(*bench.build_variant(case, "plain", "cpu", "float32")))
+    assert not set(counted) & bench.VIEW_OPS
+    assert counted["aten::mkldnn_convolution"] == 20  # one per conv layer: the innermost call of conv2d
+    total = sum(counted.values())
+    assert isinstance(total, int) and total > 100
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ import resource
 import statistics
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,6 +87,46 @@ def grouped_forward(layer, x: Tensor, output_size=None) -> Tensor:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# aten ops that move no tensor data: views, metadata, allocation without a kernel, no-op
+# conversions (a ``to``/``contiguous`` that does copy shows its ``copy_`` child, which counts).
+VIEW_OPS = frozenset("aten::" + name for name in """
+    view view_as reshape reshape_as _reshape_alias _unsafe_view expand expand_as permute t transpose
+    as_strided as_strided_ unsqueeze unsqueeze_ squeeze squeeze_ select slice narrow split split_with_sizes
+    unsafe_split tensor_split unbind chunk unsafe_chunk unfold diagonal movedim flatten unflatten alias
+    detach detach_ empty empty_like empty_strided resize_ resolve_conj resolve_neg conj _conj _neg_view
+    lift_fresh to contiguous result_type size sym_size stride sym_stride numel sym_numel dim
+    is_same_size _has_compatible_shallow_copy_type""".split())
+
+
+def count_ops(step) -> int:
+    """Data-moving aten calls of one ``step()`` (e.g. :func:`train_step`), profiled on the CPU.
+
+    ``step`` runs once untimed (warm-up), then once under ``torch.profiler``. A call counts when
+    it is an aten op outside :data:`VIEW_OPS` none of whose aten descendants counts, i.e. a leaf
+    once views and metadata are left out: ``conv2d -> convolution -> mkldnn_convolution`` counts
+    once (the innermost), a view counts zero. A call that does part of its work through an aten
+    helper counts as that helper (``mm`` that first clones a strided input counts as its
+    ``copy_``), so the figure is a close lower bound of the kernels a GPU would launch."""
+    return sum(counted_ops(step).values())
+
+
+def counted_ops(step) -> Counter:
+    """What :func:`count_ops` counts, by aten op name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+
+    def moves_data(event) -> bool:  # the event, or one below it, is a data-moving aten call
+        return (event.name.startswith("aten::") and event.name not in VIEW_OPS) or any(
+            moves_data(child) for child in event.cpu_children)
+
+    return Counter(e.name for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS
+                   and not any(moves_data(child) for child in e.cpu_children))
+
+
 
 
 def build_variant(case: Case, variant: str, device: str, dtype: str, layouts: list[str] | None = None, tune: bool = True):
