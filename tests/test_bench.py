@@ -1,4 +1,4 @@
-"""`lorkd bench`: the command line the README shows, and one tiny real measurement."""
+"""`lorkd bench`: the command line the README shows, the op counter, and tiny real measurements."""
 
 from __future__ import annotations
 
@@ -18,24 +18,32 @@ def test_readme_bench_command_parses():
     assert (args.models, args.tasks, args.ranks, args.repeats, str(args.out)) == (
         ["resnet18_2d"], [10], [4], 10, "runs/bench.json")
     assert (args.device, args.dtype, args.variants, args.no_memory) == ("cpu", "float32", ["plain", "lorkd", "grouped"], False)
-    assert args.layouts == "tuned"
-    args = build_parser().parse_args("bench --device cuda --dtype bfloat16 --variants plain lorkd --no-memory --layouts auto".split())
-    assert (args.device, args.dtype, args.variants, args.no_memory, args.layouts) == (
-        "cuda", "bfloat16", ["plain", "lorkd"], True, "auto")
+    assert (args.layout, args.count_ops, args.no_timing) == ("auto", False, False)
+    args = build_parser().parse_args(
+        "bench --device cuda --dtype bfloat16 --variants plain lorkd --no-memory --layout lowrank --count-ops".split())
+    assert (args.device, args.dtype, args.variants, args.no_memory, args.layout, args.count_ops) == (
+        "cuda", "bfloat16", ["plain", "lorkd"], True, "lowrank", True)
 
 
-@pytest.mark.parametrize("bad", ["--models resnet50", "--dtype float16", "--device tpu", "--tasks two", "--layouts best"])
+@pytest.mark.parametrize("bad", ["--models resnet50", "--dtype float16", "--device tpu", "--tasks two",
+                                 "--layout tuned", "--layout fused", "--layouts auto"])
 def test_bad_bench_options_are_refused_by_argparse(bad, capsys):
     with pytest.raises(SystemExit) as err:
         build_parser().parse_args(["bench", *bad.split()])
     assert err.value.code == 2
-    assert "invalid" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid" in err or "unrecognized" in err
 
 
 def test_cuda_without_a_gpu_is_a_one_line_error(capsys, monkeypatch):
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     assert main("bench --device cuda --models resnet18_2d --tasks 2 --ranks 4".split()) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_no_timing_alone_measures_nothing_and_says_so(capsys):
+    assert main("bench --no-timing".split()) == 2
+    assert "--no-timing without --count-ops" in capsys.readouterr().err
 
 
 def test_count_ops_of_a_hand_checkable_net():
@@ -77,15 +85,38 @@ def test_count_ops_of_the_benchmark_step_on_a_plain_network():
     assert isinstance(total, int) and total > 100
 
 
+def test_the_report_states_machine_threads_and_norm(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "count_table", lambda cases, layout, progress=print: [])
+    assert main("bench --models resnet18_2d --tasks 2 10 --ranks 4 --threads 1 --count-ops --no-timing".split()) == 0
+    out = capsys.readouterr().out
+    info = bench.machine_info(1, "cpu")
+    assert info["cpu"] in out and "torch threads 1" in out and "norm=per_task" in out
+    assert "lorkd10/plain" in out and "lorkd10/lorkd2" in out
+
+
+def test_op_counts_of_plain_and_lorkd_at_2_and_10_tasks(capsys):
+    cases = [bench.Case("resnet18_2d", batch=10, size=16, tasks=t, rank=2) for t in (2, 10)]
+    (row,) = bench.count_table(cases, progress=print)
+    assert row["plain_ops"] > 0 and set(row["lorkd_ops"]) == {2, 10}
+    assert all(isinstance(n, int) and n > 0 for n in (row["plain_ops"], *row["lorkd_ops"].values()))
+    assert row["lorkd_over_plain"] == row["lorkd_ops"][10] / row["plain_ops"]
+    assert row["most_over_fewest"] == row["lorkd_ops"][10] / row["lorkd_ops"][2]
+    line = capsys.readouterr().out.strip()
+    assert len(line) == len(bench.count_header([2, 10]))
+    print(f"tiny ResNet-18, B=10, 16 px, rank 2: plain {row['plain_ops']}, lorkd 2 tasks {row['lorkd_ops'][2]}, "
+          f"10 tasks {row['lorkd_ops'][10]}")
+
+
 @pytest.mark.slow
 def test_a_tiny_interleaved_run_reports_training_and_inference_ratios():
     case = bench.Case("resnet18_2d", batch=4, size=16, tasks=2, rank=2)
     report = bench.run([case], repeats=2, warmup=0, device="cpu", threads=1, variants=("plain", "lorkd"),
                        memory=False, progress=lambda line: None)
+    assert report["norm"] == "per_task"
     row = report["rows"][0]
     for key in ("plain_ms", "lorkd_ms", "plain_infer_ms", "lorkd_infer_ms", "lorkd_over_plain", "infer_over_plain"):
         assert row[key] > 0, key
-    assert len(row["layouts"]) == 21 and "grouped_ms" not in row
+    assert "grouped_ms" not in row
     line = bench.format_row(row)
     assert line.split()[0] == "resnet18_2d" and " - " in line  # grouped and memory columns not measured
     assert len(bench.HEADER) == len(line)
