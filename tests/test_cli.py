@@ -34,14 +34,14 @@ def run_cli(*argv: str) -> int:
 
 @pytest.mark.slow
 def test_stage_commands_one_after_another_then_predict(tmp_path, capsys):
-    cfg = write_config(tmp_path, {**TINY, "baselines": {"run": ["stl", "mtl"]}})
+    cfg = write_config(tmp_path, TINY)
     out = tmp_path / "run"
     assert run_cli("pretrain", cfg, "--out", out, "--no-progress") == 0
     assert (out / "teacher" / "model.safetensors").is_file() and not (out / "student").exists()
     assert run_cli("decompose", cfg, "--out", out, "--no-progress") == 0
     assert (out / "student" / "model.safetensors").is_file()
-    assert run_cli("baselines", cfg, "--out", out, "--no-progress") == 0
-    assert (out / "baselines" / "mtl" / "all" / "model.safetensors").is_file()
+    assert run_cli("baselines", cfg, "--out", out, "--no-progress", "--set", "baselines.run=[stl,mtl]") == 0
+    assert (out / "baselines" / "mtl" / "all" / "model.safetensors").is_file()  # evaluate finds them: no --set
     assert run_cli("export", cfg, "--out", out, "--no-progress") == 0
     card = json.loads((out / "experts" / "synth_xray" / "card.json").read_text())
     assert card["classes"] == 3 and card["architecture"]["factory"].endswith("plain_classifier")
@@ -74,7 +74,7 @@ def test_stage_commands_one_after_another_then_predict(tmp_path, capsys):
     assert len(rows) == 5 and set(rows[0]) == {"input", "prediction", "p0", "p1", "p2"}
     assert all(abs(sum(float(r[f"p{c}"]) for c in range(3)) - 1) < 1e-5 for r in rows)
     assert run_cli("predict", out / "experts" / "synth_xray", tmp_path / "a.png", "--output", tmp_path / "p.json") == 0
-    assert json.loads((tmp_path / "p.json").read_text())[0]["input"] == "a.png"
+    assert json.loads((tmp_path / "p.json").read_text())[0]["input"] == str(tmp_path / "a.png")
 
 
 @pytest.mark.slow
@@ -154,7 +154,10 @@ def test_config_errors_name_the_key(tmp_path, capsys, change, message):
 def test_bad_override_and_missing_data_file_are_reported(tmp_path, capsys):
     cfg = write_config(tmp_path, TINY)
     assert run_cli("run", cfg, "--out", tmp_path / "a", "--set", "student.train.epochs") == 2
-    assert "expected key=value" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "expected key=value, e.g. " in err
+    example = err.split("e.g. ")[1].split()[0]
+    assert cli.load_recipe(cfg, [example]).student.train.epochs == 5  # the error's own example is a real key
     bad = write_config(tmp_path, {**TINY, "data": {"tasks": [{"name": "x", "path": str(tmp_path / "none.npz")}]}}, "bad.yaml")
     assert run_cli("run", bad, "--out", tmp_path / "b") == 2
     err = capsys.readouterr().err

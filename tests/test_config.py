@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lorkd.cli import load_recipe
@@ -77,3 +78,21 @@ def test_a_partly_given_section_keeps_its_own_defaults(tmp_path):
     path.write_text("data: {synthetic: {}}\n")
     cfg = load_recipe(path, ["student.net.arch=resnet10"])
     assert (cfg.student.net.arch, cfg.student.net.widen) == ("resnet10", 0.5)
+
+
+def test_data_max_train_caps_every_task_the_same_way_and_is_checked():
+    from lorkd.config import from_dict
+    from lorkd.pipelines.classification import load_tasks
+    from lorkd.pipelines.schema import ClassificationConfig
+
+    data = {"synthetic": {"num_tasks": 2, "size": 8, "n_train": 48, "n_val": 8, "n_test": 8}}
+    full = load_tasks(from_dict(ClassificationConfig, {"data": data}))
+    capped = load_tasks(from_dict(ClassificationConfig, {"data": {**data, "max_train": 12}, "seed": 1}))
+    again = load_tasks(from_dict(ClassificationConfig, {"data": {**data, "max_train": 12}, "seed": 2}))
+    for f, a, b in zip(full, capped, again):
+        assert a.num_samples("train") == 12 and np.array_equal(a.images["train"], b.images["train"])  # any seed
+        share = f.class_counts("train") / f.num_samples("train")
+        assert np.abs(a.class_counts("train") / 12 - share).max() <= 1 / 12 + 1e-9  # stratified
+        assert a.num_samples("val") == f.num_samples("val") and a.num_samples("test") == f.num_samples("test")
+    with pytest.raises(ConfigError, match=r"data\.max_train: must be >= 2, got 1"):
+        from_dict(ClassificationConfig, {"data": {**data, "max_train": 1}})

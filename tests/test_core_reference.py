@@ -17,7 +17,7 @@ from torch import nn
 import lorkd
 from lorkd.experts import ExpertLayer
 
-LAYOUTS = ["auto", "stacked", "lowrank", "merged", "fused"]
+LAYOUTS = ["auto", "lowrank", "merged"]
 ALPHA, RANK = 6.0, 3
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import h5py
@@ -25,7 +26,7 @@ from lorkd.data.volumes import (
     read_msd_folder,
     reorient,
 )
-from lorkd.errors import DataError
+from lorkd.errors import ConfigError, DataError
 
 # ------------------------------------------------------------------ writers
 
@@ -321,6 +322,35 @@ def test_png_reader_rgb_and_explicit_values(tmp_path):
     assert refs[0].label_values == (0, 255)
     with pytest.raises(DataError, match=r"img0_mask\.gif.*\[255\]"):
         load_case(read_image_mask_folder(root, label_values=[0])[0])
+
+
+def test_png_reader_mask_rule_as_regex_replacement(tmp_path):
+    root = make_png_folder(tmp_path, mask_ext=".gif")  # DRIVE-like: images/21_training.png, masks/21_manual1.gif
+    for i in range(3):
+        (root / "images" / f"img{i}.png").rename(root / "images" / f"{21 + i}_training.png")
+        (root / "masks" / f"img{i}_mask.gif").rename(root / "masks" / f"{21 + i}_manual1.gif")
+    refs = read_image_mask_folder(root, mask_rule=["_training$", "_manual1"])
+    assert [Path(r.label_path).name for r in refs] == ["21_manual1.gif", "22_manual1.gif", "23_manual1.gif"]
+    with pytest.raises(ConfigError, match=r"reader\.mask_rule: '\{id\}_manual1' may use only \{stem\}"):
+        read_image_mask_folder(root, mask_rule="{id}_manual1")
+    with pytest.raises(ConfigError, match=r"reader\.mask_rule: \['\(', 'x'\] is not a valid \[regex, replacement\]"):
+        read_image_mask_folder(root, mask_rule=["(", "x"])
+    with pytest.raises(ConfigError, match=r"reader\.mask_rule: give a format string"):
+        read_image_mask_folder(root, mask_rule=["a"])
+
+
+def test_png_reader_warns_about_a_stray_mask_value(tmp_path, caplog):
+    root = make_png_folder(tmp_path, size=(64, 64))
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        assert read_image_mask_folder(root)[0].num_classes == 2
+    assert not caplog.records
+    mask = np.asarray(Image.open(root / "masks" / "img1_mask.png")).copy()
+    mask[0, 0] = 254
+    Image.fromarray(mask).save(root / "masks" / "img1_mask.png")
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        assert read_image_mask_folder(root)[0].num_classes == 3
+    assert f"mask value 254 is on only 1 of 12288 pixels ({root / 'masks' / 'img1_mask.png'})" in caplog.text
+    assert "3 classes from values [0, 254, 255]" in caplog.text
 
 
 def test_png_reader_errors(tmp_path):

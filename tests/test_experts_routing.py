@@ -58,24 +58,13 @@ class WithPrototypes(nn.Module):
         return {"logits": self.fc(x), "prototypes": nn.functional.normalize(self.proto, dim=1)}
 
 
-def test_per_sample_outputs_option_keeps_other_outputs_in_their_own_order():
+def test_outputs_that_are_not_per_sample_come_back_as_computed():
+    """Rows are never reordered, so an output with B rows that is not per-sample (prototypes from a
+    parameter) is returned as the model computed it, with no option to set."""
     torch.manual_seed(0)
     model = WithPrototypes()
-    student = randomise_experts(lorkd.add_experts(model, 2, per_sample_outputs=["logits"]))
+    student = randomise_experts(lorkd.add_experts(model, 2))
     x, ids = torch.randn(4, 3), torch.tensor([1, 0, 0, 1])  # 4 rows, like the prototypes
     out = student(x, ids)
     torch.testing.assert_close(out["prototypes"], nn.functional.normalize(model.proto, dim=1))
     torch.testing.assert_close(out["logits"], per_row(student, x, ids, lambda m, i: m.fc(x[i])))
-    default = randomise_experts(lorkd.add_experts(model, 2))(x, ids)  # default: both have 4 rows
-    assert not torch.equal(default["prototypes"], out["prototypes"])  # ... so the option is what fixes it
-
-
-def test_per_sample_outputs_must_be_a_list_of_patterns():
-    with pytest.raises(ValueError, match="per_sample_outputs must be a list"):
-        lorkd.add_experts(nn.Linear(3, 2), 2, per_sample_outputs="logits")
-
-
-def test_per_sample_outputs_survive_save_and_load(tmp_path):
-    student = lorkd.add_experts(WithPrototypes(), 2, per_sample_outputs=["logits"])
-    lorkd.save_student(student, tmp_path)
-    assert lorkd.load_student(tmp_path, WithPrototypes()).config.per_sample_outputs == ["logits"]

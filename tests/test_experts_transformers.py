@@ -94,7 +94,7 @@ def test_monai_swin_unetr_window_attention_routes_k_rows_per_sample(_einops_patt
     x, ids = torch.randn(3, 1, *shape), torch.tensor([2, 0, 2])
     assert_mixed_batch_equals_extracted_experts(student, x, ids)
     student(x, ids).square().mean().backward()  # gradients flow through the k-rows routing too (eval mode)
-    assert all(p.grad is None for p in student.expert_parameters(1))
+    assert all(torch.count_nonzero(p.grad[1]) == 0 for p in student.task_parameters())  # task 1 absent
 
 
 class Tokens(nn.Module):
@@ -110,7 +110,7 @@ class Tokens(nn.Module):
         return self.conv(h.unsqueeze(-1)).view(b, n, 3)  # the conv too sees B * N rows
 
 
-@pytest.mark.parametrize("layout", ["stacked", "lowrank", "merged"])
+@pytest.mark.parametrize("layout", ["auto", "lowrank", "merged"])
 def test_layers_with_k_rows_per_sample_equal_the_per_task_expert(layout):
     torch.manual_seed(0)
     student = randomise_experts(lorkd.add_experts(Tokens(), 3, rank=2, layout=layout))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from pathlib import Path
@@ -32,8 +33,8 @@ def cfg_file(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> Path:
 def test_flatten_and_differences_name_dotted_keys():
     flat = flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}})
     assert flat == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
-    assert differences({"a.b": 1, "x": "s"}, {"a.b": 2, "y": None}) == [
-        "a.b: 1 -> 2", 'x: "s" -> (absent)', "y: (absent) -> null"]
+    assert differences({"a.b": 1, "x": "s", "z": [1]}, {"a.b": 2, "y": None, "w": 0}) == [
+        "a.b: 1 -> 2", "w: (absent) -> 0", 'x: "s" -> (absent)', "z: [1] -> (absent)"]  # y: added later, at null
 
 
 def test_stage_configs_hold_only_what_the_stage_depends_on():
@@ -83,7 +84,7 @@ def test_stage_without_fingerprint_counts_as_unknown(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_with_another_config_is_refused_then_reused_and_recorded(tmp_path, capsys):
+def test_evaluate_with_another_config_is_refused_then_reused_and_recorded(tmp_path, capsys, caplog):
     cfg = cfg_file(tmp_path, {**TINY, "evaluate": {"latency_repeats": 1}})
     out = tmp_path / "run"
     assert cli.main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 0
@@ -95,7 +96,10 @@ def test_evaluate_with_another_config_is_refused_then_reused_and_recorded(tmp_pa
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "student.train.epochs: 1 -> 2" in err and "--reuse" in err and "Traceback" not in err
-    assert cli.main(argv + ["--reuse"]) == 0
+    with caplog.at_level(logging.INFO, logger="lorkd"):
+        assert cli.main(argv + ["--reuse"]) == 0
+    assert f"teacher: reused from {out / 'teacher'} (trained earlier with the same config)" in caplog.text
+    assert f"student: reused from {out / 'student'} though its config differs (student.train.epochs: 1 -> 2)" in caplog.text
     assert (out / "config.yaml").read_text() == config_before  # still describes the models in the folder
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["student"]["train"]["epochs"] == 1
@@ -103,6 +107,19 @@ def test_evaluate_with_another_config_is_refused_then_reused_and_recorded(tmp_pa
     assert student["status"] == "reused with --reuse" and student["config_differs"] == ["student.train.epochs: 1 -> 2"]
     report = (out / "report.md").read_text()
     assert "## Stages" in report and "| teacher | reused |" in report and "reused with --reuse" in report
+
+
+def test_a_resumed_or_loaded_stage_says_so(tmp_path, caplog):
+    from lorkd.pipelines.runfolder import record_stage
+
+    run = SimpleNamespace(ctx=SimpleNamespace(is_main=True), stage_log=[], mismatch={})
+    with caplog.at_level(logging.INFO, logger="lorkd"):
+        record_stage(run, "student", "resumed", tmp_path / "student")
+        record_stage(run, "teacher", "loaded", tmp_path / "fm.pt")
+        record_stage(run, "baselines/stl/a", "trained", tmp_path / "stl")
+    assert caplog.messages == [f"student: resumed from {tmp_path / 'student' / 'checkpoints' / 'latest.pt'}",
+                               f"teacher: loaded from {tmp_path / 'fm.pt'}"]
+    assert [e["status"] for e in run.stage_log] == ["resumed", "loaded", "trained"]
 
 
 @pytest.mark.parametrize("bad, fragments", [

@@ -144,6 +144,21 @@ def test_recipe_writes_and_reuses_the_split(tmp_path):
     assert S.load_tasks(cfg, out)[0].split_ids() == saved
 
 
+def test_data_max_train_keeps_the_same_training_cases_and_the_full_split_file(tmp_path):
+    root = write_h5_task(tmp_path / "t", patients=6)
+    base = {k: v for k, v in tiny_config([{"name": "t", "path": str(root), "num_classes": 3}], [4, 8, 8]).items()
+            if k != "recipe"}
+    full = S.load_tasks(from_dict(SegmentationConfig, base))[0].split_ids()
+    capped = from_dict(SegmentationConfig, {**base, "data": {**base["data"], "max_train": 2}})
+    a = S.load_tasks(capped, tmp_path / "run")[0].split_ids()
+    b = S.load_tasks(capped, tmp_path / "run")[0].split_ids()
+    assert a == b and len(a["train"]) == 2 and set(a["train"]) < set(full["train"])
+    assert a["val"] == full["val"] and a["test"] == full["test"]
+    assert json.loads((tmp_path / "run" / "split_t.json").read_text()) == full  # the split file holds every case
+    with pytest.raises(ConfigError, match=r"data\.max_train: must be >= 1, got 0"):
+        from_dict(SegmentationConfig, {**base, "data": {**base["data"], "max_train": 0}})
+
+
 @pytest.mark.realdata
 def test_real_acdc_two_volumes_through_the_recipe_data_path(tmp_path):
     data = shared_data_dir() / "acdc_sslmis_h5"
@@ -356,7 +371,7 @@ def test_cli_run_3d_then_predict_nifti_and_h5(tmp_path, capsys):
     masks = tmp_path / "masks"
     assert run_cli("predict", out / "experts" / "a", tmp_path / "vol.nii.gz", tmp_path / "other.h5", "--output", masks) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [r["input"] for r in rows] == ["vol.nii.gz", "other.h5"]
+    assert [r["input"] for r in rows] == [str(tmp_path / "vol.nii.gz"), str(tmp_path / "other.h5")]
     written = nib.load(str(masks / "vol_mask.nii.gz"))
     assert written.shape == image.shape and np.allclose(written.affine, affine)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}

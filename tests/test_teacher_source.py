@@ -99,11 +99,17 @@ def test_rename_rules_and_a_wrapped_checkpoint(tmp_path, teacher_files):
 
 def test_key_mismatch_lists_missing_and_unexpected_keys(teacher_files):
     with pytest.raises(ConfigError, match=r"teacher\.source: .*missing keys \(\d+\): features\.conv0\.weight.*"
-                                          r"unexpected keys \(\d+\): module\.features\.conv0\.weight.*key_map"):
+                                          r"unexpected keys \(\d+\): module\.features\.conv0\.weight.*every "
+                                          r"unexpected key starts with 'module\.': set teacher\.source\.key_map: "
+                                          r"\{strip_prefix: module\.\}"):
         lorkd.load_foundation("state_dict", teacher_files["pt"], factory=FACTORY, kwargs=NET_KWARGS)
+    with pytest.raises(ConfigError, match=r"missing keys .*fix the names with teacher\.source\.key_map"):
+        lorkd.load_foundation("state_dict", teacher_files["pt"], factory=FACTORY, kwargs=NET_KWARGS, strip_prefix="module.",
+                              rename=[[r"^features\.conv0", "features.first"]])
     small = dict(NET_KWARGS, init_features=4)
-    with pytest.raises(ConfigError, match=r"shape mismatches"):
+    with pytest.raises(ConfigError, match=r"shape mismatches.*factory's teacher\.source\.kwargs") as err:
         lorkd.load_foundation("state_dict", teacher_files["pt"], factory=FACTORY, kwargs=small, strip_prefix="module.")
+    assert "strict: false" not in str(err.value)
 
 
 def test_missing_file_unknown_kind_and_missing_packages(tmp_path):
@@ -202,6 +208,9 @@ def test_input_adapter_channels_size_and_normalisation(dims):
     raw = torch.nn.functional.interpolate(x * 0.5 + 0.5, size=[8] * dims,
                                           mode=("bilinear", "trilinear")[dims - 2], align_corners=False)
     assert torch.allclose(y[:, 2:3], (raw - 0.3) / 0.5, atol=1e-6)
+    size_only = InputAdapter(dims, size=8, data_mean=0.5, data_std=0.5)  # intensities as the recipe gives them
+    assert torch.allclose(size_only(x * 2 - 1), torch.nn.functional.interpolate(
+        x * 2 - 1, size=[8] * dims, mode=("bilinear", "trilinear")[dims - 2], align_corners=False), atol=1e-6)
     rgb = torch.rand(2, 3, *([4] * dims))
     assert torch.allclose(InputAdapter(dims, channels="average", in_channels=1)(rgb), rgb.mean(1, keepdim=True))
     with pytest.raises(ConfigError, match=r"teacher\.input\.channels: the teacher takes 3 channels, the data has 1"):
@@ -323,6 +332,15 @@ def test_lorkd_teacher_prints_source_layers_and_shapes(tmp_path, teacher_files, 
     assert "synth_xray (3 classes): its output [0, 3] -> logits [2, 3]" in text
     assert "synth_ultrasound (2 classes): head -> logits [2, 2]" in text
     assert "features.denseblock4  _DenseBlock  [4, " in text and "sample batch: [4, 1, 16, 16]" in text
+
+
+def test_lorkd_teacher_on_a_torchscript_source_shows_its_outputs_without_hooks(tmp_path, teacher_files, capsys):
+    cfg = write_config(tmp_path, foundation_teacher(SOURCES["torchscript"](teacher_files), features=None))
+    assert run_cli("teacher", cfg) == 0
+    text = capsys.readouterr().out
+    assert f"source: torchscript {teacher_files['script']}" in text and "features: the output -> [4, 3]" in text
+    assert "synth_xray (3 classes): its output [0, 3] -> logits [2, 3]" in text
+    assert "layers: none usable (a TorchScript model offers only its outputs" in text
 
 
 def test_lorkd_teacher_without_a_source_shows_the_network_lorkd_would_train(tmp_path, capsys):

@@ -150,7 +150,7 @@ def test_frozen_parts_are_bit_identical_after_training(run2d, tmp_path):
 
     same(lp_model.backbone.state_dict(), original)  # weights and BatchNorm statistics
     same(rd_model.foundation.state_dict(), original)
-    expert_names = {n for n, _ in lora_model.backbone.named_expert_parameters(0)}
+    expert_names = {n for n, _ in lora_model.backbone.named_task_parameters()}
     base = {k: v for k, v in lora_model.backbone.state_dict().items() if k not in expert_names}
     assert len(base) == len(original)  # every foundation tensor is there, under the wrapped names
     assert all(torch.equal(a, b) for a, b in zip(base.values(), original.values()))

@@ -42,7 +42,8 @@ def parts(tmp_path_factory) -> dict[str, Path]:
 def source_section(parts: dict[str, Path], **extra) -> dict:
     return {"source": {"kind": "state_dict", "path": str(parts["weights"]), "factory": FACTORY, "kwargs": NET_KWARGS,
                        "key_map": {"strip_prefix": "module."}},
-            "features": LAYER, "input": {"size": 32, "channels": "repeat"}, "experts": str(parts["run"] / "experts"),
+            "features": LAYER, "input": {"size": 32, "channels": "repeat", "mean": 0.0, "std": 1.0},  # [0, 1] in
+            "experts": str(parts["run"] / "experts"),
             **extra}
 
 
@@ -122,7 +123,7 @@ def test_frozen_source_foundation_is_bit_identical_after_lp_lora_rd(parts, tmp_p
     same(run.foundation.backbone.module.state_dict())
     same(lp.backbone.module.state_dict())  # weights and BatchNorm statistics
     same(rd.foundation.module.state_dict())
-    adapters = {n for n, _ in lora.backbone.named_expert_parameters(0)}
+    adapters = {n for n, _ in lora.backbone.named_task_parameters()}
     base = [v for k, v in lora.backbone.state_dict().items() if k not in adapters]
     assert len(base) == len(original) and all(torch.equal(a, b) for a, b in zip(base, original.values()))
     # ... while what trains did change

@@ -18,6 +18,7 @@ from .experts import (
     ExpertModel,
     add_experts,
     build_architecture,
+    keep_absent_experts,
     load_expert,
     load_student,
     save_expert,
@@ -30,5 +31,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DataError", "ExpertModel", "Foundation", "InputAdapter", "load_foundation", "LorkdError", "TrainingError", "add_experts",
-    "build_architecture", "load_expert", "load_student", "save_expert", "save_student", "__version__",
+    "build_architecture", "keep_absent_experts", "load_expert", "load_student", "save_expert", "save_student", "__version__",
 ]

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "segmentation expert: the folder for the masks (default ./masks)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--batch-size", type=int, default=256, help="inputs per forward pass (classification)")
+    p.add_argument("--bits", type=int, help="bit depth of 16-bit image files (e.g. 12: values / 4095; default "
+                   "16: / 65535), classification")
     p.add_argument("--trust-code", action="store_true", help="allow the card's architecture factory to lie "
                    "outside monai.networks.nets, lorkd.models, torchvision.models, timm (only for experts you trust)")
     p.set_defaults(func=cmd_predict)
@@ -282,7 +284,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     with trusted_code(args.trust_code):
         predict_files(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
-                      device=args.device)
+                      device=args.device, bits=args.bits)
     return 0
 
 

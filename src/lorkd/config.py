@@ -75,7 +75,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. student.rank=8")
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. student.train.epochs=5")
         dotted, raw = item.split("=", 1)
         keys = dotted.strip().split(".")
         node = data

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -279,3 +279,24 @@ def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | 
         source=str(path),
         spatial_dims=dims,
     )
+
+
+def cap_train(task: ClassificationTask, max_train: int | None, seed: int = 0) -> ClassificationTask:
+    """``task`` with at most ``max_train`` training images: a class-stratified random subset drawn
+    with ``seed`` (each class keeps its share, at least one image); val and test are untouched."""
+    n = task.num_samples("train")
+    if max_train is None or max_train >= n:
+        return task
+    rng = np.random.default_rng(seed)
+    labels = task.labels["train"]
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.append(rng.permutation(idx)[:max(1, int(round(max_train * len(idx) / n)))])
+    keep = np.concatenate(keep)
+    if len(keep) > max_train:  # rounding up the classes' shares overshot by at most one per class
+        keep = rng.choice(keep, max_train, replace=False)
+    keep = np.sort(keep)
+    images, labels_ = dict(task.images), dict(task.labels)
+    images["train"], labels_["train"] = task.images["train"][keep], labels[keep]
+    return replace(task, images=images, labels=labels_)

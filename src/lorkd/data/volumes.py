@@ -21,6 +21,7 @@ a mask value outside the mapping) raises :class:`lorkd.errors.DataError` naming 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lorkd.errors import DataError
+from lorkd.errors import ConfigError, DataError
+
+log = logging.getLogger("lorkd")
 
 __all__ = [
     "CANONICAL_ORIENTATION",
@@ -622,19 +625,60 @@ def read_msd_folder(
     return _finish(refs, meta_path, lazy)
 
 
+RARE_LABEL_SHARE = 1e-3  # a mask value on fewer pixels than this share of all is warned about
+
+
 def scan_label_values(mask_paths: Sequence[str | Path]) -> tuple[int, ...]:
-    """Sorted unique raw values over all masks (the default class mapping for 2D masks)."""
-    values: set[int] = set()
+    """Sorted unique raw values over all masks (the default class mapping for 2D masks).
+
+    A value on fewer than :data:`RARE_LABEL_SHARE` of all mask pixels (a stray value, e.g. from a
+    lossy or resized mask, would make a binary task 3-class) is warned about, naming its masks."""
+    counts: dict[int, int] = {}
+    where: dict[int, list[str]] = {}
     for p in mask_paths:
-        values.update(int(v) for v in np.unique(_mask_to_array(_pil_open(str(p), "mask"), str(p))))
-    return tuple(sorted(values))
+        values, n = np.unique(_mask_to_array(_pil_open(str(p), "mask"), str(p)), return_counts=True)
+        for v, c in zip(values.tolist(), n.tolist()):
+            counts[v] = counts.get(v, 0) + c
+            where.setdefault(v, []).append(str(p))
+    total = sum(counts.values())
+    for v in sorted(counts):
+        if len(counts) > 2 and counts[v] < RARE_LABEL_SHARE * total:
+            files = ", ".join(where[v][:3]) + (f" and {len(where[v]) - 3} more" if len(where[v]) > 3 else "")
+            log.warning("mask value %d is on only %d of %d pixels (%s), yet makes its own class (%d classes from "
+                        "values %s); if it is stray (a lossy or resized mask?), fix those masks", v, counts[v], total,
+                        files, len(counts), sorted(counts))
+    return tuple(sorted(counts))
+
+
+def _mask_name_fn(rule: str | Sequence[str]) -> Callable[[str], str]:
+    """``reader.mask_rule`` (a format string of ``{stem}`` or ``[regex, replacement]``) as stem -> mask name.
+
+    Raises:
+        ConfigError: anything else, an unknown ``{field}`` or a bad regex (names ``reader.mask_rule``).
+    """
+    if isinstance(rule, str):
+        try:
+            rule.format(stem="x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(f"reader.mask_rule: {rule!r} may use only {{stem}} ({err!r}); for other names give "
+                              "[regex, replacement], e.g. ['_training$', '_manual1']") from err
+        return lambda stem: rule.format(stem=stem)
+    if isinstance(rule, Sequence) and len(rule) == 2 and all(isinstance(r, str) for r in rule):
+        def name(stem: str) -> str:
+            try:
+                return re.sub(rule[0], rule[1], stem)
+            except re.error as err:
+                raise ConfigError(f"reader.mask_rule: {list(rule)} is not a valid [regex, replacement]: {err}") from err
+
+        return name
+    raise ConfigError(f"reader.mask_rule: give a format string of {{stem}} or [regex, replacement], got {rule!r}")
 
 
 def read_image_mask_folder(
     root: str | Path,
     images: str = "images",
     masks: str = "masks",
-    mask_rule: str = "{stem}_mask",
+    mask_rule: str | Sequence[str] = "{stem}_mask",
     exts: Sequence[str] = (".png", ".tif", ".tiff", ".gif", ".jpg"),
     label_values: Sequence[int] | Mapping[int, int] | None = None,
     num_classes: int | None = None,
@@ -643,8 +687,10 @@ def read_image_mask_folder(
 ) -> list[CaseRef] | list[Case]:
     """Scan a folder of 2D images (``root/images``) and masks (``root/masks``).
 
-    The mask of ``images/<stem>.<ext>`` is ``masks/<mask_rule.format(stem=stem)>.<ext2>`` with any
-    extension in ``exts``. Images load as float32 ``[1, H, W]`` (grayscale) or ``[3, H, W]`` (RGB,
+    The mask of ``images/<stem>.<ext>`` is ``masks/<name>.<ext2>`` with any extension in ``exts``;
+    ``name`` is ``mask_rule.format(stem=stem)``, or for ``mask_rule = [regex, replacement]``
+    ``re.sub(regex, replacement, stem)`` (DRIVE's ``21_training`` -> ``21_manual1``:
+    ``["_training$", "_manual1"]``). Images load as float32 ``[1, H, W]`` (grayscale) or ``[3, H, W]`` (RGB,
     RGBA, palette); intensities are kept raw.
 
     Mask values map to classes: ``label_values`` as a sequence lists raw values in class order
@@ -653,8 +699,10 @@ def read_image_mask_folder(
     (so 0/255 masks -> 0/1). The default scan reads every mask once (2D masks are small).
 
     Raises DataError for missing folders, no images, an image without a mask, unreadable files,
-    (on load) a mask value outside the mapping, size mismatch, or more values than ``num_classes``.
+    (on load) a mask value outside the mapping, size mismatch, or more values than ``num_classes``;
+    ConfigError for a ``mask_rule`` that is neither (names ``reader.mask_rule``).
     """
+    mask_name = _mask_name_fn(mask_rule)
     root = Path(root)
     img_dir = _require_dir(root / images, "images")
     mask_dir = _require_dir(root / masks, "masks")
@@ -668,7 +716,7 @@ def read_image_mask_folder(
     for p in sorted(img_dir.iterdir()):
         if not (p.is_file() and p.suffix.lower() in exts):
             continue
-        want = mask_rule.format(stem=p.stem)
+        want = mask_name(p.stem)
         if want not in mask_index:
             raise DataError(f"{p}: no mask named {want!r} with extension in {exts} in {mask_dir}")
         pairs.append((p, mask_index[want]))

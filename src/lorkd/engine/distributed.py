@@ -7,19 +7,18 @@ code runs in both settings.
 
 Experts whose task is absent from a rank's batch
 ------------------------------------------------
-A batch on one rank may lack some tasks, so the experts (and task heads) of those tasks take no
-part in that rank's forward pass. :meth:`DistributedContext.wrap` therefore builds
-``DistributedDataParallel(model, find_unused_parameters=True)``: after the forward pass DDP walks
-the autograd graph, marks the parameters it did not reach as ready, and the reducer never waits for
-them, so there is no hang. Per parameter, the ranks agree on whether it was used anywhere:
-
-* used on at least one rank: its gradient is the average over ranks, where a rank that did not use
-  it contributes zero (which is exactly what the loss normalisation below expects);
-* unused on **every** rank (its task is absent from the whole global batch): DDP leaves ``.grad``
-  untouched, i.e. ``None`` after ``zero_grad(set_to_none=True)``, so momentum and weight decay do
-  not move it. ``tests/test_engine_distributed.py`` checks this under ``torchrun`` with two Gloo
-  processes (the expert of a task absent from the data keeps ``grad is None`` and its exact
-  initial weights), so no extra fix-up is applied.
+A batch on one rank may lack some tasks. The experts of all tasks live in one parameter per layer
+(rows by task), so every expert parameter takes part in every forward pass and DDP never waits
+for one; a task absent from a rank's batch contributes exact zeros to its rows, so the averaged
+gradient of task ``t``'s rows is that of the ranks where it was present (which is exactly what
+the loss normalisation below expects). Task heads may still go unused on a rank, so
+:meth:`DistributedContext.wrap` builds ``DistributedDataParallel(model,
+find_unused_parameters=True)``. A task absent from the **whole** global batch must not move: the
+training loop hooks the optimiser with :func:`lorkd.experts.keep_absent_experts`, whose
+per-rank "tasks seen" flags are combined with :meth:`DistributedContext.all_reduce_max`, so
+momentum and weight decay leave its rows bit-identical. ``tests/test_engine_distributed.py``
+checks this under ``torchrun`` with two Gloo processes (the expert of a task absent from the
+data keeps its exact initial weights).
 
 Per-task loss normalisation across ranks
 ----------------------------------------
@@ -134,6 +133,12 @@ class DistributedContext:
         """
         if self.is_distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def all_reduce_max(self, t: Tensor) -> Tensor:
+        """The element-wise maximum of ``t`` over ranks, in place (unchanged in a single process)."""
+        if self.is_distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
     def all_reduce_any(self, flag: bool) -> bool:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from lorkd.data.multitask import collate_task_batch
 from lorkd.errors import ConfigError, TrainingError
+from lorkd.experts import ExpertModel, keep_absent_experts
 from lorkd.fileio import write_atomic
 
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
@@ -332,6 +333,8 @@ def fit(
     if extra_modules is not None:
         named += [(f"extra.{n}", p) for n, p in extra_modules.named_parameters()]
     optimizer = build_optimizer(named, cfg.optim)
+    if any(isinstance(m, ExpertModel) for m in model.modules()):  # absent tasks' expert rows stay untouched
+        keep_absent_experts(optimizer, model, ctx.all_reduce_max if ctx.is_distributed else None)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.epochs)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     extra_params = [p for p in extra_modules.parameters() if p.requires_grad] if extra_modules is not None else []

@@ -4,12 +4,13 @@ This package holds the core only: no training, data or CLI code.
 """
 
 from .io import build_architecture, load_expert, load_student, read_card, save_expert, save_student
-from .layers import ExpertLayer, LowRankExpert, TaskBatchNorm
+from .layers import ExpertFactors, ExpertLayer, TaskBatchNorm
 from .model import ExpertModel, ExpertSummary, add_experts
+from .optim import keep_absent_experts
 from .routing import TaskRouting, active_routing, route, routing_scope
 
 __all__ = [
-    "ExpertLayer", "ExpertModel", "ExpertSummary", "LowRankExpert", "TaskBatchNorm", "TaskRouting",
-    "active_routing", "add_experts", "build_architecture", "load_expert", "load_student", "read_card",
+    "ExpertFactors", "ExpertLayer", "ExpertModel", "ExpertSummary", "TaskBatchNorm", "TaskRouting",
+    "active_routing", "add_experts", "build_architecture", "keep_absent_experts", "load_expert", "load_student", "read_card",
     "route", "routing_scope", "save_expert", "save_student",
 ]

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import DataError
 from ..factories import resolve_factory
 from ..fileio import read_json, write_atomic, write_json
-from .layers import LAYOUTS
+from .layers import LAYOUTS, OLD_LAYOUTS
 from .model import ExpertConfig, ExpertModel, add_experts
 
 STUDENT_WEIGHTS, STUDENT_META = "weights.safetensors", "student.json"
@@ -57,7 +57,6 @@ def save_student(student: ExpertModel, folder: str | Path, architecture: dict[st
         "config": student.config.to_json(),
         "layers": {name: layer.rank for name, layer in student.expert_layers()},
         "layouts": {name: layer.layout for name, layer in student.expert_layers()},
-        "infer_layouts": {name: layer.infer_layout for name, layer in student.expert_layers()},
         "architecture": architecture,
     }
     write_atomic(folder / STUDENT_WEIGHTS, lambda p: save_file(_contiguous(student.state_dict()), p))
@@ -91,14 +90,14 @@ def load_student(folder: str | Path, model: nn.Module | None = None) -> ExpertMo
     student = add_experts(model, cfg["num_tasks"], rank=dict(meta["layers"]), alpha=cfg["alpha"],
                           targets=list(meta["layers"]), norm=cfg["norm"], layout=cfg.get("layout", "auto"))
     student.config = ExpertConfig(cfg["num_tasks"], cfg["rank"], cfg["alpha"], cfg["targets"], cfg["norm"],
-                                  cfg.get("layout", "auto"), cfg.get("per_sample_outputs"))
+                                  OLD_LAYOUTS.get(cfg.get("layout", "auto"), cfg.get("layout", "auto")))
     _load_into(student, folder / STUDENT_WEIGHTS)
     layers = dict(student.expert_layers())
-    for key, attr in (("layouts", "layout"), ("infer_layouts", "infer_layout")):  # e.g. chosen by tune_layouts
-        for name, layout in meta.get(key, {}).items():
-            if name not in layers or layout not in LAYOUTS:
-                raise DataError(f"{folder / STUDENT_META}: {key}: {name!r}: {layout!r} is not a layout of a layer with experts")
-            setattr(layers[name], attr, layout)
+    for name, layout in meta.get("layouts", {}).items():  # "infer_layouts" of earlier versions: not used any more
+        layout = OLD_LAYOUTS.get(layout, layout)
+        if name not in layers or layout not in LAYOUTS:
+            raise DataError(f"{folder / STUDENT_META}: layouts: {name!r}: {layout!r} is not a layout of a layer with experts")
+        layers[name].layout = layout
     return student
 
 

@@ -1,39 +1,31 @@
-"""Low-rank task experts on Linear, ConvNd and ConvTransposeNd layers.
+"""Low-rank task experts on Linear, ConvNd and ConvTransposeNd layers, and per-task BatchNorm.
 
-For task ``t`` the layer computes with ``W_t = W + (alpha / r) * B_t @ A_t``, where ``W`` is
-the wrapped layer's own weight viewed as a matrix ``[d0, d1]`` (``d0`` = first weight dim,
-``d1`` = the rest), ``A_t`` is ``[r, d1]`` and ``B_t`` is ``[d0, r]``. ``B_t`` starts at zero,
-so a fresh student computes exactly what the wrapped model computed.
+For task ``t`` an :class:`ExpertLayer` computes with ``W_t = W + (alpha / r) * B_t @ A_t``, where
+``W`` is the wrapped layer's own weight viewed as a matrix ``[d0, d1]`` (``d0`` = first weight
+dim, ``d1`` = the rest). The factors of all tasks are stored together: ``A [T, r, d1]`` and
+``B [T, d0, r]``; ``B`` starts at zero, so a fresh student computes exactly what the wrapped
+model computed.
 
-A batch routed by :mod:`lorkd.experts.routing` is sorted by task; each task's rows are a
-contiguous segment. Four exact layouts of the computation are available per layer (same
-values and gradients; they differ in speed and memory):
+A mixed batch is never split by task. Each row is gathered its own task's factors (``A[task]``,
+``B[task]``), so a layer costs a fixed handful of operations whatever the number of tasks, in
+one of two exact forms (same values and gradients):
 
 ``"lowrank"``
-    one call of the plain layer on the whole batch with ``W``, plus, per task segment, the
-    low-rank branch ``B_t(A_t(x))`` (two thin convolutions or matmuls). Memory stays that of
-    the plain layer; extra FLOPs are about ``r / out_channels``, but thin convolutions run far
-    below peak speed on CPUs. Needs ``groups == 1``.
+    the plain layer once on the whole batch with ``W``, plus the thin branch ``B_t A_t x`` for
+    every row at once: ``A`` as one convolution with ``groups = rows`` (``r`` channels per row),
+    ``B`` as one batched matmul. Extra FLOPs about ``r / out_channels``; memory that of the
+    plain layer plus ``r`` channels. Needs ``groups == 1``.
 ``"merged"``
-    per task segment, one call of the plain layer with the merged weight ``W_t``. Extra
-    memory is one weight per task present (kept for backward while training). Always used for
-    single-task batches and for grouped convolutions.
-``"fused"``
-    the merged forward in one custom autograd function (:mod:`lorkd.experts.fused`) that keeps
-    no per-task weight and computes the shared weight's gradient once on the full batch, the
-    experts' gradients through thin layers. Linear and ``groups == 1`` zero-padded
-    convolutions (else ``merged``); without gradients it is ``merged``.
-``"stacked"``
-    one convolution with ``[W; A_t1; ...; A_tP]`` stacked along the output channels (the shared
-    weight and every present task's ``A`` in one call), then each row's ``B_t`` by one batched
-    matmul. Extra compute about ``P r / out_channels``; convolutions with ``groups == 1`` only.
+    every task's merged weight built in one batched product, gathered per row, and one
+    convolution with ``groups = rows`` (the papers' form). Extra memory one weight per row, so
+    it pays only where weights are small next to activations (early, wide-activation layers),
+    and it is the form for grouped convolutions.
 
-Each layer has a ``layout`` (used while gradients are enabled) and an ``infer_layout`` (used
-under ``torch.no_grad()``), both set from ``add_experts(layout=...)``. ``"auto"`` picks
-``merged`` for one segment, for ``groups > 1``, and where the merged weights are no larger
-than the layer's output; else ``stacked`` for convolutions in training and ``lowrank`` for the
-rest and for inference. ``ExpertModel.tune_layouts`` instead times the candidates per layer on
-the machine at hand (``inference=True`` for ``infer_layout``).
+``layout="auto"`` picks ``merged`` for ``groups > 1`` and where ``rows x weight`` is no larger
+than the layer's output, else ``lowrank``: a rule on shapes only, so a compiled step never
+depends on the task mix. A batch routed to one task (``student(x, t)`` with an ``int``) runs the
+plain layer with ``W_t``; without gradients the merged weights are cached until a weight
+changes.
 """
 
 from __future__ import annotations
@@ -45,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import fused_forward, fused_supported
-from .routing import active_routing
+from .routing import TaskRouting, active_routing
 
-LAYOUTS = ("auto", "stacked", "lowrank", "merged", "fused")
+LAYOUTS = ("auto", "lowrank", "merged")
+OLD_LAYOUTS = {"stacked": "auto", "fused": "auto"}  # layouts of earlier versions, read from saved students
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -65,12 +57,13 @@ _PLAIN_FORWARDS = {
 
 def conv_nd(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int = 1) -> Tensor:
     """``F.conv{1,2,3}d``, except that a float32 3D convolution of fewer than 16 rows on the CPU
-    runs on oneDNN directly: PyTorch's own backend choice sends batch-1 and 1x1x1 3D
-    convolutions (what per-task segments and thin branches are) to a native kernel many times
-    slower. Same values, autograd included."""
+    runs on oneDNN directly: PyTorch's own backend choice sends batch-1 3D convolutions (what
+    the per-row grouped convolutions are) to a native kernel many times slower. Same values,
+    autograd included."""
     n = x.dim() - 2
     if (n == 3 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] < 16
-            and not isinstance(padding, str) and torch.backends.mkldnn.is_available()):
+            and not isinstance(padding, str) and torch.backends.mkldnn.is_available()
+            and not torch.compiler.is_compiling()):
         as3 = lambda v: (v,) * 3 if isinstance(v, int) else tuple(v)  # noqa: E731
         return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, as3(padding), as3(stride),
                                                  as3(dilation), groups)
@@ -94,14 +87,21 @@ def ineligibility(module: nn.Module) -> str | None:
     return None
 
 
-class LowRankExpert(nn.Module):
-    """One task's factors ``A [r, d1]`` and ``B [d0, r]``; ``delta() = B @ A`` is ``[d0, d1]``."""
+class ExpertFactors:
+    """Task ``t``'s factors of one layer, as views of the stacked parameters: ``A [r, d1]``,
+    ``B [d0, r]``; ``delta() = B @ A`` is ``[d0, d1]``. Writing into ``A``/``B`` (under
+    ``torch.no_grad()``) writes the layer's parameters."""
 
-    def __init__(self, rows: int, cols: int, rank: int, dtype=None, device=None) -> None:
-        super().__init__()
-        self.A = nn.Parameter(torch.empty(rank, cols, dtype=dtype, device=device))
-        self.B = nn.Parameter(torch.zeros(rows, rank, dtype=dtype, device=device))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+    def __init__(self, layer: "ExpertLayer", task: int) -> None:
+        self._layer, self.task = layer, task
+
+    @property
+    def A(self) -> Tensor:  # noqa: N802 (the papers' names)
+        return self._layer.A[self.task]
+
+    @property
+    def B(self) -> Tensor:  # noqa: N802
+        return self._layer.B[self.task]
 
     def delta(self) -> Tensor:
         return self.B @ self.A
@@ -115,12 +115,13 @@ class ExpertLayer(nn.Module):
         num_tasks: number of experts ``T``.
         rank: ``r >= 1``.
         alpha: scaling numerator; the expert is scaled by ``alpha / rank``.
-        layout: ``"auto"``, ``"stacked"``, ``"lowrank"``, ``"merged"`` or ``"fused"`` (see the module docstring);
-            sets both ``layout`` (training) and ``infer_layout`` (without gradients).
+        layout: ``"auto"``, ``"lowrank"`` or ``"merged"`` (see the module docstring).
         name: the layer's qualified name, used in error messages.
 
-    Shapes: input and output are those of ``base`` (``[B, *, in]`` for Linear, ``[B, C, *spatial]``
-    for convolutions); rows must be routed by an enclosing ``ExpertModel``.
+    Parameters: ``A [T, r, d1]`` (Kaiming-uniform) and ``B [T, d0, r]`` (zeros); ``experts[t]``
+    gives task ``t``'s views. Shapes: input and output are those of ``base`` (``[N, *, in]`` for
+    Linear, ``[N, C, *spatial]`` for convolutions); rows must be routed by an enclosing
+    ``ExpertModel`` (``N`` = ``k`` rows per sample times the batch).
     """
 
     def __init__(self, base: nn.Module, num_tasks: int, rank: int, alpha: float, layout: str = "auto", name: str = "") -> None:
@@ -128,6 +129,7 @@ class ExpertLayer(nn.Module):
         reason = ineligibility(base)
         if reason is not None:
             raise ValueError(f"cannot add experts to {name or type(base).__name__}: {reason}")
+        layout = OLD_LAYOUTS.get(layout, layout)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.base = base
@@ -135,15 +137,26 @@ class ExpertLayer(nn.Module):
         self.alpha = float(alpha)
         self.scale = self.alpha / self.rank
         self.layout = layout
-        self.infer_layout = layout
         self.name = name
         weight = base.weight
         self._kind = "linear" if isinstance(base, nn.Linear) else ("conv_transpose" if base.transposed else "conv")
         self._spatial_dims = weight.dim() - 2
         rows, cols = weight.shape[0], weight[0].numel()
-        self.experts = nn.ModuleList(
-            LowRankExpert(rows, cols, self.rank, dtype=weight.dtype, device=weight.device) for _ in range(num_tasks)
-        )
+        self.A = nn.Parameter(torch.empty(num_tasks, self.rank, cols, dtype=weight.dtype, device=weight.device))
+        self.B = nn.Parameter(torch.zeros(num_tasks, rows, self.rank, dtype=weight.dtype, device=weight.device))
+        for a in self.A.data:  # each task's A as nn.Linear initialises an [r, d1] weight
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self._cache: tuple | None = None
+        self._register_load_state_dict_pre_hook(_stack_old_keys(("A", "B"), "experts"))
+
+    @property
+    def num_tasks(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def experts(self) -> list[ExpertFactors]:
+        """Per-task views of the factors (``experts[t].A``, ``.B``, ``.delta()``)."""
+        return [ExpertFactors(self, t) for t in range(self.num_tasks)]
 
     # ------------------------------------------------------------------ weights
     @property
@@ -157,10 +170,28 @@ class ExpertLayer(nn.Module):
         """The shared bias (``base.bias``)."""
         return self.base.bias
 
+    def task_weights(self) -> Tensor:
+        """``[T, *base.weight.shape]``: ``W + (alpha / r) * B_t @ A_t`` for every task, built in one
+        batched product (cached without gradients until ``W``, ``A`` or ``B`` changes)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._task_weights()
+        key = (self.base.weight._version, self.A._version, self.B._version, self.base.weight.data_ptr(),
+               self.A.data_ptr(), self.B.data_ptr(), self.A.dtype, self.A.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._task_weights())
+        return self._cache[1]
+
+    def _task_weights(self) -> Tensor:
+        w = self.base.weight
+        flat = w.reshape(1, w.shape[0], -1).expand(self.num_tasks, -1, -1)
+        return torch.baddbmm(flat, self.B, self.A, alpha=self.scale).view(self.num_tasks, *w.shape)
+
     def merged_weight(self, task: int) -> Tensor:
         """``W + (alpha / r) * B_t @ A_t`` in the shape of ``base.weight``."""
+        if not torch.is_grad_enabled():
+            return self.task_weights()[task]
         weight = self.base.weight
-        return weight + self.scale * self.experts[task].delta().view_as(weight)
+        return torch.addmm(weight.reshape(weight.shape[0], -1), self.B[task], self.A[task], alpha=self.scale).view_as(weight)
 
     def extract(self, task: int) -> nn.Module:
         """A copy of ``base`` (its own class, no lorkd inside) with expert ``task`` merged in."""
@@ -172,44 +203,22 @@ class ExpertLayer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         routing = active_routing(self.name or type(self.base).__name__)
-        layout = self.resolve_layout(len(routing.segments), x)
-        if layout == "merged":
-            outs = [self._plain(rows, self.merged_weight(seg.task), output_size) for seg, rows in routing.split(x)]
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
-        if layout == "stacked":
-            return self._stacked(x, routing)
-        if layout == "fused":
-            return fused_forward(self, x, routing, self._output_padding(x, output_size) if self._kind == "conv_transpose" else None)
-        y = self._plain(x, self.base.weight, output_size)
-        branches = [self._branch(rows, self.experts[seg.task], output_size) for seg, rows in routing.split(x)]
-        if not torch.is_grad_enabled():  # add in place: no concatenated copy of the branches
-            for part, branch in zip(y.split([b.shape[0] for b in branches]), branches):
-                part.add_(branch, alpha=self.scale)
-            return y
-        return torch.add(y, torch.cat(branches), alpha=self.scale)
+        if routing.single is not None:
+            routing.rows_per_sample(x)  # the same shape check as a mixed batch
+            return self._plain(x, self.merged_weight(routing.single), output_size)
+        if self.resolve_layout(x) == "merged":
+            return self._merged(x, routing, output_size)
+        return self._lowrank(x, routing, output_size)
 
-    def resolve_layout(self, num_segments: int, x: Tensor | None = None) -> str:
-        """The layout this call uses.
-
-        ``merged`` for a single task and for grouped convolutions (where the others are not
-        exact). Otherwise ``self.layout`` (``self.infer_layout`` without gradients); ``auto``
-        means ``merged`` where the per-task weights are no larger than the layer's output
-        (early, wide-activation layers, where it runs at the plain layer's speed), else
-        ``stacked`` for convolutions in training and ``lowrank`` otherwise.
-        """
-        if num_segments == 1 or getattr(self.base, "groups", 1) != 1:
+    def resolve_layout(self, x: Tensor) -> str:
+        """The form a mixed batch ``x`` runs in: ``merged`` for grouped convolutions (the only
+        exact one there); else ``self.layout``, where ``auto`` means ``merged`` if the per-row
+        weights are no larger than the layer's output, else ``lowrank``. Shapes only."""
+        if getattr(self.base, "groups", 1) != 1:
             return "merged"
-        layout = self.layout if torch.is_grad_enabled() else self.infer_layout
-        if layout == "fused" and not torch.is_grad_enabled():
-            return "merged"  # the same forward, without the autograd function
-        if layout == "auto":
-            small = x is not None and num_segments * self.base.weight.numel() <= self._output_numel(x)
-            layout = "merged" if small else ("stacked" if torch.is_grad_enabled() else "lowrank")
-        if layout == "stacked" and self._kind != "conv":
-            return "lowrank"
-        if layout == "fused" and not fused_supported(self.base):
-            return "merged"
-        return layout
+        if self.layout != "auto":
+            return self.layout
+        return "merged" if x.shape[0] * self.base.weight.numel() <= self._output_numel(x) else "lowrank"
 
     def _output_numel(self, x: Tensor) -> float:
         """Approximate element count of this layer's output for input ``x``."""
@@ -219,71 +228,80 @@ class ExpertLayer(nn.Module):
         scale = stride if self._kind == "conv_transpose" else 1 / stride
         return x.numel() / self.base.in_channels * self.base.out_channels * scale
 
-    def _stacked(self, x: Tensor, routing) -> Tensor:
-        """Convolution with ``[W; A_t1; ...; A_tP]`` stacked along the output channels (one call
-        for the shared weight and every present task's ``A``); then each row keeps only its own
-        task's ``r`` channels of the ``A`` outputs and one batched matmul with ``[B_t1 ... B_tP]``
-        adds ``B_t A_t x`` to the shared output."""
-        base, r = self.base, self.rank
-        tasks = routing.tasks
-        n_extra = len(tasks) * r
-        a = torch.cat([self.experts[t].A for t in tasks]).view(n_extra, *base.weight.shape[1:])
-        bias = None if base.bias is None else torch.cat([base.bias, base.bias.new_zeros(n_extra)])
-        out = base._conv_forward(x, torch.cat([base.weight, a]), bias)
-        rows, spatial = out.shape[0], out.shape[2:]
-        y, z = out.split([base.out_channels, n_extra], dim=1)
-        # each row keeps only its own task's r channels of z, then all rows share one [out, P r] B
-        z = z.reshape(rows, n_extra, -1) * routing.block_mask(r, out.dtype, out.device, routing.rows_per_sample(out))[:, :, None]
-        b = torch.stack([self.experts[t].B for t in tasks], dim=1).reshape(base.out_channels, n_extra)
-        y = torch.baddbmm(y.reshape(rows, base.out_channels, -1), b.expand(rows, -1, -1), z, alpha=self.scale)
-        return y.view(rows, base.out_channels, *spatial)
+    def _lowrank(self, x: Tensor, routing: TaskRouting, output_size) -> Tensor:
+        """``base(x) + s B_t A_t x`` per row: the thin branch as one grouped convolution (or batched
+        matmul) with each row's ``A_t`` and one batched matmul with each row's ``B_t``."""
+        base, r, n = self.base, self.rank, x.shape[0]
+        tasks = routing.row_tasks(x)
+        a, b = self.A.index_select(0, tasks), self.B.index_select(0, tasks)  # [N, r, d1], [N, d0, r]
+        y = self._plain(x, base.weight, output_size)
+        if self._kind == "linear":
+            z = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))  # [N, L, r]
+            return torch.baddbmm(y.reshape(n, -1, y.shape[-1]), z, b.transpose(1, 2), alpha=self.scale).view(y.shape)
+        kernel = tuple(base.weight.shape[2:])
+        rows = x.reshape(1, n * x.shape[1], *x.shape[2:])
+        if self._kind == "conv":
+            rows, padding = self._padded(rows)
+            z = conv_nd(rows, a.reshape(n * r, base.in_channels, *kernel), None, base.stride, padding, base.dilation, n)
+            out = torch.baddbmm(y.reshape(n, base.out_channels, -1), b, z.reshape(n, r, -1), alpha=self.scale)
+            return out.view(y.shape)
+        # transposed: weight [in, out, *k] = B [in, r] @ A [r, out * k]: first B^T, then A transposed
+        u = torch.bmm(b.transpose(1, 2), x.reshape(n, base.in_channels, -1))  # [N, r, L_in]
+        delta = _CONV_T[self._spatial_dims](
+            u.reshape(1, n * r, *x.shape[2:]), a.reshape(n * r, base.out_channels, *kernel), None, base.stride,
+            base.padding, self._output_padding(x, output_size), n, base.dilation)
+        return torch.add(y, delta.view(y.shape), alpha=self.scale)
 
-    def _plain(self, x: Tensor, weight: Tensor, output_size, output_padding=None) -> Tensor:
-        """The wrapped layer's own computation with ``weight`` in place of its weight (transposed
-        layers: ``output_padding`` if given, else the one ``output_size`` implies)."""
+    def _merged(self, x: Tensor, routing: TaskRouting, output_size) -> Tensor:
+        """One call with each row's merged weight ``W_t`` (a convolution with ``groups = rows x
+        groups``, or a batched matmul)."""
+        base, n = self.base, x.shape[0]
+        weights = self.task_weights().index_select(0, routing.row_tasks(x))  # [N, *weight.shape]
+        if self._kind == "linear":
+            flat = x.reshape(n, -1, x.shape[-1])
+            y = torch.bmm(flat, weights.transpose(1, 2))
+            return (y if base.bias is None else y + base.bias).view(*x.shape[:-1], base.out_features)
+        rows = x.reshape(1, n * x.shape[1], *x.shape[2:])
+        weights = weights.reshape(n * weights.shape[1], *weights.shape[2:])
+        bias = None if base.bias is None else base.bias.repeat(n)
+        groups = n * base.groups
+        if self._kind == "conv":
+            rows, padding = self._padded(rows)
+            y = conv_nd(rows, weights, bias, base.stride, padding, base.dilation, groups)
+        else:
+            y = _CONV_T[self._spatial_dims](rows, weights, bias, base.stride, base.padding,
+                                            self._output_padding(x, output_size), groups, base.dilation)
+        return y.view(n, -1, *y.shape[2:])
+
+    def _padded(self, x: Tensor) -> tuple[Tensor, object]:
+        """``(x, padding)`` for a convolution with the base layer's padding: non-zero padding modes
+        are applied to ``x`` here (then padding 0)."""
+        base = self.base
+        if base.padding_mode == "zeros":
+            return x, base.padding
+        return F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode), 0
+
+    def _plain(self, x: Tensor, weight: Tensor, output_size) -> Tensor:
+        """The wrapped layer's own computation with ``weight`` in place of its weight."""
         base = self.base
         if self._kind == "linear":
             return F.linear(x, weight, base.bias)
         if self._kind == "conv":
-            if base.padding_mode != "zeros":
-                return base._conv_forward(x, weight, base.bias)
-            return conv_nd(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
-        if output_padding is None:
-            output_padding = self._output_padding(x, output_size)
+            x, padding = self._padded(x)
+            return conv_nd(x, weight, base.bias, base.stride, padding, base.dilation, base.groups)
         return _CONV_T[self._spatial_dims](
-            x, weight, base.bias, base.stride, base.padding, output_padding, base.groups, base.dilation
-        )
-
-    def _branch(self, x: Tensor, expert: LowRankExpert, output_size) -> Tensor:
-        """``B_t @ A_t`` applied to ``x`` as two thin layers (``groups == 1`` only), unscaled."""
-        base = self.base
-        if self._kind == "linear":
-            return F.linear(F.linear(x, expert.A), expert.B)
-        n = self._spatial_dims
-        ones = (1,) * n
-        kernel = tuple(base.weight.shape[2:])
-        if self._kind == "conv":
-            padding = base.padding
-            if base.padding_mode != "zeros":
-                x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
-                padding = 0
-            a = expert.A.view(self.rank, base.in_channels, *kernel)
-            z = conv_nd(x, a, None, base.stride, padding, base.dilation)
-            return conv_nd(z, expert.B.view(base.out_channels, self.rank, *ones), None, 1, 0, 1)
-        # transposed: weight [in, out, *k] = B [in, r] @ A [r, out * k]
-        z = conv_nd(x, expert.B.t().reshape(self.rank, base.in_channels, *ones), None, 1, 0, 1)
-        a = expert.A.view(self.rank, base.out_channels, *kernel)
-        return _CONV_T[n](z, a, None, base.stride, base.padding, self._output_padding(x, output_size), 1, base.dilation)
+            x, weight, base.bias, base.stride, base.padding, self._output_padding(x, output_size), base.groups,
+            base.dilation)
 
     def _output_padding(self, x: Tensor, output_size) -> tuple[int, ...]:
         base = self.base
         if output_size is None:
             return base.output_padding
-        return base._output_padding(x, output_size, base.stride, base.padding, base.kernel_size, self._spatial_dims, base.dilation)
+        return base._output_padding(x, output_size, base.stride, base.padding, base.kernel_size, self._spatial_dims,
+                                    base.dilation)
 
     def extra_repr(self) -> str:
-        return (f"tasks={len(self.experts)}, rank={self.rank}, alpha={self.alpha:g}, layout={self.layout!r}, "
-                f"infer_layout={self.infer_layout!r}")
+        return f"tasks={self.num_tasks}, rank={self.rank}, alpha={self.alpha:g}, layout={self.layout!r}"
 
 
 class TaskBatchNorm(nn.Module):
@@ -291,42 +309,192 @@ class TaskBatchNorm(nn.Module):
     statistics, running statistics and affine parameters, so no information crosses tasks.
 
     Args:
-        norm: the BatchNorm to copy (``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``).
+        norm: the BatchNorm to copy (``nn.BatchNorm1d/2d/3d``).
         num_tasks: ``T`` copies are made.
+
+    Parameters and buffers are stacked over tasks: ``weight``, ``bias``, ``running_mean``,
+    ``running_var`` ``[T, C]`` and ``num_batches_tracked [T]`` (counted per task: a task absent
+    from a batch keeps its running statistics and count). The per-task statistics of a mixed
+    batch take a fixed number of operations whatever the number of tasks: per-row mean and
+    variance, then per-task averages by one product with the routing's ``[T, rows]`` weights.
 
     Trade-off: each task's statistics come from its share of the batch only (noisier with
     many tasks and small batches), in exchange for exact gradient separation. A task present
-    with one row at a layer without spatial extent is normalised with its running statistics,
-    or, without running statistics, maps to the norm's bias (see ``_normalise``).
+    with one value per channel (one row, no spatial extent) is normalised with its running
+    statistics (left unchanged), or without running statistics maps to the norm's bias, as the
+    BatchNorm formula gives with variance 0.
+
+    Raises:
+        ValueError: ``norm`` is a ``SyncBatchNorm`` (per-task statistics are per rank here).
     """
 
     def __init__(self, norm: nn.modules.batchnorm._BatchNorm, num_tasks: int, name: str = "") -> None:
         super().__init__()
-        self.norms = nn.ModuleList(copy.deepcopy(norm) for _ in range(num_tasks))
+        if isinstance(norm, nn.SyncBatchNorm):
+            raise ValueError(f"{name or 'SyncBatchNorm'}: norm='per_task' does not synchronise statistics across "
+                             "ranks; convert the model to plain BatchNorm first or use norm='shared'")
+        self.num_features, self.eps, self.momentum = norm.num_features, norm.eps, norm.momentum
+        self.affine, self.track_running_stats = norm.affine, norm.track_running_stats
         self.name = name
+        self._template = [copy.deepcopy(norm)]  # not a submodule: extract() copies its class and settings
+
+        def stacked(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().unsqueeze(0).repeat(num_tasks, *([1] * t.dim())).clone()
+
+        self.weight = None if norm.weight is None else nn.Parameter(stacked(norm.weight))
+        self.bias = None if norm.bias is None else nn.Parameter(stacked(norm.bias))
+        self.register_buffer("running_mean", stacked(norm.running_mean))
+        self.register_buffer("running_var", stacked(norm.running_var))
+        self.register_buffer("num_batches_tracked", stacked(norm.num_batches_tracked))
+        self._register_load_state_dict_pre_hook(_stack_old_keys(
+            ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"), "norms"))
+
+    @property
+    def num_tasks(self) -> int:
+        return self._stacked_any().shape[0]
+
+    def _stacked_any(self) -> Tensor:
+        return next(t for t in (self.weight, self.running_mean, self.num_batches_tracked) if t is not None)
 
     def forward(self, x: Tensor) -> Tensor:
         routing = active_routing(self.name or "TaskBatchNorm")
-        outs = [self._normalise(self.norms[seg.task], rows) for seg, rows in routing.split(x)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    @staticmethod
-    def _normalise(norm: nn.Module, rows: Tensor) -> Tensor:
-        """``norm(rows)``. A task with a single value per channel (one row, no spatial extent)
-        where batch statistics are used has none that PyTorch accepts: with running statistics it
-        is normalised with them (left unchanged); without (``track_running_stats=False``) with
-        its own one-value statistics (mean = the value, variance 0), as the BatchNorm formula
-        gives: the output is the norm's bias."""
-        if rows.numel() != rows.shape[1] or not (norm.training or norm.running_mean is None):
-            return norm(rows)
-        if norm.running_mean is not None:
-            return F.batch_norm(rows, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
-        normalised = (rows - rows) * torch.rsqrt(rows.new_tensor(norm.eps))
-        if norm.affine:
-            shape = (1, -1) + (1,) * (rows.dim() - 2)
-            normalised = normalised * norm.weight.view(shape) + norm.bias.view(shape)
-        return normalised
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"{self.name or 'TaskBatchNorm'}: expected input [N, {self.num_features}, ...], "
+                             f"got {list(x.shape)}")
+        tasks = routing.row_tasks(x)
+        if not (self.training or self.running_mean is None):  # running statistics: BatchNorm's inference kernel
+            rm, rv = _per_row(tasks, self.running_mean, self.running_var)  # buffers apart: no gradient
+            w, b = _per_row(tasks, self.weight, self.bias)
+            flat = x.reshape(1, x.shape[0] * self.num_features, -1)
+            return F.batch_norm(flat, rm, rv, w, b, False, 0.0, self.eps).view_as(x)
+        values_per_row = x[0, 0].numel()
+        n = routing.counts().to(x.dtype) * (routing.rows_per_sample(x) * values_per_row)  # values per channel, [T]
+        track = self.training and self.running_mean is not None
+        # a task with one value per channel has no batch statistics: it uses its running ones
+        batch_stats = n > 1 if values_per_row == 1 and track else None
+        running = (self.running_mean, self.running_var) if track else (None, None)
+        y, mean, var = _TaskNorm.apply(x, self.weight, self.bias, tasks, routing.task_means(x, x.dtype), batch_stats,
+                                       *running, self.eps)
+        if track:
+            with torch.no_grad():
+                update = n > 1
+                self.num_batches_tracked.add_(update)
+                if self.momentum is None:  # cumulative average
+                    momentum = 1.0 / self.num_batches_tracked.clamp(min=1).to(var.dtype)
+                else:
+                    momentum = torch.full_like(n, self.momentum)
+                weight = (momentum * update).unsqueeze(1)
+                self.running_mean.lerp_(mean, weight)
+                self.running_var.lerp_(var * (n / (n - 1).clamp(min=1)).unsqueeze(1), weight)
+        return y
 
     def extract(self, task: int) -> nn.Module:
-        """A copy of task ``task``'s BatchNorm."""
-        return copy.deepcopy(self.norms[task])
+        """Task ``task``'s BatchNorm: a copy of the wrapped norm's class with this task's values."""
+        norm = copy.deepcopy(self._template[0]).to(self._stacked_any().device)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                value = getattr(self, name)
+                if value is not None:
+                    getattr(norm, name).copy_(value[task])
+        norm.train(self.training)
+        return norm
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, tasks={self.num_tasks}, eps={self.eps}, momentum={self.momentum}"
+
+
+class _TaskNorm(torch.autograd.Function):
+    """Per-task batch normalisation of ``x [N, C, *]`` in a few passes over the activations.
+
+    Each row's channels are normalised by PyTorch's own BatchNorm kernel run on ``x`` viewed as
+    ``[1, N * C, L]`` in inference form, with the row's task statistics and affine parameters
+    given per (row, channel); its backward kernel gives the per-(row, channel) sums of ``g`` and
+    ``g * xhat`` in the same pass, from which the batch-statistics terms of the gradient follow
+    per task. (Autograd through the same maths costs several times more.)
+
+    ``tasks [N]`` is each row's task, ``means [T, N]`` averages rows per task (see
+    :meth:`TaskRouting.task_means`). Returns ``y`` (``x``'s shape) and the per-task ``mean``, biased ``var``
+    ``[T, C]`` (not differentiable). Where ``batch_stats [T]`` (bool, or ``None``: all true) is
+    false, that task is normalised with ``running_mean``/``running_var`` and its statistics are
+    constants for the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tasks, means, batch_stats, running_mean, running_var, eps):
+        rows, c = x.shape[:2]
+        flat = x.reshape(1, rows * c, -1)
+        length = flat.shape[2]
+        row_mean = flat.mean(dim=2).view(rows, c)
+        row_square = torch.linalg.vector_norm(flat, 2, dim=2).square_().div_(length).view(rows, c)  # E[x^2] per row
+        mean = means @ row_mean
+        var = (means @ row_square).addcmul_(mean, mean, value=-1).clamp_(min=0)  # [T, C]
+        if batch_stats is not None:
+            keep = batch_stats.unsqueeze(1)
+            mean, var = torch.where(keep, mean, running_mean), torch.where(keep, var, running_var)
+        per_row = _per_row(tasks, mean, var, weight, bias)
+        # written through a view into a tensor of x's shape: an output that is a view (or a
+        # view taken by the caller) could not be modified in place (ReLU(inplace=True)) cheaply
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        empty = x.new_empty(0)
+        torch.ops.aten.native_batch_norm.out(flat, per_row[2], per_row[3], per_row[0], per_row[1], False, 0.0, eps,
+                                             out=y.view(flat.shape), save_mean=empty, save_invstd=empty.clone())
+        ctx.save_for_backward(flat, tasks, means, batch_stats, mean, var, weight, *per_row)
+        ctx.eps, ctx.has_bias, ctx.input_shape = eps, bias is not None, x.shape
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        flat, tasks, means, batch_stats, mean, var, weight, row_mean, row_var, row_weight, _ = ctx.saved_tensors
+        rows, c = tasks.shape[0], mean.shape[1]
+        length = flat.shape[2]
+        g = grad_y.reshape(flat.shape)
+        # inference-form backward: a g per value, and per (row, channel) sum(g * xhat), sum(g)
+        grad_inf, g_xhat, g_sum = torch.ops.aten.native_batch_norm_backward(
+            g, flat, row_weight, row_mean, row_var, None, None, False, ctx.eps, [True, True, True])
+        sums = torch.cat([g_sum.view(rows, c), g_xhat.view(rows, c)], dim=1)  # [N, 2C]
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            task_sums = (means > 0).to(sums.dtype) @ sums  # [T, 2C]
+            grad_bias = task_sums[:, :c] if ctx.has_bias and ctx.needs_input_grad[2] else None
+            grad_weight = task_sums[:, c:] if weight is not None and ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            task_means = means @ sums / length  # E[g], E[g xhat] over each task's values
+            e_g, e_gxhat = task_means[:, :c], task_means[:, c:]
+            if batch_stats is not None:  # tasks normalised with running statistics: constants
+                keep = batch_stats.unsqueeze(1).to(e_g.dtype)
+                e_g, e_gxhat = e_g * keep, e_gxhat * keep
+            inv = torch.rsqrt(var + ctx.eps)
+            a = inv if weight is None else inv * weight  # dx = a g + b x + c per task and channel
+            b = -a * inv * e_gxhat
+            cc = -(a * e_g) - b * mean
+            per_row = torch.cat([b, cc], dim=1).index_select(0, tasks)  # [N, 2C]
+            grad_x = grad_inf.addcmul_(flat, per_row[:, :c].reshape(1, -1, 1)).add_(per_row[:, c:].reshape(1, -1, 1))
+            grad_x = grad_x.view(ctx.input_shape)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _per_row(tasks: Tensor, *per_task: Tensor | None) -> list[Tensor | None]:
+    """Each ``[T, C]`` tensor gathered to its rows' tasks and flattened to ``[N * C]`` (one gather)."""
+    present = [t for t in per_task if t is not None]
+    if not present:
+        return [None] * len(per_task)
+    gathered = torch.cat(present, dim=1).index_select(0, tasks).split(present[0].shape[1], dim=1)
+    it = iter(gathered)
+    return [None if t is None else next(it).reshape(-1) for t in per_task]
+
+
+def _stack_old_keys(names: tuple[str, ...], container: str):
+    """A load-state-dict pre-hook that reads students saved before the factors were stacked
+    (``{prefix}{container}.{t}.{name}`` per task) into the stacked ``{prefix}{name}``."""
+
+    def hook(state_dict, prefix, *args) -> None:
+        for name in names:
+            old = sorted((int(k[len(prefix) + len(container) + 1:].split(".")[0]), k) for k in list(state_dict)
+                         if k.startswith(f"{prefix}{container}.") and k.endswith(f".{name}")
+                         and k[len(prefix) + len(container) + 1:].split(".")[0].isdigit())
+            if old and f"{prefix}{name}" not in state_dict:
+                state_dict[f"{prefix}{name}"] = torch.stack([state_dict.pop(k) for _, k in old])
+
+    return hook

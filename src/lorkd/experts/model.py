@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .inject import RankSpec, Skipped, Target, inject, validate_rank
-from .layers import LAYOUTS, ExpertLayer, TaskBatchNorm
+from .layers import LAYOUTS, OLD_LAYOUTS, ExpertLayer, TaskBatchNorm
 from .routing import route, routing_scope
 
 NORMS = ("shared", "per_task")
@@ -25,7 +24,6 @@ def add_experts(
     targets: Sequence[Target] | None = None,
     norm: str = "shared",
     layout: str = "auto",
-    per_sample_outputs: Sequence[str] | None = None,
 ) -> "ExpertModel":
     """Give a copy of ``model`` one low-rank expert per task on its Linear/Conv layers.
 
@@ -41,13 +39,7 @@ def add_experts(
         norm: ``"shared"`` keeps BatchNorm shared (its batch statistics mix tasks, so a task's
             loss reaches other experts through them); ``"per_task"`` gives each task its own
             BatchNorm, which makes gradient separation exact.
-        layout: ``"auto"`` (default), ``"stacked"``, ``"lowrank"``, ``"merged"`` or ``"fused"``; see
-            :mod:`lorkd.experts.layers`.
-        per_sample_outputs: which output tensors are per-sample and are put back in input order.
-            ``None`` (default): every output tensor with ``B`` rows except the model's own
-            parameters and buffers. Else a list of fnmatch patterns on output paths (dict keys
-            and sequence indices joined by dots, e.g. ``["logits", "aux.*"]``; ``""`` for a bare
-            tensor): only matching tensors are reordered, all others are returned as computed.
+        layout: ``"auto"`` (default), ``"lowrank"`` or ``"merged"``; see :mod:`lorkd.experts.layers`.
 
     Returns:
         an :class:`ExpertModel`; call it as ``student(x, task_ids)``.
@@ -63,7 +55,7 @@ def add_experts(
         raise ValueError(f"alpha must be > 0, got {alpha!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if layout not in LAYOUTS:
+    if OLD_LAYOUTS.get(layout, layout) not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     nested = next((n for n, m in model.named_modules() if isinstance(m, (ExpertModel, ExpertLayer, TaskBatchNorm))), None)
     if nested is not None:
@@ -75,11 +67,8 @@ def add_experts(
     if not layers:
         why = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the model has no Linear/Conv layer"
         raise ValueError(f"no eligible layer to add experts to in {type(model).__name__} (targets={targets!r}): {why}")
-    if per_sample_outputs is not None and (isinstance(per_sample_outputs, str)
-                                           or not all(isinstance(p, str) for p in per_sample_outputs)):
-        raise ValueError(f"per_sample_outputs must be a list of output path patterns, got {per_sample_outputs!r}")
-    config = ExpertConfig(num_tasks, rank, float(alpha), None if targets is None else list(targets), norm, layout,
-                          None if per_sample_outputs is None else list(per_sample_outputs))
+    config = ExpertConfig(num_tasks, rank, float(alpha), None if targets is None else list(targets), norm,
+                          OLD_LAYOUTS.get(layout, layout))
     return ExpertModel(inner, config, skipped)
 
 
@@ -93,7 +82,6 @@ class ExpertConfig:
     targets: list[Target] | None
     norm: str
     layout: str = "auto"
-    per_sample_outputs: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         targets = None if self.targets is None else [
@@ -101,7 +89,7 @@ class ExpertConfig:
         ]
         rank = dict(self.rank) if isinstance(self.rank, dict) else self.rank
         return {"num_tasks": self.num_tasks, "rank": rank, "alpha": self.alpha, "targets": targets,
-                "norm": self.norm, "layout": self.layout, "per_sample_outputs": self.per_sample_outputs}
+                "norm": self.norm, "layout": self.layout}
 
 
 class ExpertModel(nn.Module):
@@ -109,10 +97,14 @@ class ExpertModel(nn.Module):
 
     ``forward(x, task_ids, *args, **kwargs)`` runs the wrapped model once on the mixed batch:
     ``x`` is a tensor ``[B, ...]`` (or a tuple/list/dict of them), ``task_ids`` a LongTensor
-    ``[B]`` in any order or an ``int`` for the whole batch. Every tensor with ``B`` rows in
-    ``args``/``kwargs`` is per-sample and is sorted with ``x``. The output has the structure of
-    ``model(x, *args, **kwargs)``; its per-sample tensors (``config.per_sample_outputs``) are
-    in input order.
+    ``[B]`` in any order or an ``int`` for the whole batch. Rows are never reordered: the output
+    is ``model(x, *args, **kwargs)`` computed with each row's own expert.
+
+    Parameters: the wrapped model's own (shared) parameters, and per layer the stacked factors
+    ``A [T, r, d1]``, ``B [T, d0, r]`` (and with ``norm="per_task"`` each norm's ``[T, C]``
+    affine parameters) whose row ``t`` belongs to task ``t`` (:meth:`task_parameters`). A task
+    absent from a batch gets exactly zero gradient on its rows; :func:`keep_absent_experts`
+    makes an optimiser leave those rows (and their optimiser state) bit-identical.
     """
 
     def __init__(self, model: nn.Module, config: ExpertConfig, skipped: list[Skipped] | None = None) -> None:
@@ -120,6 +112,8 @@ class ExpertModel(nn.Module):
         self.model = model
         self.config = config
         self.skipped = list(skipped or [])
+        # BoolTensor [T]: tasks routed with gradients since reset_seen() (not saved; moves with .to())
+        self.register_buffer("tasks_seen", torch.zeros(config.num_tasks, dtype=torch.bool), persistent=False)
 
     @property
     def num_tasks(self) -> int:
@@ -129,17 +123,14 @@ class ExpertModel(nn.Module):
     def forward(self, x: Any, task_ids: Tensor | int, *args: Any, **kwargs: Any) -> Any:
         batch, device = _batch_size_and_device(x)
         routing = route(task_ids, batch, self.num_tasks, device)
-        if routing.order is None:
-            with routing_scope(routing):
-                return self.model(x, *args, **kwargs)
-        owned = _OwnTensors(self.model)
-        x, args, kwargs = routing.to_sorted((x, args, kwargs), owned)
+        if torch.is_grad_enabled():
+            self.tasks_seen.logical_or_(routing.present().to(self.tasks_seen.device))
         with routing_scope(routing):
-            out = self.model(x, *args, **kwargs)
-        patterns = self.config.per_sample_outputs
-        if patterns is None:
-            return routing.to_input_order(out, owned)
-        return routing.to_input_order(out, lambda path, _: not any(fnmatch.fnmatchcase(path, p) for p in patterns))
+            return self.model(x, *args, **kwargs)
+
+    def reset_seen(self) -> None:
+        """Forget which tasks were routed (called by :func:`keep_absent_experts` after each step)."""
+        self.tasks_seen.zero_()
 
     # ------------------------------------------------------------------ parts
     def expert_layers(self) -> Iterator[tuple[str, ExpertLayer]]:
@@ -148,39 +139,56 @@ class ExpertModel(nn.Module):
             if isinstance(module, ExpertLayer):
                 yield name, module
 
-    def named_expert_parameters(self, task: int) -> Iterator[tuple[str, nn.Parameter]]:
-        """``(name, parameter)`` owned by task ``task`` alone: its factors and, with
-        ``norm="per_task"``, its BatchNorm affine parameters."""
-        self._check_task(task)
+    def named_task_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of every parameter whose dim 0 is the task: the stacked factors
+        and, with ``norm="per_task"``, the norms' affine parameters."""
         for name, module in self.named_modules():
             if isinstance(module, (ExpertLayer, TaskBatchNorm)):
-                own = module.experts[task] if isinstance(module, ExpertLayer) else module.norms[task]
-                prefix = f"{name}.experts.{task}" if isinstance(module, ExpertLayer) else f"{name}.norms.{task}"
-                for pname, param in own.named_parameters():
-                    yield f"{prefix}.{pname}", param
+                keys = ("A", "B") if isinstance(module, ExpertLayer) else ("weight", "bias")
+                for key in keys:
+                    param = getattr(module, key)
+                    if param is not None:
+                        yield f"{name}.{key}", param
 
-    def expert_parameters(self, task: int) -> Iterator[nn.Parameter]:
-        """The parameters owned by task ``task`` alone (see :meth:`named_expert_parameters`)."""
+    def task_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters whose row ``t`` belongs to task ``t`` (see :meth:`named_task_parameters`)."""
+        return (p for _, p in self.named_task_parameters())
+
+    def named_expert_parameters(self, task: int) -> Iterator[tuple[str, Tensor]]:
+        """``(name, tensor)`` owned by task ``task`` alone: views of row ``task`` of each task
+        parameter, named as per-task parameters (``layer.experts.{t}.A``, ``norm.norms.{t}.weight``).
+
+        Raises:
+            ValueError: ``task`` is not in ``[0, num_tasks)``.
+        """
+        self._check_task(task)
+        for name, param in self.named_task_parameters():
+            owner, _, key = name.rpartition(".")
+            container = "experts" if key in ("A", "B") else "norms"
+            yield f"{owner}.{container}.{task}.{key}", param[task]
+
+    def expert_parameters(self, task: int) -> Iterator[Tensor]:
+        """Views of the parameters owned by task ``task`` alone (see :meth:`named_expert_parameters`)."""
         return (p for _, p in self.named_expert_parameters(task))
 
+    def named_expert_gradients(self, task: int) -> Iterator[tuple[str, Tensor | None]]:
+        """``(name, gradient)`` of task ``task``'s rows (``None`` where the whole parameter got no
+        gradient), named as :meth:`named_expert_parameters`."""
+        for (name, _), param in zip(self.named_expert_parameters(task), self.task_parameters()):
+            yield name, None if param.grad is None else param.grad[task]
+
+    def expert_gradients(self, task: int) -> Iterator[Tensor | None]:
+        """The gradients of task ``task``'s rows (see :meth:`named_expert_gradients`)."""
+        return (g for _, g in self.named_expert_gradients(task))
+
     def named_shared_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """``(name, parameter)`` not owned by any single task (the base weights, shared norms, ...)."""
-        owned = {id(p) for t in range(self.num_tasks) for p in self.expert_parameters(t)}
+        """``(name, parameter)`` that hold no task's rows (the base weights, shared norms, ...)."""
+        owned = {id(p) for p in self.task_parameters()}
         return ((n, p) for n, p in self.named_parameters() if id(p) not in owned)
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """Every parameter that is not in any ``expert_parameters(t)``; the two partition ``parameters()``."""
+        """Every parameter that is not a task parameter; the two partition ``parameters()``."""
         return (p for _, p in self.named_shared_parameters())
-
-    def tune_layouts(self, x: Any, task_ids: Tensor, repeats: int = 3, inference: bool = False,
-                     max_memory: float | None = 1.2, margin: float = 0.1) -> dict[str, dict[str, float]]:
-        """Time each expert layer's layouts on a batch like ``x`` and keep the fastest, for
-        training (within ``max_memory`` times the plain layer's backward memory) or
-        (``inference=True``) for forwards without gradients; the ``auto`` choice stays unless
-        another is ``margin`` faster (see :mod:`lorkd.experts.tune`); returns ``{layer: {layout: ms}}``."""
-        from .tune import tune_layouts
-
-        return tune_layouts(self, x, task_ids, repeats, inference, max_memory, margin)
 
     # ------------------------------------------------------------------ extraction
     def extract(self, task: int) -> nn.Module:
@@ -213,7 +221,7 @@ class ExpertModel(nn.Module):
         """Layers with experts (rank, parameters per task), skipped layers and totals."""
         rows = [
             LayerRow(name, type(layer.base).__name__, tuple(layer.base.weight.shape), layer.rank,
-                     sum(p.numel() for p in layer.experts[0].parameters()), layer.layout)
+                     layer.A[0].numel() + layer.B[0].numel(), layer.layout)
             for name, layer in self.expert_layers()
         ]
         per_task = sum(p.numel() for p in self.expert_parameters(0))
@@ -257,19 +265,6 @@ class ExpertSummary:
         for s in self.skipped:
             lines.append(f"skipped {s.name} ({s.type}): {s.reason}")
         return "\n".join(lines)
-
-
-class _OwnTensors:
-    """``keep(path, tensor)`` for routing: true for the model's own parameters and buffers, which are
-    never per-sample (the set is built on first use)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.ids = model, None
-
-    def __call__(self, path: str, tensor: Tensor) -> bool:
-        if self.ids is None:
-            self.ids = {id(t) for t in self.model.parameters()} | {id(t) for t in self.model.buffers()}
-        return id(tensor) in self.ids
 
 
 def _batch_size_and_device(x: Any) -> tuple[int, torch.device]:

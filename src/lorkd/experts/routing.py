@@ -1,64 +1,53 @@
 """Task routing: which expert each sample of a batch goes through.
 
-Hard routing (one task id per sample) is done by *sorting* the batch by task once at the
-model's entry, so that every task owns one contiguous segment of rows. Inside the network
-each expert layer then works on views of its own task's rows: no per-sample kernels, no
-copies of activations. Extra per-sample inputs are sorted with ``x``; the model's per-sample
-outputs are put back in input order at the exit. A layer may see ``k`` rows per sample
-(``k * B`` rows, sample-major: window attention, flattened tokens); its segments scale by ``k``.
+Hard routing gives every sample one task id. The routing is computed once per forward pass
+from the ids, on their device, and read by every expert layer and per-task norm: rows are
+never reordered, and every tensor a layer needs (each row's task, per-task row weights) has a
+shape that depends on the batch size and the number of tasks only, never on which tasks are
+present. So the work per layer is a fixed handful of operations whatever the task mix, there
+is no host synchronisation inside the forward, and ``torch.compile`` captures one graph for
+every mix of a given batch size.
 
-The routing of the forward pass in progress is held in a context variable, so expert
-layers find it without the task ids being threaded through every ``forward`` signature.
-A later soft router (mixture weights per sample) would be a second routing class read by
-the same layers; single-task batches are the one-segment case of this one.
+A layer may see ``k`` rows per sample (``k * B`` rows, sample-major: window attention,
+flattened tokens); each sample's task is then repeated ``k`` times.
+
+The routing of the forward pass in progress is held in a module-level stack (which
+``torch.compile`` traces, unlike a context variable), so expert layers find it without the task
+ids being threaded through every ``forward`` signature. One forward at a time per process:
+threads that run expert models concurrently (``nn.DataParallel``) are not supported; use DDP. Soft routing
+(mixture weights per sample, MoLA-Router) would be a second routing class read by the same
+layers; a single task for the whole batch is :attr:`TaskRouting.single`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
-_ACTIVE: ContextVar["TaskRouting | None"] = ContextVar("lorkd_routing", default=None)
+_ACTIVE: list["TaskRouting"] = []  # the routing of the forward in progress is the last one
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Rows ``[start, start + length)`` of the sorted batch all belong to ``task``."""
-
-    task: int
-    start: int
-    length: int
-
-
-@dataclass(frozen=True)
 class TaskRouting:
-    """Hard routing of a batch of ``batch_size`` samples.
+    """Hard routing of a batch of ``batch_size`` samples over ``num_tasks`` experts.
 
-    ``order`` is the permutation that sorts the input rows by task (``None`` when they are
-    sorted already); ``segments`` lists the tasks present, in increasing task order.
+    Attributes:
+        task_ids: LongTensor ``[B]``, the task of each sample, in input order, on the input's device.
+        single: the task id when the caller gave one ``int`` for the whole batch, else ``None``
+            (layers then use that task's merged weights directly).
     """
 
-    batch_size: int
-    segments: tuple[Segment, ...]
-    order: Tensor | None
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def tasks(self) -> tuple[int, ...]:
-        """The task ids present in the batch, sorted."""
-        return tuple(s.task for s in self.segments)
+    def __init__(self, task_ids: Tensor, num_tasks: int, single: int | None = None) -> None:
+        self.task_ids = task_ids
+        self.batch_size = task_ids.shape[0]
+        self.num_tasks = num_tasks
+        self.single = single
+        self._cache: dict = {}
 
     def rows_per_sample(self, x: Tensor) -> int:
         """``k`` where ``x`` holds ``k * batch_size`` rows, sample-major (``k = 1`` for a plain batch).
-
-        Layers that see several rows per sample (window attention over ``[B * windows, tokens, C]``,
-        tokens flattened to ``[B * N, C]``) must keep each sample's ``k`` rows contiguous and in
-        sample order, as ``reshape`` of a batch-first tensor does.
 
         Raises:
             RuntimeError: ``x.shape[0]`` is not a positive multiple of the routed batch size.
@@ -75,54 +64,34 @@ class TaskRouting:
             )
         return rows // self.batch_size
 
-    def split(self, x: Tensor) -> Iterator[tuple[Segment, Tensor]]:
-        """Yield ``(segment, rows)`` with each task's rows of ``x`` (views, no copies).
-
-        ``x`` holds ``k * batch_size`` rows for some ``k >= 1`` (see :meth:`rows_per_sample`);
-        task segments are scaled by ``k``.
-
-        Raises:
-            RuntimeError: ``x.shape[0]`` is not a multiple of the routed batch size.
-        """
+    def row_tasks(self, x: Tensor) -> Tensor:
+        """LongTensor ``[x.shape[0]]``: the task of each row of ``x`` (``k`` rows per sample)."""
         k = self.rows_per_sample(x)
-        if len(self.segments) == 1:
-            yield self.segments[0], x
-            return
-        # One split (not one narrow per segment): its backward is a single concatenation,
-        # where per-segment narrows would each scatter into a zero tensor of the full size.
-        yield from zip(self.segments, x.split([k * s.length for s in self.segments]))
-
-    def block_mask(self, block: int, dtype: torch.dtype, device: torch.device, k: int = 1) -> Tensor:
-        """``[k * B, P * block]``: row ``i`` is 1 on the ``block`` columns of its own task's position
-        among the present tasks, 0 elsewhere (``k`` rows per sample, sample-major). Computed once
-        per routing and reused by every layer."""
-        key = (block, dtype, device, k)
+        key = ("rows", k)
         if key not in self._cache:
-            lengths = torch.tensor([k * s.length for s in self.segments])
-            local = torch.repeat_interleave(torch.arange(len(self.segments)), lengths)
-            mask = torch.nn.functional.one_hot(local, len(self.segments)).repeat_interleave(block, dim=1)
-            self._cache[key] = mask.to(device=device, dtype=dtype)
+            self._cache[key] = self.task_ids if k == 1 else self.task_ids.repeat_interleave(k)
         return self._cache[key]
 
-    def to_sorted(self, value: Any, keep: Callable[[str, Tensor], bool] | None = None) -> Any:
-        """Reorder every tensor with ``batch_size`` rows inside ``value`` into task order
-        (those for which ``keep(path, tensor)`` is true are left alone; see :meth:`to_input_order`)."""
-        if self.order is None:
-            return value
-        return _map_batch_tensors(value, self.batch_size, lambda t: t.index_select(0, self.order.to(t.device)), keep)
+    def counts(self) -> Tensor:
+        """LongTensor ``[T]``: samples per task in this batch (0 for absent tasks)."""
+        if "counts" not in self._cache:
+            self._cache["counts"] = torch.bincount(self.task_ids, minlength=self.num_tasks)
+        return self._cache["counts"]
 
-    def to_input_order(self, value: Any, keep: Callable[[str, Tensor], bool] | None = None) -> Any:
-        """Undo :meth:`to_sorted` on every tensor with ``batch_size`` rows inside ``value``.
+    def present(self) -> Tensor:
+        """BoolTensor ``[T]``: which tasks have at least one sample in this batch."""
+        return self.counts() > 0
 
-        ``keep(path, tensor)`` returning true leaves that tensor as it is; ``path`` names its place
-        in ``value``: dict keys and sequence indices joined by dots (``"logits"``, ``"1.0"``),
-        ``""`` for a bare tensor.
-        """
-        if self.order is None:
-            return value
-        inverse = torch.empty_like(self.order)
-        inverse[self.order] = torch.arange(self.batch_size, device=self.order.device)
-        return _map_batch_tensors(value, self.batch_size, lambda t: t.index_select(0, inverse.to(t.device)), keep)
+    def task_means(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``[T, k * B]`` in ``dtype``: row ``t`` holds ``1 / (k * n_t)`` on the rows of task ``t``,
+        0 elsewhere, so ``task_means(x, dtype) @ v`` averages ``v [k * B, C]`` over each task's rows
+        (rows of absent tasks: 0). Computed once per routing and reused by every layer."""
+        k = self.rows_per_sample(x)
+        key = ("means", k, dtype)
+        if key not in self._cache:
+            onehot = torch.nn.functional.one_hot(self.row_tasks(x), self.num_tasks).t().to(dtype)
+            self._cache[key] = onehot / onehot.sum(dim=1, keepdim=True).clamp(min=1)
+        return self._cache[key]
 
 
 def route(task_ids: Tensor | int, batch_size: int, num_tasks: int, device: torch.device | None = None) -> TaskRouting:
@@ -132,35 +101,36 @@ def route(task_ids: Tensor | int, batch_size: int, num_tasks: int, device: torch
         task_ids: integer tensor ``[B]`` (any mix, any order), or one ``int`` for the whole batch.
         batch_size: ``B``, the number of rows of the model input.
         num_tasks: ``T``; valid ids are ``0 .. T-1``.
-        device: where the permutation lives (the input's device).
+        device: where the routing tensors live (the input's device; default: that of ``task_ids``).
 
     Raises:
         ValueError: ``task_ids`` is not an integer tensor of shape ``[B]``, or holds an id
-            outside ``[0, T)``; the message names the offending value.
+            outside ``[0, T)``; the message names the offending value. (Under ``torch.compile``
+            the range check is an asynchronous device assertion instead, so that no value is read
+            back to the host.)
     """
     if isinstance(task_ids, bool) or not isinstance(task_ids, (int, Tensor)):
         raise ValueError(f"task_ids must be an int or an integer tensor of shape [{batch_size}], got {type(task_ids).__name__}")
+    if batch_size == 0:
+        raise ValueError("cannot route an empty batch (0 rows)")
     if isinstance(task_ids, int):
         _check_id(task_ids, num_tasks)
-        return TaskRouting(batch_size, (Segment(task_ids, 0, batch_size),), None)
+        return TaskRouting(torch.full((batch_size,), task_ids, dtype=torch.long, device=device), num_tasks, task_ids)
     if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
         raise ValueError(f"task_ids must have an integer dtype, got {task_ids.dtype}")
     if task_ids.dim() != 1 or task_ids.shape[0] != batch_size:
         raise ValueError(f"task_ids must have shape [{batch_size}] (one id per sample), got {list(task_ids.shape)}")
-    if batch_size == 0:
-        raise ValueError("cannot route an empty batch (0 rows)")
-    ids = task_ids.detach().to("cpu", torch.int64)
-    low, high = int(ids.min()), int(ids.max())
-    _check_id(low if low < 0 else high, num_tasks)
-    counts = torch.bincount(ids, minlength=num_tasks).tolist()
-    segments, start = [], 0
-    for task, count in enumerate(counts):
-        if count:
-            segments.append(Segment(task, start, count))
-            start += count
-    already_sorted = bool((ids[1:] >= ids[:-1]).all())
-    order = None if already_sorted else torch.argsort(ids, stable=True).to(device or task_ids.device)
-    return TaskRouting(batch_size, tuple(segments), order)
+    ids = task_ids.to(device=device or task_ids.device, dtype=torch.long)
+    if torch.compiler.is_compiling():
+        torch._assert_async(((ids >= 0) & (ids < num_tasks)).all(), "task id out of range")
+    elif ids.device.type == "cpu":
+        low, high = int(ids.min()), int(ids.max())
+        _check_id(low if low < 0 else high, num_tasks)
+    else:  # one read-back at the model's entry, none inside the forward
+        bad = ids[(ids < 0) | (ids >= num_tasks)]
+        if bad.numel():
+            _check_id(int(bad[0]), num_tasks)
+    return TaskRouting(ids, num_tasks)
 
 
 def _check_id(task: int, num_tasks: int) -> None:
@@ -175,40 +145,19 @@ def active_routing(layer_name: str = "an expert layer") -> TaskRouting:
         RuntimeError: no routed forward is in progress (the inner model was called directly
             instead of through the ``ExpertModel`` with task ids).
     """
-    routing = _ACTIVE.get()
-    if routing is None:
+    if not _ACTIVE:
         raise RuntimeError(
             f"{layer_name} was called without task ids: call the ExpertModel as student(x, task_ids), "
             "or use student.extract(t) for a plain single-task model"
         )
-    return routing
+    return _ACTIVE[-1]
 
 
 @contextlib.contextmanager
 def routing_scope(routing: TaskRouting) -> Iterator[TaskRouting]:
     """Make ``routing`` the active routing for the duration of the ``with`` block."""
-    token = _ACTIVE.set(routing)
+    _ACTIVE.append(routing)
     try:
         yield routing
     finally:
-        _ACTIVE.reset(token)
-
-
-def _map_batch_tensors(value: Any, batch_size: int, fn, keep=None, path: str = "") -> Any:
-    """Apply ``fn`` to every tensor with ``batch_size`` rows in a nested tuple/list/dict, except
-    where ``keep(path, tensor)`` is true."""
-    if isinstance(value, Tensor):
-        if value.dim() == 0 or value.shape[0] != batch_size or (keep is not None and keep(path, value)):
-            return value
-        return fn(value)
-
-    def sub(key, v):
-        return _map_batch_tensors(v, batch_size, fn, keep, f"{path}.{key}" if path else str(key))
-
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(sub(k, v) for k, v in zip(value._fields, value)))
-    if isinstance(value, (tuple, list)):
-        return type(value)(sub(i, v) for i, v in enumerate(value))
-    if isinstance(value, dict):
-        return type(value)((k, sub(k, v)) for k, v in value.items())
-    return value
+        _ACTIVE.pop()

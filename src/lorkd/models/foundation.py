@@ -104,7 +104,9 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], key: str, source
 
     Raises:
         ConfigError: missing / unexpected keys (when ``strict``) or a shape mismatch; the message
-            lists them and points at ``{key}.key_map``.
+            lists them and says what helps: ``{key}.key_map`` for names (``strip_prefix: P.`` when
+            every unexpected key starts with a ``P.`` whose removal gives model keys), the factory's
+            ``{key}.kwargs`` for shapes.
     """
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -119,9 +121,19 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], key: str, source
     if shapes:
         problems.append(f"shape mismatches ({len(shapes)}): {_some(shapes)}")
     if problems:
+        fixes = []
+        if strict and (missing or unexpected):
+            prefix = unexpected[0].split(".")[0] + "." if unexpected else ""
+            if prefix and all(k.startswith(prefix) for k in unexpected) and any(k[len(prefix):] in own for k in unexpected):
+                fixes.append(f"every unexpected key starts with {prefix!r}: set {key}.key_map: {{strip_prefix: {prefix}}}")
+            else:
+                fixes.append(f"fix the names with {key}.key_map (strip_prefix, rename) or set strict: false to skip "
+                             "missing/unexpected keys")
+        if shapes:
+            fixes.append(f"shapes must fit: build the model as the weights were trained with the factory's "
+                         f"{key}.kwargs (channels, classes, widths); key_map and strict cannot change shapes")
         raise ConfigError(f"{key}: the weights of {source} do not fit the {type(model).__name__}: "
-                          + "; ".join(problems) + f". Fix the names with {key}.key_map "
-                          "(strip_prefix, rename) or set strict: false to skip missing/unexpected keys")
+                          + "; ".join(problems) + ". " + "; ".join(fixes))
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 

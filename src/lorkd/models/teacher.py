@@ -49,7 +49,9 @@ class InputAdapter(nn.Module):
     In order: undo the recipe's normalisation (``x * data_std + data_mean``, classification: back to
     ``[0, 1]``), adapt the channels to ``in_channels`` (``repeat``: tile them, ``average``: their mean,
     tiled when ``in_channels > 1``), resize to ``size`` (linear interpolation), normalise with the
-    teacher's ``mean``/``std`` (a number or one per channel).
+    teacher's ``mean``/``std`` (a number or one per channel; one given alone: the other is 0 / 1).
+    With neither ``mean`` nor ``std`` the intensities are left as they come (the recipe's
+    normalisation is kept, ``data_mean``/``data_std`` are ignored): only channels and size change.
 
     Raises:
         ConfigError: the channels cannot be adapted (``repeat`` of C channels to a count that is
@@ -65,7 +67,8 @@ class InputAdapter(nn.Module):
         self.size = None if size is None else ([int(size)] * spatial_dims if isinstance(size, int) else list(size))
         if self.size is not None and len(self.size) != spatial_dims:
             raise ConfigError(f"{key}.size: needs {spatial_dims} sizes (or one number), got {size}")
-        self.data_mean, self.data_std = data_mean, data_std
+        renormalise = mean is not None or std is not None
+        self.data_mean, self.data_std = (data_mean, data_std) if renormalise else (None, None)
         self.register_buffer("mean", _per_channel(mean, 0.0), persistent=False)
         self.register_buffer("std", _per_channel(std, 1.0), persistent=False)
         for name in ("mean", "std"):

@@ -234,8 +234,9 @@ def describe_teacher(cfg: Any) -> str:
         root = getattr(model, "feature_root", model)
         batch = sample_batch(run)
         shapes: dict[str, tuple[str, list[int]]] = {}
-        handles = [m.register_forward_hook(_shape_keeper(shapes, n, type(m).__name__))
-                   for n, m in root.named_modules() if n]
+        script = isinstance(root, torch.jit.ScriptModule)  # hooks cannot reach layers inside a script
+        handles = [] if script else [m.register_forward_hook(_shape_keeper(shapes, n, type(m).__name__))
+                                     for n, m in root.named_modules() if n]
         model.eval()
         with torch.no_grad():
             out = model(batch.images, batch.task_ids)
@@ -249,6 +250,10 @@ def describe_teacher(cfg: Any) -> str:
         for t, name in enumerate(run.names):
             how = "its output " + repr(model.mapped[t]) if isinstance(model, Foundation) and t in model.mapped else "head"
             lines.append(f"  {name} ({run.num_classes[t]} classes): {how} -> logits {list(out.logits[t].shape)}")
+        if script:
+            lines.append("layers: none usable (a TorchScript model offers only its outputs: teacher.features and "
+                         "feature distillation need its output, hooks cannot reach layers inside a script)")
+            return "\n".join(lines)
         lines.append("layers (names usable as teacher.features and as teacher layers of feature distillation):")
         for name in layer_names(root):
             kind, shape = shapes.get(name, (None, None))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.medmnist import ClassificationTask, load_npz_task
+from ..data.medmnist import ClassificationTask, cap_train, load_npz_task
 from ..data.multitask import MultiTaskDataset, collate_task_batch
 from ..data.paths import locate
 from ..data.synthetic import make_synthetic_tasks
@@ -37,7 +37,9 @@ log = logging.getLogger("lorkd")
 
 # ---------------------------------------------------------------------------------------- data
 def load_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
-    """The tasks of the config: its ``.npz`` files, or the embedded synthetic set.
+    """The tasks of the config: its ``.npz`` files, or the embedded synthetic set, each capped to
+    ``data.max_train`` training images (:func:`~lorkd.data.medmnist.cap_train`, seed
+    ``data.cap_seed``: the same subset for every model and seed).
 
     A relative path that does not exist is looked up under the shared data folder.
 
@@ -46,9 +48,11 @@ def load_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
             of :func:`~lorkd.data.medmnist.load_npz_task`; the message starts with the config key
             ``data.tasks[i]`` and names the file.
     """
-    if cfg.data.synthetic is not None:
-        s = cfg.data.synthetic
-        return make_synthetic_tasks(s.num_tasks, s.size, s.n_train, s.n_val, s.n_test, s.seed)
+    d = cfg.data
+    if d.synthetic is not None:
+        s = d.synthetic
+        tasks = make_synthetic_tasks(s.num_tasks, s.size, s.n_train, s.n_val, s.n_test, s.seed)
+        return [cap_train(t, d.max_train, d.cap_seed) for t in tasks]
     tasks = []
     for i, spec in enumerate(cfg.data.tasks):
         key = f"data.tasks[{i}]"
@@ -59,7 +63,7 @@ def load_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
         except DataError as err:
             raise DataError(f"{key} ({spec.name}): {err}") from err
     check_spatial_dims(tasks)
-    return tasks
+    return [cap_train(t, d.max_train, d.cap_seed) for t in tasks]
 
 
 def check_spatial_dims(tasks: list[ClassificationTask], key: str = "data.tasks") -> int:

@@ -325,16 +325,23 @@ def stage_student(run: Any, teacher: nn.Module, name: str = "student", distill: 
     return model
 
 
-def stage_baselines(run: Any, teacher: nn.Module) -> dict[str, Any]:
-    """Train the baselines listed in ``baselines.run`` with the student's network and budget.
+def stage_baselines(run: Any, teacher: nn.Module, found: bool = False) -> dict[str, Any]:
+    """Train the baselines listed in ``baselines.run`` with the student's network and budget;
+    ``found``: also reuse the baselines already trained in the run folder though not listed (as
+    ``lorkd evaluate`` does after ``lorkd baselines --set baselines.run=...``; logged).
 
     Returns ``{name: model}`` for ``student_nokd`` and ``{name: {tuple(task ids): model}}`` for
     the others (``stl*``: one model per task; ``mtl*``: one model of all tasks)."""
+    from .runfolder import baselines_on_disk
     from .search import search_distill
 
     sc = run.cfg.student
     trained: dict[str, Any] = {}
-    for name in run.cfg.baselines.run:
+    extra = [n for n in baselines_on_disk(run, trained=True) if found and n not in run.cfg.baselines.run]
+    if extra and run.ctx.is_main:
+        log.info("baselines: %s trained in %s though not in baselines.run: evaluated too", ", ".join(extra),
+                 run.out / "baselines")
+    for name in [*run.cfg.baselines.run, *extra]:
         kd = name.endswith("_kd")
         chosen = search_distill(run, teacher)[0] if kd and sc.distill.search.enabled else sc.distill
         distill = chosen if kd else sc.distill.without_teacher()
@@ -440,13 +447,16 @@ def _drive(run: Any, stages: tuple[str, ...], export: Callable, evaluate: Callab
         student = stage_student(run, teacher) if "student" in stages or has_network(out / "student") else None
         if student is None:
             raise DataError(f"{out / 'student'}: no trained student; run `lorkd decompose` first")
-        baselines = stage_baselines(run, teacher) if "baselines" in stages or "evaluate" in stages else {}
+        evaluating = "evaluate" in stages
+        baselines = stage_baselines(run, teacher, found=evaluating) if evaluating or "baselines" in stages else {}
         if not ctx.is_main:
             return None
         if "export" in stages or "evaluate" in stages:
             with timed(run.timing, "export"):
                 export(run, student)
-        if "evaluate" not in stages:
+        if not evaluating:
+            if baselines:
+                log.info("baselines in %s; `lorkd evaluate` adds them to metrics.json and report.md", out / "baselines")
             return None
         with timed(run.timing, "evaluate"):
             metrics = evaluate(run, teacher, student, baselines)

@@ -203,7 +203,8 @@ def _compare(model: nn.Module, run: Any, checks: list[torch.Tensor], path: Path,
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the exporters' progress lines and deprecation warnings while they run."""
-    names = ("torch.onnx", "torch.export", "torch._export", "torch.onnx._internal.exporter._registration")
+    names = ("torch.onnx", "torch.export", "torch._export", "torch.onnx._internal.exporter._registration",
+             "onnx_ir", "onnxscript")  # the optimiser passes log every step at INFO
     levels = {name: logging.getLogger(name).level for name in names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

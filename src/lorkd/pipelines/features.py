@@ -39,7 +39,6 @@ from ..distill import FeatureProjector, feature_pair_loss
 from ..errors import ConfigError
 from ..experts import ExpertModel
 from ..experts.layers import ExpertLayer, TaskBatchNorm
-from ..experts.routing import route
 from ..models.taps import LayerTaps, find_layer
 from .schema import Distill, FeaturePair
 
@@ -146,9 +145,6 @@ class FeatureDistiller(nn.Module):
         self.terms = list(terms)
         names = student_layer_names(student)
         self._student = {t.name: _student_module(names, t.student, f"{t.key}.student") for t in terms if t.student}
-        self._routed = {n for n, m in self._student.items() if m.startswith("backbone.model.")
-                        and isinstance(student.backbone, ExpertModel)}
-        self._num_tasks = student.num_tasks
         root = teacher_root(teacher)
         for t in terms:
             if t.teacher:
@@ -185,12 +181,9 @@ class FeatureDistiller(nn.Module):
     def collect(self, out, teacher_out, task_ids: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """``{term name: (student output, teacher output (detached))}`` of the forward just run,
         rows in input order; forgets the kept outputs."""
-        routing = route(task_ids, task_ids.shape[0], self._num_tasks, task_ids.device) if self._routed else None
         result = {}
         for t in self.terms:
             s = out.features if t.student is None else self._student_taps[self._student[t.name]]
-            if t.name in self._routed:
-                s = routing.to_input_order(s)
             te = teacher_out.features if t.teacher is None else self._teacher_taps[t.teacher]
             result[t.name] = (s, te.detach())
         self._student_taps.clear()

@@ -86,12 +86,13 @@ def read_fingerprint(folder: Path) -> dict[str, Any] | None:
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``["student.train.epochs: 10 -> 20", ...]`` for every key whose value differs (sorted);
-    a key present on one side only shows ``(absent)`` on the other."""
+    a key present on one side only shows ``(absent)`` on the other, unless it is null there (a key
+    added to lorkd later, at its default null, matches a fingerprint written before it existed)."""
     missing = "(absent)"
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, missing), new.get(key, missing)
-        if a != b:
+        if a != b and (a, b) not in ((missing, None), (None, missing)):
             out.append(f"{key}: {_show(a)} -> {_show(b)}")
     return out
 

@@ -1,8 +1,9 @@
 """``lorkd predict``: run an exported expert on image files, folders, globs, ``.npy`` or ``.npz``
 files and report class probabilities (with class names when the card has them). Inputs are
 preprocessed as the expert's card says (channels, size, normalisation); pixel values are scaled by
-type: uint8 / 255, uint16 / 65535, float kept when in [0, 1] (anything else is an error: nothing is
-clipped). Resizing and channel conversion are logged as warnings."""
+type: uint8 / 255, uint16 / 65535 (``--bits N``: / 2**N - 1), float kept when in [0, 1] (anything
+else is an error: nothing is clipped). Resizing, channel conversion and 16-bit images whose values
+fit fewer bits are logged as warnings."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from ..experts import load_expert
+from ..experts.io import EXPERT_CARD
 
 log = logging.getLogger("lorkd")
 
@@ -57,28 +59,41 @@ def expand_inputs(inputs: Iterable[str | Path], suffixes: Iterable[str]) -> list
     return paths
 
 
-def to_unit_range(array: np.ndarray, name: str) -> np.ndarray:
+def to_unit_range(array: np.ndarray, name: str, bits: int | None = None,
+                  shallow: list[tuple[str, int]] | None = None) -> np.ndarray:
     """Pixel values -> float32 in [0, 1] by type: uint8 / 255, uint16 / 65535, bool as 0/1, float
     kept. A signed or wider integer image whose values fit 16 bits is read as 16-bit (warned).
+    ``bits`` (e.g. 12 for 12-bit data in 16-bit files): integer images other than uint8 are divided
+    by ``2**bits - 1`` instead.
+
+    A 16-bit image read as such whose values fit 14 bits or fewer is probably shallower data in a
+    16-bit file (it comes out dark): ``(name, depth)`` is appended to ``shallow``, or warned when
+    ``shallow`` is None.
 
     Raises:
-        DataError: float values outside [0, 1] or not finite, integers beyond 16 bits or negative,
-            or another dtype (names ``name``, the dtype and the range; nothing is clipped).
+        DataError: float values outside [0, 1] or not finite, integers beyond 16 bits (``bits``) or
+            negative, or another dtype (names ``name``, the dtype and the range; nothing is clipped).
     """
     kind = array.dtype.kind
     if kind == "b":
         return array.astype(np.float32)
     if kind == "u" and array.dtype.itemsize == 1:
         return array.astype(np.float32) / 255.0
-    if kind == "u" and array.dtype.itemsize == 2:
-        return array.astype(np.float32) / 65535.0
     if kind in "ui":
         lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
-        if lo < 0 or hi > 65535:
-            raise DataError(f"{name}: integer image of dtype {array.dtype} with values in [{lo}, {hi}]; give 8-bit or "
-                            "16-bit unsigned images, or floats in [0, 1]")
-        log.warning("predict: %s: %s image read as 16-bit (values / 65535)", name, array.dtype)
-        return array.astype(np.float32) / 65535.0
+        top = 2 ** (bits or 16) - 1
+        if lo < 0 or hi > top:
+            hint = f", beyond --bits {bits} (max {top})" if bits else "; give 8-bit or 16-bit unsigned images, or floats in [0, 1]"
+            raise DataError(f"{name}: integer image of dtype {array.dtype} with values in [{lo}, {hi}]{hint}")
+        if bits is None and (kind != "u" or array.dtype.itemsize != 2):
+            log.warning("predict: %s: %s image read as 16-bit (values / 65535)", name, array.dtype)
+        depth = next((d for d in (8, 10, 12, 14) if hi < 2 ** d), None)
+        if bits is None and depth is not None:
+            if shallow is None:
+                _warn_shallow([(name, depth)])
+            else:
+                shallow.append((name, depth))
+        return array.astype(np.float32) / top
     if kind == "f":
         if not np.isfinite(array).all():
             raise DataError(f"{name}: float image holds NaN or infinite values")
@@ -88,6 +103,15 @@ def to_unit_range(array: np.ndarray, name: str) -> np.ndarray:
                             "(scale them first; nothing is clipped)")
         return array.astype(np.float32)
     raise DataError(f"{name}: images of dtype {array.dtype} are not supported")
+
+
+def _warn_shallow(shallow: list[tuple[str, int]]) -> None:
+    """One warning for the 16-bit inputs whose values fit fewer bits (``(name, depth)`` each)."""
+    if shallow:
+        depth = max(d for _, d in shallow)
+        names = ", ".join(n for n, _ in shallow[:5]) + (f" and {len(shallow) - 5} more" if len(shallow) > 5 else "")
+        log.warning("predict: %d 16-bit input(s) hold values that fit %d bits, divided by 65535 they come out dark; "
+                    "if they are %d-bit data, pass --bits %d: %s", len(shallow), depth, depth, depth, names)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -108,27 +132,31 @@ def read_image(path: Path) -> np.ndarray:
                 return np.asarray(img)
             target = "L" if mode in ("1", "LA", "La") else "RGB"
             if mode != "1":
-                log.warning("predict: %s: converted image mode %s to %s", path.name, mode, target)
+                log.warning("predict: %s: converted image mode %s to %s", path, mode, target)
             return np.asarray(img.convert(target))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(f"{path}: cannot read the image ({err})") from err
 
 
-def load_inputs(paths: list[Path], split: str, spatial_dims: int = 2) -> list[tuple[str, np.ndarray]]:
+def load_inputs(paths: list[Path], split: str, spatial_dims: int = 2,
+                bits: int | None = None) -> list[tuple[str, np.ndarray]]:
     """``(name, image [*spatial] or [*spatial, C] in [0, 1], float32)`` for every image file, every
-    ``.npy`` array and every image of the ``split`` of every ``.npz``.
+    ``.npy`` array (a stack ``[N, *spatial]`` / ``[N, *spatial, C]`` gives ``N`` images named
+    ``path[i]``) and every image of the ``split`` of every ``.npz`` (scaled by
+    :func:`to_unit_range` with ``bits``; one warning for 16-bit inputs that fit fewer bits).
 
     Raises:
         DataError: a file is missing, of an unknown type, unreadable, of an unsupported shape or
             value range (names it).
     """
-    items = []
+    items, shallow = [], []
     for path in paths:
         if not path.is_file():
             raise DataError(f"{path}: file not found")
         suffix = path.suffix.lower()
         if suffix == ".npz":
-            items += [(f"{path.name}[{split}][{i}]", image) for i, image in enumerate(_npz_images(path, split))]
+            images = _npz_images(path, split, bits, shallow)
+            items += [(f"{path}[{split}][{i}]", image) for i, image in enumerate(images)]
             continue
         if suffix == ".npy":
             try:
@@ -139,14 +167,21 @@ def load_inputs(paths: list[Path], split: str, spatial_dims: int = 2) -> list[tu
             image = read_image(path)
         else:
             raise DataError(f"{path}: unsupported input type {suffix!r}; give images, folders, .npy or .npz files")
-        if image.ndim not in (spatial_dims, spatial_dims + 1) or (image.ndim > spatial_dims and image.shape[-1] > 4):
+        colour = image.ndim > spatial_dims and image.shape[-1] <= 4  # a last axis of <= 4 is channels
+        if suffix == ".npy" and image.ndim == spatial_dims + 1 + colour:  # a stack: [N, *spatial(, C)]
+            images = to_unit_range(image, str(path), bits, shallow)
+            items += [(f"{path}[{i}]", one) for i, one in enumerate(images)]
+            continue
+        if image.ndim not in (spatial_dims, spatial_dims + 1) or (image.ndim > spatial_dims and not colour):
+            axes = ", ".join("DHW"[3 - spatial_dims:])
             raise DataError(f"{path}: array of shape {list(image.shape)}; this {spatial_dims}D expert takes "
-                            f"[{', '.join('DHW'[3 - spatial_dims:])}] or [..., C] with C <= 4")
-        items.append((path.name, to_unit_range(image, str(path))))
+                            f"[{axes}] or [{axes}, C] with C <= 4 (.npy also stacks [N, {axes}(, C)])")
+        items.append((str(path), to_unit_range(image, str(path), bits, shallow)))
+    _warn_shallow(shallow)
     return items
 
 
-def _npz_images(path: Path, split: str) -> list[np.ndarray]:
+def _npz_images(path: Path, split: str, bits: int | None, shallow: list[tuple[str, int]]) -> list[np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as arrays:
             key = f"{split}_images"
@@ -155,12 +190,13 @@ def _npz_images(path: Path, split: str) -> list[np.ndarray]:
             images = arrays[key]
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read the .npz file ({err})") from err
-    return list(to_unit_range(images, f"{path} key '{split}_images'"))  # one check and warning for the split
+    return list(to_unit_range(images, f"{path} key '{split}_images'", bits, shallow))  # one check and warning for the split
 
 
 def preprocess(image: np.ndarray, card: dict[str, Any], name: str = "input",
                notes: dict[str, list[str]] | None = None) -> torch.Tensor:
-    """Float ``[*spatial]`` / ``[*spatial, C]`` in [0, 1] -> ``[C, *size]`` as the expert was trained.
+    """Float ``[*spatial]`` / ``[*spatial, C]`` in [0, 1] -> ``[C, *size]`` as the expert was trained
+    (card ``input_size`` None: the image's own size).
 
     Channels are replicated (gray -> colour) or averaged (colour -> gray) and the image is resized
     (bilinear/trilinear, antialiased in 2D) when it differs from the card; ``notes`` collects the
@@ -184,7 +220,7 @@ def preprocess(image: np.ndarray, card: dict[str, Any], name: str = "input",
             raise DataError(f"{name}: image has {x.shape[0]} channels, the expert takes {channels}")
         if notes is not None:
             notes["channels"].append(name)
-    size = card["input_size"]
+    size = card["input_size"] or x.shape[1:]
     size = (size,) * spatial_dims if isinstance(size, int) else tuple(size)
     if tuple(x.shape[1:]) != size:
         mode = "bilinear" if spatial_dims == 2 else "trilinear"
@@ -205,7 +241,7 @@ def _spatial_dims(card: dict[str, Any]) -> int:
 def _warn(notes: dict[str, list[str]], card: dict[str, Any]) -> None:
     """One warning per kind of conversion, naming the first inputs concerned."""
     size = card["input_size"]
-    size = "x".join(map(str, [size] * _spatial_dims(card) if isinstance(size, int) else size))
+    size = "x".join(map(str, [size] * _spatial_dims(card) if isinstance(size, int) else size or []))
     what = {"channels": f"converted to {card['input_channels']} channel(s)", "resized": f"resized to {size}"}
     for kind, names in notes.items():
         if names:
@@ -215,12 +251,13 @@ def _warn(notes: dict[str, list[str]], card: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test", output: Path | None = None,
-                  batch_size: int = 256, device: str = "cpu") -> list[dict[str, Any]]:
+                  batch_size: int = 256, device: str = "cpu", bits: int | None = None) -> list[dict[str, Any]]:
     """Probabilities of every input through the expert; printed as CSV or written to ``output``.
 
     ``inputs`` are files, folders or glob patterns (:func:`expand_inputs`). A row holds ``input``,
     ``prediction`` (class index), ``class_name`` when the card has ``class_names``, and ``p0..pK-1``.
-    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``"auto"``.
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``"auto"``. ``bits``: the bit depth of
+    integer images wider than 8 bits (default: 16-bit, / 65535; see :func:`to_unit_range`).
 
     A segmentation expert (card ``task_kind: segmentation``) writes masks instead: see
     :func:`predict_masks` (``output`` is then the folder of the masks).
@@ -234,16 +271,19 @@ def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test
         return predict_masks(expert_dir, inputs, output, device=device)
     if batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    if bits is not None and not 9 <= bits <= 16:
+        raise DataError(f"--bits must be in 9..16 (the depth of images wider than 8 bits), got {bits}")
     dev = _device(device)
-    model = load_expert(expert_dir).eval()
-    card = model.card
+    model = _load(expert_dir)
+    card = _complete_card(model, expert_dir)
     model = model.to(dev)
     names = card.get("class_names")
-    items = load_inputs(expand_inputs(inputs, CLASSIFICATION_SUFFIXES), split, _spatial_dims(card))
+    items = load_inputs(expand_inputs(inputs, CLASSIFICATION_SUFFIXES), split, _spatial_dims(card), bits)
     notes: dict[str, list[str]] = {"channels": [], "resized": []}
     rows = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+    step = batch_size if card["input_size"] else 1  # inputs of their own sizes go one at a time
+    for start in range(0, len(items), step):
+        chunk = items[start:start + step]
         x = torch.stack([preprocess(img, card, name, notes) for name, img in chunk]).to(dev)
         probs = torch.softmax(model(x).float(), dim=1).cpu().numpy()
         for (name, _), p in zip(chunk, probs):
@@ -258,6 +298,49 @@ def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
     return rows
+
+
+def _load(folder: Path) -> torch.nn.Module:
+    """The expert in ``folder``, in eval mode.
+
+    Raises:
+        DataError: its card has no ``architecture`` to build it from (names the card), or what
+            :func:`lorkd.load_expert` raises.
+    """
+    from ..experts import read_card
+
+    if not read_card(folder).get("architecture"):
+        raise DataError(f"{Path(folder) / EXPERT_CARD}: no 'architecture' to build the model from; save the expert "
+                        "with lorkd.save_expert(model, folder, architecture={'factory': ..., 'kwargs': {...}})")
+    return load_expert(folder).eval()
+
+
+def _complete_card(model: torch.nn.Module, folder: Path) -> dict[str, Any]:
+    """The card of a classification expert with what ``predict`` needs: an expert saved with
+    :func:`lorkd.save_expert` without a card lacks them, so ``input_channels`` and ``spatial_dims``
+    are taken from the model's first convolution, ``input_size`` None (each input's own size) and
+    ``normalisation`` mean 0, std 1 (inputs in [0, 1] as read); one warning names what was assumed.
+
+    Raises:
+        DataError: the card lacks ``input_channels`` and the model has no convolution (names the card).
+    """
+    card = dict(model.card)
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    missing = [k for k in ("input_channels", "input_size", "normalisation") if k not in card]
+    if not missing:
+        return card
+    if conv is None and "input_channels" in missing:
+        raise DataError(f"{Path(folder) / EXPERT_CARD}: no 'input_channels' and the model has no convolution to "
+                        "take it from; add input_channels, input_size and normalisation to the card")
+    if conv is not None and "spatial_dims" not in card and not isinstance(card.get("input_size"), list):
+        card["spatial_dims"] = conv.weight.ndim - 2
+    assumed = {"input_channels": conv.in_channels if conv is not None else None, "input_size": None,
+               "normalisation": {"mean": 0.0, "std": 1.0}}
+    card.update({k: assumed[k] for k in missing})
+    log.warning("predict: %s has no %s (an expert saved without a card?): assuming %s; add them to the card "
+                "(as `lorkd export` writes it) if the expert was trained otherwise", Path(folder) / EXPERT_CARD,
+                ", ".join(missing), ", ".join(f"{k}={card[k]}" for k in missing))
+    return card
 
 
 def _device(name: str) -> torch.device:
@@ -339,12 +422,14 @@ def read_segmentation_input(path: Path, image_key: str = "image") -> tuple[np.nd
 
 @torch.no_grad()
 def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...], card: dict[str, Any],
-            device: torch.device | str = "cpu") -> np.ndarray:
+            device: torch.device | str = "cpu", name: str = "input") -> np.ndarray:
     """Mask ``[*spatial]`` (uint8 class indices, the input's own grid) of ``image`` ``[C, *spatial]``:
-    preprocessing of the card, sliding-window logits, resampled back to the input's shape, argmax.
+    channels fitted as in training (:func:`_task_channels`, then the card's ``channel_fill`` up to
+    ``in_channels``), preprocessing of the card, sliding-window logits, resampled back to the
+    input's shape, argmax.
 
     Raises:
-        DataError: the input's dimensions or channels do not fit the expert.
+        DataError: the input's dimensions or channels do not fit the expert (names ``name``).
     """
     from ..data.segmentation import Preprocess, _fit_channels, preprocess_case
     from ..data.volumes import Case
@@ -352,23 +437,44 @@ def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...
 
     spatial = image.ndim - 1
     if spatial not in (card["spatial_dims"], card["spatial_dims"] + 1):
-        raise DataError(f"input of shape {image.shape} ([C, *spatial]) does not fit this {card['spatial_dims']}D expert")
-    channels = card["in_channels"]
-    if image.shape[0] > channels:
-        raise DataError(f"input has {image.shape[0]} channels, the expert takes {channels}")
+        raise DataError(f"{name}: input of shape {image.shape} ([C, *spatial]) does not fit this "
+                        f"{card['spatial_dims']}D expert")
+    image = _task_channels(image, card, name)
     pre = card["preprocessing"]
     tup = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
     prep = Preprocess(pre["normalize"], tup(pre["scale"]), tup(pre["target_spacing"]), tup(pre["target_shape"]))
     shape = image.shape[1:]
     case = Case("input", "input", image, np.zeros(shape, np.int64), tuple(spacing), None, "")
     case, _ = preprocess_case(case, prep)
-    x = torch.from_numpy(_fit_channels(case.image, channels, card.get("channel_fill", "zeros")).copy())
+    x = torch.from_numpy(_fit_channels(case.image, card["in_channels"], card.get("channel_fill", "zeros")).copy())
     inf = card["inference"]
     logits = sliding_window_logits(model, x, inf["roi_size"], inf["overlap"], inf["sw_batch_size"], inf["mode"], device)
     if tuple(logits.shape[1:]) != tuple(shape):
         mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
         logits = F.interpolate(logits[None], size=tuple(shape), mode=mode, align_corners=False)[0]
     return logits.argmax(0).numpy().astype(np.uint8)
+
+
+def _task_channels(image: np.ndarray, card: dict[str, Any], name: str) -> np.ndarray:
+    """``image`` ``[C, *spatial]`` with the channels of the expert's own task (card
+    ``task_channels``, else ``in_channels``): one channel is repeated, several are averaged to one
+    (both warned, naming ``name``); the network's extra channels (``in_channels``) are filled later
+    as in training.
+
+    Raises:
+        DataError: any other channel mismatch (names ``name`` and both counts).
+    """
+    want = int(card.get("task_channels") or card["in_channels"])
+    have = image.shape[0]
+    if have == want:
+        return image
+    if have == 1:
+        log.warning("predict: %s: 1 channel repeated to the %d channels the expert was trained on", name, want)
+        return np.repeat(image, want, axis=0)
+    if want == 1:
+        log.warning("predict: %s: %d channels averaged to the 1 channel the expert was trained on", name, have)
+        return image.mean(0, keepdims=True)
+    raise DataError(f"{name}: image has {have} channels, the expert was trained on {want}")
 
 
 def to_orientation(image: np.ndarray, affine: np.ndarray, codes: str, name: str = "input") -> tuple[np.ndarray, tuple[float, ...], np.ndarray, str]:
@@ -395,11 +501,16 @@ def to_orientation(image: np.ndarray, affine: np.ndarray, codes: str, name: str 
     return np.ascontiguousarray(moved), spacing, new_affine, from_codes
 
 
+def _mask_stem(source: Path) -> str:
+    """The name of ``source`` without its (volume) suffix: its mask is ``<stem>_mask.<ext>``."""
+    return source.name[: -len(_suffix(source))] if source.name.lower().endswith(_suffix(source)) else source.stem
+
+
 def write_mask(mask: np.ndarray, source: Path, geometry: Any, folder: Path) -> Path:
     """Write ``mask`` beside the name of ``source`` in ``folder``: NIfTI (the input's affine and
     header; identity affine for HDF5 input) for volumes, PNG for 2D images."""
     folder.mkdir(parents=True, exist_ok=True)
-    stem = source.name[: -len(_suffix(source))] if source.name.lower().endswith(_suffix(source)) else source.stem
+    stem = _mask_stem(source)
     if mask.ndim == 2 and geometry is None:
         from PIL import Image
 
@@ -427,27 +538,39 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
     volumes were turned to), a NIfTI input is turned to it first and its mask turned back.
 
     Raises:
-        DataError: a missing or unreadable input, or one that does not fit the expert.
+        DataError: a missing or unreadable input, one that does not fit the expert, or two inputs
+            whose masks would have the same name (names both).
     """
     dev = _device(device)
-    model = load_expert(expert_dir).eval()
+    model = _load(expert_dir)
     card = model.card
+    missing = [k for k in ("classes", "in_channels", "spatial_dims", "preprocessing", "inference") if k not in card]
+    if missing:
+        raise DataError(f"{Path(expert_dir) / EXPERT_CARD}: a segmentation card needs {', '.join(missing)} (as "
+                        "`lorkd export` writes them)")
     model = model.to(dev)
     folder = Path(output) if output is not None else Path("masks")
     rows = []
-    for path in expand_inputs(inputs, (*VOLUME_SUFFIXES, *IMAGE_SUFFIXES)):
+    paths = expand_inputs(inputs, (*VOLUME_SUFFIXES, *IMAGE_SUFFIXES))
+    seen: dict[str, Path] = {}
+    for path in paths:
+        other = seen.setdefault(_mask_stem(path).lower(), path)
+        if other != path:
+            raise DataError(f"{other} and {path} would both write the mask {_mask_stem(path)}_mask in {folder}; "
+                            "predict them into separate --output folders")
+    for path in paths:
         image, spacing, geometry = read_segmentation_input(path)
         back = None
         if card.get("orientation") and geometry is not None and image.ndim == 4:
-            image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], path.name)
-        mask = segment(model, image, spacing, card, dev)
+            image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], str(path))
+        mask = segment(model, image, spacing, card, dev, str(path))
         if back is not None:
             from ..data.volumes import reorient
 
             mask = np.ascontiguousarray(reorient(mask, affine, to=back)[0])
         written = write_mask(mask, path, geometry, folder)
         counts = np.bincount(mask.reshape(-1), minlength=card["classes"])
-        rows.append({"input": path.name, "mask": str(written), "shape": "x".join(map(str, mask.shape)),
+        rows.append({"input": str(path), "mask": str(written), "shape": "x".join(map(str, mask.shape)),
                      **{f"voxels_{c}": int(n) for c, n in enumerate(counts)}})
     sys.stdout.write(_format(rows, "csv"))
     return rows

@@ -34,17 +34,25 @@ def stage_folders(run: Any) -> list[tuple[str, Path]]:
     """``(stage, folder)`` of every network stage of the run's config, in training order, and of
     baselines found in the folder though no longer configured (config.yaml must fit them too)."""
     from .common import baseline_groups
-    from .schema import BASELINES
 
     out = [("student", run.out / "student")]
     source = run.cfg.teacher.source
     if source is None or source.kind != "lorkd":  # a lorkd source is another run's folder
         out.insert(0, ("teacher", run.out / "teacher"))
-    root = run.out / "baselines"
-    on_disk = sorted(p.name for p in root.iterdir() if p.name in BASELINES) if root.is_dir() else []
-    for name in dict.fromkeys([*run.cfg.baselines.run, *on_disk]):
+    for name in dict.fromkeys([*run.cfg.baselines.run, *baselines_on_disk(run)]):
         out += [(folder.relative_to(run.out).as_posix(), folder) for _, folder in baseline_groups(run, name)]
     return out
+
+
+def baselines_on_disk(run: Any, trained: bool = False) -> list[str]:
+    """Names of the baselines with a folder in ``run.out/baselines`` (sorted); ``trained``: only
+    those whose every model is saved (``model.safetensors``)."""
+    from .common import baseline_groups, has_network
+    from .schema import BASELINES
+
+    root = run.out / "baselines"
+    names = sorted(p.name for p in root.iterdir() if p.name in BASELINES) if root.is_dir() else []
+    return [n for n in names if not trained or all(has_network(f) for _, f in baseline_groups(run, n))]
 
 
 def _has_output(folder: Path) -> bool:
@@ -161,12 +169,18 @@ def preflight(run: Any, stages: tuple[str, ...], reuse: bool) -> dict[str, list[
 
 
 def record_stage(run: Any, stage: str, status: str, folder: Path) -> None:
-    """Note what ``stage`` did in this command: ``trained``, ``resumed``, ``reused`` or ``loaded``."""
+    """Note what ``stage`` did in this command: ``trained``, ``resumed``, ``reused`` or ``loaded``;
+    all but ``trained`` (whose progress shows) also log one line saying so (rank 0)."""
     entry: dict[str, Any] = {"stage": stage, "status": status, "folder": str(folder)}
     diffs = getattr(run, "mismatch", {}).get(stage)
     if status == "reused" and diffs:
         entry.update(status="reused with --reuse", config_differs=diffs)
     getattr(run, "stage_log", []).append(entry)
+    if status != "trained" and run.ctx.is_main:
+        where = {"resumed": f"from {Path(folder) / 'checkpoints' / 'latest.pt'}", "loaded": f"from {folder}",
+                 "reused": f"from {folder}" + (f" though its config differs ({'; '.join(diffs)})" if diffs else
+                                               " (trained earlier with the same config)")}[status]
+        log.info("%s: %s %s", stage, status, where)
 
 
 def start_training(run: Any, stage: str, folder: Path) -> None:

@@ -350,12 +350,15 @@ class ClassificationData:
     sampler: Literal["proportional", "balanced"] = "proportional"
     mean: float = 0.5
     std: float = 0.5
+    max_train: int | None = None  # per-task cap on training images: a class-stratified subset, the same for every model
+    cap_seed: int = 0  # which subset max_train keeps
 
     def validate(self, path: str) -> None:
         check(bool(self.tasks) != (self.synthetic is not None), f"{path or 'data'}",
               "give either data.tasks (a list of {name, path}) or data.synthetic, exactly one")
         names = [t.name for t in self.tasks]
         check(len(names) == len(set(names)), f"{path}.tasks", f"task names must be unique, got {names}")
+        check(self.max_train is None or self.max_train >= 2, f"{path}.max_train", f"must be >= 2, got {self.max_train}")
 
 
 @dataclass

@@ -62,7 +62,9 @@ def load_tasks(cfg: SegmentationConfig, out: Path | None = None, write: bool = T
     """Scan every task of the config and split it by patient.
 
     With ``out``, an existing ``out/split_<task>.json`` is reused (so every stage and a resumed
-    run see the same cases) and a new split is written there (when ``write``).
+    run see the same cases) and a new split is written there (when ``write``). The split file
+    holds every case; ``data.max_train`` then keeps a random subset of the training cases (seed
+    ``data.cap_seed``, in split order), the same for every model.
     """
     tasks = []
     for i, spec in enumerate(cfg.data.tasks):
@@ -82,6 +84,10 @@ def load_tasks(cfg: SegmentationConfig, out: Path | None = None, write: bool = T
                                   f"({sum(len(v) for v in task.splits.values())} cases in all); add cases or change data.split")
         if saved is not None and write and not saved.is_file():
             task.save_split(saved)
+        train, cap = task.splits["train"], cfg.data.max_train
+        if cap is not None and cap < len(train):
+            keep = np.sort(np.random.default_rng(cfg.data.cap_seed).choice(len(train), cap, replace=False))
+            task.splits["train"] = [train[k] for k in keep]
         tasks.append(task)
     return tasks
 
@@ -277,7 +283,8 @@ def expert_card(run: Run, t: int) -> dict[str, Any]:
     pre = run.preprocess[t]
     task = run.tasks[t]
     return {"task": run.names[t], "task_id": t, "task_kind": "segmentation", "classes": run.num_classes[t],
-            "in_channels": run.channels, "input_channels": run.channels, "channel_fill": run.cfg.data.channel_fill,
+            "in_channels": run.channels, "input_channels": run.channels, "task_channels": task.in_channels,
+            "channel_fill": run.cfg.data.channel_fill,
             "spatial_dims": run.spatial_dims, "data_spatial_dims": task.spatial_dims,
             "slice_mode": task.spatial_dims == run.spatial_dims + 1, "patch_size": list(run.patch),
             "inference": {"roi_size": list(run.roi), "overlap": run.cfg.evaluate.overlap,

@@ -103,6 +103,8 @@ class SegmentationData:
     channel_fill: Literal["zeros", "repeat"] = "zeros"  # tasks with fewer channels than the widest
     sampler: Literal["proportional", "balanced"] = "proportional"
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training patches only
+    max_train: int | None = None  # per-task cap on training cases: a random subset, the same for every model
+    cap_seed: int = 0  # which subset max_train keeps
 
     def validate(self, path: str) -> None:
         p = path or "data"
@@ -116,6 +118,7 @@ class SegmentationData:
         check(0.0 <= self.foreground_ratio <= 1.0, f"{p}.foreground_ratio", f"must lie in [0, 1], got {self.foreground_ratio}")
         check(len(self.split) == 3 and min(self.split) > 0 and abs(sum(self.split) - 1) < 1e-6, f"{p}.split",
               f"must be 3 positive fractions (train, val, test) adding up to 1, got {self.split}")
+        check(self.max_train is None or self.max_train >= 1, f"{p}.max_train", f"must be >= 1, got {self.max_train}")
 
 
 @dataclass

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..config import to_dict, write_config
-from ..data.medmnist import ClassificationTask, load_npz_task
+from ..data.medmnist import ClassificationTask, cap_train, load_npz_task
 from ..data.multitask import MultiTaskDataset
 from ..distill import soft_target_kd
 from ..distill.reprogram import ReprogrammingDistiller, freeze, rd_loss
@@ -161,27 +161,6 @@ def load_seg_downstream(cfg: TransferConfig, foundation: TransferFoundation, out
         task.n_cases = {s: len(run.tasks[0].splits.get(s, [])) for s in ("train", "val", "test")}
         tasks.append(task)
     return tasks
-
-
-def cap_train(task: ClassificationTask, max_train: int | None, seed: int = 0) -> ClassificationTask:
-    """``task`` with at most ``max_train`` training images: a class-stratified random subset drawn
-    with ``seed`` (each class keeps its share, at least one image); val and test are untouched."""
-    n = task.num_samples("train")
-    if max_train is None or max_train >= n:
-        return task
-    rng = np.random.default_rng(seed)
-    labels = task.labels["train"]
-    keep = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        keep.append(rng.permutation(idx)[:max(1, int(round(max_train * len(idx) / n)))])
-    keep = np.concatenate(keep)
-    if len(keep) > max_train:  # rounding up the classes' shares overshot by at most one per class
-        keep = rng.choice(keep, max_train, replace=False)
-    keep = np.sort(keep)
-    images, labels_ = dict(task.images), dict(task.labels)
-    images["train"], labels_["train"] = task.images["train"][keep], labels[keep]
-    return dataclasses.replace(task, images=images, labels=labels_)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -336,7 +315,7 @@ class TransferRun:
             if method == "foundation_lora":
                 backbone = add_experts(backbone, 1, rank=self.cfg.lora.rank, alpha=self.cfg.lora.alpha, norm="shared")
                 backbone.requires_grad_(False)
-                for p in backbone.expert_parameters(0):
+                for p in backbone.task_parameters():
                     p.requires_grad_(True)
             elif method == "foundation_lp":
                 freeze(backbone)
