@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -70,7 +71,7 @@ def test_views_and_metadata_count_zero():
         x.view(12).reshape(3, 4).t().unsqueeze(0).expand(2, 4, 3).permute(2, 1, 0).transpose(0, 1)[1:]
         x.select(0, 0), x.narrow(0, 1, 2), x.unsqueeze(1).squeeze(1), x.split(1), x.chunk(2), x.unbind(0), x.flatten(), x.detach()
         x.to(torch.float32), x.contiguous(), x.as_strided((2, 2), (1, 1)), x.size(), x.numel()
-        torch.empty(3), torch.empty_like(x)
+        torch.empty(3), torch.empty_like(x), x.new_empty(3)
 
     assert bench.count_ops(step) == 0
     assert bench.count_ops(lambda: x + 1) == 1  # and one elementwise op is one
@@ -85,13 +86,19 @@ def test_count_ops_of_the_benchmark_step_on_a_plain_network():
     assert isinstance(total, int) and total > 100
 
 
-def test_the_report_states_machine_threads_and_norm(capsys, monkeypatch):
-    monkeypatch.setattr(bench, "count_table", lambda cases, layout, progress=print: [])
-    assert main("bench --models resnet18_2d --tasks 2 10 --ranks 4 --threads 1 --count-ops --no-timing".split()) == 0
+def test_the_count_report_states_machine_threads_norm_and_ratios(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "default_cases", lambda models, tasks, ranks: [  # tiny, not B=32 at 64 px
+        bench.Case("resnet18_2d", batch=10, size=16, tasks=t, rank=r) for t in tasks for r in ranks])
+    out_file = tmp_path / "bench.json"
+    assert main(f"bench --models resnet18_2d --tasks 2 10 --ranks 2 --threads 1 --count-ops --no-timing "
+                f"--out {out_file}".split()) == 0
     out = capsys.readouterr().out
-    info = bench.machine_info(1, "cpu")
-    assert info["cpu"] in out and "torch threads 1" in out and "norm=per_task" in out
-    assert "lorkd10/plain" in out and "lorkd10/lorkd2" in out
+    assert bench.machine_info(1, "cpu")["cpu"] in out and "torch threads 1" in out and "norm=per_task" in out
+    assert "lorkd10/plain" in out and "lorkd10/lorkd2" in out and "views and metadata excluded" in out
+    report = json.loads(out_file.read_text())
+    assert report["norm"] == "per_task" and report["machine"]["threads"] == 1
+    (row,) = report["op_counts"]
+    assert set(row["lorkd_ops"]) == {"2", "10"} and row["plain_ops"] > 0
 
 
 def test_op_counts_of_plain_and_lorkd_at_2_and_10_tasks(capsys):
@@ -120,3 +127,15 @@ def test_a_tiny_interleaved_run_reports_training_and_inference_ratios():
     line = bench.format_row(row)
     assert line.split()[0] == "resnet18_2d" and " - " in line  # grouped and memory columns not measured
     assert len(bench.HEADER) == len(line)
+
+
+@pytest.mark.slow
+def test_grouped_reference_matches_lorkd_and_memory_runs_per_variant():
+    case = bench.Case("resnet18_2d", batch=4, size=16, tasks=2, rank=2)
+    (lorkd, x, ids), (grouped, _, _) = (bench.build_variant(case, v, layout="lowrank") for v in ("lorkd", "grouped"))
+    lorkd.eval(), grouped.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(x, ids), lorkd(x, ids), rtol=1e-4, atol=1e-4)  # same weights (seed 0)
+    report = bench.run([case], repeats=1, warmup=0, device="cpu", threads=1, layout="merged", progress=lambda line: None)
+    row = report["rows"][0]
+    assert row["lorkd_over_grouped"] > 0 and all(row[f"{v}_mb"] >= 0 for v in bench.VARIANTS)
