@@ -95,8 +95,9 @@ VIEW_OPS = frozenset("aten::" + name for name in """
     view view_as reshape reshape_as _reshape_alias _unsafe_view expand expand_as permute t transpose
     as_strided as_strided_ unsqueeze unsqueeze_ squeeze squeeze_ select slice narrow split split_with_sizes
     unsafe_split tensor_split unbind chunk unsafe_chunk unfold diagonal movedim flatten unflatten alias
-    detach detach_ empty empty_like empty_strided new_empty new_empty_strided resize_ resolve_conj resolve_neg conj _conj _neg_view
-    lift_fresh to contiguous result_type size sym_size stride sym_stride numel sym_numel dim
+    detach detach_ empty empty_like empty_strided new_empty new_empty_strided resize_
+    resolve_conj resolve_neg conj _conj _neg_view lift_fresh to contiguous result_type
+    size sym_size stride sym_stride numel sym_numel dim
     is_same_size _has_compatible_shallow_copy_type""".split())
 
 
