@@ -3,18 +3,21 @@
 Every variant runs the same model on the same batch, which mixes ``tasks`` tasks evenly:
 
 ``plain``    the network without experts.
-``lorkd``    ``add_experts``, each layer's layouts (training and inference) chosen by
-             ``tune_layouts`` on the benchmark batch.
+``lorkd``    ``add_experts(..., norm="per_task", layout=...)``: each layer's form comes from the
+             ``layout`` option (``auto``: chosen by the core from tensor sizes).
 ``grouped``  the papers' layout, implemented here as the reference: for each sample one
              merged kernel ``W + s B_t A_t``, all run as one convolution with ``groups=batch``
              (linear layers: one batched matmul with per-sample merged weights).
+
+Both students use per-task BatchNorm (``norm="per_task"``), as every shipped recipe does.
 
 Timing: all variants live in one process and are timed interleaved (each repetition runs one
 training step of every variant, then one mixed-task inference step of plain and lorkd), so
 load from other processes hits them alike; each ratio is the median of the per-repetition
 ratios. Memory: each variant runs 2 training steps in a fresh subprocess and reports the peak
 memory they added over what the model and batch already held (``VmHWM``; on CUDA,
-``torch.cuda.max_memory_allocated``).
+``torch.cuda.max_memory_allocated``). Operations (``--count-ops``): the data-moving aten calls
+of one training step, counted on the CPU by :func:`count_ops`, plain vs lorkd at each task count.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,13 +65,10 @@ def build_model(name: str) -> tuple[nn.Module, int]:
 
 def grouped_forward(layer, x: Tensor, output_size=None) -> Tensor:
     """The papers' layout for one ``ExpertLayer``: per-sample merged kernels, ``groups=batch``."""
-    from .experts.routing import active_routing
+    from .experts import active_routing
 
-    routing = active_routing()
-    tasks = torch.cat([torch.full((s.length,), s.task) for s in routing.segments])
     base, n_batch = layer.base, x.shape[0]
-    deltas = torch.stack([layer.experts[t].delta() for t in range(len(layer.experts))])
-    per_sample = base.weight.unsqueeze(0) + layer.scale * deltas[tasks].view(n_batch, *base.weight.shape)
+    per_sample = layer.task_weights()[active_routing().row_tasks(x)]  # [rows, *W.shape], input order
     if isinstance(base, nn.Linear):
         flat = x.reshape(n_batch, -1, x.shape[-1])
         y = torch.bmm(flat, per_sample.transpose(1, 2)).reshape(*x.shape[:-1], -1)
@@ -87,10 +89,52 @@ def grouped_forward(layer, x: Tensor, output_size=None) -> Tensor:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+# aten ops that move no tensor data: views, metadata, allocation without a kernel, no-op
+# conversions (a ``to``/``contiguous`` that does copy shows its ``copy_`` child, which counts).
+VIEW_OPS = frozenset("aten::" + name for name in """
+    view view_as reshape reshape_as _reshape_alias _unsafe_view expand expand_as permute t transpose
+    as_strided as_strided_ unsqueeze unsqueeze_ squeeze squeeze_ select slice narrow split split_with_sizes
+    unsafe_split tensor_split unbind chunk unsafe_chunk unfold diagonal movedim flatten unflatten alias
+    detach detach_ empty empty_like empty_strided new_empty new_empty_strided resize_
+    resolve_conj resolve_neg conj _conj _neg_view lift_fresh to contiguous result_type
+    size sym_size stride sym_stride numel sym_numel dim
+    is_same_size _has_compatible_shallow_copy_type""".split())
 
-def build_variant(case: Case, variant: str, device: str, dtype: str, layouts: list[str] | None = None, tune: bool = True):
-    """``(net, x, task_ids)`` for one variant; ``lorkd`` layouts are tuned here when not given
-    (and ``tune``; else the ``auto`` rule decides)."""
+
+def count_ops(step) -> int:
+    """Data-moving aten calls of one ``step()`` (e.g. :func:`train_step`), profiled on the CPU.
+
+    ``step`` runs once untimed (warm-up), then once under ``torch.profiler``. A call counts when
+    it is an aten op outside :data:`VIEW_OPS` none of whose aten descendants counts, i.e. a leaf
+    once views and metadata are left out: ``conv2d -> convolution -> mkldnn_convolution`` counts
+    once (the innermost), a view counts zero. A call that does part of its work through an aten
+    helper counts as that helper (``mm`` that first clones a strided input counts as its
+    ``copy_``), so the figure is a close lower bound of the kernels a GPU would launch."""
+    return sum(counted_ops(step).values())
+
+
+def counted_ops(step) -> Counter:
+    """What :func:`count_ops` counts, by aten op name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+
+    def moves_data(event) -> bool:  # the event, or one below it, is a data-moving aten call
+        return (event.name.startswith("aten::") and event.name not in VIEW_OPS) or any(
+            moves_data(child) for child in event.cpu_children)
+
+    return Counter(e.name for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS
+                   and not any(moves_data(child) for child in e.cpu_children))
+
+
+NORM = "per_task"  # what every shipped recipe uses; both students are built with it
+
+
+def build_variant(case: Case, variant: str, device: str = "cpu", dtype: str = "float32", layout: str = "auto"):
+    """``(net, x, task_ids)`` for one variant (``task_ids`` None for plain); the students get
+    :data:`NORM` and non-zero experts, as after training; ``layout`` is lorkd's layout option."""
     from .experts import ExpertLayer, add_experts
 
     torch.manual_seed(0)
@@ -99,21 +143,13 @@ def build_variant(case: Case, variant: str, device: str, dtype: str, layouts: li
     task_ids = (torch.arange(case.batch) % case.tasks).to(device)
     if variant == "plain":
         return model.to(device, DTYPES[dtype]), x, None
-    net = add_experts(model, case.tasks, rank=case.rank).to(device, DTYPES[dtype])
+    net = add_experts(model, case.tasks, rank=case.rank, norm=NORM,
+                      layout=layout if variant == "lorkd" else "auto").to(device, DTYPES[dtype])
     for layer in net.modules():
         if isinstance(layer, ExpertLayer):
-            for expert in layer.experts:
-                nn.init.normal_(expert.B, std=0.02)  # non-zero experts, as after training
+            nn.init.normal_(layer.B, std=0.02)  # every task's B at once: [T, d0, r]
             if variant == "grouped":
                 layer.forward = grouped_forward.__get__(layer)
-    if variant == "lorkd":
-        net.train()
-        if layouts is None and tune:
-            net.tune_layouts(x, task_ids)
-            net.tune_layouts(x, task_ids, inference=True)
-        elif layouts is not None:
-            for (_, layer), layout in zip(net.expert_layers(), layouts):
-                layer.layout = layout
     return net, x, task_ids
 
 
@@ -136,15 +172,23 @@ def infer_step(net, x, task_ids):
     return step
 
 
+def time_ms(step, cuda: bool = False) -> float:
+    """Wall time of one ``step()`` in milliseconds (the GPU synchronised around it when ``cuda``)."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    return 1000 * (time.perf_counter() - start)
+
+
 def measure_time(case: Case, variants: list[str], repeats: int, warmup: int, device: str, dtype: str,
-                 tune: bool = True) -> dict:
+                 layout: str = "auto") -> dict:
     """Interleaved timing in this process: each repetition times one training step of every
     variant, then one inference step of plain and lorkd, one after the other, so that load
     from other processes hits them alike. Ratios are medians of the per-repetition ratios."""
-    from .experts.tune import median_ms
-
     cuda = device.startswith("cuda")
-    nets = {v: build_variant(case, v, device, dtype, tune=tune) for v in variants}
+    nets = {v: build_variant(case, v, device, dtype, layout) for v in variants}
     steps = {v: train_step(*nets[v]) for v in variants}
     steps.update({f"{v}_infer": infer_step(*nets[v]) for v in ("plain", "lorkd") if v in nets})
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -153,8 +197,8 @@ def measure_time(case: Case, variants: list[str], repeats: int, warmup: int, dev
             step()
     for _ in range(repeats):
         for name, step in steps.items():
-            times[name].append(median_ms(step, 1, warmup=0, cuda=cuda))
-    result = {**asdict(case), "device": device, "dtype": dtype,
+            times[name].append(time_ms(step, cuda))
+    result = {**asdict(case), "device": device, "dtype": dtype, "norm": NORM, "layout": layout,
               **{f"{name}_ms": statistics.median(t) for name, t in times.items()}}
     for name in times:
         if name != "plain" and not name.endswith("_infer"):
@@ -163,9 +207,6 @@ def measure_time(case: Case, variants: list[str], repeats: int, warmup: int, dev
         result["lorkd_over_grouped"] = _median_ratio(times["lorkd"], times["grouped"])
     if "lorkd_infer" in times:
         result["infer_over_plain"] = _median_ratio(times["lorkd_infer"], times["plain_infer"])
-    if "lorkd" in nets:
-        result["layouts"] = [layer.layout for _, layer in nets["lorkd"][0].expert_layers()]
-        result["infer_layouts"] = [layer.infer_layout for _, layer in nets["lorkd"][0].expert_layers()]
     return result
 
 
@@ -173,10 +214,10 @@ def _median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def measure_memory(case: Case, variant: str, steps: int, device: str, dtype: str, layouts: list[str] | None) -> dict:
+def measure_memory(case: Case, variant: str, steps: int, device: str, dtype: str, layout: str = "auto") -> dict:
     """Peak memory ``steps`` training steps of one variant add, in this process (run it in a fresh
     one: :func:`run_isolated`)."""
-    net, x, task_ids = build_variant(case, variant, device, dtype, layouts)
+    net, x, task_ids = build_variant(case, variant, device, dtype, layout)
     step = train_step(net, x, task_ids)
     base_mem = _peak_bytes(device)
     for _ in range(steps):
@@ -201,11 +242,11 @@ def _peak_bytes(device: str) -> int:
 
 
 def run_isolated(case: Case, variant: str, steps: int, device: str, dtype: str, threads: int,
-                 layouts: list[str] | None = None) -> dict:
+                 layout: str = "auto") -> dict:
     """Run :func:`measure_memory` in a fresh interpreter so that its peak memory is its own."""
     code = ("import json,sys,torch; from lorkd.bench import Case, measure_memory; "
             f"torch.set_num_threads({threads}); "
-            f"print(json.dumps(measure_memory(Case(**{asdict(case)!r}), {variant!r}, {steps}, {device!r}, {dtype!r}, {layouts!r})))")
+            f"print(json.dumps(measure_memory(Case(**{asdict(case)!r}), {variant!r}, {steps}, {device!r}, {dtype!r}, {layout!r})))")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -214,21 +255,29 @@ def run_isolated(case: Case, variant: str, steps: int, device: str, dtype: str, 
 
 
 def machine_info(threads: int, device: str) -> dict:
-    info = {"machine": platform.machine(), "processor": platform.processor() or _cpu_model(),
-            "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__, "device": device}
+    info = {"cpu": _cpu_model(), "machine": platform.machine(), "cpus": os.cpu_count(), "threads": threads,
+            "torch": torch.__version__, "device": device}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
+def describe_machine(info: dict) -> str:
+    """One line for the report: CPU model, cores, threads, torch, device (and GPU)."""
+    gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    return (f"machine: {info['cpu']} ({info['machine']}, {info['cpus']} CPUs), torch threads {info['threads']}, "
+            f"torch {info['torch']}, device {info['device']}{gpu}")
+
+
 def _cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown"
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def default_cases(models: list[str], tasks: list[int], ranks: list[int]) -> list[Case]:
@@ -237,22 +286,60 @@ def default_cases(models: list[str], tasks: list[int], ranks: list[int]) -> list
 
 
 def run(cases: list[Case], repeats: int, warmup: int, device: str, dtype: str = "float32", threads: int = 2,
-        variants: tuple[str, ...] = VARIANTS, memory: bool = True, tune: bool = True, progress=print) -> dict:
+        variants: tuple[str, ...] = VARIANTS, memory: bool = True, layout: str = "auto", progress=print) -> dict:
     """Measure every case: interleaved timing (:func:`measure_time`), then, with ``memory``,
     each variant's peak memory in a fresh process. Returns ``{"machine", "rows"}``."""
     torch.set_num_threads(threads)
     rows = []
     for case in cases:
-        row = measure_time(case, list(variants), repeats, warmup, device, dtype, tune)
+        row = measure_time(case, list(variants), repeats, warmup, device, dtype, layout)
         if memory:
             for variant in variants:
-                layouts = row.get("layouts") if variant == "lorkd" else None
-                row[f"{variant}_mb"] = run_isolated(case, variant, 2, device, dtype, threads, layouts)["peak_mb"]
+                row[f"{variant}_mb"] = run_isolated(case, variant, 2, device, dtype, threads, layout)["peak_mb"]
             if "lorkd" in variants:
                 row["mem_lorkd_over_plain"] = row["lorkd_mb"] / max(row["plain_mb"], 1e-9)
         progress(format_row(row))
         rows.append(row)
-    return {"machine": machine_info(threads, device), "repeats": repeats, "warmup": warmup, "rows": rows}
+    return {"machine": machine_info(threads, device), "norm": NORM, "layout": layout, "repeats": repeats,
+            "warmup": warmup, "rows": rows}
+
+
+def count_table(cases: list[Case], layout: str = "auto", progress=print) -> list[dict]:
+    """Op counts (:func:`count_ops` of :func:`train_step`, CPU, float32) of plain and of lorkd at
+    every task count of ``cases``, one row per model, size and rank. ``lorkd_over_plain`` is at the
+    most tasks; ``most_over_fewest`` compares the most tasks with the fewest."""
+    groups: dict[tuple, list[Case]] = {}
+    for case in cases:
+        groups.setdefault((case.model, case.batch, case.size, case.rank), []).append(case)
+    rows = []
+    for (model, batch, size, rank), group in groups.items():
+        plain = count_ops(train_step(*build_variant(group[0], "plain")))
+        lorkd = {case.tasks: count_ops(train_step(*build_variant(case, "lorkd", layout=layout)))
+                 for case in sorted(group, key=lambda c: c.tasks)}
+        fewest, most = min(lorkd), max(lorkd)
+        row = {"model": model, "batch": batch, "size": size, "rank": rank, "plain_ops": plain,
+               "lorkd_ops": lorkd, "lorkd_over_plain": lorkd[most] / plain,
+               "most_over_fewest": lorkd[most] / lorkd[fewest] if most != fewest else None}
+        progress(format_count_row(row))
+        rows.append(row)
+    return rows
+
+
+def count_header(tasks: list[int]) -> str:
+    """The op-count table's header for these task counts (its rows: :func:`format_count_row`)."""
+    tasks = sorted(set(tasks))
+    cells = [f"{'model':<12}", f"{'batch':>5}", f"{'size':>4}", f"{'rank':>4}", f"{'plain ops':>9}"]
+    cells += [f"{f'lorkd {t} ops':>12}" for t in tasks]
+    cells += [f"{f'lorkd{tasks[-1]}/plain':>14}", f"{f'lorkd{tasks[-1]}/lorkd{tasks[0]}':>14}"]
+    return " ".join(cells)
+
+
+def format_count_row(r: dict) -> str:
+    cells = [f"{r['model']:<12}", f"{r['batch']:>5}", f"{r['size']:>4}", f"{r['rank']:>4}", f"{r['plain_ops']:>9}"]
+    cells += [f"{n:>12}" for _, n in sorted(r["lorkd_ops"].items())]
+    ratio = r["most_over_fewest"]
+    cells += [f"{r['lorkd_over_plain']:>14.2f}", f"{'-':>14}" if ratio is None else f"{ratio:>14.2f}"]
+    return " ".join(cells)
 
 
 COLUMNS = [  # (key, header, format)
@@ -282,14 +369,31 @@ def run_from_args(args: argparse.Namespace) -> int:
         from .errors import ConfigError
 
         raise ConfigError("--device cuda: no CUDA device is available to torch here")
+    if args.no_timing and not args.count_ops:
+        from .errors import ConfigError
+
+        raise ConfigError("--no-timing without --count-ops measures nothing")
     variants = tuple(v for v in VARIANTS if v == "plain" or v in args.variants)
+    cases = default_cases(args.models, args.tasks, args.ranks)
+    torch.set_num_threads(args.threads)
     info = machine_info(args.threads, args.device)
-    print(f"machine: {info}; dtype {args.dtype}; layouts {args.layouts}; {args.repeats} timed steps after {args.warmup} warm-up, "
-          "variants interleaved in one process, ratios = median of per-step ratios; infer = no grad, eval, "
-          "mixed tasks; peak = extra memory of 2 training steps, each variant in its own process")
-    print(HEADER)
-    report = run(default_cases(args.models, args.tasks, args.ranks), args.repeats, args.warmup, args.device,
-                 args.dtype, args.threads, variants, not args.no_memory, args.layouts == "tuned")
+    print(describe_machine(info))
+    print(f"students: norm={NORM} (lorkd and grouped; as every shipped recipe), layout={args.layout}, "
+          f"alpha 16, experts non-zero (B ~ N(0, 0.02)); rows: model, batch, size (pixels a side), tasks mixed "
+          "evenly in the batch, rank")
+    report: dict = {"machine": info, "norm": NORM, "layout": args.layout}
+    if not args.no_timing:
+        print(f"timing: dtype {args.dtype}; {args.repeats} timed steps after {args.warmup} warm-up, variants "
+              "interleaved in one process, ratios = median of per-step ratios (x/plain, lorkd/grouped); infer = "
+              "no grad, eval, mixed tasks; peak = extra memory of 2 training steps, each variant in its own process")
+        print(HEADER)
+        report = run(cases, args.repeats, args.warmup, args.device, args.dtype, args.threads, variants,
+                     not args.no_memory, args.layout)
+    if args.count_ops:
+        print("operations: data-moving aten calls of one training step (forward + backward, no optimizer), "
+              "views and metadata excluded; torch.profiler on the CPU, float32")
+        print(count_header(args.tasks))
+        report["op_counts"] = count_table(cases, args.layout)
     if args.out:
         from .fileio import write_json
 

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BENCH_MODELS, BENCH_VARIANTS, BENCH_DTYPES = ("resnet18_2d", "unet_3d"), ("plain", "lorkd", "grouped"), ("float32", "bfloat16")
+BENCH_LAYOUTS = ("auto", "lowrank", "merged")
 
 
 def bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -115,9 +116,13 @@ def bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=BENCH_DTYPES, help="model and input dtype")
     p.add_argument("--variants", nargs="+", default=list(BENCH_VARIANTS), choices=BENCH_VARIANTS,
                    help="what to time (plain is always measured: ratios are to it); grouped is slow on CPUs")
-    p.add_argument("--layouts", default="tuned", choices=["tuned", "auto"],
-                   help="lorkd's per-layer layouts: timed by tune_layouts on the batch, or the layout='auto' rule")
+    p.add_argument("--layout", default="auto", choices=BENCH_LAYOUTS,
+                   help="lorkd's layout option (auto: the core picks each layer's form from tensor sizes)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--count-ops", action="store_true", help="also count the data-moving aten calls of one "
+                   "training step, plain vs lorkd at each --tasks (torch.profiler, CPU, float32)")
+    p.add_argument("--no-timing", action="store_true", help="skip the timing and memory table "
+                   "(with --count-ops: the op counts alone, which a busy machine does not change)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return p
 
