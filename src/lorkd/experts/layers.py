@@ -420,11 +420,11 @@ class _TaskNorm(torch.autograd.Function):
         rows, c = x.shape[:2]
         num_tasks = reduce.shape[0] // 2
         flat = x.reshape(1, rows * c, -1)
-        sums = torch.cat([flat.sum(dim=2).view(rows, c), torch.linalg.vector_norm(flat, 2, dim=2).square_().view(rows, c)],
+        sums = torch.cat([flat.sum(dim=2).view(rows, c), _squared(torch.linalg.vector_norm(flat, 2, dim=2)).view(rows, c)],
                          dim=1)  # [N, 2C]: per-row sums of x and x^2
         moments = reduce[:num_tasks] @ sums  # [T, 2C]: E[x], E[x^2]
         mean = moments[:, :c]
-        var = moments[:, c:].addcmul(mean, mean, value=-1).clamp_(min=0)
+        var = moments[:, c:].addcmul(mean, mean, value=-1).relu_()  # (rounding can make it slightly negative)
         if batch_stats is not None:
             keep = batch_stats.unsqueeze(1)
             mean, var = torch.where(keep, mean, running_mean), torch.where(keep, var, running_var)
@@ -437,6 +437,7 @@ class _TaskNorm(torch.autograd.Function):
         ctx.save_for_backward(flat, tasks, reduce, batch_stats, mean, var, weight, *stats[:3])
         ctx.eps, ctx.has_bias, ctx.input_shape = eps, bias is not None, x.shape
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # mean and var get no gradient: no zero tensors made for them
         return y, mean, var
 
     @staticmethod
@@ -472,9 +473,13 @@ def _per_row(tasks: Tensor, *per_task: Tensor | None) -> list[Tensor | None]:
     present = [t for t in per_task if t is not None]
     if not present:
         return [None] * len(per_task)
-    gathered = torch.stack(present, dim=1).index_select(0, tasks).transpose(0, 1).contiguous()  # [k, N, C]
+    gathered = torch.stack(present).index_select(1, tasks)  # [k, N, C]
     it = iter(gathered.view(len(present), -1))
     return [None if t is None else next(it) for t in per_task]
+
+
+def _squared(t: Tensor) -> Tensor:
+    return t.mul_(t)
 
 
 def _stack_old_keys(names: tuple[str, ...], container: str):

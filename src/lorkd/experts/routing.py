@@ -72,10 +72,19 @@ class TaskRouting:
             self._cache[key] = self.task_ids if k == 1 else self.task_ids.repeat_interleave(k)
         return self._cache[key]
 
+    def onehot(self, x: Tensor) -> Tensor:
+        """BoolTensor ``[T, x.shape[0]]``: ``onehot[t, i]`` is true where row ``i`` of ``x`` belongs to
+        task ``t`` (a comparison, not ``one_hot``, which reads the largest id back to the host)."""
+        key = ("onehot", self.rows_per_sample(x))
+        if key not in self._cache:
+            tasks = torch.arange(self.num_tasks, device=self.task_ids.device).unsqueeze(1)
+            self._cache[key] = self.row_tasks(x).unsqueeze(0) == tasks
+        return self._cache[key]
+
     def counts(self) -> Tensor:
         """LongTensor ``[T]``: samples per task in this batch (0 for absent tasks)."""
         if "counts" not in self._cache:
-            self._cache["counts"] = torch.bincount(self.task_ids, minlength=self.num_tasks)
+            self._cache["counts"] = self.onehot(self.task_ids).sum(dim=1)
         return self._cache["counts"]
 
     def present(self) -> Tensor:
@@ -88,7 +97,7 @@ class TaskRouting:
         k, length = self.rows_per_sample(x), x[0, 0].numel()
         key = ("norm", k, length, x.dtype, x.device)
         if key not in self._cache:
-            onehot = torch.nn.functional.one_hot(self.row_tasks(x), self.num_tasks).t().to(x.dtype)  # [T, N]
+            onehot = self.onehot(x).to(x.dtype)  # [T, N]
             n = onehot.sum(dim=1, keepdim=True) * length  # values per channel, [T, 1]
             reduce = torch.cat([onehot / n.clamp(min=1), onehot])  # [2T, N]: per-task means, sums
             update = n > 1
