@@ -165,8 +165,58 @@ def test_bad_override_and_missing_data_file_are_reported(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_command_runs_the_whole_recipe(tmp_path, monkeypatch):
+def test_demo_command_runs_the_whole_recipe_with_seed_and_overrides(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setattr(presets, "DEMO", {**TINY, "baselines": {"run": ["student_nokd"]}})
-    assert run_cli("demo", "--out", tmp_path / "demo", "--no-progress") == 0
-    assert (tmp_path / "demo" / "report.md").is_file()
-    assert "student_nokd" in json.loads((tmp_path / "demo" / "metrics.json").read_text())["tasks"]["synth_ultrasound"]
+    out = tmp_path / "demo"
+    with caplog.at_level("INFO", logger="lorkd"):
+        assert run_cli("demo", "--out", out, "--no-progress", "--seed", "3", "--set", "data.student_n_train=24",
+                       "--set", "student.train.batch_size=8") == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["seed"] == 3 and config["data"]["synthetic"]["seed"] == 3
+    assert config["student"]["train"]["batch_size"] == 8 and config["data"]["student_n_train"] == 24
+    assert "lorkd: seed 3, device cpu, " in caplog.text and " torch threads" in caplog.text
+    # the teacher trains on all 48 training images per task, the students on the subset of 24
+    assert "task synth_xray: train 24 (teacher 48), val 24, test 24" in caplog.text
+    assert "[teacher] 1 epochs x 6 steps per epoch (batch 16 per rank x world size 1; 96 training items)" in caplog.text
+    assert "[student] 1 epochs x 6 steps per epoch (batch 8 per rank x world size 1; 48 training items)" in caplog.text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(d["n_train"], d["n_train_teacher"]) for d in metrics["data"]] == [(24, 48), (24, 48)]
+    assert "student_nokd" in metrics["tasks"]["synth_ultrasound"]
+    # the headline, then the report's path, end the output
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == f"report: {out / 'report.md'}" and (out / "report.md").is_file()
+    assert printed[-2].startswith("  mean over tasks: teacher ") and "student_nokd" in printed[-2]
+    assert printed[-7].startswith("headline (test acc") and printed[-6].startswith("  synth_ultrasound: expert ")
+    # another seed: other synthetic data
+    assert run_cli("demo", "--out", tmp_path / "seed4", "--no-progress", "--seed", "4") == 0
+    first = np.load(out / "predictions_test.npz")
+    assert not np.array_equal(first[sorted(first.files)[0]], np.load(tmp_path / "seed4" / "predictions_test.npz")[sorted(first.files)[0]])
+
+
+def test_demo_config_and_its_overrides_are_validated_naming_the_key(tmp_path, capsys):
+    cfg = presets.demo_config(7)
+    assert cfg["seed"] == cfg["data"]["synthetic"]["seed"] == 7 and presets.DEMO["seed"] == 0  # a copy
+    assert run_cli("demo", "--out", tmp_path / "d", "--set", "student.train.epoch=3") == 2
+    err = capsys.readouterr().err
+    assert "lorkd demo: " in err and "student.train.epoch" in err and "did you mean 'epochs'" in err
+    assert run_cli("demo", "--out", tmp_path / "d", "--set", "data.student_n_train=0") == 2
+    assert "data.student_n_train: must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_student_subset_keeps_the_class_proportions_and_the_other_splits():
+    from lorkd.data.synthetic import make_synthetic_tasks
+    from lorkd.errors import DataError
+    from lorkd.pipelines.classification import student_subset
+
+    task = make_synthetic_tasks(3, 16, n_train=40, n_val=8, n_test=8)[2]  # 4 classes, 10 images each
+    task.labels["train"][:6] = 0  # now class 0: 13 images, the others fewer (order otherwise random)
+    sub = student_subset(task, 20)
+    counts = np.bincount(sub.labels["train"], minlength=4)
+    full = np.bincount(task.labels["train"], minlength=4)
+    assert counts.sum() == 20 and np.all(np.abs(counts - full * 20 / 40) <= 1)
+    assert np.array_equal(sub.images["train"], student_subset(task, 20).images["train"])  # the same every time
+    assert not np.array_equal(sub.images["train"], student_subset(task, 20, seed=1).images["train"])  # data.cap_seed
+    assert sub.images["val"] is task.images["val"] and student_subset(task, None) is task
+    with pytest.raises(DataError, match="data.student_n_train: 41 is more than the 40 training images of synth_dermoscopy"):
+        student_subset(task, 41)

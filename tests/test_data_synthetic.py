@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 import pytest
 
 from lorkd.data.synthetic import make_synthetic_tasks
@@ -61,9 +62,16 @@ def test_tasks_and_splits_differ(default_tasks):
     for i in range(len(means)):
         for j in range(i + 1, len(means)):
             assert abs(means[i] - means[j]) > 5 or abs(stds[i] - stds[j]) > 5
-    # the ultrasound task is much noisier pixel-to-pixel than the smooth X-ray task
-    rough = [np.abs(np.diff(t.images["train"].astype(float), axis=2)).mean() for t in default_tasks[:2]]
-    assert rough[0] > 2 * rough[1]
+    # the ultrasound's speckle is mild enough that the resampling of augmentation changes its texture
+    # little (sd 1/3 gave mean squared neighbour differences of 0.058 augmented vs 0.168 plain)
+    from lorkd.data.multitask import MultiTaskDataset
+
+    def texture(augment: bool) -> float:
+        data = MultiTaskDataset(default_tasks[:1], "train", augment=augment)
+        x = torch.stack([data[i][0] for i in range(150)])
+        return float(((x[..., 1:] - x[..., :-1]) ** 2).mean())
+
+    assert texture(False) - texture(True) < 0.06
     for task in default_tasks:
         assert not np.array_equal(task.images["val"], task.images["test"][:150])
 

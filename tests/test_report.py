@@ -25,7 +25,7 @@ from lorkd.report import (
     write_aggregate_report,
     write_report,
 )
-from lorkd.report.markdown import teacher_guard
+from lorkd.report.markdown import headline_text, teacher_guard
 from lorkd.report.plots import metric_axis_limits, size_points
 
 NAN = float("nan")
@@ -184,6 +184,18 @@ def test_headline_says_beats_ties_below_from_intervals_and_warns_about_a_weak_te
     assert "| task | teacher | expert | stl | mtl_kd | majority class |" in text
     assert "| pneumoniamnist | **0.900** | 0.880 | 0.890 | n/a | 0.625 |" in text
     assert "## 95% bootstrap intervals (test split)" in text and "0.890 [0.860, 0.920]" in text
+
+
+def test_headline_text_gives_expert_teacher_best_baseline_with_intervals_and_the_means():
+    lines = headline_text(with_statistics(fake_metrics())).splitlines()
+    assert lines[1] == ("  breastmnist: expert 0.871 [0.820, 0.920], teacher 0.850 [0.800, 0.900], "
+                        "best baseline mtl_kd 0.861 [0.810, 0.910]")
+    assert lines[2].split() == ["expert", "-", "teacher", "+0.021", "[+0.004,", "+0.040]", "beats,", "expert", "-",
+                                "mtl_kd", "+0.010", "[-0.020,", "+0.030]", "ties"]
+    assert lines[3].startswith("  pneumoniamnist: expert 0.880 [0.850, 0.910], teacher n/a, best baseline stl")
+    assert "teacher -0.020 [-0.035, -0.006] is below" in lines[4]
+    # means over both tasks; mtl_kd lacks a task: no mean
+    assert lines[5] == "  mean over tasks: teacher 0.875, expert 0.875, stl 0.865, mtl_kd n/a"
 
 
 def test_no_guard_when_the_teacher_is_at_least_as_good(tmp_path):

@@ -3,7 +3,7 @@
     lorkd run CONFIG --out DIR [--set key=value ...] [--resume | --overwrite] [--reuse] [--trust-code]
     lorkd pretrain | decompose | baselines | export | evaluate  CONFIG --out DIR [...]
     lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE] [--device DEV] [--trust-code]
-    lorkd demo [--out DIR]
+    lorkd demo [--out DIR] [--seed N] [--set key=value ...] [--resume | --overwrite]
     lorkd report RUN_DIR [RUN_DIR ...] --out FILE [--allow-different]
     lorkd transfer CONFIG --out DIR [--set key=value ...] [--resume | --overwrite]
     lorkd bench [...]
@@ -59,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_stages, stages=stages)
     p = sub.add_parser("demo", help="the whole classification recipe on the embedded synthetic data")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training and of the synthetic data (default 0)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the demo's config (as `lorkd run`), e.g. --set student.train.epochs=5")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true")
+    mode.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("predict", help="class probabilities (or masks) of inputs through an exported expert")
@@ -182,8 +186,9 @@ def cmd_stages(args: argparse.Namespace) -> int:
 
 
 def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = False, overwrite: bool = False,
-            progress: bool = True, first_stage: bool = True, reuse: bool = False) -> int:
-    """Prepare the run folder, run the stages (under torchrun too), write the report on rank 0.
+            progress: bool = True, first_stage: bool = True, reuse: bool = False, headline: bool = False) -> int:
+    """Prepare the run folder, run the stages (under torchrun too), write the report on rank 0
+    and print the test table (with ``headline``: also the report's headline) and its path.
 
     A first command (``run``, ``pretrain``) that started on an empty folder (new, or emptied by
     ``--overwrite``) and fails before any training state exists (bad data, a typo in ``arch``)
@@ -217,6 +222,10 @@ def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = 
 
             report = write_report(out, metrics, metrics.get("config", to_dict(cfg)), load_histories(out))
             print(summary_table(metrics))
+            if headline:
+                from .report.markdown import headline_text
+
+                print(headline_text(metrics))
             print(f"report: {report}")
     finally:
         ctx.shutdown()
@@ -270,12 +279,17 @@ def _model_order(name: str) -> tuple[int, str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .config import from_dict
-    from .pipelines.presets import DEMO
+    from .config import apply_overrides, from_dict
+    from .errors import ConfigError
+    from .pipelines.presets import demo_config
     from .pipelines.schema import ClassificationConfig
 
-    cfg = from_dict(ClassificationConfig, DEMO)
-    return execute(cfg, args.out, None, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        cfg = from_dict(ClassificationConfig, apply_overrides(demo_config(args.seed), args.overrides))
+    except ConfigError as err:
+        raise ConfigError(f"lorkd demo: {err}") from err
+    return execute(cfg, args.out, None, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                   headline=True)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

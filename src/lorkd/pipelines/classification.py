@@ -66,6 +66,20 @@ def load_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
     return [cap_train(t, d.max_train, d.cap_seed) for t in tasks]
 
 
+def student_subset(task: ClassificationTask, n: int | None, seed: int = 0) -> ClassificationTask:
+    """``task`` with its training split cut to ``n`` images (``data.student_n_train``): the
+    class-stratified subset of :func:`~lorkd.data.medmnist.cap_train` drawn with ``seed``
+    (``data.cap_seed``), the same for the student and every baseline.
+
+    Raises:
+        DataError: ``n`` exceeds the training split (names the key and the task).
+    """
+    if n is not None and n > task.num_samples("train"):
+        raise DataError(f"data.student_n_train: {n} is more than the {task.num_samples('train')} training images "
+                        f"of {task.name}")
+    return cap_train(task, n, seed)
+
+
 def check_spatial_dims(tasks: list[ClassificationTask], key: str = "data.tasks") -> int:
     """The one ``spatial_dims`` (2 or 3) of ``tasks``.
 
@@ -88,10 +102,15 @@ def make_dataset(cfg: ClassificationConfig, tasks: list[ClassificationTask], spl
                             mean=d.mean, std=d.std, seed=cfg.seed)
 
 
-def data_summary(tasks: list[ClassificationTask]) -> list[dict[str, Any]]:
-    return [{"name": t.name, "source": str(t.source), "num_classes": t.num_classes, "channels": t.channels,
+def data_summary(tasks: list[ClassificationTask], teacher_n_train: list[int] | None = None) -> list[dict[str, Any]]:
+    """Per task: name, source, classes, channels, sizes and ``n_<split>`` (with ``teacher_n_train``:
+    also ``n_train_teacher``, when a run's teacher trains on more images than its students)."""
+    rows = [{"name": t.name, "source": str(t.source), "num_classes": t.num_classes, "channels": t.channels,
              "spatial_dims": t.spatial_dims, "image_size": list(t.image_size),
              **{f"n_{s}": t.num_samples(s) for s in ("train", "val", "test")}} for t in tasks]
+    for row, n in zip(rows, teacher_n_train or []):
+        row["n_train_teacher"] = n
+    return rows
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -101,9 +120,13 @@ class Run:
     def __init__(self, cfg: ClassificationConfig, out: Path, ctx: DistributedContext, resume: bool = False,
                  progress: bool = True) -> None:
         self.cfg, self.out, self.ctx, self.resume, self.progress = cfg, Path(out), ctx, resume, progress
-        self.tasks = load_tasks(cfg)
+        pool = load_tasks(cfg)
+        self.tasks = [student_subset(t, cfg.data.student_n_train, cfg.data.cap_seed) for t in pool]
         self.names = [t.name for t in self.tasks]
         self.train_set = make_dataset(cfg, self.tasks, "train", augment=True)
+        # a teacher trained by the run sees every training image; the students and baselines their subset
+        same = all(a is b for a, b in zip(pool, self.tasks))
+        self.teacher_train_set = self.train_set if same else make_dataset(cfg, pool, "train", augment=True)
         self.val_set = make_dataset(cfg, self.tasks, "val")
         self.test_set = make_dataset(cfg, self.tasks, "test")
         self.channels = self.train_set.channels
@@ -119,9 +142,11 @@ class Run:
         return MultiTaskClassifier(self.spec(net), num_classes, experts)
 
     def fit(self, model: nn.Module, stage: Stage, folder: Path, objective, task_subset: list[int] | None = None,
-            extra: nn.Module | None = None) -> nn.Module:
-        """Train ``model`` on the train split (of ``task_subset`` only, if given); select on val."""
-        return fit_stage(model, objective, self.dataset("train", task_subset), stage, folder, self.ctx,
+            extra: nn.Module | None = None, train_set: MultiTaskDataset | None = None) -> nn.Module:
+        """Train ``model`` on ``train_set`` (default: the train split, of ``task_subset`` only if
+        given); select on val."""
+        train_set = self.dataset("train", task_subset) if train_set is None else train_set
+        return fit_stage(model, objective, train_set, stage, folder, self.ctx,
                          seed=self.cfg.seed, num_workers=self.cfg.num_workers, progress=self.progress,
                          resume=self.resume, evaluate=lambda m: self.val_metrics(m, task_subset),
                          select_metric=self.select_metric,
@@ -277,7 +302,8 @@ def stage_evaluate(run: Run, teacher: MultiTaskClassifier, student: MultiTaskCla
         "latency_ms": {"teacher": M.cpu_latency_ms(teacher_plain, batch, ev.latency_repeats) / ev.latency_batch,
                        "expert": M.cpu_latency_ms(expert_plain, batch, ev.latency_repeats) / ev.latency_batch},
         "latency_batch": ev.latency_batch,
-        "data": data_summary(run.tasks),
+        "data": data_summary(run.tasks, run.teacher_train_set.task_sizes
+                             if run.teacher_train_set is not run.train_set else None),
         "models": MODEL_DESCRIPTIONS,
         "majority": {t.name: majority_rate(t.labels["train"], t.num_classes,
                                            {s: t.labels[s] for s in ("val", "test") if s in t.labels})

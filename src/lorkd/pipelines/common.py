@@ -158,7 +158,7 @@ def timed(timing: dict[str, float], stage: str) -> Iterator[None]:
 # ``classification.Run`` and ``segmentation.Run``):
 #   cfg (with teacher, student, baselines), out, ctx, resume, progress, names, num_classes, timing,
 #   task_loss (None: cross-entropy), network(net, num_classes, experts=None) -> MultiTaskNet,
-#   fit(model, stage, folder, objective, task_subset=None, extra=None) -> model (best val epoch),
+#   fit(model, stage, folder, objective, task_subset=None, extra=None, train_set=None) -> model (best val epoch),
 #   meta(model, kind, tasks=None, **extra) -> dict, build(meta) -> MultiTaskNet, select_metric (the
 #   key of val_metrics(model) that selects models), train_set (its first item's input probes shapes).
 
@@ -283,7 +283,8 @@ def stage_teacher(run: Any) -> nn.Module:
             model = run.network(tcfg.net, run.num_classes)
             start_training(run, "teacher", folder)
             objective = objective_for(run, Distill(kd_weight=0.0))
-            model = run.fit(model, tcfg.train, folder, objective)
+            # a run may give its teacher more training data than its students (data.student_n_train)
+            model = run.fit(model, tcfg.train, folder, objective, train_set=getattr(run, "teacher_train_set", None))
         run.teacher_info = {"source": {"kind": "trained", "net": tcfg.net.arch},
                             "adapt": {"mode": "trained on all tasks", "epochs": tcfg.train.epochs,
                                       "seconds": run.timing["teacher"]}}

@@ -192,12 +192,18 @@ def start_training(run: Any, stage: str, folder: Path) -> None:
 
 
 def startup_summary(run: Any) -> str:
-    """One block of text: device, threads, world size, the data found per task and split."""
+    """One block of text: seed, device, threads, world size, the data found per task and split (and
+    the teacher's training images, when it trains on more than the students)."""
     ctx = run.ctx
-    lines = [f"lorkd: device {ctx.device}, {torch.get_num_threads()} torch threads (OMP_NUM_THREADS="
-             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), world size {ctx.world_size}, out {run.out}"]
-    for task, name in zip(run.tasks, run.names):
-        counts = ", ".join(f"{s} {_count(task, s)}" for s in ("train", "val", "test"))
+    lines = [f"lorkd: seed {run.cfg.seed}, device {ctx.device}, {torch.get_num_threads()} torch threads "
+             f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), world size {ctx.world_size}, "
+             f"out {run.out}"]
+    teacher_set = getattr(run, "teacher_train_set", run.train_set)
+    for t, (task, name) in enumerate(zip(run.tasks, run.names)):
+        counts = [f"{s} {_count(task, s)}" for s in ("train", "val", "test")]
+        if teacher_set is not run.train_set:
+            counts[0] += f" (teacher {teacher_set.task_sizes[t]})"
+        counts = ", ".join(counts)
         source = getattr(task, "source", None) or getattr(task, "root", "")
         lines.append(f"  task {name}: {counts} ({'images' if hasattr(task, 'num_samples') else 'cases'}; "
                      f"{run.num_classes[run.names.index(name)]} classes; {source})")

@@ -346,6 +346,9 @@ class ClassificationData:
     synthetic: Synthetic | None = None
     size: int | None = None  # resize every image to size x size
     channels: int | None = None  # default: the most channels of any task
+    # training images per task of the student and every baseline (a class-stratified subset of the
+    # train split); a teacher the run trains sees the whole split. None: every image, for all.
+    student_n_train: int | None = None
     augment: bool = True
     sampler: Literal["proportional", "balanced"] = "proportional"
     mean: float = 0.5
@@ -359,6 +362,8 @@ class ClassificationData:
         names = [t.name for t in self.tasks]
         check(len(names) == len(set(names)), f"{path}.tasks", f"task names must be unique, got {names}")
         check(self.max_train is None or self.max_train >= 2, f"{path}.max_train", f"must be >= 2, got {self.max_train}")
+        check(self.student_n_train is None or self.student_n_train >= 1, f"{path}.student_n_train",
+              f"must be >= 1, got {self.student_n_train}")
 
 
 @dataclass

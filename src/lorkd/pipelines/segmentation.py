@@ -165,10 +165,11 @@ class Run:
                 "patch_size": list(self.patch), **extra}
 
     def fit(self, model: nn.Module, stage: Stage, folder: Path, objective, task_subset: list[int] | None = None,
-            extra: nn.Module | None = None) -> nn.Module:
-        """Train on random patches (of ``task_subset`` only, if given); select on validation Dice."""
+            extra: nn.Module | None = None, train_set: Any = None) -> nn.Module:
+        """Train on ``train_set`` (default: random patches, of ``task_subset`` only if given); select
+        on validation Dice."""
         ids = list(range(len(self.tasks))) if task_subset is None else list(task_subset)
-        train = self.train_set if task_subset is None else self.patches(task_subset)
+        train = train_set if train_set is not None else self.train_set if task_subset is None else self.patches(task_subset)
         return fit_stage(model, objective, train, stage, folder, self.ctx, seed=self.cfg.seed,
                          num_workers=self.cfg.num_workers, progress=self.progress, resume=self.resume,
                          evaluate=lambda m: self.val_metrics(m, task_subset), select_metric=self.select_metric,

@@ -322,8 +322,9 @@ def _summary(metrics: Mapping[str, Any], tasks: Mapping[str, Any], primary: str)
         out.append(f"- **Teacher:** {teacher['description']}.")
     data = [d for d in (metrics.get("data") or []) if isinstance(d, Mapping)]
     if data:
-        parts = [f"{d.get('name', '?')} ({d.get('n_train', 'n/a')} train / {d.get('n_val', 'n/a')} val / "
-                 f"{d.get('n_test', 'n/a')} test)" for d in data]
+        parts = [f"{d.get('name', '?')} ({d.get('n_train', 'n/a')} train"
+                 + (f" (the teacher: {d['n_train_teacher']})" if "n_train_teacher" in d else "")
+                 + f" / {d.get('n_val', 'n/a')} val / {d.get('n_test', 'n/a')} test)" for d in data]
         out.append(f"- **Data:** {len(data)} data set(s): " + "; ".join(parts) + ".")
     params = metrics.get("params") or {}
     pe, pt = to_float(params.get("expert")), to_float(params.get("teacher"))
@@ -384,6 +385,29 @@ def _summary(metrics: Mapping[str, Any], tasks: Mapping[str, Any], primary: str)
                    "class of the train split.")
     out.append("")
     return out
+
+
+def headline_text(metrics: Mapping[str, Any]) -> str:
+    """The report's headline as plain text for a terminal: per task the expert, the teacher and the
+    best baseline (chosen on validation), each with its interval, and the verdicts of the paired
+    differences; then the mean over tasks of every model."""
+    from .stats import verdict
+
+    primary, tasks = metrics["primary_metric"], metrics["tasks"]
+    stats = metrics.get("statistics") or {}
+    intervals, differences = stats.get("intervals") or {}, stats.get("differences") or {}
+    higher = higher_is_better(primary)
+    lines = [f"headline (test {primary}, value [95% interval]; best baseline chosen on validation):"]
+    for task in tasks:
+        iv, diffs = intervals.get(task) or {}, differences.get(task) or {}
+        cell = lambda m: fmt_interval((iv.get(m) or {}).get(primary)) if m else "n/a"  # noqa: E731
+        d_t, d_b = diffs.get("expert - teacher"), diffs.get("expert - best baseline")
+        base = (d_b or {}).get("baseline")
+        lines += [f"  {task}: expert {cell('expert')}, teacher {cell('teacher')}, best baseline {base} {cell(base)}",
+                  f"  {'':{len(task)}}  expert - teacher {fmt_interval(d_t, signed=True)} {verdict(d_t, higher)}, "
+                  f"expert - {base} {fmt_interval(d_b, signed=True)} {verdict(d_b, higher)}"]
+    means = ", ".join(f"{m} {fmt_value(_mean_over_tasks(tasks, m, primary))}" for m in _models(tasks))
+    return "\n".join(lines + [f"  mean over tasks: {means}"])
 
 
 def _data_section(metrics: Mapping[str, Any]) -> list[str]:
