@@ -205,3 +205,34 @@ def test_per_task_batchnorm_handles_a_task_with_a_single_row():
     out = student(torch.randn(3, 3), torch.tensor([0, 1, 0]))  # task 1 has one row
     assert out.shape == (3, 2) and torch.isfinite(out).all()
     out.sum().backward()
+
+
+def test_merged_weights_cache_follows_every_weight_change():
+    """Without gradients the per-task merged weights are cached; an optimiser step, load_state_dict
+    and an in-place write into one task's factors must all be seen by the next forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    student = randomise_experts(lorkd.add_experts(model, 3, rank=2, layout="merged"), std=0.1).eval()
+    x, ids = torch.randn(5, 2, 6, 6), torch.tensor([2, 0, 1, 0, 2])
+
+    def fresh():  # the same maths with gradients enabled: never cached
+        with torch.enable_grad():
+            return student(x, ids).detach()
+
+    def cached():
+        with torch.no_grad():
+            return student(x, ids)
+
+    torch.testing.assert_close(cached(), fresh())
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    student(x, ids).square().sum().backward()
+    opt.step()
+    torch.testing.assert_close(cached(), fresh())
+    state = {k: v + 0.1 for k, v in student.state_dict().items()}
+    student.load_state_dict(state)
+    torch.testing.assert_close(cached(), fresh())
+    with torch.no_grad():
+        student.model[0].experts[1].B.mul_(3.0)  # a view of the stacked parameter
+    torch.testing.assert_close(cached(), fresh())
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, 1), student.extract(1)(x))
