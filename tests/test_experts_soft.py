@@ -218,3 +218,12 @@ def test_a_task_with_zero_weight_everywhere_gets_zero_gradient_and_is_kept_by_th
     opt.step()
     for p, b in zip(student.task_parameters(), before):
         assert torch.equal(p[2], b)
+
+
+@pytest.mark.parametrize("layout", ["lowrank", "merged"])
+def test_weights_of_another_float_dtype_than_the_model_are_used_in_the_models_dtype(layout):
+    student = randomise_experts(lorkd.add_experts(small_cnn(), 4, layout=layout))  # float64
+    x, w = torch.randn(6, 3, 8, 8), random_weights(6, 4)
+    out = student(x, w.float())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, student(x, w), rtol=1e-6, atol=1e-6)

@@ -37,7 +37,8 @@ def twd_loss(projection: Tensor, task_ids: Tensor, temperature: float = 0.07) ->
         raise ValueError(f"projection must be a float tensor [B, P], got {projection.dtype} {list(projection.shape)}")
     if task_ids.dim() != 1 or task_ids.shape[0] != projection.shape[0] or task_ids.dtype.is_floating_point \
             or task_ids.dtype == torch.bool:
-        raise ValueError(f"task_ids must be an integer tensor [{projection.shape[0]}], got {task_ids.dtype} {list(task_ids.shape)}")
+        raise ValueError(f"task_ids must be an integer tensor [{projection.shape[0]}], "
+                         f"got {task_ids.dtype} {list(task_ids.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     z = F.normalize(projection, dim=1)

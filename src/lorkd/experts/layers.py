@@ -273,17 +273,20 @@ class ExpertLayer(nn.Module):
         b_all = self.B.permute(1, 0, 2).reshape(self.B.shape[1], tr)  # [d0, T r], column t r + j = B_t[:, j]
         y = self._plain(x, base.weight, output_size)
         if self._kind == "linear":
-            z = torch.matmul(x.reshape(n, -1, x.shape[-1]), self.A.reshape(tr, -1).t()) * w.unsqueeze(1)  # [N, L, T r]
+            z = torch.matmul(x.reshape(n, -1, x.shape[-1]), self.A.reshape(tr, -1).t())  # [N, L, T r]
+            z = z * w.to(z.dtype).unsqueeze(1)
             return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, tr), b_all.t(), alpha=self.scale).view(y.shape)
         kernel = tuple(base.weight.shape[2:])
         if self._kind == "conv":
             rows, padding = self._padded(x)
             z = conv_nd(rows, self.A.reshape(tr, base.in_channels, *kernel), None, base.stride, padding, base.dilation)
-            z = z.reshape(n, tr, -1) * w.unsqueeze(2)
+            z = z.reshape(n, tr, -1)
+            z = z * w.to(z.dtype).unsqueeze(2)
             out = torch.baddbmm(y.reshape(n, base.out_channels, -1), b_all.expand(n, -1, -1), z, alpha=self.scale)
             return out.view(y.shape)
         # transposed: weight [in, out, *k] = B [in, r] @ A [r, out * k]: first B^T (all tasks), then A transposed
-        u = torch.matmul(b_all.t(), x.reshape(n, base.in_channels, -1)) * w.unsqueeze(2)  # [N, T r, L_in]
+        u = torch.matmul(b_all.t(), x.reshape(n, base.in_channels, -1))  # [N, T r, L_in]
+        u = u * w.to(u.dtype).unsqueeze(2)
         delta = _CONV_T[self._spatial_dims](
             u.view(n, tr, *x.shape[2:]), self.A.reshape(tr, base.out_channels, *kernel), None, base.stride,
             base.padding, self._output_padding(x, output_size), 1, base.dilation)
@@ -297,7 +300,8 @@ class ExpertLayer(nn.Module):
         if routing.weights is not None:
             w, t = base.weight, self.num_tasks
             deltas = torch.bmm(self.B, self.A).view(t, -1)  # [T, d0 d1]
-            weights = torch.addmm(w.reshape(1, -1), routing.row_weights(x), deltas, alpha=self.scale).view(n, *w.shape)
+            mix = routing.row_weights(x).to(deltas.dtype)
+            weights = torch.addmm(w.reshape(1, -1), mix, deltas, alpha=self.scale).view(n, *w.shape)
         else:
             weights = self.task_weights().index_select(0, routing.row_tasks(x))  # [N, *weight.shape]
         if self._kind == "linear":

@@ -160,7 +160,8 @@ class RoutedStudent(nn.Module):
         """
         out = self.router(x)
         if out.logits.shape != (x.shape[0], self.num_tasks):
-            raise ValueError(f"the router gave logits of shape {list(out.logits.shape)}, expected [{x.shape[0]}, {self.num_tasks}]")
+            raise ValueError(f"the router gave logits of shape {list(out.logits.shape)}, "
+                             f"expected [{x.shape[0]}, {self.num_tasks}]")
         if task_ids is not None:
             routing = task_ids
         elif self.top_k == 1:
