@@ -46,3 +46,28 @@ def test_compiled_training_step_is_one_graph_for_every_task_mix():
     assert backend.frame_count == 1  # one graph, compiled once for three different task mixes
     for a, b in zip(compiled_student.buffers(), eager.buffers()):  # per-task running statistics too
         torch.testing.assert_close(a, b)
+
+
+def test_compiled_soft_routing_is_one_graph_for_any_weights_and_equals_eager():
+    torch._dynamo.reset()
+    eager, compiled_student = small_student(), small_student()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_student, backend=backend, fullgraph=True)
+    x, gen = torch.randn(6, 2, 8, 8), torch.Generator().manual_seed(1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            w = torch.rand(6, 4, generator=gen)
+            w = w / w.sum(dim=1, keepdim=True)
+            grads = []
+            for student, fn in ((compiled_student, compiled), (eager, eager)):
+                student.zero_grad(set_to_none=True)
+                v = w.clone().requires_grad_()
+                out = fn(x, v)
+                out.square().mean().backward()
+                grads.append((out, v.grad, [p.grad for p in student.parameters()]))
+            (got, got_w, got_p), (want, want_w, want_p) = grads
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got_w, want_w, rtol=1e-4, atol=1e-6)
+            for a, b in zip(got_p, want_p):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert backend.frame_count == 1

@@ -7,10 +7,10 @@ from .io import build_architecture, load_expert, load_student, read_card, save_e
 from .layers import ExpertFactors, ExpertLayer, TaskBatchNorm
 from .model import ExpertModel, ExpertSummary, add_experts
 from .optim import keep_absent_experts
-from .routing import TaskRouting, active_routing, route, routing_scope
+from .routing import TaskRouting, active_routing, check_weights, route, routing_scope, top_k_weights
 
 __all__ = [
     "ExpertFactors", "ExpertLayer", "ExpertModel", "ExpertSummary", "TaskBatchNorm", "TaskRouting",
     "active_routing", "add_experts", "build_architecture", "keep_absent_experts", "load_expert", "load_student", "read_card",
-    "route", "routing_scope", "save_expert", "save_student",
+    "route", "routing_scope", "save_expert", "save_student", "check_weights", "top_k_weights",
 ]

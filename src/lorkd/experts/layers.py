@@ -26,6 +26,15 @@ than the layer's output, else ``lowrank``: a rule on shapes only, so a compiled 
 depends on the task mix. A batch routed to one task (``student(x, t)`` with an ``int``) runs the
 plain layer with ``W_t``; without gradients the merged weights are cached until a weight
 changes.
+
+Soft routing (per-row mixture weights ``w [rows, T]``, :attr:`TaskRouting.weights`) computes
+``W + sum_t w_t (alpha / r) B_t A_t`` per row in the same two forms: ``lowrank`` runs the ``A``
+of every task stacked (``T r`` channels, one plain convolution or matmul on the whole batch),
+scales each row's channels by its weights, and adds ``B`` reshaped ``[d0, T r]`` in one batched
+product (the mixture of ``T`` rank-``r`` products is rank ``T r``; extra FLOPs about
+``T r / out_channels``); ``merged`` builds each row's weight as ``W + w @ deltas`` (one matmul
+over the ``T`` deltas). The formula is exact for any weights; rows summing to 1 is the routing's
+contract, checked at the model's entry.
 """
 
 from __future__ import annotations
@@ -230,7 +239,11 @@ class ExpertLayer(nn.Module):
 
     def _lowrank(self, x: Tensor, routing: TaskRouting, output_size) -> Tensor:
         """``base(x) + s B_t A_t x`` per row: the thin branch as one grouped convolution (or batched
-        matmul) with each row's ``A_t`` and one batched matmul with each row's ``B_t``."""
+        matmul) with each row's ``A_t`` and one batched matmul with each row's ``B_t``. With soft
+        routing, ``base(x) + s sum_t w_t B_t A_t x``: every task's ``A`` on every row, see
+        :meth:`_lowrank_mixture`."""
+        if routing.weights is not None:
+            return self._lowrank_mixture(x, routing.row_weights(x, self.rank), output_size)
         base, r, n = self.base, self.rank, x.shape[0]
         tasks = routing.row_tasks(x)
         a, b = self.A.index_select(0, tasks), self.B.index_select(0, tasks)  # [N, r, d1], [N, d0, r]
@@ -252,11 +265,45 @@ class ExpertLayer(nn.Module):
             base.padding, self._output_padding(x, output_size), n, base.dilation)
         return torch.add(y, delta.view(y.shape), alpha=self.scale)
 
+    def _lowrank_mixture(self, x: Tensor, w: Tensor, output_size) -> Tensor:
+        """``base(x) + s sum_t w_t B_t A_t x`` per row, ``w [N, T r]`` each row's task weights repeated
+        ``r`` times (task-major, as the stacked factors): ``A`` of all tasks as one ``T r``-channel
+        layer on the whole batch, each row's channels scaled by ``w``, then ``B`` as ``[d0, T r]``."""
+        base, n, tr = self.base, x.shape[0], w.shape[1]
+        b_all = self.B.permute(1, 0, 2).reshape(self.B.shape[1], tr)  # [d0, T r], column t r + j = B_t[:, j]
+        y = self._plain(x, base.weight, output_size)
+        if self._kind == "linear":
+            z = torch.matmul(x.reshape(n, -1, x.shape[-1]), self.A.reshape(tr, -1).t())  # [N, L, T r]
+            z = z * w.to(z.dtype).unsqueeze(1)
+            return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, tr), b_all.t(), alpha=self.scale).view(y.shape)
+        kernel = tuple(base.weight.shape[2:])
+        if self._kind == "conv":
+            rows, padding = self._padded(x)
+            z = conv_nd(rows, self.A.reshape(tr, base.in_channels, *kernel), None, base.stride, padding, base.dilation)
+            z = z.reshape(n, tr, -1)
+            z = z * w.to(z.dtype).unsqueeze(2)
+            out = torch.baddbmm(y.reshape(n, base.out_channels, -1), b_all.expand(n, -1, -1), z, alpha=self.scale)
+            return out.view(y.shape)
+        # transposed: weight [in, out, *k] = B [in, r] @ A [r, out * k]: first B^T (all tasks), then A transposed
+        u = torch.matmul(b_all.t(), x.reshape(n, base.in_channels, -1))  # [N, T r, L_in]
+        u = u * w.to(u.dtype).unsqueeze(2)
+        delta = _CONV_T[self._spatial_dims](
+            u.view(n, tr, *x.shape[2:]), self.A.reshape(tr, base.out_channels, *kernel), None, base.stride,
+            base.padding, self._output_padding(x, output_size), 1, base.dilation)
+        return torch.add(y, delta, alpha=self.scale)
+
     def _merged(self, x: Tensor, routing: TaskRouting, output_size) -> Tensor:
         """One call with each row's merged weight ``W_t`` (a convolution with ``groups = rows x
-        groups``, or a batched matmul)."""
+        groups``, or a batched matmul); with soft routing each row's weight is
+        ``W + s sum_t w_t B_t A_t`` (one matmul of the weights with every task's delta)."""
         base, n = self.base, x.shape[0]
-        weights = self.task_weights().index_select(0, routing.row_tasks(x))  # [N, *weight.shape]
+        if routing.weights is not None:
+            w, t = base.weight, self.num_tasks
+            deltas = torch.bmm(self.B, self.A).view(t, -1)  # [T, d0 d1]
+            mix = routing.row_weights(x).to(deltas.dtype)
+            weights = torch.addmm(w.reshape(1, -1), mix, deltas, alpha=self.scale).view(n, *w.shape)
+        else:
+            weights = self.task_weights().index_select(0, routing.row_tasks(x))  # [N, *weight.shape]
         if self._kind == "linear":
             flat = x.reshape(n, -1, x.shape[-1])
             y = torch.bmm(flat, weights.transpose(1, 2))
@@ -323,6 +370,15 @@ class TaskBatchNorm(nn.Module):
     with one value per channel (one row, no spatial extent) is normalised with its running
     statistics (left unchanged), or without running statistics maps to the norm's bias, as the
     BatchNorm formula gives with variance 0.
+
+    Soft routing (mixture weights): each row is normalised as a row of its **top task** (the
+    argmax of its weights, :attr:`TaskRouting.task_ids`), with that task's statistics over the rows
+    whose top task it is, its running statistics and its affine parameters: a per-task norm of a
+    router model behaves as with hard ids given by the router's choice. The routing weights get no
+    gradient through the norm (the argmax is piecewise constant); they get theirs through the
+    expert layers. Mixing the ``T`` norms per row by the weights would need every task's
+    statistics on every row (``T`` times the norm's work) and would let a row's loss reach every
+    task's statistics; the top-task rule keeps the norm's cost and its gradient separation.
 
     Raises:
         ValueError: ``norm`` is a ``SyncBatchNorm`` (per-task statistics are per rank here).

@@ -100,6 +100,14 @@ class ExpertModel(nn.Module):
     ``[B]`` in any order or an ``int`` for the whole batch. Rows are never reordered: the output
     is ``model(x, *args, **kwargs)`` computed with each row's own expert.
 
+    Soft routing: ``task_ids`` may instead be a float tensor of mixture weights ``[B, T]`` (finite,
+    non-negative, rows summing to 1; :func:`~lorkd.experts.routing.check_weights` raises
+    ``ValueError`` naming the problem otherwise). Row ``i`` then runs with
+    ``W + sum_t w[i, t] (alpha / r) B_t A_t`` on every layer with experts; the weights receive
+    gradients, so a router producing them trains through the task losses. One-hot weights give
+    the values of hard ids (which remain the faster path). Per-task norms normalise each row as
+    a row of its top task (see :class:`~lorkd.experts.layers.TaskBatchNorm`).
+
     Parameters: the wrapped model's own (shared) parameters, and per layer the stacked factors
     ``A [T, r, d1]``, ``B [T, d0, r]`` (and with ``norm="per_task"`` each norm's ``[T, C]``
     affine parameters) whose row ``t`` belongs to task ``t`` (:meth:`task_parameters`). A task

@@ -14,9 +14,15 @@ flattened tokens); each sample's task is then repeated ``k`` times.
 The routing of the forward pass in progress is held in a module-level stack (which
 ``torch.compile`` traces, unlike a context variable), so expert layers find it without the task
 ids being threaded through every ``forward`` signature. One forward at a time per process:
-threads that run expert models concurrently (``nn.DataParallel``) are not supported; use DDP. Soft routing
-(mixture weights per sample, MoLA-Router) would be a second routing class read by the same
-layers; a single task for the whole batch is :attr:`TaskRouting.single`.
+threads that run expert models concurrently (``nn.DataParallel``) are not supported; use DDP. A
+single task for the whole batch is :attr:`TaskRouting.single`.
+
+Soft routing (MoLA-Router) gives each sample mixture weights ``w [B, T]`` over the experts instead
+of one id (:attr:`TaskRouting.weights`); the same expert layers read it and compute
+``W + sum_t w_t (alpha / r) B_t A_t`` per row. A soft routing still carries ``task_ids``: each
+row's top task (the argmax of its weights), which per-task norms use (see
+:class:`~lorkd.experts.layers.TaskBatchNorm`). Hard ids are the fast path, and equal one-hot
+weights.
 """
 
 from __future__ import annotations
@@ -31,19 +37,23 @@ _ACTIVE: list["TaskRouting"] = []  # the routing of the forward in progress is t
 
 
 class TaskRouting:
-    """Hard routing of a batch of ``batch_size`` samples over ``num_tasks`` experts.
+    """The routing of a batch of ``batch_size`` samples over ``num_tasks`` experts.
 
     Attributes:
-        task_ids: LongTensor ``[B]``, the task of each sample, in input order, on the input's device.
+        task_ids: LongTensor ``[B]``, the task of each sample, in input order, on the input's device
+            (with soft routing: each sample's top task, the argmax of its weights).
         single: the task id when the caller gave one ``int`` for the whole batch, else ``None``
             (layers then use that task's merged weights directly).
+        weights: ``None`` for hard routing, else the float mixture weights ``[B, T]`` (rows
+            non-negative, summing to 1) that expert layers mix their experts with.
     """
 
-    def __init__(self, task_ids: Tensor, num_tasks: int, single: int | None = None) -> None:
+    def __init__(self, task_ids: Tensor, num_tasks: int, single: int | None = None, weights: Tensor | None = None) -> None:
         self.task_ids = task_ids
         self.batch_size = task_ids.shape[0]
         self.num_tasks = num_tasks
         self.single = single
+        self.weights = weights
         self._cache: dict = {}
 
     def rows_per_sample(self, x: Tensor) -> int:
@@ -81,6 +91,25 @@ class TaskRouting:
             self._cache[key] = self.row_tasks(x).unsqueeze(0) == tasks
         return self._cache[key]
 
+    def row_weights(self, x: Tensor, repeat: int = 1) -> Tensor:
+        """Soft routing only: ``[x.shape[0], T * repeat]``, each row's mixture weights (``k`` rows per
+        sample), each task's weight repeated ``repeat`` times in a row (``repeat = r``: one weight
+        per channel of the stacked ``A`` of all tasks, task-major).
+
+        Raises:
+            RuntimeError: the routing is hard (``weights is None``).
+        """
+        if self.weights is None:
+            raise RuntimeError("row_weights() needs a soft routing (mixture weights), this one routes by task ids")
+        k = self.rows_per_sample(x)
+        key = ("weights", k, repeat)
+        if key not in self._cache:
+            w = self.weights if k == 1 else self.weights.repeat_interleave(k, dim=0)
+            if repeat > 1:
+                w = w.unsqueeze(2).expand(-1, -1, repeat).reshape(w.shape[0], -1)
+            self._cache[key] = w
+        return self._cache[key]
+
     def counts(self) -> Tensor:
         """LongTensor ``[T]``: samples per task in this batch (0 for absent tasks)."""
         if "counts" not in self._cache:
@@ -88,7 +117,10 @@ class TaskRouting:
         return self._cache["counts"]
 
     def present(self) -> Tensor:
-        """BoolTensor ``[T]``: which tasks have at least one sample in this batch."""
+        """BoolTensor ``[T]``: which tasks have at least one sample in this batch (with soft routing:
+        a non-zero weight on at least one sample; those experts get gradients)."""
+        if self.weights is not None:
+            return (self.weights > 0).any(dim=0)
         return self.counts() > 0
 
     def norm_weights(self, x: Tensor) -> "NormWeights":
@@ -130,19 +162,21 @@ class NormWeights:
 
 
 def route(task_ids: Tensor | int, batch_size: int, num_tasks: int, device: torch.device | None = None) -> TaskRouting:
-    """Build the hard routing for ``task_ids``.
+    """Build the routing for ``task_ids``: hard for task ids, soft for mixture weights.
 
     Args:
-        task_ids: integer tensor ``[B]`` (any mix, any order), or one ``int`` for the whole batch.
+        task_ids: integer tensor ``[B]`` (any mix, any order), or one ``int`` for the whole batch;
+            or a floating-point tensor ``[B, T]`` of mixture weights (soft routing, see
+            :func:`check_weights`).
         batch_size: ``B``, the number of rows of the model input.
         num_tasks: ``T``; valid ids are ``0 .. T-1``.
         device: where the routing tensors live (the input's device; default: that of ``task_ids``).
 
     Raises:
         ValueError: ``task_ids`` is not an integer tensor of shape ``[B]``, or holds an id
-            outside ``[0, T)``; the message names the offending value. (Under ``torch.compile``
-            the range check is an asynchronous device assertion instead, so that no value is read
-            back to the host.)
+            outside ``[0, T)``; the message names the offending value. Mixture weights that
+            :func:`check_weights` refuses. (Under ``torch.compile`` the value checks are
+            asynchronous device assertions instead, so that no value is read back to the host.)
     """
     if isinstance(task_ids, bool) or not isinstance(task_ids, (int, Tensor)):
         raise ValueError(f"task_ids must be an int or an integer tensor of shape [{batch_size}], got {type(task_ids).__name__}")
@@ -151,8 +185,14 @@ def route(task_ids: Tensor | int, batch_size: int, num_tasks: int, device: torch
     if isinstance(task_ids, int):
         _check_id(task_ids, num_tasks)
         return TaskRouting(torch.full((batch_size,), task_ids, dtype=torch.long, device=device), num_tasks, task_ids)
-    if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
-        raise ValueError(f"task_ids must have an integer dtype, got {task_ids.dtype}")
+    if task_ids.dtype.is_floating_point and task_ids.dim() == 1:
+        raise ValueError(f"task_ids must have an integer dtype, got {task_ids.dtype} of shape {list(task_ids.shape)} "
+                         f"(a float tensor routes softly: mixture weights of shape [{batch_size}, {num_tasks}])")
+    if task_ids.dtype.is_floating_point:
+        weights = check_weights(task_ids, batch_size, num_tasks).to(device=device or task_ids.device)
+        return TaskRouting(weights.argmax(dim=1), num_tasks, weights=weights)
+    if task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
+        raise ValueError(f"task_ids must have an integer dtype (or be float mixture weights [B, T]), got {task_ids.dtype}")
     if task_ids.dim() != 1 or task_ids.shape[0] != batch_size:
         raise ValueError(f"task_ids must have shape [{batch_size}] (one id per sample), got {list(task_ids.shape)}")
     ids = task_ids.to(device=device or task_ids.device, dtype=torch.long)
@@ -166,6 +206,72 @@ def route(task_ids: Tensor | int, batch_size: int, num_tasks: int, device: torch
         if bad.numel():
             _check_id(int(bad[0]), num_tasks)
     return TaskRouting(ids, num_tasks)
+
+
+def weights_tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 a row of mixture weights of ``dtype`` may sum (``1e-4`` for float32/64, ``1e-2``
+    for half precision)."""
+    return 1e-4 if torch.finfo(dtype).bits >= 32 else 1e-2
+
+
+def check_weights(weights: Tensor, batch_size: int, num_tasks: int) -> Tensor:
+    """Check mixture weights for soft routing and return them.
+
+    Args:
+        weights: floating-point tensor ``[B, T]``: row ``i`` weights sample ``i``'s experts; finite,
+            non-negative, each row summing to 1 within :func:`weights_tolerance`.
+        batch_size: ``B``.
+        num_tasks: ``T``.
+
+    Raises:
+        ValueError: naming ``weights`` and the problem: not a floating-point tensor, wrong shape,
+            a non-finite or negative entry, or a row that does not sum to 1 (the first bad row and
+            its value). Under ``torch.compile`` the value checks are an asynchronous device
+            assertion instead.
+    """
+    if not isinstance(weights, Tensor) or not weights.dtype.is_floating_point:
+        what = weights.dtype if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"weights must be a floating-point tensor [{batch_size}, {num_tasks}], got {what}")
+    if weights.dim() != 2 or tuple(weights.shape) != (batch_size, num_tasks):
+        raise ValueError(f"weights must have shape [{batch_size}, {num_tasks}] (batch, tasks), got {list(weights.shape)}")
+    tol = weights_tolerance(weights.dtype)
+    finite = torch.isfinite(weights).all(dim=1)
+    nonneg = (weights >= 0).all(dim=1)
+    sums = weights.sum(dim=1)
+    ok = finite & nonneg & ((sums - 1).abs() <= tol)
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), "routing weights must be finite, non-negative and sum to 1 per row")
+        return weights
+    if bool(ok.all()):  # one read-back at the model's entry (on a GPU), none inside the forward
+        return weights
+    row = int((~ok).nonzero()[0, 0])
+    if not bool(finite[row]):
+        raise ValueError(f"weights must be finite: row {row} is {weights[row].tolist()}")
+    if not bool(nonneg[row]):
+        raise ValueError(f"weights must be non-negative: row {row} has {float(weights[row].min()):g}")
+    raise ValueError(f"weights rows must sum to 1 (within {tol:g}): row {row} sums to {float(sums[row]):.6g}")
+
+
+def top_k_weights(weights: Tensor, k: int) -> Tensor:
+    """Keep each row's ``k`` largest weights, renormalised to sum to 1 (the rest exactly 0).
+
+    Args:
+        weights: ``[B, T]`` non-negative (e.g. a softmax over router logits).
+        k: ``1 <= k <= T``; ``k = T`` returns the weights renormalised.
+
+    Returns:
+        ``[B, T]``; gradients flow to the kept weights (with ``k = 1`` the kept weight is 1 and its
+        gradient 0: route with ``weights.argmax(1)`` as task ids instead, the fast path).
+
+    Raises:
+        ValueError: ``k`` is not an integer in ``[1, T]``.
+    """
+    num_tasks = weights.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_tasks:
+        raise ValueError(f"top_k must be an integer in [1, {num_tasks}], got {k!r}")
+    values, index = weights.topk(k, dim=-1)
+    kept = torch.zeros_like(weights).scatter(-1, index, values)
+    return kept / kept.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
 
 
 def _check_id(task: int, num_tasks: int) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..experts import ExpertModel, add_experts
+from ..experts import ExpertModel, add_experts, check_weights
 
 
 @dataclass
@@ -64,10 +64,18 @@ class MultiTaskNet(nn.Module):
     def forward(self, x: Tensor, task_ids: Tensor) -> TaskOutput:
         """``x`` ``[B, C, *spatial]``, ``task_ids`` int64 ``[B]`` -> :class:`TaskOutput`.
 
+        ``task_ids`` may instead be float mixture weights ``[B, T]`` (soft routing, MoLA-Router):
+        the backbone's experts are mixed per row, and each row goes to the head of its top task
+        (the argmax of its weights); ``rows`` and ``logits`` are keyed by that task.
+
         Raises:
-            ValueError: a task id outside ``[0, T)``.
+            ValueError: a task id outside ``[0, T)``; weights the backbone refuses.
         """
         features = self.backbone(x, task_ids) if self.has_experts else self.backbone(x)
+        if task_ids.dtype.is_floating_point:
+            if not self.has_experts:
+                check_weights(task_ids, x.shape[0], self.num_tasks)
+            task_ids = task_ids.argmax(dim=1)
         logits, rows = {}, {}
         for task in torch.unique(task_ids).tolist():
             if not 0 <= task < len(self.heads):

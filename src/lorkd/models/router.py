@@ -1,0 +1,171 @@
+"""MoLA-Router: route samples to experts without a task id.
+
+A :class:`TaskRouter` is a small convolutional network on the input that gives per-sample logits
+over the ``T`` experts and a projection for the task-wise decorrelation loss
+(:func:`lorkd.distill.twd_loss`). A :class:`RoutedStudent` puts it in front of a student (an
+:class:`~lorkd.experts.ExpertModel`, or a :class:`~lorkd.models.multitask.MultiTaskNet` with
+experts): without task ids, each sample runs with ``softmax(logits / temperature)`` as its
+mixture weights over the experts (soft routing), or with the top-``k`` of them renormalised, or
+(``top_k=1``) through its argmax expert alone as hard ids (the fast path). With task ids it runs
+the student with them (the router still runs, so its losses can be computed on the same batch).
+
+Gradients: with soft routing (``top_k`` ``None`` or ``> 1``) the task losses reach the router
+through the mixture weights; with ``top_k=1`` they do not (the argmax is piecewise constant), and
+the router learns from its own losses only (TwD, cross-entropy on the task id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..experts.routing import top_k_weights
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+
+
+@dataclass
+class RouterOutput:
+    """What a :class:`TaskRouter` returns for ``B`` samples.
+
+    Attributes:
+        logits: ``[B, T]`` routing logits.
+        projection: ``[B, P]`` the projected features that TwD contrasts (not normalised).
+    """
+
+    logits: Tensor
+    projection: Tensor
+
+
+class TaskRouter(nn.Module):
+    """A few strided convolutions (conv 3 - BatchNorm - ReLU, stride 2), global average pooling,
+    then a linear head to ``[B, T]`` logits and a two-layer projection head to ``[B, P]``.
+
+    Args:
+        in_channels: channels of the input images/volumes.
+        num_tasks: ``T``, the number of experts to route over.
+        spatial_dims: 1, 2 or 3.
+        channels: output channels of each convolution (one stride-2 stage each); at least one.
+        projection_dim: ``P``.
+
+    Shapes: ``x [B, in_channels, *spatial]`` (``spatial_dims`` sizes) -> :class:`RouterOutput`.
+
+    Raises:
+        ValueError: ``spatial_dims`` not in 1..3, ``num_tasks``/``in_channels``/``projection_dim`` below
+            1, an empty ``channels`` or a channel count below 1; in ``forward``, an input whose
+            shape is not ``[B, in_channels, *spatial]`` (the message names the expected shape).
+    """
+
+    def __init__(self, in_channels: int, num_tasks: int, spatial_dims: int = 2,
+                 channels: Sequence[int] = (16, 32, 64), projection_dim: int = 32) -> None:
+        super().__init__()
+        if spatial_dims not in _CONV:
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+        for name, value in (("in_channels", in_channels), ("num_tasks", num_tasks), ("projection_dim", projection_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        channels = list(channels)
+        if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
+            raise ValueError(f"channels must be a non-empty list of integers >= 1, got {channels!r}")
+        self.in_channels, self.num_tasks, self.spatial_dims = in_channels, num_tasks, spatial_dims
+        stages, previous = [], in_channels
+        for c in channels:
+            stages += [_CONV[spatial_dims](previous, c, 3, stride=2, padding=1, bias=False), _NORM[spatial_dims](c),
+                       nn.ReLU(inplace=True)]
+            previous = c
+        self.features = nn.Sequential(*stages, _POOL[spatial_dims](1), nn.Flatten())
+        self.head = nn.Linear(previous, num_tasks)
+        self.projector = nn.Sequential(nn.Linear(previous, previous), nn.ReLU(inplace=True), nn.Linear(previous, projection_dim))
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            dims = ", ".join(["B", str(self.in_channels)] + ["*"] * self.spatial_dims)
+            raise ValueError(f"TaskRouter expects input [{dims}], got {list(x.shape)}")
+        h = self.features(x)
+        return RouterOutput(self.head(h), self.projector(h))
+
+
+@dataclass
+class Routed:
+    """What a :class:`RoutedStudent` returns.
+
+    Attributes:
+        output: the student's output for the batch (the structure of ``student(x, ...)``).
+        logits: ``[B, T]`` router logits.
+        projection: ``[B, P]`` router projection (for TwD).
+        routing: what the student was routed with: ``[B, T]`` float mixture weights, or ``[B]``
+            int64 task ids (given by the caller, or the router's argmax with ``top_k=1``).
+    """
+
+    output: Any
+    logits: Tensor
+    projection: Tensor
+    routing: Tensor
+
+    @property
+    def tasks(self) -> Tensor:
+        """``[B]`` int64: each sample's routed task (the router's argmax)."""
+        return self.logits.argmax(dim=1)
+
+
+class RoutedStudent(nn.Module):
+    """A router in front of a student: ``forward(x, task_ids=None) -> Routed``.
+
+    Args:
+        student: called as ``student(x, routing)`` with ``routing`` an int64 ``[B]`` of task ids or a
+            float ``[B, T]`` of mixture weights (an :class:`~lorkd.experts.ExpertModel`, or a
+            :class:`~lorkd.models.multitask.MultiTaskNet` with experts).
+        router: a module ``x -> RouterOutput`` (e.g. :class:`TaskRouter`) with ``T`` logits.
+        temperature: the softmax temperature of the routing weights (``> 0``).
+        top_k: ``None`` (every expert, softmax weights), or ``k`` in ``[1, T]``: each row's ``k``
+            largest weights renormalised; ``1`` routes each row by the router's argmax as a hard
+            task id.
+
+    Raises:
+        ValueError: ``temperature <= 0``, or ``top_k`` not ``None`` nor an integer in ``[1, T]``
+            (``T`` read from the student's ``num_tasks``).
+    """
+
+    def __init__(self, student: nn.Module, router: nn.Module, temperature: float = 1.0, top_k: int | None = None) -> None:
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        num_tasks = getattr(student, "num_tasks", None)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or not 1 <= top_k <= (num_tasks or top_k)):
+            raise ValueError(f"top_k must be None or an integer in [1, {num_tasks}], got {top_k!r}")
+        self.student, self.router = student, router
+        self.temperature, self.top_k = float(temperature), top_k
+
+    @property
+    def num_tasks(self) -> int:
+        return self.student.num_tasks
+
+    def routing_weights(self, logits: Tensor) -> Tensor:
+        """``[B, T]`` mixture weights from router logits: ``softmax(logits / temperature)``, then the
+        top-``k`` kept and renormalised when ``top_k`` is set (``top_k=1``: one-hot of the argmax)."""
+        weights = torch.softmax(logits / self.temperature, dim=1)
+        return weights if self.top_k is None else top_k_weights(weights, self.top_k)
+
+    def forward(self, x: Tensor, task_ids: Tensor | None = None) -> Routed:
+        """Route ``x [B, C, *spatial]`` and run the student.
+
+        ``task_ids`` (int64 ``[B]``) overrides the router for the student (its logits and
+        projection are still computed). Raises what the student and router raise.
+        """
+        out = self.router(x)
+        if out.logits.shape != (x.shape[0], self.num_tasks):
+            raise ValueError(f"the router gave logits of shape {list(out.logits.shape)}, "
+                             f"expected [{x.shape[0]}, {self.num_tasks}]")
+        if task_ids is not None:
+            routing = task_ids
+        elif self.top_k == 1:
+            routing = out.logits.argmax(dim=1)
+        else:
+            routing = self.routing_weights(out.logits)
+        return Routed(self.student(x, routing), out.logits, out.projection, routing)
