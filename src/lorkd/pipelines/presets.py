@@ -1,5 +1,6 @@
 """Built-in recipes: ``DEMO`` runs the whole classification recipe on the embedded synthetic
-data (no files needed) in under 3 minutes on 2 CPU cores; :func:`demo_config` gives it a seed.
+data (no files needed) in about 3 minutes on 2 CPU cores (4 with 1 thread); :func:`demo_config`
+gives it a seed.
 
 The demo stages the mechanism that makes decomposition pay: the teacher (the stand-in for a
 foundation model) has seen more data than the experts get. It trains on 1500 images per task; the
