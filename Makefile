@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo bench reproduce clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py --out runs/bench.json
+
+# every published number (benchmarks/reproduce.py); e.g. make reproduce ARGS="--only medmnist --device cuda"
+reproduce: $(STAMP)
+	$(BIN)/python benchmarks/reproduce.py --out runs/reproduce $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

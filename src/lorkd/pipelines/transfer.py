@@ -454,7 +454,7 @@ def run_transfer(cfg: TransferConfig, out: Path, ctx: DistributedContext, resume
                  progress: bool = True) -> dict[str, Any] | None:
     """Train and evaluate every method on every downstream task and seed; write ``metrics.json``,
     ``report.md`` and the plots (rank 0). Returns the metrics on rank 0, else ``None``."""
-    from .transfer_report import summarise, write_transfer_report
+    from .transfer_report import majority_warnings, summarise, write_transfer_report
 
     run = TransferRun(cfg, out, ctx, resume=resume, progress=progress)  # checks everything before training
     if ctx.is_main:
@@ -476,4 +476,7 @@ def run_transfer(cfg: TransferConfig, out: Path, ctx: DistributedContext, resume
     metrics["config"] = to_dict(cfg)
     write_json(out / "metrics.json", metrics)
     write_transfer_report(out, metrics)
+    for task, warned in majority_warnings(metrics).items():
+        for w in warned:
+            log.warning("transfer: %s: %s", task, w.replace("**Warning:** ", ""))
     return metrics

@@ -7,6 +7,11 @@ metric, trained and deployed parameters, and training time. The bootstrap (throu
 segmentation; the same resample for every seed) and recomputes the mean over seeds of the metric,
 so the interval reflects the test set's size; with one seed it is the usual bootstrap interval of
 that run's metric.
+
+Classification: a method whose test accuracy (its mean over seeds, or any one seed) is at or below the
+test majority-class rate (within one test item) has learnt nothing a constant would not; the report
+warns about it, and about ``kd`` when its teacher (``foundation_lp``) is, as the recipes' report warns
+about a weak teacher (:func:`lorkd.report.markdown.teacher_guard`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from matplotlib.figure import Figure
 
 from ..engine import metrics as M
 from ..fileio import write_atomic
+from ..report.markdown import fmt_value
+
+#: The method whose model a method distils from (``kd`` from the ``foundation_lp`` model).
+TEACHER_OF = {"kd": "foundation_lp"}
 
 BOOTSTRAP_NOTE = ("95 % percentile bootstrap over test items (images; cases for segmentation) of the mean over "
                   "seeds (lorkd.report.stats, the same resampled items for every seed)")
@@ -120,6 +129,44 @@ def summarise(run: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _collapsed(m: dict[str, Any], rate: float, n_test: int) -> tuple[bool, list[str]]:
+    """Whether the mean over seeds is at the majority rate, and the seeds that are (within one item)."""
+    bar = rate + 1.0 / max(int(n_test), 1) - 1e-12
+    seeds = [s for s, r in (m.get("seeds") or {}).items() if float((r.get("test") or {}).get("acc", np.inf)) <= bar]
+    return float(m["test_mean"]) <= bar, seeds
+
+
+def majority_warnings(metrics: dict[str, Any]) -> dict[str, list[str]]:
+    """``{task: [warning, ...]}``: one per method at the test majority-class rate (mean over seeds or any
+    seed, within one test item) and one per method whose teacher (:data:`TEACHER_OF`) is; empty lists
+    for segmentation or when none is."""
+    out: dict[str, list[str]] = {}
+    if metrics.get("primary_metric") != "acc":
+        return out
+    for d in metrics.get("data") or []:
+        rate, table, lines = d.get("test_majority_rate"), metrics["methods"].get(d["name"]) or {}, []
+        if rate is None:
+            continue
+        at = {label: _collapsed(m, rate, d.get("n_test", 1)) for label, m in table.items()}
+        for label, m in table.items():
+            mean_at, seeds = at[label]
+            teacher = TEACHER_OF.get(m.get("method", label))
+            teacher_at = teacher in at and (at[teacher][0] or bool(at[teacher][1]))
+            if not (mean_at or seeds or teacher_at):
+                continue
+            what = (f"test accuracy {fmt_value(m['test_mean'])} (mean over seeds)" if mean_at
+                    else f"seed(s) {', '.join(seeds)}" if seeds else None)
+            text = (f"**Warning:** `{label}` is at the test majority-class rate {fmt_value(rate)} ({what}): "
+                    "it predicts (almost) only the most frequent class." if what else
+                    f"**Warning:** `{label}`'s teacher `{teacher}` is at the test majority-class rate {fmt_value(rate)}: "
+                    "there is nothing to distil.")
+            if what and teacher_at:
+                text += f" Its teacher `{teacher}` is at that rate too."
+            lines.append(text)
+        out[d["name"]] = lines
+    return out
+
+
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
@@ -144,6 +191,7 @@ def write_transfer_report(out: Path, metrics: dict[str, Any]) -> Path:
              "(its time does not include that model's).", ""]
     key = metrics["primary_metric"]
     auc = key == "acc"
+    warned = majority_warnings(metrics)
     for d in metrics["data"]:
         table = metrics["methods"][d["name"]]
         if auc:
@@ -155,6 +203,8 @@ def write_transfer_report(out: Path, metrics: dict[str, Any]) -> Path:
         lines += [f"## {d['name']}", "", f"{d['source']}: {about}", "",
                   f"| method | test {key} (mean ± sd) | 95 % CI |{' test AUC |' if auc else ''} val {key} | trained | deployed | time (s) |",
                   "|---|---|---|" + ("---|" if auc else "") + "---|---|---|---|"]
+        if warned.get(d["name"]):
+            lines[-2:-2] = [w for w in warned[d["name"]] for w in (w, "")]
         for label, m in table.items():
             lo, hi = m["test_ci95"]
             lines.append(f"| {label} | {m['test_mean']:.4f} ± {m['test_sd']:.4f} (n={m['n_seeds']}) | "
