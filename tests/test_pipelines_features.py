@@ -55,7 +55,7 @@ def test_inner_layer_outputs_come_back_in_input_order():
     features = FeatureDistiller(terms, student, teacher, torch.zeros(1, 1, 16, 16))
     x, ids = torch.randn(4, 1, 16, 16), torch.tensor([1, 0, 1, 0])  # the experts run it sorted by task
     out = student(x, ids)
-    s, t = features.collect(out, teacher(x, ids), ids)["feat_0"]
+    s, t = features.collect(out, teacher(x, ids))["feat_0"]
     with LayerTaps(student, ["backbone.model.model.0"]) as taps:
         for i in range(4):
             student(x[i:i + 1], ids[i:i + 1])

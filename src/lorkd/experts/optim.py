@@ -47,13 +47,13 @@ def keep_absent_experts(optimizer: torch.optim.Optimizer, model: nn.Module,
     def tracked() -> list[Tensor]:
         return [p for group in optimizer.param_groups for p in group["params"] if id(p) in owners]
 
-    def seen_of(student: ExpertModel, device: torch.device) -> Tensor:
-        flags = student.tasks_seen.to(device, torch.long)
+    def seen_of(student: ExpertModel) -> Tensor:
+        flags = student.tasks_seen.long()  # on the model's device (a buffer)
         return reduce(flags) > 0 if reduce is not None else flags > 0
 
     def before(opt, args, kwargs) -> None:
         saved.clear()
-        masks = {id(s): seen_of(s, p.device) for s in students for p in [next(s.parameters())]}
+        masks = {id(s): seen_of(s) for s in students}
         for p in tracked():
             state = optimizer.state.get(p, {})
             keep = [(k, v.detach().clone() if _is_row_state(v, p) else None) for k, v in state.items()]

@@ -134,7 +134,7 @@ class TaskRouting:
             reduce = torch.cat([onehot / n.clamp(min=1), onehot])  # [2T, N]: per-task means, sums
             update = n > 1
             unbias = n / (n - 1).clamp(min=1)
-            self._cache[key] = NormWeights(reduce, n, update, update.to(torch.long).view(-1), unbias)
+            self._cache[key] = NormWeights(reduce, update, update.to(torch.long).view(-1), unbias)
         return self._cache[key]
 
 
@@ -142,16 +142,16 @@ class NormWeights:
     """Per-task reductions for a norm over ``values`` positions per row (see :meth:`TaskRouting.norm_weights`).
 
     Attributes:
-        reduce: ``[2T, N]``: ``reduce[:T] @ v`` averages ``v [N, *]`` over each task's values
-            (divide per-row sums by nothing more), ``reduce[T:] @ v`` sums it over each task's rows.
-        values: ``[T, 1]``: values per channel of each task (rows times positions).
+        reduce: ``[2T, N]``: ``reduce[:T] @ s`` turns per-row sums ``s [N, *]`` into each task's
+            mean over its values (rows times positions); ``reduce[T:] @ v`` sums ``v`` over each
+            task's rows.
         update: ``[T, 1]`` bool: tasks with more than one value per channel (whose running
             statistics move); ``update_count`` the same as ``int64 [T]``.
         unbias: ``[T, 1]``: ``n / (n - 1)`` (1 where ``n <= 1``), biased to unbiased variance.
     """
 
-    def __init__(self, reduce: Tensor, values: Tensor, update: Tensor, update_count: Tensor, unbias: Tensor) -> None:
-        self.reduce, self.values, self.update, self.update_count, self.unbias = reduce, values, update, update_count, unbias
+    def __init__(self, reduce: Tensor, update: Tensor, update_count: Tensor, unbias: Tensor) -> None:
+        self.reduce, self.update, self.update_count, self.unbias = reduce, update, update_count, unbias
         self._momentum: dict = {}
 
     def momentum(self, momentum: float) -> Tensor:

@@ -115,7 +115,7 @@ class DistillObjective:
                 self.teacher.eval()
                 teacher_out = self.teacher(batch.images, batch.task_ids)
             if self.features is not None:
-                feats = self.features.collect(out, teacher_out, batch.task_ids)
+                feats = self.features.collect(out, teacher_out)
         present = int((global_counts > 0).sum())
         total = out.features.new_zeros(())
         used = ["ce"] * (w.ce_weight > 0) + ["kd"] * (w.kd_weight > 0) + [t.name for t in self.terms]

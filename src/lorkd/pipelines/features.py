@@ -173,12 +173,12 @@ class FeatureDistiller(nn.Module):
         ids = torch.zeros(x.shape[0], dtype=torch.long, device=device)
         try:
             student.eval()
-            pairs = self.collect(student(x, ids), teacher.eval()(x, ids), ids)
+            pairs = self.collect(student(x, ids), teacher.eval()(x, ids))
         finally:
             student.train(was_training)
         return {name: (tuple(s.shape), tuple(t.shape)) for name, (s, t) in pairs.items()}
 
-    def collect(self, out, teacher_out, task_ids: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    def collect(self, out, teacher_out) -> dict[str, tuple[Tensor, Tensor]]:
         """``{term name: (student output, teacher output (detached))}`` of the forward just run,
         rows in input order; forgets the kept outputs."""
         result = {}
