@@ -17,7 +17,7 @@ from lorkd.data.multitask import MultiTaskDataset, collate_task_batch
 from lorkd.data.paths import shared_data_dir
 from lorkd.errors import ConfigError, DataError
 from lorkd.models.classifier import MultiTaskClassifier
-from lorkd.pipelines.classification import load_tasks
+from lorkd.pipelines.recipes.classification import load_tasks
 from lorkd.pipelines.schema import ClassificationConfig
 from lorkd.models.backbones import backbone_spec
 

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from lorkd import cli
-from lorkd.pipelines import presets
+from lorkd.pipelines.schema import presets
 
 TINY = {
     "data": {"synthetic": {"num_tasks": 2, "size": 16, "n_train": 48, "n_val": 24, "n_test": 24}},
@@ -207,7 +207,7 @@ def test_demo_config_and_its_overrides_are_validated_naming_the_key(tmp_path, ca
 def test_student_subset_keeps_the_class_proportions_and_the_other_splits():
     from lorkd.data.synthetic import make_synthetic_tasks
     from lorkd.errors import DataError
-    from lorkd.pipelines.classification import student_subset
+    from lorkd.pipelines.recipes.classification import student_subset
 
     task = make_synthetic_tasks(3, 16, n_train=40, n_val=8, n_test=8)[2]  # 4 classes, 10 images each
     task.labels["train"][:6] = 0  # now class 0: 13 images, the others fewer (order otherwise random)

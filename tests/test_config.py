@@ -82,7 +82,7 @@ def test_a_partly_given_section_keeps_its_own_defaults(tmp_path):
 
 def test_data_max_train_caps_every_task_the_same_way_and_is_checked():
     from lorkd.config import from_dict
-    from lorkd.pipelines.classification import load_tasks
+    from lorkd.pipelines.recipes.classification import load_tasks
     from lorkd.pipelines.schema import ClassificationConfig
 
     data = {"synthetic": {"num_tasks": 2, "size": 8, "n_train": 48, "n_val": 8, "n_test": 8}}

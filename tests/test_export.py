@@ -18,7 +18,7 @@ from lorkd.errors import ConfigError
 from lorkd.experts import load_expert
 from lorkd.models.backbones import backbone_spec
 from lorkd.models.classifier import MultiTaskClassifier
-from lorkd.pipelines import export_formats as X
+from lorkd.pipelines.core import export_formats as X
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")

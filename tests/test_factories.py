@@ -77,12 +77,12 @@ def test_trust_code_is_a_config_key_and_a_cli_flag(tmp_path):
 
 def test_model_json_factory_is_checked_before_anything_is_called(tmp_path, monkeypatch):
     from lorkd.fileio import write_json
-    from lorkd.pipelines.classification import Run
-    from lorkd.pipelines.common import load_network
+    from lorkd.pipelines.core.netio import load_network
+    from lorkd.pipelines.recipes.classification import ClassificationRecipe
 
     monkeypatch.chdir(tmp_path)
     write_json(tmp_path / "teacher" / "model.json", {"num_classes": [2], "backbone": {
         "factory": "os.system", "kwargs": {"command": "touch pwned"}}})
     with pytest.raises(DataError, match=r"teacher/model\.json: .*'os\.system' is outside the known namespaces"):
-        load_network(tmp_path / "teacher", Run.build)
+        load_network(tmp_path / "teacher", ClassificationRecipe.build)
     assert not (tmp_path / "pwned").exists()

@@ -14,8 +14,8 @@ from lorkd.config import from_dict
 from lorkd.errors import ConfigError
 from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
 from lorkd.models.taps import LayerTaps
-from lorkd.pipelines.common import DistillObjective, TaskRemap
-from lorkd.pipelines.features import FeatureDistiller, check_layer_names, feature_terms, student_layer_names
+from lorkd.pipelines.core.objective import DistillObjective, TaskRemap
+from lorkd.pipelines.core.features import FeatureDistiller, check_layer_names, feature_terms, student_layer_names
 from lorkd.pipelines.schema import Distill, FeaturePair
 
 from test_cli import TINY
@@ -232,12 +232,12 @@ def test_cli_segmentation_run_with_a_feature_pair(tmp_path, capsys):
 # ------------------------------------------------------------------ exact resume with projectors
 def classification_run(tmp_path, student: dict):
     from lorkd.engine.distributed import DistributedContext
-    from lorkd.pipelines import classification as C
+    from lorkd.pipelines.recipes import classification as C
     from lorkd.pipelines.schema import ClassificationConfig
 
     cfg = from_dict(ClassificationConfig, {**TINY, "student": {**TINY["student"], **student}})
     (tmp_path / "run").mkdir(parents=True, exist_ok=True)
-    return C.Run(cfg, tmp_path / "run", DistributedContext(), progress=False)
+    return C.ClassificationRecipe(cfg, tmp_path / "run", DistributedContext(), progress=False)
 
 
 class Stop(Exception):
@@ -248,7 +248,7 @@ def test_resume_restores_model_and_projectors_exactly(tmp_path):
     from dataclasses import replace
 
     from lorkd.engine import load_checkpoint
-    from lorkd.pipelines.common import distill_fit, stage_teacher
+    from lorkd.pipelines.stages.teacher import stage_teacher
 
     pairs = [{"student": "backbone.layer3", "teacher": "backbone.layer3", "kind": "mse"},
              {"student": "backbone.layer2", "teacher": "backbone.layer4", "kind": "cosine"}]
@@ -258,7 +258,7 @@ def test_resume_restores_model_and_projectors_exactly(tmp_path):
     stage = replace(sc.train, epochs=2, checkpoint_every=4)  # 6 steps per epoch: checkpoints at 4, 6, 8, 12
 
     def train(folder):
-        distill_fit(run, run.network(sc.net, run.num_classes, sc.experts.as_kwargs()), stage, folder, sc.distill, teacher)
+        run.distill_fit(run.network(sc.net, run.num_classes, sc.experts.as_kwargs()), stage, folder, sc.distill, teacher)
         return load_checkpoint(folder / "checkpoints" / "latest.pt")
 
     whole = train(run.out / "whole")

@@ -9,9 +9,12 @@ import torch
 from lorkd.config import from_dict
 from lorkd.errors import ConfigError, DataError
 from lorkd.fileio import read_json, write_json
-from lorkd.pipelines.common import has_network, reuse_network, stage_baselines, stage_student, stage_teacher
+from lorkd.pipelines.core.netio import has_network
+from lorkd.pipelines.stages.baselines import stage_baselines
+from lorkd.pipelines.stages.student import stage_student
+from lorkd.pipelines.stages.teacher import stage_teacher
 from lorkd.pipelines.schema import Distill
-from lorkd.pipelines.search import search_distill
+from lorkd.pipelines.stages.search import search_distill
 from lorkd.report.search import search_table
 
 from test_pipelines_features import classification_run
@@ -54,7 +57,7 @@ def test_shorter_search_picks_the_best_validation_mean_then_trains_the_student_a
     assert [(r["kd_weight"], r["feat_weight"]) for r in rows] == [(0.0, 0.0), (0.0, 2.0), (1.0, 0.0), (1.0, 2.0)]
     assert data["split"] == "val" and data["metric"] == "acc" and data["epochs"] == 1 and not data["full_budget"]
     for r in rows:  # each score is the candidate's own validation accuracy
-        model = reuse_network(run, run.out / "search" / r["id"])
+        model = run.reuse_network(run.out / "search" / r["id"])
         val = run.val_metrics(model)
         assert r["val_mean"] == pytest.approx(val["acc"]) and r["val"] == {n: val[f"acc_{n}"] for n in run.names}
         assert r["val_mean"] == pytest.approx(sum(r["val"].values()) / len(r["val"]))
@@ -79,7 +82,7 @@ def test_full_budget_search_keeps_the_chosen_model_as_the_student(tmp_path):
     student = stage_student(run, teacher)
     data = read_json(run.out / "search.json")
     assert data["full_budget"] and [r["feat_weight"] for r in data["candidates"]] == [None, None]
-    chosen = reuse_network(run, run.out / "search" / data["chosen"])
+    chosen = run.reuse_network(run.out / "search" / data["chosen"])
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), chosen.state_dict().values()))
     assert read_json(run.out / "student" / "model.json")["search_candidate"] == data["chosen"]
     assert not (run.out / "student" / "history.jsonl").exists()  # nothing trained again
@@ -89,7 +92,7 @@ def test_full_budget_search_keeps_the_chosen_model_as_the_student(tmp_path):
     stage_baselines(run, teacher)
     assert has_network(run.out / "baselines" / "mtl_kd" / "all") and "test" not in splits
     # a changed grid does not reuse this search.json
-    del run.search_result
+    run.state.search_result = None
     run.cfg.student.distill.search.temperature = [2.0, 4.0]
     with pytest.raises(DataError, match="another grid"):
         search_distill(run, teacher)

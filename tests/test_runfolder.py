@@ -16,13 +16,21 @@ from lorkd import cli
 from lorkd.config import from_dict
 from lorkd.errors import ConfigError
 from lorkd.fileio import write_atomic, write_json
-from lorkd.pipelines.fingerprint import differences, flatten, stage_config, write_fingerprint
-from lorkd.pipelines.runfolder import check_fingerprints
+from lorkd.pipelines.core.fingerprint import differences, flatten, stage_config, write_fingerprint
+from lorkd.pipelines.core.recipe import DecompositionRecipe
+from lorkd.pipelines.core.runfolder import check_fingerprints
 from lorkd.pipelines.schema import ClassificationConfig
-from lorkd.pipelines.segmentation_schema import SegmentationConfig
+from lorkd.pipelines.schema import SegmentationConfig
 
 from test_cli import TINY
 
+
+
+def fake_run(cfg, out, names):
+    """What check_fingerprints reads of a recipe: its config, folder, task names and baseline folders."""
+    run = SimpleNamespace(cfg=cfg, out=out, names=names)
+    run.baseline_groups = lambda name: DecompositionRecipe.baseline_groups(run, name)
+    return run
 
 def cfg_file(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> Path:
     path = tmp_path / name
@@ -64,7 +72,7 @@ def test_both_recipes_refuse_a_stage_trained_with_another_config(tmp_path, recip
         new = from_dict(SegmentationConfig, {**data, "student": {"net": {"features": 4}}})
     _fake_stage(tmp_path, "student", old)
     _fake_stage(tmp_path, "teacher", old)
-    run = SimpleNamespace(cfg=new, out=tmp_path, names=["heart"])
+    run = fake_run(new, tmp_path, ["heart"])
     with pytest.raises(ConfigError) as err:
         check_fingerprints(run, reuse=False)
     msg = str(err.value)
@@ -80,7 +88,7 @@ def test_stage_without_fingerprint_counts_as_unknown(tmp_path):
     _fake_stage(tmp_path, "teacher", cfg)
     (tmp_path / "teacher" / "fingerprint.json").unlink()
     with pytest.raises(ConfigError, match="teacher.*no fingerprint.json"):
-        check_fingerprints(SimpleNamespace(cfg=cfg, out=tmp_path, names=["a"]), reuse=False)
+        check_fingerprints(fake_run(cfg, tmp_path, ["a"]), reuse=False)
 
 
 @pytest.mark.slow
@@ -110,16 +118,17 @@ def test_evaluate_with_another_config_is_refused_then_reused_and_recorded(tmp_pa
 
 
 def test_a_resumed_or_loaded_stage_says_so(tmp_path, caplog):
-    from lorkd.pipelines.runfolder import record_stage
+    from lorkd.pipelines.core.recipe import RunState
+    from lorkd.pipelines.core.runfolder import record_stage
 
-    run = SimpleNamespace(ctx=SimpleNamespace(is_main=True), stage_log=[], mismatch={})
+    run = SimpleNamespace(ctx=SimpleNamespace(is_main=True), state=RunState())
     with caplog.at_level(logging.INFO, logger="lorkd"):
         record_stage(run, "student", "resumed", tmp_path / "student")
         record_stage(run, "teacher", "loaded", tmp_path / "fm.pt")
         record_stage(run, "baselines/stl/a", "trained", tmp_path / "stl")
     assert caplog.messages == [f"student: resumed from {tmp_path / 'student' / 'checkpoints' / 'latest.pt'}",
                                f"teacher: loaded from {tmp_path / 'fm.pt'}"]
-    assert [e["status"] for e in run.stage_log] == ["resumed", "loaded", "trained"]
+    assert [e["status"] for e in run.state.stage_log] == ["resumed", "loaded", "trained"]
 
 
 @pytest.mark.parametrize("bad, fragments", [
@@ -161,7 +170,7 @@ def test_baselines_left_in_the_folder_are_checked_even_when_no_longer_configured
     _fake_stage(tmp_path, "baselines/stl/a", old)
     new = from_dict(ClassificationConfig, {**TINY, "student": {**TINY["student"], "net": {"arch": "resnet18"}}})
     with pytest.raises(ConfigError, match=r"baselines/stl/a .*student\.net\.arch: \"resnet10\" -> \"resnet18\""):
-        check_fingerprints(SimpleNamespace(cfg=new, out=tmp_path, names=["a"]), reuse=False)
+        check_fingerprints(fake_run(new, tmp_path, ["a"]), reuse=False)
 
 
 def test_segmentation_recipe_records_and_checks_its_stages(tmp_path, capsys):

@@ -27,11 +27,10 @@ from lorkd.engine.distributed import DistributedContext
 from lorkd.engine.inference import sliding_window_logits
 from lorkd.errors import ConfigError
 from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
-from lorkd.pipelines import segmentation as S
-from lorkd.pipelines.common import objective_for
+from lorkd.pipelines.recipes import segmentation as S
 from lorkd.pipelines.schema import Distill
 from lorkd.pipelines.predict import predict_masks
-from lorkd.pipelines.segmentation_schema import SegmentationConfig
+from lorkd.pipelines.schema import SegmentationConfig
 
 
 # ------------------------------------------------------------------ tiny data written by the tests
@@ -167,7 +166,7 @@ def test_real_acdc_two_volumes_through_the_recipe_data_path(tmp_path):
     cfg = from_dict(SegmentationConfig, {"data": {
         "tasks": [{"name": "acdc", "path": "acdc_sslmis_h5", "num_classes": 4}], "patch_size": [64, 64],
         "preprocess": {"scale": [1.0, 0.5, 0.5]}, "samples_per_epoch": 4, "foreground_ratio": 1.0}})
-    run = S.Run(cfg, tmp_path, DistributedContext.from_env(torch.device("cpu")))
+    run = S.SegmentationRecipe(cfg, tmp_path, DistributedContext.from_env(torch.device("cpu")))
     task = run.tasks[0]
     assert (tmp_path / "split_acdc.json").is_file()
     pats = [{r.patient_id for r in task.cases(s)} for s in ("train", "val", "test")]
@@ -203,7 +202,7 @@ def test_evaluation_of_a_perfect_predictor_gives_dice_one(tmp_path):
             h.create_dataset("image", data=lab.astype(np.float32))
     cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "t", "path": str(root)}], "patch_size": [4, 8, 8],
                                                   "preprocess": {"normalize": "none"}}})
-    run = S.Run(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
+    run = S.SegmentationRecipe(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
     result = S.evaluate_network(_Oracle(None, 3), run.test_set, run, tasks=[0], hd95=True)[0]
     assert result["dice"] == pytest.approx(1.0) and result["dice_1"] == 1.0 and result["dice_2"] == 1.0
     assert result["hd95"] == pytest.approx(0.0)
@@ -238,7 +237,7 @@ def test_evaluation_on_the_original_grid_in_mm_with_misses_counted(tmp_path):
     cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "t", "path": str(root), "num_classes": 2}],
                                                   "patch_size": [4, 8, 8], "split": [0.5, 0.25, 0.25],
                                                   "preprocess": {"normalize": "none", "scale": [1.0, 0.5, 0.5]}}})
-    run = S.Run(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
+    run = S.SegmentationRecipe(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
     image, label, _, _, meta = run.test_set[0]
     assert tuple(label.shape) == (6, 10, 10) and tuple(meta["original_shape"]) == (6, 20, 20)
     assert tuple(meta["original_spacing"]) == tuple(spacing)
@@ -272,7 +271,7 @@ def test_card_geometry_of_a_nifti_task_sliced_in_2d(tmp_path):
     (root / "dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "x"}, "training": training}))
     cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "n", "path": str(root), "format": "msd"}],
                                                   "patch_size": [8, 6], "split": [0.5, 0.25, 0.25]}})
-    run = S.Run(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
+    run = S.SegmentationRecipe(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
     card = S.expert_card(run, 0)
     assert card["orientation"] == "SPL" and card["axis_order"] == ["S", "P", "L"]
     assert card["slice_axis"] == 0 and card["slice_mode"] is True
@@ -297,10 +296,10 @@ def test_augmented_training_resumes_exactly(tmp_path):
     ctx = DistributedContext.from_env(torch.device("cpu"))
 
     def train(out: Path, resume: bool = False, stop_after: int = 0) -> dict:
-        run = S.Run(cfg, out, ctx, resume=resume, progress=False)
+        run = S.SegmentationRecipe(cfg, out, ctx, resume=resume, progress=False)
         assert run.train_set.augment is not None
         model = run.network(cfg.teacher.net, run.num_classes)
-        objective = objective_for(run, Distill(kd_weight=0.0))
+        objective = run.objective(Distill(kd_weight=0.0))
         calls = {"n": 0}
 
         def stopping(*args):

@@ -18,9 +18,9 @@ from lorkd.distill.reprogram import FeatureReprogram, InputReprogram, Reprogramm
 from lorkd.engine.distributed import DistributedContext
 from lorkd.errors import ConfigError, DataError
 from lorkd.models.backbones import backbone_spec, build_backbone
-from lorkd.pipelines.transfer import TransferRun, cap_train, load_downstream, scores
-from lorkd.pipelines.transfer_report import bootstrap_interval, item_statistic
-from lorkd.pipelines.transfer_schema import TransferConfig
+from lorkd.pipelines.recipes.transfer import TransferRun, cap_train, load_downstream, scores
+from lorkd.pipelines.recipes.transfer_report import bootstrap_interval, item_statistic
+from lorkd.pipelines.schema import TransferConfig
 
 STAGE = {"epochs": 1, "batch_size": 8}
 ALL_LABELS = {"scratch", "foundation_ft", "foundation_lp", "expert_ft:ta", "expert_ft:tb", "expert_lp:ta",
@@ -121,7 +121,7 @@ def test_every_method_end_to_end_2d(run2d, tmp_path, capsys):
 
 def feat_dim(run: Path) -> int:
     """The foundation model's feature width."""
-    from lorkd.pipelines.transfer_foundation import foundation_from_run
+    from lorkd.pipelines.recipes.transfer_foundation import foundation_from_run
 
     return foundation_from_run(run).feature_dim
 
@@ -137,11 +137,11 @@ def _run(run2d: Path, tmp_path: Path, **extra) -> TransferRun:
 def test_frozen_parts_are_bit_identical_after_training(run2d, tmp_path):
     run = _run(run2d, tmp_path, keep_checkpoints=True)
     task = run.tasks[0]
-    data = run.datasets(task, 0)
+    data = run.recipe(task, 0)
     original = {k: v.clone() for k, v in run.foundation.backbone.state_dict().items()}
-    lp, lp_model = run.train_method(task, data, "foundation_lp", None, 0, None)
-    lora, lora_model = run.train_method(task, data, "foundation_lora", None, 0, None)
-    rd, rd_model = run.train_method(task, data, "rd", None, 0, None)
+    lp, lp_model = data.train_method("foundation_lp", None, None)
+    lora, lora_model = data.train_method("foundation_lora", None, None)
+    rd, rd_model = data.train_method("rd", None, None)
 
     def same(state, reference):
         assert set(state) == set(reference)
@@ -168,12 +168,12 @@ def test_frozen_parts_are_bit_identical_after_training(run2d, tmp_path):
 def test_interrupted_method_resumes_from_its_checkpoint(run2d, tmp_path):
     run = _run(run2d, tmp_path, keep_checkpoints=True, train={"epochs": 2, "batch_size": 8})
     task = run.tasks[0]
-    first, _ = run.train_method(task, run.datasets(task, 0), "rd", None, 0, None)
+    first, _ = run.recipe(task, 0).train_method("rd", None, None)
     folder = tmp_path / "out" / "down" / "seed0" / "rd"
     (folder / "result.json").unlink()  # as if killed after its last checkpoint, before finishing
     history = (folder / "history.jsonl").read_text()
     run.resume = True
-    again, _ = run.train_method(task, run.datasets(task, 0), "rd", None, 0, None)
+    again, _ = run.recipe(task, 0).train_method("rd", None, None)
     assert (folder / "history.jsonl").read_text() == history  # no epoch trained twice
     assert again["test"] == first["test"] and again["val"] == first["val"]
 
@@ -316,12 +316,12 @@ def test_segmentation_transfer_end_to_end(tmp_path, capsys):
     rd = load_expert(out / "sdown" / "seed0" / "rd" / "model")
     assert rd.card["task_kind"] == "segmentation" and isinstance(rd.head, torch.nn.Conv3d)
     # the exported rd student reproduces the reported test Dice (sliding windows on whole volumes)
-    from lorkd.pipelines.transfer import seg_scores
+    from lorkd.pipelines.recipes.transfer import seg_scores
 
     run = TransferRun(from_dict(TransferConfig, {k: v for k, v in cfg.items() if k != "recipe"}), out,
                       DistributedContext.from_env(torch.device("cpu")), progress=False)
-    data = run.datasets(run.tasks[0], 0)
-    assert seg_scores(rd, data["test"], data["run"])["dice"] == pytest.approx(table["rd"]["test_mean"], nan_ok=True)
+    data = run.recipe(run.tasks[0], 0)
+    assert seg_scores(rd, data.test_set, data.seg)["dice"] == pytest.approx(table["rd"]["test_mean"], nan_ok=True)
     # a classification downstream task for a segmentation foundation is refused
     bad = {**cfg, "data": {"tasks": [{"name": "x", "path": str(tmp_path / "x.npz")}]}}
     (tmp_path / "b").mkdir()

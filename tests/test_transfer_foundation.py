@@ -21,9 +21,9 @@ from lorkd.config import from_dict
 from lorkd.engine.distributed import DistributedContext
 from lorkd.engine.metrics import count_parameters
 from lorkd.errors import ConfigError
-from lorkd.pipelines.transfer import TransferRun
-from lorkd.pipelines.transfer_foundation import FoundationFeatures
-from lorkd.pipelines.transfer_schema import TransferConfig
+from lorkd.pipelines.recipes.transfer import TransferRun
+from lorkd.pipelines.recipes.transfer_foundation import FoundationFeatures
+from lorkd.pipelines.schema import TransferConfig
 from test_teacher_source import FACTORY, NET_KWARGS, trained_densenet
 from test_transfer import STAGE, make_foundation_run, write_npz
 
@@ -109,11 +109,11 @@ def test_every_method_end_to_end_with_a_state_dict_foundation(parts, tmp_path):
 def test_frozen_source_foundation_is_bit_identical_after_lp_lora_rd(parts, tmp_path):
     run = make_run(parts, tmp_path / "out", keep_checkpoints=True)
     task = run.tasks[0]
-    data = run.datasets(task, 0)
+    data = run.recipe(task, 0)
     original = {k: v.clone() for k, v in trained_densenet().state_dict().items()}
-    _, lp = run.train_method(task, data, "foundation_lp", None, 0, None)
-    _, lora = run.train_method(task, data, "foundation_lora", None, 0, None)
-    _, rd = run.train_method(task, data, "rd", None, 0, None)
+    _, lp = data.train_method("foundation_lp", None, None)
+    _, lora = data.train_method("foundation_lora", None, None)
+    _, rd = data.train_method("rd", None, None)
 
     def same(state):
         assert set(state) == set(original)

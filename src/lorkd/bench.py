@@ -37,10 +37,42 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from monai.networks.nets import UNet, resnet18
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 
-from .cli import BENCH_VARIANTS as VARIANTS  # one list for the CLI and the benchmark
+from .errors import ConfigError
+from .experts import ExpertLayer, active_routing, add_experts
+from .fileio import write_json
 
+
+
+
+BENCH_MODELS, BENCH_VARIANTS, BENCH_DTYPES = ("resnet18_2d", "unet_3d"), ("plain", "lorkd", "grouped"), ("float32", "bfloat16")
+BENCH_LAYOUTS = ("auto", "lowrank", "merged")
+
+
+def bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``lorkd bench`` options (also those of ``python -m lorkd.bench``)."""
+    p.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=BENCH_MODELS)
+    p.add_argument("--tasks", nargs="+", type=int, default=[2, 10], help="tasks mixed evenly in the batch")
+    p.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16])
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per variant (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=BENCH_DTYPES, help="model and input dtype")
+    p.add_argument("--variants", nargs="+", default=list(BENCH_VARIANTS), choices=BENCH_VARIANTS,
+                   help="what to time (plain is always measured: ratios are to it); grouped is slow on CPUs")
+    p.add_argument("--layout", default="auto", choices=BENCH_LAYOUTS,
+                   help="lorkd's layout option (auto: the core picks each layer's form from tensor sizes)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--count-ops", action="store_true", help="also count the data-moving aten calls of one "
+                   "training step, plain vs lorkd at each --tasks (torch.profiler, CPU, float32)")
+    p.add_argument("--no-timing", action="store_true", help="skip the timing and memory table "
+                   "(with --count-ops: the op counts alone, which a busy machine does not change)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return p
 
 @dataclass
 class Case:
@@ -52,9 +84,7 @@ class Case:
 
 
 def build_model(name: str) -> tuple[nn.Module, int]:
-    """The benchmark networks and their spatial dims (``name`` in :data:`lorkd.cli.BENCH_MODELS`)."""
-    from monai.networks.nets import UNet, resnet18
-
+    """The benchmark networks and their spatial dims (``name`` in :data:`BENCH_MODELS`)."""
     if name == "resnet18_2d":
         return resnet18(spatial_dims=2, n_input_channels=1, num_classes=10), 2
     if name == "unet_3d":
@@ -65,8 +95,6 @@ def build_model(name: str) -> tuple[nn.Module, int]:
 
 def grouped_forward(layer, x: Tensor, output_size=None) -> Tensor:
     """The papers' layout for one ``ExpertLayer``: per-sample merged kernels, ``groups=batch``."""
-    from .experts import active_routing
-
     base, n_batch = layer.base, x.shape[0]
     per_sample = layer.task_weights()[active_routing().row_tasks(x)]  # [rows, *W.shape], input order
     if isinstance(base, nn.Linear):
@@ -115,8 +143,6 @@ def count_ops(step) -> int:
 
 def counted_ops(step) -> Counter:
     """What :func:`count_ops` counts, by aten op name."""
-    from torch.profiler import ProfilerActivity, profile
-
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
@@ -135,8 +161,6 @@ NORM = "per_task"  # what every shipped recipe uses; both students are built wit
 def build_variant(case: Case, variant: str, device: str = "cpu", dtype: str = "float32", layout: str = "auto"):
     """``(net, x, task_ids)`` for one variant (``task_ids`` None for plain); the students get
     :data:`NORM` and non-zero experts, as after training; ``layout`` is lorkd's layout option."""
-    from .experts import ExpertLayer, add_experts
-
     torch.manual_seed(0)
     model, dims = build_model(case.model)
     x = torch.randn(case.batch, 1, *([case.size] * dims), device=device, dtype=DTYPES[dtype])
@@ -286,7 +310,7 @@ def default_cases(models: list[str], tasks: list[int], ranks: list[int]) -> list
 
 
 def run(cases: list[Case], repeats: int, warmup: int, device: str, dtype: str = "float32", threads: int = 2,
-        variants: tuple[str, ...] = VARIANTS, memory: bool = True, layout: str = "auto", progress=print) -> dict:
+        variants: tuple[str, ...] = BENCH_VARIANTS, memory: bool = True, layout: str = "auto", progress=print) -> dict:
     """Measure every case: interleaved timing (:func:`measure_time`), then, with ``memory``,
     each variant's peak memory in a fresh process. Returns ``{"machine", "rows"}``."""
     torch.set_num_threads(threads)
@@ -364,16 +388,12 @@ def format_row(r: dict) -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run the benchmark for the options parsed by :func:`lorkd.cli.bench_arguments`."""
+    """Run the benchmark for the options parsed by :func:`bench_arguments`."""
     if args.device == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
         raise ConfigError("--device cuda: no CUDA device is available to torch here")
     if args.no_timing and not args.count_ops:
-        from .errors import ConfigError
-
         raise ConfigError("--no-timing without --count-ops measures nothing")
-    variants = tuple(v for v in VARIANTS if v == "plain" or v in args.variants)
+    variants = tuple(v for v in BENCH_VARIANTS if v == "plain" or v in args.variants)
     cases = default_cases(args.models, args.tasks, args.ranks)
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads, args.device)
@@ -395,8 +415,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(count_header(args.tasks))
         report["op_counts"] = count_table(cases, args.layout)
     if args.out:
-        from .fileio import write_json
-
         write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
@@ -404,8 +422,6 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m lorkd.bench [options]``: the same options as ``lorkd bench``."""
-    from .cli import bench_arguments
-
     parser = argparse.ArgumentParser(prog="lorkd bench", description=__doc__.split("\n")[0])
     return run_from_args(bench_arguments(parser).parse_args(argv))
 

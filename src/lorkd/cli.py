@@ -17,11 +17,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import LorkdError
+from . import bench
+from .config import apply_overrides, from_dict, load_yaml, to_dict
+from .engine.checkpoint import RUN_MARKER, prepare_run_dir
+from .engine.distributed import DistributedContext
+from .errors import ConfigError, LorkdError
+from .factories import trusted_code
+from .pipelines.core.runtime import resolve_device
+from .pipelines.predict import predict_files
+from .pipelines.recipes import describe, run_stages
+from .pipelines.recipes.transfer import run_transfer
+from .pipelines.schema import CONFIGS, ClassificationConfig
+from .pipelines.schema.presets import demo_config
+from .report import load_histories, write_aggregate_report, write_report
+from .report.markdown import headline_text
 
 log = logging.getLogger("lorkd")
 
@@ -99,36 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_arguments(p)
     p.set_defaults(func=cmd_transfer)
     p = sub.add_parser("bench", help="speed and memory of lorkd vs plain vs grouped convolution")
-    bench_arguments(p)
-    p.set_defaults(func=lambda a: __import__("lorkd.bench", fromlist=["run_from_args"]).run_from_args(a))
+    bench.bench_arguments(p)
+    p.set_defaults(func=bench.run_from_args)
     return parser
-
-
-BENCH_MODELS, BENCH_VARIANTS, BENCH_DTYPES = ("resnet18_2d", "unet_3d"), ("plain", "lorkd", "grouped"), ("float32", "bfloat16")
-BENCH_LAYOUTS = ("auto", "lowrank", "merged")
-
-
-def bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``lorkd bench`` options (also those of ``python -m lorkd.bench``)."""
-    p.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=BENCH_MODELS)
-    p.add_argument("--tasks", nargs="+", type=int, default=[2, 10], help="tasks mixed evenly in the batch")
-    p.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16])
-    p.add_argument("--repeats", type=int, default=10, help="timed steps per variant (median)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=BENCH_DTYPES, help="model and input dtype")
-    p.add_argument("--variants", nargs="+", default=list(BENCH_VARIANTS), choices=BENCH_VARIANTS,
-                   help="what to time (plain is always measured: ratios are to it); grouped is slow on CPUs")
-    p.add_argument("--layout", default="auto", choices=BENCH_LAYOUTS,
-                   help="lorkd's layout option (auto: the core picks each layer's form from tensor sizes)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--count-ops", action="store_true", help="also count the data-moving aten calls of one "
-                   "training step, plain vs lorkd at each --tasks (torch.profiler, CPU, float32)")
-    p.add_argument("--no-timing", action="store_true", help="skip the timing and memory table "
-                   "(with --count-ops: the op counts alone, which a busy machine does not change)")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    return p
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
@@ -150,24 +137,11 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 def load_recipe(path: Path, overrides: list[str], default: str = "classification") -> Any:
     """Read, override and validate a recipe; the ``recipe`` key (else ``default``) picks classification,
     segmentation or transfer."""
-    from .config import apply_overrides, from_dict, load_yaml
-    from .errors import ConfigError
-
     data = apply_overrides(load_yaml(path), overrides)
     recipe = data.pop("recipe", default)
     try:
-        if recipe == "classification":
-            from .pipelines.schema import ClassificationConfig
-
-            return from_dict(ClassificationConfig, data)
-        if recipe == "segmentation":
-            from .pipelines.segmentation_schema import SegmentationConfig
-
-            return from_dict(SegmentationConfig, data)
-        if recipe == "transfer":
-            from .pipelines.transfer_schema import TransferConfig
-
-            return from_dict(TransferConfig, data)
+        if recipe in CONFIGS:
+            return from_dict(CONFIGS[recipe], data)
         raise ConfigError(f"recipe: {recipe!r} is not one of 'classification', 'segmentation', 'transfer'")
     except ConfigError as err:  # every config error names the YAML file
         raise ConfigError(f"{path}: {err}") from err
@@ -175,9 +149,7 @@ def load_recipe(path: Path, overrides: list[str], default: str = "classification
 
 def cmd_stages(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.config, args.overrides)
-    if getattr(cfg, "RECIPE", None) == "transfer":
-        from .errors import ConfigError
-
+    if cfg.RECIPE == "transfer":
         raise ConfigError(f"{args.config} is a transfer config (recipe: transfer); run it with `lorkd transfer`")
     if args.trust_code:
         cfg.trust_code = True
@@ -193,12 +165,6 @@ def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = 
     A first command (``run``, ``pretrain``) that started on an empty folder (new, or emptied by
     ``--overwrite``) and fails before any training state exists (bad data, a typo in ``arch``)
     empties the folder again, so the corrected rerun is not refused as "another run's output"."""
-    from .config import to_dict
-    from .engine.checkpoint import RUN_MARKER, prepare_run_dir
-    from .engine.distributed import DistributedContext
-    from .errors import ConfigError
-    from .pipelines.common import resolve_device
-
     ctx = DistributedContext.from_env(resolve_device(cfg.device))
     fresh = False
     try:
@@ -209,22 +175,16 @@ def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = 
             ctx.barrier()
         elif not (out / RUN_MARKER).is_file() and not (out / "config.yaml").is_file():
             raise ConfigError(f"{out}: not a lorkd run folder; start it with `lorkd run` or `lorkd pretrain`")
-        pipeline = _pipeline(cfg)
-        stages = stages or pipeline.STAGES
         try:
-            metrics = pipeline.run_stages(cfg, out, ctx, stages, resume=resume, progress=progress, reuse=reuse)
+            metrics = run_stages(cfg, out, ctx, stages, resume=resume, progress=progress, reuse=reuse)
         except Exception:
             if fresh and ctx.is_main:
                 _clear_failed_start(out)
             raise
         if metrics is not None and ctx.is_main:
-            from .report import load_histories, write_report
-
             report = write_report(out, metrics, metrics.get("config", to_dict(cfg)), load_histories(out))
             print(summary_table(metrics))
             if headline:
-                from .report.markdown import headline_text
-
                 print(headline_text(metrics))
             print(f"report: {report}")
     finally:
@@ -235,10 +195,6 @@ def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = 
 def _clear_failed_start(out: Path) -> None:
     """Remove what a failed first command wrote into ``out`` (config.yaml, splits, fingerprints,
     timing), unless some training state (a checkpoint or a saved network) exists."""
-    import shutil
-
-    from .engine.checkpoint import RUN_MARKER
-
     if any(out.rglob("*.pt")) or any(out.rglob("*.safetensors")):
         return
     for entry in out.iterdir():
@@ -248,18 +204,6 @@ def _clear_failed_start(out: Path) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
-
-
-def _pipeline(cfg: Any):
-    from .pipelines.schema import ClassificationConfig
-
-    if isinstance(cfg, ClassificationConfig):
-        from .pipelines import classification
-
-        return classification
-    from .pipelines import segmentation
-
-    return segmentation
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
@@ -279,11 +223,6 @@ def _model_order(name: str) -> tuple[int, str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .config import apply_overrides, from_dict
-    from .errors import ConfigError
-    from .pipelines.presets import demo_config
-    from .pipelines.schema import ClassificationConfig
-
     try:
         cfg = from_dict(ClassificationConfig, apply_overrides(demo_config(args.seed), args.overrides))
     except ConfigError as err:
@@ -293,9 +232,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .factories import trusted_code
-    from .pipelines.predict import predict_files
-
     with trusted_code(args.trust_code):
         predict_files(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
                       device=args.device, bits=args.bits)
@@ -303,29 +239,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from .pipelines.adapt import describe_teacher
-
-    print(describe_teacher(load_recipe(args.config, args.overrides)))
+    cfg = load_recipe(args.config, args.overrides)
+    if cfg.RECIPE == "transfer":
+        raise ConfigError(f"{args.config} is a transfer config; `lorkd teacher` describes a decomposition run's teacher")
+    print(describe(cfg))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_aggregate_report
-
     path = write_aggregate_report(args.runs, args.out, allow_different=args.allow_different)
     print(Path(path).read_text())
     return 0
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from .engine.checkpoint import prepare_run_dir
-    from .engine.distributed import DistributedContext
-    from .errors import ConfigError
-    from .pipelines.common import resolve_device
-    from .pipelines.transfer import run_transfer
-
-    from .config import apply_overrides, load_yaml
-
     recipe = apply_overrides(load_yaml(args.config), list(args.overrides)).get("recipe", "transfer")
     if recipe != "transfer":
         raise ConfigError(f"{args.config}: recipe {recipe!r}; `lorkd transfer` takes a transfer config "

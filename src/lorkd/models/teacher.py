@@ -5,7 +5,7 @@ like their own multi-task teacher: ``forward(x, task_ids) -> TaskOutput``. Each 
 either from an output the model already has (``heads={task: index | [start, stop] | layer name}``)
 or from a task head (``nn.Linear`` for classification, a 1x1 ``ConvNd`` for segmentation) on the
 features (the output of layer ``features``, or the model's output when ``features`` is ``None``),
-fitted by the adapt stage (:mod:`lorkd.pipelines.adapt`).
+fitted by the adapt stage (:mod:`lorkd.pipelines.stages.adapt`).
 
 Teacher layer names (``features``, ``heads``, and the teacher side of feature distillation) are
 names inside the user's module, as ``feature_root.named_modules()`` gives them (and as ``lorkd

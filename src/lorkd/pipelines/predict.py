@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from ..experts import load_expert
+from ..experts import load_expert, read_card
 from ..experts.io import EXPERT_CARD
+from .core.runtime import resolve_device
 
 log = logging.getLogger("lorkd")
 
@@ -265,8 +266,6 @@ def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test
     Raises:
         DataError: a missing, unreadable or unsupported input (names it).
     """
-    from ..experts import read_card
-
     if read_card(expert_dir).get("task_kind") == "segmentation":
         return predict_masks(expert_dir, inputs, output, device=device)
     if batch_size < 1:
@@ -307,8 +306,6 @@ def _load(folder: Path) -> torch.nn.Module:
         DataError: its card has no ``architecture`` to build it from (names the card), or what
             :func:`lorkd.load_expert` raises.
     """
-    from ..experts import read_card
-
     if not read_card(folder).get("architecture"):
         raise DataError(f"{Path(folder) / EXPERT_CARD}: no 'architecture' to build the model from; save the expert "
                         "with lorkd.save_expert(model, folder, architecture={'factory': ..., 'kwargs': {...}})")
@@ -348,8 +345,6 @@ def _device(name: str) -> torch.device:
 
     Raises:
         DataError: an unknown device name, or CUDA asked for where it is not available."""
-    from .common import resolve_device
-
     try:
         dev = resolve_device(name)
     except RuntimeError as err:

@@ -1,6 +1,6 @@
 """The segmentation recipe's configuration tree (``recipe: segmentation`` in the YAML).
 
-It reuses the classification recipe's pieces (:class:`Stage`, :class:`Distill`,
+It reuses the shared sections (:mod:`.sections`) (:class:`Stage`, :class:`Distill`,
 :class:`Experts`, :class:`Baselines`, :class:`Export`, the teacher/student sections) and
 replaces only what differs: the data (volume/image folders, patches, preprocessing), the
 network (a MONAI segmentation body) and evaluation (sliding-window inference, Dice, HD95).
@@ -12,10 +12,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..config import check
-from ..data.augment import Augment
-from ..engine.trainer import OptimConfig as Optim
-from .schema import Baselines, Distill, Experts, Export, Logging, Stage, StudentSection, TeacherAdapt, TeacherSection
+from ...config import check
+from ...data.augment import Augment
+from ...data.segmentation import Preprocess
+from ...engine.trainer import OptimConfig as Optim
+from .sections import Baselines, Distill, Experts, Export, Logging, Stage, StudentSection, TeacherAdapt, TeacherSection
 
 __all__ = ["AugmentConfig", "PreprocessConfig", "SegEvaluate", "SegNet", "SegStudentSection", "SegTaskFile", "SegTeacherSection",
            "SegmentationConfig", "SegmentationData"]
@@ -37,9 +38,7 @@ class PreprocessConfig:
         scale = self.scale if isinstance(self.scale, list) else [self.scale] if self.scale is not None else []
         check(all(s > 0 for s in scale), f"{path}.scale", f"must be > 0, got {self.scale}")
 
-    def build(self):
-        from ..data.segmentation import Preprocess
-
+    def build(self) -> Preprocess:
         def tup(v):
             return tuple(v) if isinstance(v, list) else v
 

@@ -1,7 +1,7 @@
 """The teacher of a run built from ``teacher.source``, and the adapt stage that fits it to the tasks.
 
 Both recipes call :func:`load_source_teacher` from their teacher stage
-(:func:`lorkd.pipelines.common.stage_teacher`). A loaded foundation model becomes a
+(:func:`lorkd.pipelines.stages.teacher.stage_teacher`). A loaded foundation model becomes a
 :class:`~lorkd.models.teacher.Foundation`; tasks without an output of their own (``teacher.heads``)
 get a head on ``teacher.features``, fitted by the **adapt** stage (``teacher.adapt.mode``):
 ``heads`` trains the task heads on the frozen model (a linear probe: its weights stay
@@ -13,29 +13,31 @@ and for how long (``teacher_info``), which the report states.
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..config import from_dict, to_dict
-from ..errors import ConfigError
-from ..fileio import read_json
-from ..experts import build_architecture
-from ..models.foundation import load_foundation
-from ..models.teacher import Foundation, InputAdapter, first_conv_channels
-from .schema import Distill
+from ...config import from_dict, to_dict
+from ...data.multitask import TaskBatch, collate_task_batch
+from ...engine.metrics import count_parameters
+from ...errors import ConfigError
+from ...experts import build_architecture
+from ...fileio import read_json
+from ...models.foundation import load_foundation
+from ...models.teacher import Foundation, InputAdapter, first_conv_channels
+from ..core.fingerprint import write_fingerprint
+from ..core.netio import has_network, save_network
+from ..core.recipe import DecompositionRecipe
+from ..core.runfolder import record_stage, start_training
+from ..core.runtime import timed
+from ..schema import Distill, TeacherSection, TeacherSource
 
-__all__ = ["build_foundation", "describe_teacher", "load_source_teacher", "sample_batch", "teacher_description"]
+__all__ = ["build_foundation", "load_source_teacher", "sample_batch", "teacher_description"]
 
 
-def sample_batch(run: Any, per_task: int = 2):
+def sample_batch(run: DecompositionRecipe, per_task: int = 2) -> TaskBatch:
     """A :class:`~lorkd.data.multitask.TaskBatch` of the first ``per_task`` training samples of each task."""
-    from ..data.multitask import collate_task_batch
-
     items, start = [], 0
     for size in run.train_set.task_sizes:
         items += [run.train_set[start + j] for j in range(min(per_task, size))]
@@ -43,7 +45,7 @@ def sample_batch(run: Any, per_task: int = 2):
     return collate_task_batch(items)
 
 
-def task_heads(tcfg: Any, names: list[str]) -> dict[int, Any]:
+def task_heads(tcfg: TeacherSection, names: list[str]) -> dict[int, Any]:
     """``teacher.heads`` by task id.
 
     Raises:
@@ -55,7 +57,7 @@ def task_heads(tcfg: Any, names: list[str]) -> dict[int, Any]:
     return {names.index(name): spec for name, spec in tcfg.heads.items()}
 
 
-def build_foundation(run: Any, tcfg: Any = None) -> Foundation:
+def build_foundation(run: DecompositionRecipe, tcfg: TeacherSection | None = None) -> Foundation:
     """The run's teacher from ``tcfg`` (default ``run.cfg.teacher``), loaded and wrapped, not adapted.
 
     Raises:
@@ -82,10 +84,10 @@ def build_foundation(run: Any, tcfg: Any = None) -> Foundation:
         adapter = InputAdapter(batch.images.ndim - 2, inp.size, inp.channels, in_channels or first_conv_channels(module),
                                inp.mean, inp.std, getattr(data, "mean", None), getattr(data, "std", None))
     return Foundation(module, run.num_classes, batch.images, heads=task_heads(tcfg, run.names), features=tcfg.features,
-                      dense=run.cfg.RECIPE == "segmentation", input_adapter=adapter, task_names=run.names)
+                      dense=run.dense, input_adapter=adapter, task_names=run.names)
 
 
-def adapt_mode(tcfg: Any, model: Foundation, names: list[str]) -> str:
+def adapt_mode(tcfg: TeacherSection, model: Foundation, names: list[str]) -> str:
     """``teacher.adapt.mode``, its default resolved.
 
     Raises:
@@ -103,13 +105,13 @@ def adapt_mode(tcfg: Any, model: Foundation, names: list[str]) -> str:
     return mode
 
 
-def source_text(src: Any) -> str:
+def source_text(src: TeacherSource) -> str:
     """One line naming a ``teacher.source``."""
     extra = src.factory or src.name or ("teacher.net" if src.kind == "state_dict" else "")
     return f"{src.kind} {src.path}" + (f" ({extra})" if extra else "")
 
 
-def _distilled(tcfg: Any, model: Foundation, names: list[str]) -> dict[str, str]:
+def _distilled(tcfg: TeacherSection, model: Foundation, names: list[str]) -> dict[str, str]:
     layer = f"layer {tcfg.features!r}" if tcfg.features else "the model's output"
     return {names[t]: (f"its output {model.mapped[t]!r}" if t in model.mapped else f"a fitted head on {layer}")
             for t in range(len(names))}
@@ -133,29 +135,24 @@ def teacher_description(info: dict[str, Any]) -> str:
     return f"foundation model loaded from {src.get('text', src.get('path'))}; {adapted}; logits per task: {per_task}"
 
 
-def load_source_teacher(run: Any, folder: Path) -> nn.Module:
+def load_source_teacher(run: DecompositionRecipe, folder: Path) -> nn.Module:
     """The teacher of a run with ``teacher.source``: a lorkd folder reused, or a loaded foundation
-    model adapted to the tasks (writes ``folder``). Sets ``run.teacher_info``."""
-    from ..engine.metrics import count_parameters
-    from .common import has_network, objective_for, reuse_network, save_network, timed
-    from .fingerprint import write_fingerprint
-    from .runfolder import record_stage, start_training
-
+    model adapted to the tasks (writes ``folder``). Sets ``run.state.teacher_info``."""
     tcfg = run.cfg.teacher
     if tcfg.source.kind == "lorkd":
         source = Path(tcfg.source.path).expanduser()
         if not has_network(source):
             raise ConfigError(f"teacher.source.path: {source} is not a lorkd teacher folder (no model.safetensors "
                               "+ model.json there)")
-        model = reuse_network(run, source, build=lambda meta: build_from_meta(run, meta))
+        model = run.reuse_network(source, build=lambda meta: build_from_meta(run, meta))
         record_stage(run, "teacher", "loaded", source)
-        run.teacher_info = {"source": {"kind": "lorkd", "path": str(source)},
+        run.state.teacher_info = {"source": {"kind": "lorkd", "path": str(source)},
                             "reused": read_json(source / "model.json").get("teacher_info")}
         return model
     if has_network(folder):  # this run's adapted teacher, finished earlier
-        model = reuse_network(run, folder, build=lambda meta: build_from_meta(run, meta))
+        model = run.reuse_network(folder, build=lambda meta: build_from_meta(run, meta))
         record_stage(run, "teacher", "reused", folder)
-        run.teacher_info = read_json(folder / "model.json").get("teacher_info") or {}
+        run.state.teacher_info = read_json(folder / "model.json").get("teacher_info") or {}
         return model
     model = build_foundation(run)
     mode = adapt_mode(tcfg, model, run.names)
@@ -169,15 +166,15 @@ def load_source_teacher(run: Any, folder: Path) -> nn.Module:
         timing: dict[str, float] = {}
         with timed(timing, "adapt"):
             model.freeze_backbone(mode == "heads")
-            model = run.fit(model, tcfg.adapt, folder, objective_for(run, Distill(kd_weight=0.0)))
+            model = run.fit(model, tcfg.adapt, folder, run.objective(Distill(kd_weight=0.0)))
         seconds = timing["adapt"]
-        run.timing["teacher"] = run.timing.get("teacher", 0.0) + seconds
+        run.state.timing["teacher"] = run.state.timing.get("teacher", 0.0) + seconds
     model.freeze_backbone(True)
     info = {"source": {"kind": tcfg.source.kind, "path": tcfg.source.path, "text": source_text(tcfg.source)},
             "parameters": count_parameters(model.feature_root), "distilled": _distilled(tcfg, model, run.names),
             "adapt": {"mode": mode, "epochs": tcfg.adapt.epochs if mode != "none" else 0, "seconds": seconds}}
     info["description"] = teacher_description(info)
-    run.teacher_info = info
+    run.state.teacher_info = info
     if run.ctx.is_main:
         meta = {"kind": "teacher", "tasks": list(run.names), "num_classes": list(run.num_classes),
                 "foundation": to_dict(tcfg), "teacher_info": info}
@@ -185,7 +182,7 @@ def load_source_teacher(run: Any, folder: Path) -> nn.Module:
     return model.to(run.ctx.device)
 
 
-def build_from_meta(run: Any, meta: dict[str, Any]) -> nn.Module:
+def build_from_meta(run: DecompositionRecipe, meta: dict[str, Any]) -> nn.Module:
     """Rebuild a saved teacher: a loaded foundation model (``meta["foundation"]``: the teacher
     section it was made with; the source must still be there) or the recipe's own network."""
     if "foundation" not in meta:
@@ -193,78 +190,3 @@ def build_from_meta(run: Any, meta: dict[str, Any]) -> nn.Module:
     tcfg = from_dict(type(run.cfg.teacher), meta["foundation"], "teacher")
     model = build_foundation(run, tcfg)
     return model.freeze_backbone(True)
-
-
-# ---------------------------------------------------------------------------------------- lorkd teacher
-def describe_teacher(cfg: Any) -> str:
-    """What ``lorkd teacher CONFIG`` prints: the source, parameter counts, the layers usable as
-    ``teacher.features`` (with their output shapes) and the output shapes per task for a sample
-    batch of the run's data. Loads the data and the teacher; trains nothing.
-
-    Raises:
-        ConfigError / DataError: as the run's teacher stage would, before any training.
-    """
-    from ..engine.distributed import DistributedContext
-    from ..engine.metrics import count_parameters
-    from ..models.taps import layer_names
-
-    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    with tempfile.TemporaryDirectory() as tmp:
-        if cfg.RECIPE == "segmentation":
-            from .segmentation import Run
-        else:
-            from .classification import Run
-        run = Run(replace(cfg, device="cpu"), Path(tmp), ctx, progress=False)
-        tcfg = cfg.teacher
-        lines = []
-        if tcfg.source is None:
-            model: nn.Module = run.network(tcfg.net, run.num_classes)
-            lines.append(f"source: none: `lorkd run` trains teacher.net ({tcfg.net.arch}) on all tasks "
-                         f"({tcfg.train.epochs} epochs); shown untrained")
-        elif tcfg.source.kind == "lorkd":
-            from .common import reuse_network
-
-            model = reuse_network(run, Path(tcfg.source.path).expanduser(), build=lambda m: build_from_meta(run, m))
-            lines.append(f"source: {source_text(tcfg.source)}")
-        else:
-            model = build_foundation(run)
-            mode = adapt_mode(tcfg, model, run.names)
-            lines.append(f"source: {source_text(tcfg.source)}")
-            lines.append(f"adapt: {mode}" + (f" ({tcfg.adapt.epochs} epochs)" if mode != "none" else ""))
-        root = getattr(model, "feature_root", model)
-        batch = sample_batch(run)
-        shapes: dict[str, tuple[str, list[int]]] = {}
-        script = isinstance(root, torch.jit.ScriptModule)  # hooks cannot reach layers inside a script
-        handles = [] if script else [m.register_forward_hook(_shape_keeper(shapes, n, type(m).__name__))
-                                     for n, m in root.named_modules() if n]
-        model.eval()
-        with torch.no_grad():
-            out = model(batch.images, batch.task_ids)
-        for h in handles:
-            h.remove()
-        lines.append(f"parameters: {count_parameters(root):,} in the teacher's layers, {count_parameters(model):,} "
-                     "with the task heads")
-        lines.append(f"sample batch: {list(batch.images.shape)} (the run's input)")
-        lines.append(f"features: {tcfg.features or 'the output'} -> {list(out.features.shape)}")
-        lines.append("outputs per task:")
-        for t, name in enumerate(run.names):
-            how = "its output " + repr(model.mapped[t]) if isinstance(model, Foundation) and t in model.mapped else "head"
-            lines.append(f"  {name} ({run.num_classes[t]} classes): {how} -> logits {list(out.logits[t].shape)}")
-        if script:
-            lines.append("layers: none usable (a TorchScript model offers only its outputs: teacher.features and "
-                         "feature distillation need its output, hooks cannot reach layers inside a script)")
-            return "\n".join(lines)
-        lines.append("layers (names usable as teacher.features and as teacher layers of feature distillation):")
-        for name in layer_names(root):
-            kind, shape = shapes.get(name, (None, None))
-            lines.append(f"  {name}  {kind or ''}  {shape if shape is not None else '(did not run or no tensor)'}")
-    return "\n".join(lines)
-
-
-def _shape_keeper(shapes: dict, name: str, kind: str):
-    def hook(_m, _i, output):
-        tensor = output if isinstance(output, torch.Tensor) else next(
-            (o for o in output if isinstance(o, torch.Tensor)), None) if isinstance(output, (tuple, list)) else None
-        shapes[name] = (kind, list(tensor.shape) if tensor is not None else None)
-    return hook
-

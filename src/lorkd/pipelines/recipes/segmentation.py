@@ -1,7 +1,6 @@
-"""The segmentation recipe: teacher -> decompose -> baselines -> export -> evaluate -> report.
+"""The segmentation recipe on the protocol of :class:`~lorkd.pipelines.core.recipe.DecompositionRecipe`.
 
-The same stages as the classification recipe (:mod:`lorkd.pipelines.common` holds them): only
-the data (random patches for training, whole preprocessed volumes for validation and test), the
+The same stages as the classification recipe (:mod:`lorkd.pipelines.stages`): only the data (random patches for training, whole preprocessed volumes for validation and test), the
 network (:class:`~lorkd.models.segmenter.MultiTaskSegmenter`), the task loss (Dice + CE) and the
 evaluation (sliding-window inference, Dice and HD95 per class) are this module's own.
 
@@ -29,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.paths import locate
-from ..data.segmentation import (
+from ...data.paths import locate
+from ...data.segmentation import (
     PatchDataset,
     SegmentationTaskData,
     VolumeCache,
@@ -38,24 +37,20 @@ from ..data.segmentation import (
     load_segmentation_task,
     resample,
 )
-from ..data.volumes import CANONICAL_ORIENTATION, probe_spacing
-from ..distill import dice_ce_loss
-from ..engine import metrics as M
-from ..engine.distributed import DistributedContext
-from ..engine.inference import sliding_window_logits
-from ..errors import ConfigError, DataError
-from ..experts import load_expert, save_expert
-from ..models.multitask import MultiTaskNet
-from ..models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
-from ..report.stats import run_statistics, save_predictions
-from .common import baseline_parameters, drive, fit_stage
-from .schema import Stage
-from .segmentation_schema import SegmentationConfig
+from ...data.volumes import CANONICAL_ORIENTATION, probe_spacing
+from ...distill import dice_ce_loss
+from ...engine import metrics as M
+from ...engine.distributed import DistributedContext
+from ...engine.inference import sliding_window_logits
+from ...errors import ConfigError, DataError
+from ...experts import load_expert
+from ...models.multitask import MultiTaskNet
+from ...models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
+from ..core.recipe import DecompositionRecipe
+from ..schema import SegmentationConfig
+from ..schema.segmentation import SegNet
 
 log = logging.getLogger("lorkd")
-
-STAGES = ("teacher", "student", "baselines", "export", "evaluate")
-
 
 # ---------------------------------------------------------------------------------------- data
 def load_tasks(cfg: SegmentationConfig, out: Path | None = None, write: bool = True) -> list[SegmentationTaskData]:
@@ -98,17 +93,31 @@ def data_summary(tasks: list[SegmentationTaskData]) -> list[dict[str, Any]]:
             for t in tasks]
 
 
-# ---------------------------------------------------------------------------------------- run
-class Run:
-    """Shared state of one run: config, tasks, datasets, device, output folder, and the hooks the
-    shared stages of :mod:`lorkd.pipelines.common` call."""
+# ---------------------------------------------------------------------------------------- recipe
+class SegmentationRecipe(DecompositionRecipe):
+    """One segmentation run: config, tasks (split by patient), datasets, device, output folder."""
 
+    kind = "segmentation"
+    select_metric = "dice"
+    val_keys = ("dice",)
+    size_key = "data.patch_size"
+    dense = True
+    count_unit = "cases"
     task_loss = staticmethod(dice_ce_loss)
-    select_metric = "dice"  # the key of val_metrics that selects models
+    model_descriptions = {
+        "teacher": "foundation segmentation network trained on all tasks (shared body, one 1x1 conv head per task)",
+        "student": "LoRKD student: small segmentation body + one low-rank expert per task, routed by task id",
+        "expert": "the exported plain expert of the task (student with its expert merged, + its head)",
+        "stl": "student network trained on the task alone",
+        "stl_kd": "student network trained on the task alone, with the teacher's distillation",
+        "mtl": "student network, shared body, one head per task, no experts",
+        "mtl_kd": "MTL with the teacher's distillation",
+        "student_nokd": "LoRKD student without distillation (kd_weight = feat_weight = 0, no feature pairs)",
+    }
 
     def __init__(self, cfg: SegmentationConfig, out: Path, ctx: DistributedContext, resume: bool = False,
                  progress: bool = True) -> None:
-        self.cfg, self.out, self.ctx, self.resume, self.progress = cfg, Path(out), ctx, resume, progress
+        super().__init__(cfg, out, ctx, resume, progress)
         self.tasks = load_tasks(cfg, self.out, write=ctx.is_main)
         self.names = [t.name for t in self.tasks]
         self.num_classes = [t.num_classes for t in self.tasks]
@@ -124,9 +133,8 @@ class Run:
         self.roi = tuple(cfg.evaluate.roi_size or self.patch)
         self.cache = VolumeCache()
         self.train_set = self.patches(None)
-        self.val_set = self.dataset("val")
-        self.test_set = self.dataset("test")
-        self.timing: dict[str, float] = {}
+        self.val_set = self.volumes("val")
+        self.test_set = self.volumes("test")
 
     # ---- data
     def patches(self, tasks: list[int] | None) -> PatchDataset:
@@ -139,18 +147,29 @@ class Run:
                             [self._pre[t] for t in ids], in_channels=self.channels, channel_fill=d.channel_fill,
                             seed=self.cfg.seed, cache=self.cache, task_blocks=True, augment=d.augment.build())
 
-    def dataset(self, split: str, tasks: list[int] | None = None) -> VolumeDataset:
+    def volumes(self, split: str, tasks: list[int] | None = None) -> VolumeDataset:
         """Whole preprocessed volumes of ``split``; of ``tasks`` only if given (task ids then index that list)."""
         ids = list(range(len(self.tasks))) if tasks is None else list(tasks)
         return VolumeDataset([self.tasks[t] for t in ids], split, [self._pre[t] for t in ids],
                              in_channels=self.channels, channel_fill=self.cfg.data.channel_fill, cache=self.cache)
 
-    # ---- hooks of the shared stages
-    def spec(self, net) -> dict[str, Any]:
+    def train_data(self, tasks: list[int] | None = None) -> PatchDataset:
+        return self.train_set if tasks is None else self.patches(tasks)
+
+    def dataset(self, split: str, tasks: list[int] | None = None) -> VolumeDataset:
+        if tasks is None:
+            return {"val": self.val_set, "test": self.test_set}[split]
+        return self.volumes(split, tasks)
+
+    def task_counts(self, t: int) -> dict[str, int]:
+        return {s: len(self.tasks[t].splits.get(s, [])) for s in ("train", "val", "test")}
+
+    # ---- networks
+    def spec(self, net: SegNet) -> dict[str, Any]:
         return segmentation_backbone_spec(net.arch, self.spatial_dims, self.channels, net.channels, net.features,
                                           net.norm, net.num_res_units, net.kwargs)
 
-    def network(self, net, num_classes: list[int], experts: dict[str, Any] | None = None) -> MultiTaskSegmenter:
+    def network(self, net: SegNet, num_classes: list[int], experts: dict[str, Any] | None = None) -> MultiTaskSegmenter:
         torch.manual_seed(self.cfg.seed)
         return MultiTaskSegmenter(self.spec(net), num_classes, experts)
 
@@ -164,26 +183,50 @@ class Run:
                 "num_classes": model.num_classes, "tasks": [self.names[t] for t in tasks], "channels": self.channels,
                 "patch_size": list(self.patch), **extra}
 
-    def fit(self, model: nn.Module, stage: Stage, folder: Path, objective, task_subset: list[int] | None = None,
-            extra: nn.Module | None = None, train_set: Any = None) -> nn.Module:
-        """Train on ``train_set`` (default: random patches, of ``task_subset`` only if given); select
-        on validation Dice."""
-        ids = list(range(len(self.tasks))) if task_subset is None else list(task_subset)
-        train = train_set if train_set is not None else self.train_set if task_subset is None else self.patches(task_subset)
-        return fit_stage(model, objective, train, stage, folder, self.ctx, seed=self.cfg.seed,
-                         num_workers=self.cfg.num_workers, progress=self.progress, resume=self.resume,
-                         evaluate=lambda m: self.val_metrics(m, task_subset), select_metric=self.select_metric,
-                         task_names=[self.names[t] for t in ids], sampler_mode=self.cfg.data.sampler, extra=extra,
-                         tensorboard=self.cfg.logging.tensorboard)
+    def larger_input(self, spatial: tuple[int, ...], factor: int) -> tuple[tuple[int, ...], Any]:
+        bigger = tuple(int(math.ceil(s * factor / 16) * 16) for s in spatial)
+        return bigger, list(bigger)
 
-    def val_metrics(self, model: nn.Module, tasks: list[int] | None = None) -> dict[str, float]:
-        """Mean foreground Dice on whole validation volumes, over ``tasks`` (key ``dice``) and per task."""
-        data = self.val_set if tasks is None else self.dataset("val", tasks)
-        per_task = evaluate_network(model, data, self, hd95=False)
-        names = self.names if tasks is None else [self.names[t] for t in tasks]
-        out = {"dice": _nanmean([m["dice"] for m in per_task.values()])}
-        out.update({f"dice_{names[t]}": m["dice"] for t, m in per_task.items()})
-        return out
+    # ---- scoring
+    @staticmethod
+    def average(values: list[float]) -> float:
+        """The mean over the tasks, NaN (a task without any foreground) left out."""
+        return _nanmean(values)
+
+    def score(self, model: nn.Module, data: VolumeDataset, tasks: list[int] | None = None,
+              keep: dict[int, dict[str, np.ndarray]] | None = None, final: bool = False) -> dict[int, dict[str, float]]:
+        """Dice per task on whole volumes (:func:`evaluate_network`); ``final``: also HD95 when
+        ``evaluate.hd95``."""
+        return evaluate_network(model, data, self, tasks, hd95=final and self.cfg.evaluate.hd95, keep=keep)
+
+    # ---- export and evaluation
+    def expert_card(self, t: int) -> dict[str, Any]:
+        return expert_card(self, t)
+
+    def export_input_shape(self, t: int) -> tuple[int, ...]:
+        return (self.channels, *self.patch)
+
+    def summary(self, teacher: nn.Module, student: nn.Module, results: dict[str, Any]) -> dict[str, Any]:
+        """Dice (+ HD95) tables, sizes, FLOPs and latency per patch, the data and notes."""
+        example = torch.zeros(1, self.channels, *self.patch)
+        teacher_plain = teacher.export_task(0)[0].cpu().eval()
+        expert_plain = load_expert(self.out / "experts" / self.names[0]).cpu().eval()
+        reps = self.cfg.evaluate.latency_repeats
+        keys = ["dice", "hd95"] if self.cfg.evaluate.hd95 else ["dice"]
+        return {
+            "task_kind": "segmentation", "metric_keys": keys, "primary_metric": "dice",
+            "split": "test", "tasks": results["test"], "val": results["val"],
+            "params": {"teacher": M.count_parameters(teacher),
+                       "teacher_backbone_and_one_head": M.count_parameters(teacher_plain),
+                       "student": M.count_parameters(student), "expert": M.count_parameters(expert_plain)},
+            "flops": {"teacher": M.count_flops(teacher_plain, example), "expert": M.count_flops(expert_plain, example)},
+            "latency_ms": {"teacher": M.cpu_latency_ms(teacher_plain, example, reps),
+                           "expert": M.cpu_latency_ms(expert_plain, example, reps)},
+            "latency_batch": 1, "latency_input": f"one patch {list(self.patch)}",
+            "data": data_summary(self.tasks),
+            "models": self.model_descriptions,
+            "notes": list(NOTES),
+        }
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -196,7 +239,7 @@ def predictor_for(model: nn.Module, task: int):
 
 
 @torch.no_grad()
-def predict_case(model: nn.Module, image: torch.Tensor, task: int, run: Run,
+def predict_case(model: nn.Module, image: torch.Tensor, task: int, run: SegmentationRecipe,
                  size: tuple[int, ...] | None = None) -> np.ndarray:
     """Label map of one preprocessed image ``[C, *spatial]``: the argmax of the sliding-window
     logits, on the preprocessed grid ``[*spatial]``, or with ``size`` on that grid (the case's
@@ -210,7 +253,7 @@ def predict_case(model: nn.Module, image: torch.Tensor, task: int, run: Run,
     return logits.argmax(0).numpy()
 
 
-def evaluate_network(model: nn.Module, dataset: VolumeDataset, run: Run, tasks: list[int] | None = None,
+def evaluate_network(model: nn.Module, dataset: VolumeDataset, run: SegmentationRecipe, tasks: list[int] | None = None,
                      hd95: bool = False, keep: dict[int, dict[str, np.ndarray]] | None = None
                      ) -> dict[int, dict[str, float]]:
     """``{task: {"dice", "dice_<c>"..., ["hd95", "hd95_<c>"...], "missed", "spurious", "missed_<c>",
@@ -279,7 +322,7 @@ def _nanmean(values) -> float:
 
 
 # ---------------------------------------------------------------------------------------- stages
-def expert_card(run: Run, t: int) -> dict[str, Any]:
+def expert_card(run: SegmentationRecipe, t: int) -> dict[str, Any]:
     """What ``lorkd predict`` needs to run the expert of task ``t`` on a new image or volume."""
     pre = run.preprocess[t]
     task = run.tasks[t]
@@ -297,7 +340,7 @@ def expert_card(run: Run, t: int) -> dict[str, Any]:
                                      "(**kwargs), head=ConvNd(feature_dim, num_classes, kernel_size=1)))"}
 
 
-def _geometry_card(run: Run, t: int) -> dict[str, Any]:
+def _geometry_card(run: SegmentationRecipe, t: int) -> dict[str, Any]:
     """Card keys that say how the training volumes were laid out, so ``predict`` handles a new
     volume the same way:
 
@@ -321,101 +364,12 @@ def _geometry_card(run: Run, t: int) -> dict[str, Any]:
             "spacing": [float(v) for v in np.median(spacings, axis=0)]}
 
 
-def stage_export(run: Run, student: MultiTaskSegmenter) -> dict[str, Path]:
-    """Write one plain expert per task to ``experts/<task>/`` (safetensors + card.json, and the
-    ``export`` formats: ONNX with dynamic batch and spatial axes, TorchScript, each checked against PyTorch)."""
-    from .export_formats import write_formats
-
-    folders = {}
-    ex = run.cfg.export
-    for t, name in enumerate(run.names):
-        expert, spec = student.export_task(t)
-        card = expert_card(run, t)
-        card["files"] = write_formats(expert, run.out / "experts" / name, (run.channels, *run.patch), onnx=ex.onnx,
-                                      torchscript=ex.torchscript, opset=ex.opset, dynamic_spatial=True)
-        folders[name] = save_expert(expert, run.out / "experts" / name, architecture=spec, card=card)
-    return folders
-
-
-def stage_evaluate(run: Run, teacher: MultiTaskSegmenter, student: MultiTaskSegmenter,
-                   baselines: dict[str, Any]) -> dict[str, Any]:
-    """Dice (+ HD95 on test) of every model on val and test, sizes, FLOPs and latency per patch."""
-    dev = run.ctx.device
-    use_hd = run.cfg.evaluate.hd95
-    results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    outputs: dict[str, dict[str, dict[str, np.ndarray]]] = {name: {} for name in run.names}  # test, per case
-    for split, dataset in (("val", run.val_set), ("test", run.test_set)):
-        hd = use_hd and split == "test"
-        table: dict[str, dict[str, dict[str, float]]] = {name: {} for name in run.names}
-
-        def score(label: str, model: nn.Module, data: VolumeDataset, tasks: list[int] | None = None,
-                  names: list[str] = run.names) -> None:
-            kept: dict[int, dict[str, np.ndarray]] = {}
-            for t, m in evaluate_network(model, data, run, tasks, hd95=hd, keep=kept).items():
-                table[names[t]][label] = m
-                if split == "test":
-                    outputs[names[t]][label] = kept[t]
-
-        for label, model in (("teacher", teacher), ("student", student)):
-            score(label, model, dataset)
-        for t, name in enumerate(run.names):
-            score("expert", load_expert(run.out / "experts" / name).to(dev), dataset, [t])
-        for bname, models in baselines.items():
-            if isinstance(models, nn.Module):  # student_nokd: a full student
-                score(bname, models, dataset)
-                continue
-            for tasks, model in models.items():
-                score(bname, model, run.dataset(split, list(tasks)), names=[run.names[t] for t in tasks])
-        results[split] = table
-    save_predictions(run.out, outputs)
-    example = torch.zeros(1, run.channels, *run.patch)
-    teacher_plain = teacher.export_task(0)[0].cpu().eval()
-    expert_plain = load_expert(run.out / "experts" / run.names[0]).cpu().eval()
-    reps = run.cfg.evaluate.latency_repeats
-    keys = ["dice", "hd95"] if use_hd else ["dice"]
-    params = {"teacher": M.count_parameters(teacher), "teacher_backbone_and_one_head": M.count_parameters(teacher_plain),
-              "student": M.count_parameters(student), "expert": M.count_parameters(expert_plain),
-              **baseline_parameters(baselines)}
-    return {
-        "task_kind": "segmentation", "metric_keys": keys, "primary_metric": "dice",
-        "split": "test", "tasks": results["test"], "val": results["val"],
-        "params": params,
-        "flops": {"teacher": M.count_flops(teacher_plain, example), "expert": M.count_flops(expert_plain, example)},
-        "latency_ms": {"teacher": M.cpu_latency_ms(teacher_plain, example, reps),
-                       "expert": M.cpu_latency_ms(expert_plain, example, reps)},
-        "latency_batch": 1, "latency_input": f"one patch {list(run.patch)}",
-        "data": data_summary(run.tasks),
-        "models": MODEL_DESCRIPTIONS,
-        "statistics": run_statistics(outputs, keys, "dice", results["val"], list(baselines)),
-        "notes": ["Dice and HD95 on whole volumes on each case's original grid (sliding-window inference on the "
-                  "preprocessed grid, logits resampled back to the original shape); per-class keys dice_<c>/hd95_<c> "
-                  "are foreground classes 1..C-1; HD95 in mm from the file's voxel spacing (NIfTI header; HDF5: "
-                  "reader.spacing or a 'spacing' attribute, else 1 mm per voxel).",
-                  "A structure missed (in the label, not predicted) or spurious (predicted, not in the label) counts "
-                  "Dice 0 and HD95 = the image diagonal in mm (a penalty, never dropped); missed/spurious count those "
-                  "cases (of 'cases'); a class absent from both counts Dice 1 and is left out of HD95."],
-    }
-
-
-MODEL_DESCRIPTIONS = {
-    "teacher": "foundation segmentation network trained on all tasks (shared body, one 1x1 conv head per task)",
-    "student": "LoRKD student: small segmentation body + one low-rank expert per task, routed by task id",
-    "expert": "the exported plain expert of the task (student with its expert merged, + its head)",
-    "stl": "student network trained on the task alone",
-    "stl_kd": "student network trained on the task alone, with the teacher's distillation",
-    "mtl": "student network, shared body, one head per task, no experts",
-    "mtl_kd": "MTL with the teacher's distillation",
-    "student_nokd": "LoRKD student without distillation (kd_weight = feat_weight = 0, no feature pairs)",
-}
-
-
-# ---------------------------------------------------------------------------------------- driver
-def run_stages(cfg: SegmentationConfig, out: Path, ctx: DistributedContext, stages: tuple[str, ...] = STAGES,
-               resume: bool = False, progress: bool = True, reuse: bool = False) -> dict[str, Any] | None:
-    """Run ``stages`` in order; earlier stages' outputs are reused when present (when their
-    fingerprint matches the config, or with ``reuse``: see :func:`~lorkd.pipelines.common.drive`).
-
-    Returns the metrics when ``evaluate`` ran (on rank 0), else ``None``.
-    """
-    run = Run(cfg, out, ctx, resume=resume, progress=progress)  # scans the data and writes the splits first
-    return drive(run, stages, stage_export, stage_evaluate, reuse=reuse)
+NOTES = [
+    "Dice and HD95 on whole volumes on each case's original grid (sliding-window inference on the preprocessed grid, "
+    "logits resampled back to the original shape); per-class keys dice_<c>/hd95_<c> are foreground classes 1..C-1; "
+    "HD95 in mm from the file's voxel spacing (NIfTI header; HDF5: reader.spacing or a 'spacing' attribute, else 1 mm "
+    "per voxel).",
+    "A structure missed (in the label, not predicted) or spurious (predicted, not in the label) counts Dice 0 and "
+    "HD95 = the image diagonal in mm (a penalty, never dropped); missed/spurious count those cases (of 'cases'); a "
+    "class absent from both counts Dice 1 and is left out of HD95.",
+]

@@ -26,14 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import load_yaml
-from ..data.paths import locate
-from ..errors import ConfigError
-from ..fileio import read_json
-from ..models.foundation import load_foundation
-from ..models.taps import LayerTaps, find_layer
-from ..models.teacher import InputAdapter, first_conv_channels, output_tensor, resize_map
-from .common import META, has_network, load_network
+from safetensors.torch import load_file
+
+from ...config import from_dict, load_yaml
+from ...data.paths import locate
+from ...errors import ConfigError
+from ...fileio import read_json
+from ...models.foundation import load_foundation, load_weights
+from ...models.taps import LayerTaps, find_layer
+from ...models.teacher import InputAdapter, first_conv_channels, output_tensor, resize_map
+from ..core.netio import META, has_network, load_network
+from ..schema import TeacherSection
+from .classification import ClassificationRecipe
+from .segmentation import SegmentationRecipe
 
 __all__ = ["TransferFoundation", "FoundationFeatures", "load_transfer_foundation", "foundation_from_run",
            "foundation_from_source", "train_only_used"]
@@ -105,14 +110,7 @@ def _lorkd_teacher(teacher_dir: Path, key: str, hint: str) -> tuple[nn.Module, d
         raise ConfigError(f"{key}: the teacher in {teacher_dir} was loaded from teacher.source "
                           f"({meta['foundation'].get('source', {}).get('path')}); give its run folder as foundation.run")
     dense = meta.get("task_kind") == "segmentation"
-    if dense:
-        from .segmentation import Run as SegRun
-
-        model, meta = load_network(teacher_dir, SegRun.build)
-    else:
-        from .classification import _build_from_meta
-
-        model, meta = load_network(teacher_dir, _build_from_meta)
+    model, meta = load_network(teacher_dir, SegmentationRecipe.build if dense else ClassificationRecipe.build)
     return model, meta, dense
 
 
@@ -171,12 +169,6 @@ def _source_teacher_of_run(run: Path, expert_names: list[str] | None, key: str) 
         ConfigError: the source was a ``state_dict`` built from ``teacher.net`` (no ``factory``), or
             the run's weights do not fit the rebuilt model.
     """
-    from safetensors.torch import load_file
-
-    from ..config import from_dict
-    from ..models.foundation import load_weights
-    from .schema import TeacherSection
-
     folder = run / "teacher"
     tcfg = from_dict(TeacherSection, read_json(folder / META)["foundation"], f"{folder / META}: teacher")
     if tcfg.source.kind == "state_dict" and not tcfg.source.factory:

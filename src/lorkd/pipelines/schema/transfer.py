@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ..config import check
-from .schema import Optim, Stage, TaskFile, TeacherInput, TeacherSource
-from .segmentation_schema import SegEvaluate, SegmentationData
+from ...config import check
+from .classification import TaskFile
+from .sections import Optim, Stage, TeacherInput, TeacherSource
+from .segmentation import SegEvaluate, SegmentationData
 
 METHODS = ("scratch", "foundation_ft", "foundation_lp", "expert_ft", "expert_lp", "foundation_lora", "kd", "rd")
 Method = Literal["scratch", "foundation_ft", "foundation_lp", "expert_ft", "expert_lp", "foundation_lora", "kd", "rd"]

@@ -24,9 +24,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..engine import metrics as M
-from ..fileio import write_atomic
-from ..report.markdown import fmt_value
+from ...engine import metrics as M
+from ...fileio import write_atomic
+from ...report.markdown import fmt_value
+from ...report.stats import bootstrap_interval as resample_interval
 
 #: The method whose model a method distils from (``kd`` from the ``foundation_lp`` model).
 TEACHER_OF = {"kd": "foundation_lp"}
@@ -63,8 +64,6 @@ def bootstrap_interval(per_item: Any, resamples: int = 1000, seed: int = 0, leve
         ``(low, high)``: quantiles ``(1 - level) / 2`` and ``(1 + level) / 2`` of the ``B`` values of
         the mean over seeds of the metric on resampled items (the same items for every seed).
     """
-    from ..report.stats import bootstrap_interval as resample_interval
-
     x = np.asarray(per_item, dtype=np.float64)
     if resamples < 1 or x.size == 0:
         return float("nan"), float("nan")
@@ -80,53 +79,6 @@ def _mean_over_seeds(items: np.ndarray) -> float:
         warnings.simplefilter("ignore", RuntimeWarning)
         per_class = np.nanmean(items, axis=0)  # [S, m]
         return float(np.nanmean(per_class, axis=1).mean())
-
-
-def summarise(run: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``metrics.json`` of a transfer run from the per-(task, method, seed) results."""
-    cfg, f, key = run.cfg, run.foundation, run.metric
-    methods: dict[str, dict[str, Any]] = {}
-    for task in run.tasks:
-        rows = [r for r in results if r["task"] == task.name]
-        table = {}
-        for label in dict.fromkeys(r["label"] for r in rows):
-            runs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["seed"])
-            values = np.array([r["test"][key] for r in runs])
-            lo, hi = bootstrap_interval([r["test"]["per_item"] for r in runs], cfg.bootstrap)
-            table[label] = {
-                "method": runs[0]["method"], "expert": runs[0]["expert"], "n_seeds": len(runs),
-                "test_mean": float(values.mean()), "test_sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                "test_ci95": [lo, hi], "val_mean": float(np.mean([r["val"][key] for r in runs])),
-                "trained_params": runs[0]["trained_params"], "deployed_params": runs[0]["deployed_params"],
-                "seconds_mean": float(np.mean([r["seconds"] for r in runs])),
-                "seeds": {str(r["seed"]): {k: v for k, v in r.items() if k not in ("test",)}
-                          | {"test": {k: v for k, v in r["test"].items() if k != "per_item"}} for r in runs},
-            }
-            if key == "acc":
-                table[label]["test_auc_mean"] = float(np.mean([r["test"]["auc"] for r in runs]))
-        methods[task.name] = table
-    data = []
-    for task in run.tasks:
-        if run.dense:
-            data.append({"name": task.name, "source": task.source, "num_classes": task.num_classes,
-                         "spatial_dims": f.spatial_dims, **{f"n_{s}": n for s, n in task.n_cases.items()}})
-            continue
-        counts = task.class_counts("test")
-        data.append({"name": task.name, "source": task.source, "num_classes": task.num_classes, "channels": task.channels,
-                     "spatial_dims": task.spatial_dims, "n_train": task.num_samples("train"),
-                     "n_val": task.num_samples("val"), "n_test": task.num_samples("test"),
-                     "test_majority_rate": float(counts.max() / counts.sum())})
-    return {
-        "task_kind": "segmentation" if run.dense else "classification", "primary_metric": key, "split": "test",
-        "kind": "transfer",
-        "foundation": {"source": f.source, "tasks": f.tasks, "backbone": f.backbone_spec,
-                       "params": M.count_parameters(f.backbone), "experts": list(f.experts), "student": run.student_name},
-        "data": data, "max_train": cfg.data.max_train, "seeds": list(cfg.seeds),
-        "budget": {"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "optim": cfg.train.optim.name,
-                   "lr": cfg.train.optim.lr},
-        "bootstrap": {"resamples": cfg.bootstrap, "method": BOOTSTRAP_NOTE},
-        "methods": methods,
-    }
 
 
 def _collapsed(m: dict[str, Any], rate: float, n_test: int) -> tuple[bool, list[str]]:

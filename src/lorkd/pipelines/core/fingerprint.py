@@ -26,8 +26,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import to_dict
-from ..fileio import read_json, write_json
+from ...config import to_dict
+from ...fileio import read_json, write_json
 
 FINGERPRINT = "fingerprint.json"
 

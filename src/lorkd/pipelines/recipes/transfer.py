@@ -45,26 +45,27 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..config import to_dict, write_config
-from ..data.medmnist import ClassificationTask, cap_train, load_npz_task
-from ..data.multitask import MultiTaskDataset
-from ..distill import soft_target_kd
-from ..distill.reprogram import ReprogrammingDistiller, freeze, rd_loss
-from ..engine import metrics as M
-from ..engine.distributed import DistributedContext
-from ..engine.trainer import StepLoss
-from ..errors import ConfigError, DataError
-from ..experts import ExpertModel, add_experts, load_expert, save_expert
-from ..fileio import read_json, write_json
-from ..models.multitask import plain_sequential
-from ..distill import dice_ce_loss
-from ..distill.reprogram import pointwise
-from ..data.paths import locate
+from ...config import to_dict, write_config
+from ...data.medmnist import ClassificationTask, cap_train, load_npz_task
+from ...data.multitask import MultiTaskDataset
+from ...data.paths import locate
+from ...distill import dice_ce_loss, soft_target_kd
+from ...distill.reprogram import ReprogrammingDistiller, freeze, pointwise, rd_loss
+from ...engine import metrics as M
+from ...engine.checkpoint import load_checkpoint
+from ...engine.distributed import DistributedContext
+from ...engine.trainer import StepLoss
+from ...errors import ConfigError, DataError
+from ...experts import ExpertModel, add_experts, build_architecture, load_expert, save_expert
+from ...fileio import read_json, write_json
+from ...models.multitask import plain_sequential
+from ...models.taps import find_layer
+from ..core.recipe import Recipe
+from ..schema import METHODS, SegmentationConfig, TransferConfig
 from .classification import predict_probs
-from .common import fit_stage
+from .segmentation import SegmentationRecipe, expert_card, predict_case
 from .transfer_foundation import TransferFoundation, load_transfer_foundation, train_only_used
-from .transfer_report import item_statistic
-from .transfer_schema import METHODS, TransferConfig
+from .transfer_report import BOOTSTRAP_NOTE, bootstrap_interval, item_statistic, majority_warnings, write_transfer_report
 
 log = logging.getLogger("lorkd")
 
@@ -116,20 +117,18 @@ def load_downstream(cfg: TransferConfig, foundation: TransferFoundation) -> list
 class SegDownstream:
     """One segmentation downstream task: its single-task segmentation config and folder.
 
-    :meth:`data` builds the recipe's :class:`~lorkd.pipelines.segmentation.Run` on it (patient split
+    :meth:`data` builds the :class:`~lorkd.pipelines.recipes.segmentation.SegmentationRecipe` on it (patient split
     written to ``folder/split_<task>.json`` and reused by every seed and method)."""
 
     name: str
     num_classes: int
     source: str
-    config: Any  # SegmentationConfig with this task only
+    config: SegmentationConfig  # with this task only
     folder: Path
     n_cases: dict[str, int]
 
-    def data(self, seed: int, ctx: DistributedContext) -> Any:
-        from .segmentation import Run as SegRun
-
-        return SegRun(dataclasses.replace(self.config, seed=seed), self.folder, ctx, progress=False)
+    def data(self, seed: int, ctx: DistributedContext) -> SegmentationRecipe:
+        return SegmentationRecipe(dataclasses.replace(self.config, seed=seed), self.folder, ctx, progress=False)
 
 
 def load_seg_downstream(cfg: TransferConfig, foundation: TransferFoundation, out: Path, ctx: DistributedContext) -> list[SegDownstream]:
@@ -140,8 +139,6 @@ def load_seg_downstream(cfg: TransferConfig, foundation: TransferFoundation, out
         DataError: its volumes do not fit the foundation model (spatial dims of the patches,
             channels); the message names the task's folder.
     """
-    from .segmentation_schema import SegmentationConfig
-
     d = cfg.data.segmentation
     decomposed = {p.resolve() for p in foundation.task_files}
     tasks = []
@@ -266,30 +263,14 @@ class TransferRun:
             raise ConfigError("methods: foundation_lora adds lorkd's expert layers to the foundation's Linear/Conv "
                               "layers, which a TorchScript model does not expose; drop it or give the model as a state_dict")
         if "rd" in cfg.methods:  # fail before any training, not when rd's turn comes
-            from ..models.taps import find_layer
-
             for i, (student_layer, foundation_layer) in enumerate(cfg.rd.pairs):
                 find_layer(self.experts[self.student_name].backbone, student_layer, f"rd.pairs[{i}][0] (student layer)")
                 find_layer(getattr(f.backbone, "feature_root", f.backbone), foundation_layer,
                            f"rd.pairs[{i}][1] (foundation layer)")
 
-    # ---- data
-    def datasets(self, task: Any, seed: int) -> dict[str, Any]:
-        """``{"train", "val", "test"}`` datasets of one task (segmentation: patches for train, whole
-        volumes for val and test, and ``"run"``: the segmentation recipe's run that evaluates them)."""
-        if self.dense:
-            run = task.data(seed, self.ctx)
-            return {"train": run.train_set, "val": run.val_set, "test": run.test_set, "run": run}
-        f = self.foundation
-        return {split: MultiTaskDataset([task], split, size=self.size, channels=f.channels,
-                                        augment=split == "train" and self.cfg.data.augment, mean=f.mean, std=f.std, seed=seed)
-                for split in ("train", "val", "test")}
-
-    def score(self, model: nn.Module, data: dict[str, Any], split: str, keep_items: bool = False) -> dict[str, Any]:
-        """The metric of ``model`` on ``split`` (+ ``per_item`` for the bootstrap)."""
-        if self.dense:
-            return seg_scores(model, data[split], data["run"], keep_items)
-        return scores(model, data[split], self.ctx.device, keep_items)
+    def recipe(self, task: Any, seed: int) -> "TransferRecipe":
+        """The recipe of one downstream task and seed: its data, scoring and method training."""
+        return TransferRecipe(self, task, seed)
 
     # ---- methods
     def jobs(self) -> list[tuple[str, str | None]]:
@@ -331,8 +312,6 @@ class TransferRun:
                     plain_spec(spec, dim, num_classes, self.dense_dims))
         backbone, spec, dim = self.expert_parts(self.student_name)
         if method == "scratch" or self.cfg.student_init == "random":
-            from ..experts import build_architecture
-
             backbone = build_architecture(spec)
         if method == "rd":
             r = self.cfg.rd
@@ -349,25 +328,77 @@ class TransferRun:
     def folder(self, task: str, method: str, expert: str | None, seed: int) -> Path:
         return self.out / task / f"seed{seed}" / (method if expert is None else f"{method}-{expert}")
 
-    def card(self, task: Any, label: str, seed: int, data: dict[str, Any]) -> dict[str, Any]:
-        """What ``lorkd predict`` needs to run an exported model (as the recipes' expert cards)."""
-        f = self.foundation
-        if self.dense:
-            from .segmentation import expert_card
 
-            return {**expert_card(data["run"], 0), "method": label, "seed": seed, "foundation": f.source}
+class TransferRecipe(Recipe):
+    """One downstream task and seed of ``lorkd transfer`` on the recipe protocol: the data (for
+    segmentation, a :class:`~lorkd.pipelines.recipes.segmentation.SegmentationRecipe` of the task
+    holds it: patches for train, whole volumes for val and test), scoring (accuracy and AUC, or
+    mean foreground Dice) and :meth:`train_method`, which trains a method with :meth:`Recipe.fit`."""
+
+    kind = "transfer"
+
+    def __init__(self, setup: TransferRun, task: Any, seed: int) -> None:
+        super().__init__(setup.cfg, setup.out, setup.ctx, setup.resume, setup.progress, seed=seed)
+        self.setup, self.task = setup, task
+        self.select_metric = setup.metric
+        self.val_keys = (setup.metric,)
+        self.task_loss = dice_ce_loss if setup.dense else F.cross_entropy
+        self.tasks, self.names, self.num_classes = [task], [task.name], [task.num_classes]
+        f = setup.foundation
+        self.channels, self.spatial_dims = f.channels, f.spatial_dims
+        self.seg: SegmentationRecipe | None = task.data(seed, self.ctx) if setup.dense else None
+        if self.seg is not None:
+            self.train_set, self.val_set, self.test_set = self.seg.train_set, self.seg.val_set, self.seg.test_set
+        else:
+            self.train_set, self.val_set, self.test_set = (
+                MultiTaskDataset([task], split, size=setup.size, channels=f.channels, mean=f.mean, std=f.std, seed=seed,
+                                 augment=split == "train" and self.cfg.data.augment) for split in ("train", "val", "test"))
+
+    # ---- data
+    def train_data(self, tasks: list[int] | None = None) -> Any:
+        return self.train_set
+
+    def dataset(self, split: str, tasks: list[int] | None = None) -> Any:
+        return {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+
+    def task_counts(self, t: int) -> dict[str, int]:
+        return {s: len(self.dataset(s)) for s in ("train", "val", "test")}
+
+    # ---- scoring
+    def result(self, model: nn.Module, split: str, keep_items: bool = False) -> dict[str, Any]:
+        """The metric of ``model`` on ``split`` (+ ``per_item`` for the bootstrap)."""
+        if self.seg is not None:
+            return seg_scores(model, self.dataset(split), self.seg, keep_items)
+        return scores(model, self.dataset(split), self.ctx.device, keep_items)
+
+    def score(self, model: nn.Module, data: Any, tasks: list[int] | None = None,
+              keep: dict[int, dict[str, np.ndarray]] | None = None, final: bool = False) -> dict[int, dict[str, float]]:
+        split = "test" if data is self.test_set else "val"
+        return {0: self.result(model, split, keep_items=keep is not None)}
+
+    def val_metrics(self, model: nn.Module, tasks: list[int] | None = None) -> dict[str, float]:
+        """The validation metrics that select a method's epoch: ``{"acc", "auc"}`` or ``{"dice"}``."""
+        return self.result(model, "val")
+
+    # ---- methods
+    def card(self, label: str) -> dict[str, Any]:
+        """What ``lorkd predict`` needs to run an exported model (as the recipes' expert cards)."""
+        f, task = self.setup.foundation, self.task
+        if self.seg is not None:
+            return {**expert_card(self.seg, 0), "method": label, "seed": self.seed, "foundation": f.source}
         return {"task": task.name, "classes": task.num_classes, "input_channels": f.channels,
-                "input_size": self.size or list(task.image_size), "spatial_dims": f.spatial_dims,
-                "normalisation": {"mean": f.mean, "std": f.std, "scale": "x / 255"}, "method": label, "seed": seed,
+                "input_size": self.setup.size or list(task.image_size), "spatial_dims": f.spatial_dims,
+                "normalisation": {"mean": f.mean, "std": f.std, "scale": "x / 255"}, "method": label, "seed": self.seed,
                 "foundation": f.source}
 
-    def train_method(self, task: Any, data: dict[str, Any], method: str, expert: str | None,
-                     seed: int, lp_model: nn.Module | None) -> tuple[dict[str, Any], nn.Module]:
-        """Train (or reuse) one method; returns its result and the trained model."""
+    def train_method(self, method: str, expert: str | None,
+                     lp_model: nn.Module | None) -> tuple[dict[str, Any], nn.Module]:
+        """Train (or reuse) one method on this task and seed; returns its result and the trained model."""
+        task, seed = self.task, self.seed
         label = method if expert is None else f"{method}:{expert}"
-        folder = self.folder(task.name, method, expert, seed)
+        folder = self.setup.folder(task.name, method, expert, seed)
         torch.manual_seed(seed)
-        model, spec = self.build(method, expert, task.num_classes)
+        model, spec = self.setup.build(method, expert, task.num_classes)
         if (folder / "result.json").is_file():
             result = read_json(folder / "result.json")
             if method == "foundation_lp":  # kd's teacher: the frozen foundation + the saved head
@@ -377,43 +408,42 @@ class TransferRun:
             raise ConfigError("kd needs the foundation_lp model, which was not trained")
         objective = TransferObjective("rd" if method == "rd" else "kd" if method == "kd" else "ce",
                                       teacher=copy.deepcopy(lp_model) if method == "kd" else None, cfg=self.cfg,
-                                      task_loss=dice_ce_loss if self.dense else F.cross_entropy)
+                                      task_loss=self.task_loss)
         if objective.teacher is not None:
             objective.teacher.to(self.ctx.device)
         start = time.perf_counter()
-        model = fit_stage(model, objective, data["train"], self.cfg.train, folder, self.ctx, seed=seed,
-                          num_workers=self.cfg.num_workers, progress=self.progress, resume=self.resume,
-                          evaluate=lambda m: self.score(m, data, "val"), select_metric=self.metric,
-                          task_names=[task.name], sampler_mode="proportional")
+        model = self.fit(model, self.cfg.train, folder, objective)
         seconds = time.perf_counter() - start
         model.eval()
         deployed = model.export()
-        val = self.score(model, data, "val")
-        test = self.score(model, data, "test", keep_items=True)
         result = {"task": task.name, "method": method, "expert": expert, "label": label, "seed": seed,
-                  "val": val, "test": test, "trained_params": M.count_parameters(model, trainable_only=True),
+                  "val": self.result(model, "val"), "test": self.result(model, "test", keep_items=True),
+                  "trained_params": M.count_parameters(model, trainable_only=True),
                   "deployed_params": M.count_parameters(deployed), "seconds": round(seconds, 3),
                   "best_epoch": _best_epoch(folder)}
         if self.ctx.is_main:
-            if method == "foundation_lp":
-                save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(folder / "head.safetensors"))
-            else:
-                save_expert(deployed.cpu(), folder / "model", architecture=spec, card=self.card(task, label, seed, data))
-            if method == "rd":
-                parts = model.trainable_modules().state_dict()
-                save_file({k: v.contiguous() for k, v in parts.items()}, str(folder / "reprogram.safetensors"))
+            self._save(method, model, deployed, spec, folder, label)
             write_json(folder / "result.json", result)
             if not self.cfg.keep_checkpoints:
                 shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         return result, model
+
+    def _save(self, method: str, model: nn.Module, deployed: nn.Module, spec: dict[str, Any] | None, folder: Path,
+              label: str) -> None:
+        """``foundation_lp``: only its head; others: the deployed plain model (+ ``rd``'s reprogramming parts)."""
+        if method == "foundation_lp":
+            save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(folder / "head.safetensors"))
+        else:
+            save_expert(deployed.cpu(), folder / "model", architecture=spec, card=self.card(label))
+        if method == "rd":
+            parts = model.trainable_modules().state_dict()
+            save_file({k: v.contiguous() for k, v in parts.items()}, str(folder / "reprogram.safetensors"))
 
 
 def _best_epoch(folder: Path) -> int | None:
     path = folder / "checkpoints" / "best.pt"
     if not path.is_file():
         return None
-    from ..engine.checkpoint import load_checkpoint
-
     return int(load_checkpoint(path)["epoch"])
 
 
@@ -428,12 +458,10 @@ def scores(model: nn.Module, dataset: MultiTaskDataset, device: torch.device, ke
 
 
 @torch.no_grad()
-def seg_scores(model: nn.Module, dataset: Any, seg_run: Any, keep_items: bool = False) -> dict[str, Any]:
+def seg_scores(model: nn.Module, dataset: Any, seg_run: SegmentationRecipe, keep_items: bool = False) -> dict[str, Any]:
     """``{"dice"}`` of a single-task segmenter on whole volumes (sliding windows, as the recipe):
     the mean over foreground classes of each class's mean Dice over the cases where it is present
     in prediction or label (+ ``per_item``: the ``[cases, K - 1]`` Dice, NaN where absent)."""
-    from .segmentation import predict_case
-
     was_training = model.training
     model.eval()
     rows = []
@@ -450,23 +478,68 @@ def seg_scores(model: nn.Module, dataset: Any, seg_run: Any, keep_items: bool = 
     return out
 
 
+def summarise(run: TransferRun, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``metrics.json`` of a transfer run from the per-(task, method, seed) results."""
+    cfg, f, key = run.cfg, run.foundation, run.metric
+    methods: dict[str, dict[str, Any]] = {}
+    for task in run.tasks:
+        rows = [r for r in results if r["task"] == task.name]
+        table = {}
+        for label in dict.fromkeys(r["label"] for r in rows):
+            runs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["seed"])
+            values = np.array([r["test"][key] for r in runs])
+            lo, hi = bootstrap_interval([r["test"]["per_item"] for r in runs], cfg.bootstrap)
+            table[label] = {
+                "method": runs[0]["method"], "expert": runs[0]["expert"], "n_seeds": len(runs),
+                "test_mean": float(values.mean()), "test_sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                "test_ci95": [lo, hi], "val_mean": float(np.mean([r["val"][key] for r in runs])),
+                "trained_params": runs[0]["trained_params"], "deployed_params": runs[0]["deployed_params"],
+                "seconds_mean": float(np.mean([r["seconds"] for r in runs])),
+                "seeds": {str(r["seed"]): {k: v for k, v in r.items() if k not in ("test",)}
+                          | {"test": {k: v for k, v in r["test"].items() if k != "per_item"}} for r in runs},
+            }
+            if key == "acc":
+                table[label]["test_auc_mean"] = float(np.mean([r["test"]["auc"] for r in runs]))
+        methods[task.name] = table
+    data = []
+    for task in run.tasks:
+        if run.dense:
+            data.append({"name": task.name, "source": task.source, "num_classes": task.num_classes,
+                         "spatial_dims": f.spatial_dims, **{f"n_{s}": n for s, n in task.n_cases.items()}})
+            continue
+        counts = task.class_counts("test")
+        data.append({"name": task.name, "source": task.source, "num_classes": task.num_classes, "channels": task.channels,
+                     "spatial_dims": task.spatial_dims, "n_train": task.num_samples("train"),
+                     "n_val": task.num_samples("val"), "n_test": task.num_samples("test"),
+                     "test_majority_rate": float(counts.max() / counts.sum())})
+    return {
+        "task_kind": "segmentation" if run.dense else "classification", "primary_metric": key, "split": "test",
+        "kind": "transfer",
+        "foundation": {"source": f.source, "tasks": f.tasks, "backbone": f.backbone_spec,
+                       "params": M.count_parameters(f.backbone), "experts": list(f.experts), "student": run.student_name},
+        "data": data, "max_train": cfg.data.max_train, "seeds": list(cfg.seeds),
+        "budget": {"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "optim": cfg.train.optim.name,
+                   "lr": cfg.train.optim.lr},
+        "bootstrap": {"resamples": cfg.bootstrap, "method": BOOTSTRAP_NOTE},
+        "methods": methods,
+    }
+
+
 def run_transfer(cfg: TransferConfig, out: Path, ctx: DistributedContext, resume: bool = False,
                  progress: bool = True) -> dict[str, Any] | None:
     """Train and evaluate every method on every downstream task and seed; write ``metrics.json``,
     ``report.md`` and the plots (rank 0). Returns the metrics on rank 0, else ``None``."""
-    from .transfer_report import majority_warnings, summarise, write_transfer_report
-
     run = TransferRun(cfg, out, ctx, resume=resume, progress=progress)  # checks everything before training
     if ctx.is_main:
         write_config(out / "config.yaml", cfg)
     results = []
     for task in run.tasks:
         for seed in cfg.seeds:
-            data = run.datasets(task, seed)
+            recipe = run.recipe(task, seed)
             lp_model = None
             for method, expert in run.jobs():
                 log.info("transfer: %s / %s%s / seed %d", task.name, method, f" ({expert})" if expert else "", seed)
-                result, model = run.train_method(task, data, method, expert, seed, lp_model)
+                result, model = recipe.train_method(method, expert, lp_model)
                 if method == "foundation_lp":
                     lp_model = model
                 results.append(result)

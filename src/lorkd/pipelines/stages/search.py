@@ -27,10 +27,12 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError, DataError
-from ..fileio import read_json, write_json
-from .common import distill_fit, has_network, reuse_network, save_network, timed
-from .schema import Distill, DistillSearch
+from ...errors import ConfigError, DataError
+from ...fileio import read_json, write_json
+from ..core.netio import has_network, save_network
+from ..core.recipe import DecompositionRecipe
+from ..core.runtime import timed
+from ..schema import Distill, DistillSearch, Stage
 
 __all__ = ["SEARCH_FILE", "candidate_distill", "search_distill"]
 
@@ -47,7 +49,7 @@ def candidate_distill(base: Distill, settings: dict[str, Any]) -> Distill:
                    search=DistillSearch())
 
 
-def search_distill(run: Any, teacher: nn.Module) -> tuple[Distill, Path | None]:
+def search_distill(run: DecompositionRecipe, teacher: nn.Module) -> tuple[Distill, Path | None]:
     """Run the search (or read its finished ``search.json``) and return the chosen settings, with
     the folder of the chosen candidate's network when it was trained with the full budget
     (then it is the student), else ``None``.
@@ -56,9 +58,8 @@ def search_distill(run: Any, teacher: nn.Module) -> tuple[Distill, Path | None]:
         ConfigError: a candidate has every loss weight at 0.
         DataError: ``search.json`` of this run folder holds another grid.
     """
-    cached = getattr(run, "search_result", None)
-    if cached is not None:
-        return cached
+    if run.state.search_result is not None:
+        return run.state.search_result
     sc = run.cfg.student
     search = sc.distill.search
     grid = search.grid(sc.distill)
@@ -76,7 +77,7 @@ def search_distill(run: Any, teacher: nn.Module) -> tuple[Distill, Path | None]:
             write_json(path, data)
     chosen = next(c for c in data["candidates"] if c["id"] == data["chosen"])
     result = (candidate_distill(sc.distill, chosen), run.out / "search" / chosen["id"] if full else None)
-    run.search_result = result
+    run.state.search_result = result
     return result
 
 
@@ -84,7 +85,7 @@ def _settings(candidate: dict[str, Any]) -> dict[str, Any]:
     return {k: candidate[k] for k in ("kd_weight", "temperature", "feat_weight")}
 
 
-def _run_grid(run: Any, teacher: nn.Module, grid: list[dict[str, Any]], stage: Any, full: bool) -> dict[str, Any]:
+def _run_grid(run: DecompositionRecipe, teacher: nn.Module, grid: list[dict[str, Any]], stage: Stage, full: bool) -> dict[str, Any]:
     sc = run.cfg.student
     key = run.select_metric
     rows = []
@@ -95,11 +96,11 @@ def _run_grid(run: Any, teacher: nn.Module, grid: list[dict[str, Any]], stage: A
         cid = f"c{i:02d}"
         folder = run.out / "search" / cid
         if has_network(folder):
-            model = reuse_network(run, folder)
+            model = run.reuse_network(folder)
         else:
-            with timed(run.timing, "search"):
+            with timed(run.state.timing, "search"):
                 model = run.network(sc.net, run.num_classes, sc.experts.as_kwargs())
-                model = distill_fit(run, model, stage, folder, distill, teacher)
+                model = run.distill_fit(model, stage, folder, distill, teacher)
                 if run.ctx.is_main:
                     save_network(model, folder, run.meta(model, "student", experts=sc.experts.as_kwargs(),
                                                          search_candidate={"id": cid, **settings}))

@@ -35,12 +35,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..distill import FeatureProjector, feature_pair_loss
-from ..errors import ConfigError
-from ..experts import ExpertModel
-from ..experts.layers import ExpertLayer, TaskBatchNorm
-from ..models.taps import LayerTaps, find_layer
-from .schema import Distill, FeaturePair
+from ...distill import FeatureProjector, feature_pair_loss
+from ...errors import ConfigError
+from ...experts import ExpertModel
+from ...experts.layers import ExpertLayer, TaskBatchNorm
+from ...models.taps import LayerTaps, find_layer
+from ..schema import Distill, FeaturePair
 
 __all__ = ["FeatureDistiller", "FeatureTerm", "check_layer_names", "feature_terms", "student_layer_names",
            "teacher_root"]

@@ -23,17 +23,17 @@ import importlib.util
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ...errors import ConfigError
+from ..schema.sections import ONNX_PACKAGES, require_onnx
 
 ONNX_FILE, TORCHSCRIPT_FILE = "expert.onnx", "expert.torchscript.pt"
 TOLERANCE = 1e-4  # largest absolute difference of any output value accepted between a file and PyTorch
-ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 # Class names of the MedMNIST v2 subsets in ../shared/data (the `label` field of the INFO dict of
 # the `medmnist` package), found by the file's name up to its first "_" (``breastmnist.npz``,
@@ -49,18 +49,6 @@ MEDMNIST_CLASS_NAMES = {
     "adrenalmnist3d": ["normal", "hyperplasia"],
     "vesselmnist3d": ["vessel", "aneurysm"],
 }
-
-
-def require_onnx(key: str = "export.onnx") -> None:
-    """Check that the ONNX packages are importable.
-
-    Raises:
-        ConfigError: naming ``key``, the missing packages and ``pip install lorkd[onnx]``.
-    """
-    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ConfigError(f"{key}: ONNX export needs the packages {', '.join(missing)}, not installed here; "
-                          f"run `pip install lorkd[onnx]` or set {key}: false")
 
 
 def class_names(source: str | Path | None, num_classes: int, given: Sequence[str] | None = None,
@@ -183,11 +171,12 @@ def _write_torchscript(model: nn.Module, path: Path, checks: list[torch.Tensor],
 
 
 @torch.no_grad()
-def _compare(model: nn.Module, run: Any, checks: list[torch.Tensor], path: Path, key: str) -> float:
-    """Largest ``|run(x) - model(x)|`` over ``checks``; deletes ``path`` and raises ConfigError above TOLERANCE."""
+def _compare(model: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], checks: list[torch.Tensor], path: Path,
+             key: str) -> float:
+    """Largest ``|exported(x) - model(x)|`` over ``checks``; deletes ``path`` and raises ConfigError above TOLERANCE."""
     worst = 0.0
     for x in checks:
-        expected, got = model(x), run(x)
+        expected, got = model(x), exported(x)
         if tuple(got.shape) != tuple(expected.shape):
             path.unlink(missing_ok=True)
             raise ConfigError(f"{key}: {path} gives outputs of shape {list(got.shape)} for input {list(x.shape)}, "

@@ -3,7 +3,7 @@
 :func:`preflight` runs before the first stage and before anything is written:
 
 * every stage folder this command would reuse or resume must carry the fingerprint of the
-  current config (:mod:`lorkd.pipelines.fingerprint`), or the command is refused with the
+  current config (:mod:`lorkd.pipelines.core.fingerprint`), or the command is refused with the
   differing keys listed, unless ``reuse`` (``--reuse``) accepts them;
 * every network this command will train is built and run once on an input of the run's size,
   so a typo in ``arch`` or an input smaller than the backbone's minimum fails here with a
@@ -11,57 +11,53 @@
 * ``logging.tensorboard: true`` needs the ``tensorboard`` package.
 
 Stages then call :func:`start_training` (writes the fingerprint) or :func:`record_stage`, and
-the list (``run.stage_log``) goes into ``metrics.json`` as ``stages`` and into the report.
+the list (``recipe.state.stage_log``) goes into ``metrics.json`` as ``stages`` and into the report.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ...engine.scalars import tensorboard_writer_class
+from ...errors import ConfigError
+from ..schema import BASELINES, Net
 from .fingerprint import compare, write_fingerprint
+from .netio import has_network
+from .recipe import DecompositionRecipe, Recipe
 
 log = logging.getLogger("lorkd")
 
 
-def stage_folders(run: Any) -> list[tuple[str, Path]]:
+def stage_folders(run: DecompositionRecipe) -> list[tuple[str, Path]]:
     """``(stage, folder)`` of every network stage of the run's config, in training order, and of
     baselines found in the folder though no longer configured (config.yaml must fit them too)."""
-    from .common import baseline_groups
-
     out = [("student", run.out / "student")]
     source = run.cfg.teacher.source
     if source is None or source.kind != "lorkd":  # a lorkd source is another run's folder
         out.insert(0, ("teacher", run.out / "teacher"))
     for name in dict.fromkeys([*run.cfg.baselines.run, *baselines_on_disk(run)]):
-        out += [(folder.relative_to(run.out).as_posix(), folder) for _, folder in baseline_groups(run, name)]
+        out += [(folder.relative_to(run.out).as_posix(), folder) for _, folder in run.baseline_groups(name)]
     return out
 
 
-def baselines_on_disk(run: Any, trained: bool = False) -> list[str]:
+def baselines_on_disk(run: DecompositionRecipe, trained: bool = False) -> list[str]:
     """Names of the baselines with a folder in ``run.out/baselines`` (sorted); ``trained``: only
     those whose every model is saved (``model.safetensors``)."""
-    from .common import baseline_groups, has_network
-    from .schema import BASELINES
-
     root = run.out / "baselines"
     names = sorted(p.name for p in root.iterdir() if p.name in BASELINES) if root.is_dir() else []
-    return [n for n in names if not trained or all(has_network(f) for _, f in baseline_groups(run, n))]
+    return [n for n in names if not trained or all(has_network(f) for _, f in run.baseline_groups(n))]
 
 
 def _has_output(folder: Path) -> bool:
-    from .common import has_network
-
     return has_network(folder) or (folder / "checkpoints" / "latest.pt").is_file()
 
 
-def check_fingerprints(run: Any, reuse: bool) -> dict[str, list[str]]:
+def check_fingerprints(run: DecompositionRecipe, reuse: bool) -> dict[str, list[str]]:
     """``{stage: [differences]}`` of the stage folders whose recorded config differs from
     ``run.cfg`` (a folder without a fingerprint counts as differing).
 
@@ -85,10 +81,8 @@ def check_fingerprints(run: Any, reuse: bool) -> dict[str, list[str]]:
     return found
 
 
-def will_train(run: Any, stages: tuple[str, ...]) -> list[tuple[str, Any]]:
+def will_train(run: DecompositionRecipe, stages: tuple[str, ...]) -> list[tuple[str, Net]]:
     """``(config key, Net)`` of the networks this command trains (teacher, student/baselines)."""
-    from .common import has_network
-
     nets = []
     if run.cfg.teacher.source is None and not has_network(run.out / "teacher"):
         nets.append(("teacher.net", run.cfg.teacher.net))
@@ -100,7 +94,7 @@ def will_train(run: Any, stages: tuple[str, ...]) -> list[tuple[str, Any]]:
     return nets
 
 
-def check_input_size(run: Any, key: str, net: Any) -> None:
+def check_input_size(run: DecompositionRecipe, key: str, net: Net) -> None:
     """Build ``net`` and run it (eval mode, no grad) on zeros shaped like a training input.
 
     Raises:
@@ -118,15 +112,12 @@ def check_input_size(run: Any, key: str, net: Any) -> None:
     failure = _failure(model, shape)
     if failure is None:
         return
-    segmentation = hasattr(run, "patch")
-    size_key = "data.patch_size" if segmentation else "data.size"
     spatial = shape[1:]
     for factor in (2, 3, 4, 6, 8, 12, 16):
-        bigger = tuple(int(math.ceil(s * factor / 16) * 16) if segmentation else s * factor for s in spatial)
+        bigger, wanted = run.larger_input(spatial, factor)
         if _failure(model, (shape[0], *bigger)) is None:
-            wanted = list(bigger) if segmentation else bigger[0]
             raise ConfigError(f"{key}.arch {net.arch!r} does not run on inputs of {list(spatial)} px (too small "
-                              f"for it); set {size_key} to at least {wanted}")
+                              f"for it); set {run.size_key} to at least {wanted}")
     raise ConfigError(f"{key}.arch {net.arch!r} does not run on the run's inputs [C, *spatial] = {list(shape)}, "
                       f"nor on larger ones ({failure}); check {key}.kwargs or choose another {key}.arch")
 
@@ -145,19 +136,17 @@ def _failure(model: torch.nn.Module, shape: tuple[int, ...]) -> str | None:
         model.train(was)
 
 
-def check_tensorboard(run: Any) -> None:
+def check_tensorboard(run: Recipe) -> None:
     """``logging.tensorboard: true`` needs ``torch.utils.tensorboard`` (the tensorboard package)."""
-    cfg = getattr(run.cfg, "logging", None)
+    cfg = getattr(run.cfg, "logging", None)  # a transfer config has no logging section
     if cfg is not None and cfg.tensorboard:
-        from ..engine.scalars import tensorboard_writer_class
-
         tensorboard_writer_class()  # raises ConfigError naming logging.tensorboard
 
 
-def preflight(run: Any, stages: tuple[str, ...], reuse: bool) -> dict[str, list[str]]:
+def preflight(run: DecompositionRecipe, stages: tuple[str, ...], reuse: bool) -> dict[str, list[str]]:
     """All checks before the first stage (see module docstring); returns the accepted differences."""
-    run.stage_log, run.reuse = [], reuse
-    run.mismatch = check_fingerprints(run, reuse)
+    run.state.stage_log, run.state.reuse = [], reuse
+    run.state.mismatch = check_fingerprints(run, reuse)
     check_tensorboard(run)
     state = torch.random.get_rng_state()  # building networks seeds the global RNG: leave it as it was
     try:
@@ -165,17 +154,17 @@ def preflight(run: Any, stages: tuple[str, ...], reuse: bool) -> dict[str, list[
             check_input_size(run, key, net)
     finally:
         torch.random.set_rng_state(state)
-    return run.mismatch
+    return run.state.mismatch
 
 
-def record_stage(run: Any, stage: str, status: str, folder: Path) -> None:
+def record_stage(run: Recipe, stage: str, status: str, folder: Path) -> None:
     """Note what ``stage`` did in this command: ``trained``, ``resumed``, ``reused`` or ``loaded``;
     all but ``trained`` (whose progress shows) also log one line saying so (rank 0)."""
     entry: dict[str, Any] = {"stage": stage, "status": status, "folder": str(folder)}
-    diffs = getattr(run, "mismatch", {}).get(stage)
+    diffs = run.state.mismatch.get(stage)
     if status == "reused" and diffs:
         entry.update(status="reused with --reuse", config_differs=diffs)
-    getattr(run, "stage_log", []).append(entry)
+    run.state.stage_log.append(entry)
     if status != "trained" and run.ctx.is_main:
         where = {"resumed": f"from {Path(folder) / 'checkpoints' / 'latest.pt'}", "loaded": f"from {folder}",
                  "reused": f"from {folder}" + (f" though its config differs ({'; '.join(diffs)})" if diffs else
@@ -183,7 +172,7 @@ def record_stage(run: Any, stage: str, status: str, folder: Path) -> None:
         log.info("%s: %s %s", stage, status, where)
 
 
-def start_training(run: Any, stage: str, folder: Path) -> None:
+def start_training(run: Recipe, stage: str, folder: Path) -> None:
     """Called as ``stage`` starts (or resumes) training: writes its fingerprint (rank 0) and records it."""
     resumed = run.resume and (folder / "checkpoints" / "latest.pt").is_file()
     if run.ctx.is_main:
@@ -191,26 +180,19 @@ def start_training(run: Any, stage: str, folder: Path) -> None:
     record_stage(run, stage, "resumed" if resumed else "trained", folder)
 
 
-def startup_summary(run: Any) -> str:
+def startup_summary(run: DecompositionRecipe) -> str:
     """One block of text: seed, device, threads, world size, the data found per task and split (and
     the teacher's training images, when it trains on more than the students)."""
     ctx = run.ctx
     lines = [f"lorkd: seed {run.cfg.seed}, device {ctx.device}, {torch.get_num_threads()} torch threads "
              f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), world size {ctx.world_size}, "
              f"out {run.out}"]
-    teacher_set = getattr(run, "teacher_train_set", run.train_set)
+    teacher_set = run.teacher_train_data()
     for t, (task, name) in enumerate(zip(run.tasks, run.names)):
-        counts = [f"{s} {_count(task, s)}" for s in ("train", "val", "test")]
+        n = run.task_counts(t)
+        counts = [f"{s} {n[s]}" for s in ("train", "val", "test")]
         if teacher_set is not run.train_set:
             counts[0] += f" (teacher {teacher_set.task_sizes[t]})"
-        counts = ", ".join(counts)
         source = getattr(task, "source", None) or getattr(task, "root", "")
-        lines.append(f"  task {name}: {counts} ({'images' if hasattr(task, 'num_samples') else 'cases'}; "
-                     f"{run.num_classes[run.names.index(name)]} classes; {source})")
+        lines.append(f"  task {name}: {', '.join(counts)} ({run.count_unit}; {run.num_classes[t]} classes; {source})")
     return "\n".join(lines)
-
-
-def _count(task: Any, split: str) -> int:
-    if hasattr(task, "num_samples"):
-        return task.num_samples(split)
-    return len(task.splits.get(split, []))

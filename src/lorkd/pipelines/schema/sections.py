@@ -1,14 +1,17 @@
-"""The recipes' configuration trees. Every field has a default except ``data``'s tasks, so a
-config may give only ``data.tasks``. See README "Config reference" for the same in prose."""
+"""The sections every recipe's configuration tree shares (nets, stages, distillation, experts,
+teacher, student, baselines, evaluation, export, logging). Every field has a default. See
+docs/configuration.md for the same in prose."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..config import check
-from ..engine.trainer import OptimConfig as Optim
+from ...config import check
+from ...engine.trainer import OptimConfig as Optim
+from ...errors import ConfigError
 
 
 @dataclass
@@ -300,8 +303,6 @@ class Export:
         check(self.opset is None or self.opset >= 18, f"{path}.opset", f"must be an ONNX opset >= 18 (the oldest "
               f"torch.onnx's exporter writes), got {self.opset}")
         if self.onnx:
-            from .export_formats import require_onnx
-
             require_onnx(f"{path}.onnx")
 
 
@@ -312,73 +313,16 @@ class Logging:
     tensorboard: bool = False  # TensorBoard scalars in <stage>/tensorboard/ (needs the tensorboard package)
 
 
-@dataclass
-class TaskFile:
-    """One classification task: a MedMNIST-layout ``.npz`` file (2D images or 3D volumes)."""
-
-    name: str
-    path: str
-    num_classes: int | None = None
-    class_names: list[str] | None = None  # written to the experts' cards; MedMNIST files are named by default
-    spatial_dims: int | None = None  # 2 or 3; default: inferred from the images' shape
-
-    def validate(self, path: str) -> None:
-        check(self.spatial_dims in (None, 2, 3), f"{path}.spatial_dims", f"must be 2 or 3, got {self.spatial_dims}")
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
-@dataclass
-class Synthetic:
-    """The embedded default data set, generated in code (see :mod:`lorkd.data.synthetic`)."""
+def require_onnx(key: str = "export.onnx") -> None:
+    """Check that the ONNX packages are importable.
 
-    num_tasks: int = 3
-    size: int = 28
-    n_train: int = 600
-    n_val: int = 150
-    n_test: int = 300
-    seed: int = 0
-
-
-@dataclass
-class ClassificationData:
-    """``tasks`` (files) or ``synthetic`` (embedded data), not both."""
-
-    tasks: list[TaskFile] = field(default_factory=list)
-    synthetic: Synthetic | None = None
-    size: int | None = None  # resize every image to size x size
-    channels: int | None = None  # default: the most channels of any task
-    # training images per task of the student and every baseline (a class-stratified subset of the
-    # train split); a teacher the run trains sees the whole split. None: every image, for all.
-    student_n_train: int | None = None
-    augment: bool = True
-    sampler: Literal["proportional", "balanced"] = "proportional"
-    mean: float = 0.5
-    std: float = 0.5
-    max_train: int | None = None  # per-task cap on training images: a class-stratified subset, the same for every model
-    cap_seed: int = 0  # which subset max_train keeps
-
-    def validate(self, path: str) -> None:
-        check(bool(self.tasks) != (self.synthetic is not None), f"{path or 'data'}",
-              "give either data.tasks (a list of {name, path}) or data.synthetic, exactly one")
-        names = [t.name for t in self.tasks]
-        check(len(names) == len(set(names)), f"{path}.tasks", f"task names must be unique, got {names}")
-        check(self.max_train is None or self.max_train >= 2, f"{path}.max_train", f"must be >= 2, got {self.max_train}")
-        check(self.student_n_train is None or self.student_n_train >= 1, f"{path}.student_n_train",
-              f"must be >= 1, got {self.student_n_train}")
-
-
-@dataclass
-class ClassificationConfig:
-    """The classification recipe: teacher -> decompose -> export -> evaluate -> report."""
-
-    RECIPE: ClassVar[str] = "classification"  # the YAML key `recipe` that selects this tree
-    data: ClassificationData
-    seed: int = 0
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    num_workers: int = 0
-    teacher: TeacherSection = field(default_factory=TeacherSection)
-    student: StudentSection = field(default_factory=StudentSection)
-    baselines: Baselines = field(default_factory=Baselines)
-    evaluate: Evaluate = field(default_factory=Evaluate)
-    export: Export = field(default_factory=Export)
-    logging: Logging = field(default_factory=Logging)
-    trust_code: bool = False  # allow saved specs to name factories outside the known namespaces (lorkd.factories)
+    Raises:
+        ConfigError: naming ``key``, the missing packages and ``pip install lorkd[onnx]``.
+    """
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"{key}: ONNX export needs the packages {', '.join(missing)}, not installed here; "
+                          f"run `pip install lorkd[onnx]` or set {key}: false")

@@ -1,0 +1,51 @@
+"""Training one network of a stage: a task-mixing sampler, the engine's :func:`~lorkd.engine.trainer.fit`,
+and the epoch with the best validation score kept."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from ...data.multitask import TaskBatchSampler
+from ...engine.checkpoint import load_checkpoint
+from ...engine.distributed import DistributedContext
+from ...engine.scalars import open_tensorboard
+from ...engine.trainer import FitConfig, fit
+from ..schema import Stage
+
+log = logging.getLogger("lorkd")
+
+
+def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Stage, folder: Path, ctx: DistributedContext, *, seed: int,
+              num_workers: int, progress: bool, resume: bool, evaluate: Callable[[nn.Module], dict[str, float]],
+              select_metric: str, task_names: list[str], sampler_mode: str = "proportional",
+              extra: nn.Module | None = None, tensorboard: bool = False) -> nn.Module:
+    """Train ``model`` on ``train_set`` with a :class:`TaskBatchSampler` under :func:`fit`; keep
+    the epoch with the best ``select_metric`` of ``evaluate`` (``checkpoints/best.pt``).
+
+    ``train_set`` must give each task a contiguous block of indices (``task_sizes``). With
+    ``tensorboard``, rank 0 writes each epoch's scalars to ``folder/tensorboard/``."""
+    sampler = TaskBatchSampler(train_set, stage.batch_size, mode=sampler_mode, seed=seed,
+                               num_replicas=ctx.world_size, rank=ctx.rank, drop_last=ctx.is_distributed)
+    fit_cfg = FitConfig(epochs=stage.epochs, batch_size=stage.batch_size, optim=stage.optim, seed=seed,
+                        checkpoint_every=stage.checkpoint_every, amp=stage.amp, select_metric=select_metric,
+                        num_workers=num_workers, progress=progress, stage=folder.name)
+    model = model.to(ctx.device)
+    if ctx.is_main:
+        log.info(f"[{folder.name}] {stage.epochs} epochs x {len(sampler)} steps per epoch "
+                 f"(batch {stage.batch_size} per rank x world size {ctx.world_size}; {len(train_set)} training items)")
+    scalars = open_tensorboard(folder / "tensorboard") if tensorboard and ctx.is_main else None
+    try:
+        fit(model, objective, train_set, sampler, fit_cfg, folder, ctx, evaluate=evaluate, extra_modules=extra,
+            resume=resume and (folder / "checkpoints" / "latest.pt").is_file(), task_names=task_names,
+            scalars=scalars)
+    finally:
+        if scalars is not None:
+            scalars.close()
+    best = folder / "checkpoints" / "best.pt"
+    if best.is_file():  # the epoch with the best validation score
+        model.load_state_dict(load_checkpoint(best)["model"])
+    return model

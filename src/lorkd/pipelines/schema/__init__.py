@@ -1,0 +1,35 @@
+"""The recipes' configuration trees, typed and validated at load time (:func:`lorkd.config.from_dict`).
+
+:mod:`.sections` holds what every recipe shares; :mod:`.classification`, :mod:`.segmentation` and
+:mod:`.transfer` the tree of each recipe (selected by the YAML key ``recipe``); :mod:`.presets` the
+demo's config."""
+
+from .classification import ClassificationConfig, ClassificationData, Synthetic, TaskFile
+from .sections import (
+    BASELINES,
+    Baselines,
+    Distill,
+    DistillSearch,
+    Evaluate,
+    Experts,
+    Export,
+    FeaturePair,
+    Logging,
+    Net,
+    Stage,
+    StudentSection,
+    TeacherAdapt,
+    TeacherInput,
+    TeacherSection,
+    TeacherSource,
+)
+from .segmentation import SegmentationConfig
+from .transfer import METHODS, TransferConfig
+
+CONFIGS = {c.RECIPE: c for c in (ClassificationConfig, SegmentationConfig, TransferConfig)}
+
+__all__ = [
+    "BASELINES", "CONFIGS", "METHODS", "Baselines", "ClassificationConfig", "ClassificationData", "Distill", "DistillSearch",
+    "Evaluate", "Experts", "Export", "FeaturePair", "Logging", "Net", "SegmentationConfig", "Stage", "StudentSection",
+    "Synthetic", "TaskFile", "TeacherAdapt", "TeacherInput", "TeacherSection", "TeacherSource", "TransferConfig",
+]

@@ -1,0 +1,68 @@
+"""The baselines stage: the student's network trained without experts (``mtl*``), on one task
+alone (``stl*``) or without distillation (``student_nokd``), with the student's budget."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from ...engine.metrics import count_parameters
+from ..core.netio import has_network, save_network
+from ..core.objective import TaskRemap
+from ..core.recipe import DecompositionRecipe
+from ..core.runfolder import baselines_on_disk, record_stage, start_training
+from ..core.runtime import timed
+from .search import search_distill
+from .student import stage_student
+
+log = logging.getLogger("lorkd")
+
+
+def stage_baselines(run: DecompositionRecipe, teacher: nn.Module, found: bool = False) -> dict[str, Any]:
+    """Train the baselines listed in ``baselines.run`` with the student's network and budget;
+    ``found``: also reuse the baselines already trained in the run folder though not listed (as
+    ``lorkd evaluate`` does after ``lorkd baselines --set baselines.run=...``; logged).
+
+    Returns ``{name: model}`` for ``student_nokd`` and ``{name: {tuple(task ids): model}}`` for
+    the others (``stl*``: one model per task; ``mtl*``: one model of all tasks)."""
+    sc = run.cfg.student
+    trained: dict[str, Any] = {}
+    extra = [n for n in baselines_on_disk(run, trained=True) if found and n not in run.cfg.baselines.run]
+    if extra and run.ctx.is_main:
+        log.info("baselines: %s trained in %s though not in baselines.run: evaluated too", ", ".join(extra),
+                 run.out / "baselines")
+    for name in [*run.cfg.baselines.run, *extra]:
+        kd = name.endswith("_kd")
+        chosen = search_distill(run, teacher)[0] if kd and sc.distill.search.enabled else sc.distill
+        distill = chosen if kd else sc.distill.without_teacher()
+        if name == "student_nokd":
+            trained[name] = stage_student(run, teacher, name="baselines/student_nokd", distill=distill)
+            continue
+        models = {}
+        for tasks, folder in run.baseline_groups(name):
+            stage = folder.relative_to(run.out).as_posix()
+            if has_network(folder):
+                models[tuple(tasks)] = run.reuse_network(folder, tasks)
+                record_stage(run, stage, "reused", folder)
+                continue
+            with timed(run.state.timing, f"baseline_{name}"):
+                model = run.network(sc.net, [run.num_classes[t] for t in tasks])
+                start_training(run, stage, folder)
+                sub_teacher = TaskRemap(teacher, tasks) if kd else None
+                model = run.distill_fit(model, sc.train, folder, distill, sub_teacher, task_subset=tasks)
+                if run.ctx.is_main:
+                    save_network(model, folder, run.meta(model, name, tasks=tasks))
+            models[tuple(tasks)] = model
+        trained[name] = models
+    return trained
+
+
+def baseline_parameters(baselines: dict[str, Any]) -> dict[str, int]:
+    """Parameters of the baseline model that serves one task, per baseline of :func:`stage_baselines`:
+    the whole network for ``student_nokd`` and ``mtl*`` (one network for all tasks), the largest
+    per-task network for ``stl*``."""
+    return {name: (count_parameters(models) if isinstance(models, nn.Module)
+                   else max(count_parameters(m) for m in models.values()))
+            for name, models in baselines.items()}

@@ -1,0 +1,45 @@
+"""The teacher stage: train the foundation model on all tasks, reuse it, or load ``teacher.source``
+and adapt it (:mod:`.adapt`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...fileio import read_json
+from ..core.netio import META, has_network, save_network
+from ..core.recipe import DecompositionRecipe
+from ..core.runfolder import record_stage, start_training
+from ..core.runtime import timed
+from ..schema import Distill
+from .adapt import build_from_meta, load_source_teacher, teacher_description
+
+
+def stage_teacher(run: DecompositionRecipe) -> nn.Module:
+    """Train the foundation model on all tasks, or load ``teacher.source`` (and adapt it, see
+    :mod:`lorkd.pipelines.stages.adapt`); writes ``teacher/`` and sets ``run.state.teacher_info``
+    (where the teacher came from, what was adapted and how long: recorded in ``teacher/model.json``)."""
+    folder = run.out / "teacher"
+    tcfg = run.cfg.teacher
+    state = run.state
+    if tcfg.source is not None:
+        model = load_source_teacher(run, folder)
+    elif has_network(folder):
+        model = run.reuse_network(folder, build=lambda meta: build_from_meta(run, meta))
+        record_stage(run, "teacher", "reused", folder)
+        state.teacher_info = read_json(folder / META).get("teacher_info") or {
+            "source": {"kind": "trained", "net": tcfg.net.arch}, "adapt": {"epochs": tcfg.train.epochs}}
+    else:
+        with timed(state.timing, "teacher"):
+            model = run.network(tcfg.net, run.num_classes)
+            start_training(run, "teacher", folder)
+            objective = run.objective(Distill(kd_weight=0.0))
+            # a run may give its teacher more training data than its students (data.student_n_train)
+            model = run.fit(model, tcfg.train, folder, objective, train_set=run.teacher_train_data())
+        state.teacher_info = {"source": {"kind": "trained", "net": tcfg.net.arch},
+                              "adapt": {"mode": "trained on all tasks", "epochs": tcfg.train.epochs,
+                                        "seconds": state.timing["teacher"]}}
+        state.teacher_info["description"] = teacher_description(state.teacher_info)
+        if run.ctx.is_main:
+            save_network(model, folder, run.meta(model, "teacher", teacher_info=state.teacher_info))
+    state.teacher_info.setdefault("description", teacher_description(state.teacher_info))
+    return model
