@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from .errors import ConfigError
+from .fileio import write_atomic
 
 T = TypeVar("T")
 
@@ -160,8 +161,6 @@ def to_dict(obj: Any) -> Any:
 
 def write_config(path: str | Path, cfg: Any) -> Path:
     """Write a config as YAML (atomically), in the form :func:`load_yaml` reads back."""
-    from .fileio import write_atomic
-
     data = to_dict(cfg)
     if getattr(cfg, "RECIPE", None):
         data = {"recipe": cfg.RECIPE, **data}

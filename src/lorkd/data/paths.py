@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import DataError
+
 
 def shared_data_dir() -> Path:
     """Return the folder holding the real data (``$LORKD_DATA`` if set, else ``<repo>/../shared/data``).
@@ -24,8 +26,6 @@ def locate(path: str | Path, key: str) -> Path:
     Raises:
         DataError: neither exists; the message names the config ``key`` and every place searched.
     """
-    from ..errors import DataError
-
     given = Path(path).expanduser()
     places = [given.absolute()] + ([] if given.is_absolute() else [shared_data_dir() / given])
     for place in places:

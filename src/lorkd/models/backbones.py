@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from monai.networks.nets import DenseNet121
 from torch import nn
 
 from ..errors import ConfigError
@@ -68,8 +69,6 @@ def feature_dim(model: nn.Module) -> int:
 
 def densenet121_features(**kwargs: Any) -> nn.Module:
     """MONAI DenseNet121 with its last linear layer removed: ``[B, C, *spatial] -> [B, 1024]``."""
-    from monai.networks.nets import DenseNet121
-
     model = DenseNet121(**kwargs)
     model.lorkd_feature_dim = model.class_layers.out.in_features
     model.class_layers.out = nn.Identity()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -83,8 +84,6 @@ def read_state_dict(path: Path, key: str) -> dict[str, Tensor]:
         raise ConfigError(f"{key}.path: file {path} not found")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             obj: Any = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -219,7 +218,7 @@ def _bundle(folder: Path, network_key: str, key: str) -> tuple[Path, nn.Module]:
     config = next((c for c in configs if c.is_file()), None)
     if config is None:
         raise ConfigError(f"{key}.path: {folder} is not a MONAI bundle: no configs/inference.json (or .yaml)")
-    from monai.bundle import ConfigParser
+    from monai.bundle import ConfigParser  # seconds to import: only for this source kind
 
     parser = ConfigParser()
     try:

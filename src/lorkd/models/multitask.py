@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..experts import ExpertModel, add_experts, check_weights
+from ..experts import ExpertModel, add_experts, build_architecture, check_weights
 
 
 @dataclass
@@ -94,8 +94,6 @@ class MultiTaskNet(nn.Module):
         With experts, the backbone is ``extract(task)``: expert merged, no lorkd inside; the
         result needs no task ids.
         """
-        from ..experts import build_architecture
-
         backbone = self.backbone.extract(task) if self.has_experts else self.backbone
         spec = self.plain_spec(task)
         plain = build_architecture(spec)

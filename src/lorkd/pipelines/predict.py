@@ -16,10 +16,14 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+import h5py
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
+from ..engine.inference import sliding_window_logits
 from ..errors import DataError
 from ..experts import load_expert, read_card
 from ..experts.io import EXPERT_CARD
@@ -123,8 +127,6 @@ def read_image(path: Path) -> np.ndarray:
     Raises:
         DataError: the file cannot be read as an image (names it).
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as img:
             img.load()
@@ -387,8 +389,6 @@ def read_segmentation_input(path: Path, image_key: str = "image") -> tuple[np.nd
         raise DataError(f"{path}: file not found")
     kind = _suffix(path)
     if kind in (".nii", ".nii.gz"):
-        import nibabel as nib
-
         try:
             img = nib.load(str(path))
             data = np.asarray(img.dataobj, dtype=np.float32)
@@ -398,8 +398,6 @@ def read_segmentation_input(path: Path, image_key: str = "image") -> tuple[np.nd
         zooms = tuple(float(z) for z in img.header.get_zooms()[: image.ndim - 1])
         return np.ascontiguousarray(image), zooms, img
     if kind in (".h5", ".hdf5"):
-        import h5py
-
         try:
             with h5py.File(path, "r") as f:
                 if image_key not in f:
@@ -428,8 +426,6 @@ def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...
     """
     from ..data.segmentation import Preprocess, _fit_channels, preprocess_case
     from ..data.volumes import Case
-    from ..engine.inference import sliding_window_logits
-
     spatial = image.ndim - 1
     if spatial not in (card["spatial_dims"], card["spatial_dims"] + 1):
         raise DataError(f"{name}: input of shape {image.shape} ([C, *spatial]) does not fit this "
@@ -507,13 +503,9 @@ def write_mask(mask: np.ndarray, source: Path, geometry: Any, folder: Path) -> P
     folder.mkdir(parents=True, exist_ok=True)
     stem = _mask_stem(source)
     if mask.ndim == 2 and geometry is None:
-        from PIL import Image
-
         path = folder / f"{stem}_mask.png"
         Image.fromarray(mask).save(path)
         return path
-    import nibabel as nib
-
     if geometry is not None:
         header = geometry.header.copy()
         header.set_data_dtype(np.uint8)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import product
 from typing import Any, ClassVar, Literal
 
 from ...config import check
@@ -95,8 +96,6 @@ class DistillSearch:
     def grid(self, distill: "Distill") -> list[dict[str, float | None]]:
         """The candidates in grid order: ``{"kd_weight", "temperature", "feat_weight"}`` each
         (``feat_weight`` ``None`` when not searched: the configured feature weights stay)."""
-        from itertools import product
-
         return [{"kd_weight": kd, "temperature": t, "feat_weight": f}
                 for kd, t, f in product(self.kd_weight or [distill.kd_weight], self.temperature or [distill.temperature],
                                         self.feat_weight or [None])]
@@ -135,8 +134,6 @@ class Distill:
 
     def without_teacher(self) -> "Distill":
         """The same weights with every teacher term off (the no-KD baselines)."""
-        from dataclasses import replace
-
         return replace(self, kd_weight=0.0, feat_weight=0.0, features=[], search=DistillSearch())
 
 
