@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.export import Dim
 
 from ...errors import ConfigError
 from ..schema.sections import ONNX_PACKAGES, require_onnx
@@ -111,7 +112,6 @@ def _write_onnx(model: nn.Module, path: Path, checks: list[torch.Tensor], opset:
     require_onnx(f"{key}.onnx")
     import onnx
     import onnxruntime as ort
-    from torch.export import Dim
 
     example = checks[0]
     axes = {0: Dim.DYNAMIC, **({d: Dim.DYNAMIC for d in range(2, example.ndim)} if dynamic_spatial else {})}
