@@ -17,7 +17,7 @@ from lorkd.data.multitask import MultiTaskDataset, collate_task_batch
 from lorkd.data.paths import shared_data_dir
 from lorkd.errors import ConfigError, DataError
 from lorkd.models.classifier import MultiTaskClassifier
-from lorkd.pipelines.recipes.classification import load_tasks
+from lorkd.pipelines.recipes.classification import load_image_tasks
 from lorkd.pipelines.schema import ClassificationConfig
 from lorkd.models.backbones import backbone_spec
 
@@ -86,7 +86,7 @@ def test_mixing_2d_and_3d_is_refused(tmp_path):
     cfg = from_dict(ClassificationConfig, {"data": {"tasks": [{"name": "vol", "path": str(tmp_path / "vol.npz")},
                                                               {"name": "img", "path": str(tmp_path / "img.npz")}]}})
     with pytest.raises(ConfigError, match=r"data\.tasks: the tasks mix 2D images and 3D volumes.*vol \(3D.*img \(2D"):
-        load_tasks(cfg)
+        load_image_tasks(cfg)
 
 
 @pytest.mark.slow

@@ -82,13 +82,13 @@ def test_a_partly_given_section_keeps_its_own_defaults(tmp_path):
 
 def test_data_max_train_caps_every_task_the_same_way_and_is_checked():
     from lorkd.config import from_dict
-    from lorkd.pipelines.recipes.classification import load_tasks
+    from lorkd.pipelines.recipes.classification import load_image_tasks
     from lorkd.pipelines.schema import ClassificationConfig
 
     data = {"synthetic": {"num_tasks": 2, "size": 8, "n_train": 48, "n_val": 8, "n_test": 8}}
-    full = load_tasks(from_dict(ClassificationConfig, {"data": data}))
-    capped = load_tasks(from_dict(ClassificationConfig, {"data": {**data, "max_train": 12}, "seed": 1}))
-    again = load_tasks(from_dict(ClassificationConfig, {"data": {**data, "max_train": 12}, "seed": 2}))
+    full = load_image_tasks(from_dict(ClassificationConfig, {"data": data}))
+    capped = load_image_tasks(from_dict(ClassificationConfig, {"data": {**data, "max_train": 12}, "seed": 1}))
+    again = load_image_tasks(from_dict(ClassificationConfig, {"data": {**data, "max_train": 12}, "seed": 2}))
     for f, a, b in zip(full, capped, again):
         assert a.num_samples("train") == 12 and np.array_equal(a.images["train"], b.images["train"])  # any seed
         share = f.class_counts("train") / f.num_samples("train")

@@ -134,23 +134,23 @@ def test_recipe_writes_and_reuses_the_split(tmp_path):
     cfg = from_dict(SegmentationConfig, {k: v for k, v in tiny_config(
         [{"name": "t", "path": str(root), "num_classes": 3}], [4, 8, 8]).items() if k != "recipe"})
     out = tmp_path / "run"
-    tasks = S.load_tasks(cfg, out)
+    tasks = S.load_volume_tasks(cfg, out)
     saved = json.loads((out / "split_t.json").read_text())
     assert saved == tasks[0].split_ids()
     pats = [{c.split("_")[0] for c in saved[s]} for s in ("train", "val", "test")]
     assert not (pats[0] & pats[1] or pats[0] & pats[2] or pats[1] & pats[2])
     cfg.data.seed = 7  # a different seed would give another split; the saved one wins
-    assert S.load_tasks(cfg, out)[0].split_ids() == saved
+    assert S.load_volume_tasks(cfg, out)[0].split_ids() == saved
 
 
 def test_data_max_train_keeps_the_same_training_cases_and_the_full_split_file(tmp_path):
     root = write_h5_task(tmp_path / "t", patients=6)
     base = {k: v for k, v in tiny_config([{"name": "t", "path": str(root), "num_classes": 3}], [4, 8, 8]).items()
             if k != "recipe"}
-    full = S.load_tasks(from_dict(SegmentationConfig, base))[0].split_ids()
+    full = S.load_volume_tasks(from_dict(SegmentationConfig, base))[0].split_ids()
     capped = from_dict(SegmentationConfig, {**base, "data": {**base["data"], "max_train": 2}})
-    a = S.load_tasks(capped, tmp_path / "run")[0].split_ids()
-    b = S.load_tasks(capped, tmp_path / "run")[0].split_ids()
+    a = S.load_volume_tasks(capped, tmp_path / "run")[0].split_ids()
+    b = S.load_volume_tasks(capped, tmp_path / "run")[0].split_ids()
     assert a == b and len(a["train"]) == 2 and set(a["train"]) < set(full["train"])
     assert a["val"] == full["val"] and a["test"] == full["test"]
     assert json.loads((tmp_path / "run" / "split_t.json").read_text()) == full  # the split file holds every case
@@ -203,7 +203,7 @@ def test_evaluation_of_a_perfect_predictor_gives_dice_one(tmp_path):
     cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "t", "path": str(root)}], "patch_size": [4, 8, 8],
                                                   "preprocess": {"normalize": "none"}}})
     run = S.SegmentationRecipe(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
-    result = S.evaluate_network(_Oracle(None, 3), run.test_set, run, tasks=[0], hd95=True)[0]
+    result = S.score_volumes(_Oracle(None, 3), run.test_set, run, tasks=[0], hd95=True)[0]
     assert result["dice"] == pytest.approx(1.0) and result["dice_1"] == 1.0 and result["dice_2"] == 1.0
     assert result["hd95"] == pytest.approx(0.0)
 
@@ -243,14 +243,14 @@ def test_evaluation_on_the_original_grid_in_mm_with_misses_counted(tmp_path):
     assert tuple(meta["original_spacing"]) == tuple(spacing)
     assert run.test_set.original_label(0).shape == (6, 20, 20)
     # the oracle predicts on the halved grid; its logits resampled back give the original label exactly
-    result = S.evaluate_network(_Oracle(None, 2), run.test_set, run, hd95=True)[0]
+    result = S.score_volumes(_Oracle(None, 2), run.test_set, run, hd95=True)[0]
     assert result["dice"] == 1.0 and result["hd95"] == 0.0
     assert result["missed"] == 0 and result["spurious"] == 0 and result["cases"] == 1
     pred = S.predict_case(_Oracle(None, 2), image, 0, run, (6, 20, 20))
     np.testing.assert_array_equal(pred, run.test_set.original_label(0))
     # a network that finds nothing: the structure is missed in the one test case, Dice 0 and HD95
     # the original image's diagonal in mm (not dropped, not in voxels of the halved grid)
-    empty = S.evaluate_network(_Empty(), run.test_set, run, hd95=True)[0]
+    empty = S.score_volumes(_Empty(), run.test_set, run, hd95=True)[0]
     assert empty["missed"] == empty["missed_1"] == 1 and empty["spurious"] == 0
     assert empty["dice"] == 0.0
     assert empty["hd95"] == pytest.approx(np.sqrt((6 * 4.0) ** 2 + 2 * (20 * 0.75) ** 2), rel=1e-6)

@@ -461,7 +461,7 @@ def _intervals_section(metrics: Mapping[str, Any], keys: Sequence[str]) -> list[
 
 def _structure_section(tasks: Mapping[str, Any]) -> list[str]:
     """Segmentation only: per task and model, the cases with a missed / spurious structure
-    (keys ``missed``, ``spurious``, ``cases`` of :func:`lorkd.pipelines.recipes.segmentation.evaluate_network`)."""
+    (keys ``missed``, ``spurious``, ``cases`` of :func:`lorkd.pipelines.recipes.segmentation.score_volumes`)."""
     models = [m for m in _models(tasks) if any(isinstance((tasks.get(t) or {}).get(m), Mapping)
                                                and "missed" in tasks[t][m] for t in tasks)]
     if not models:

@@ -39,7 +39,7 @@ log = logging.getLogger("lorkd")
 
 
 # ---------------------------------------------------------------------------------------- data
-def load_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
+def load_image_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
     """The tasks of the config: its ``.npz`` files, or the embedded synthetic set, each capped to
     ``data.max_train`` training images (:func:`~lorkd.data.medmnist.cap_train`, seed
     ``data.cap_seed``: the same subset for every model and seed).
@@ -105,7 +105,7 @@ def make_dataset(cfg: ClassificationConfig, tasks: list[ClassificationTask], spl
                             mean=d.mean, std=d.std, seed=cfg.seed)
 
 
-def data_summary(tasks: list[ClassificationTask], teacher_n_train: list[int] | None = None) -> list[dict[str, Any]]:
+def image_data_summary(tasks: list[ClassificationTask], teacher_n_train: list[int] | None = None) -> list[dict[str, Any]]:
     """Per task: name, source, classes, channels, sizes and ``n_<split>`` (with ``teacher_n_train``:
     also ``n_train_teacher``, when a run's teacher trains on more images than its students)."""
     rows = [{"name": t.name, "source": str(t.source), "num_classes": t.num_classes, "channels": t.channels,
@@ -139,7 +139,7 @@ class ClassificationRecipe(DecompositionRecipe):
     def __init__(self, cfg: ClassificationConfig, out: Path, ctx: DistributedContext, resume: bool = False,
                  progress: bool = True) -> None:
         super().__init__(cfg, out, ctx, resume, progress)
-        pool = load_tasks(cfg)
+        pool = load_image_tasks(cfg)
         self.tasks = [student_subset(t, cfg.data.student_n_train, cfg.data.cap_seed) for t in pool]
         self.names = [t.name for t in self.tasks]
         self.train_set = make_dataset(cfg, self.tasks, "train", augment=True)
@@ -195,8 +195,8 @@ class ClassificationRecipe(DecompositionRecipe):
     # ---- scoring
     def score(self, model: nn.Module, data: MultiTaskDataset, tasks: list[int] | None = None,
               keep: dict[int, dict[str, np.ndarray]] | None = None, final: bool = False) -> dict[int, dict[str, float]]:
-        """Accuracy and AUC per task (:func:`evaluate_network`)."""
-        return evaluate_network(model, data, self.ctx.device, tasks, keep=keep)
+        """Accuracy and AUC per task (:func:`score_images`)."""
+        return score_images(model, data, self.ctx.device, tasks, keep=keep)
 
     # ---- export and evaluation
     def expert_card(self, t: int) -> dict[str, Any]:
@@ -233,7 +233,7 @@ class ClassificationRecipe(DecompositionRecipe):
             "latency_ms": {"teacher": M.cpu_latency_ms(teacher_plain, batch, ev.latency_repeats) / ev.latency_batch,
                            "expert": M.cpu_latency_ms(expert_plain, batch, ev.latency_repeats) / ev.latency_batch},
             "latency_batch": ev.latency_batch,
-            "data": data_summary(self.tasks, self.teacher_train_set.task_sizes
+            "data": image_data_summary(self.tasks, self.teacher_train_set.task_sizes
                                  if self.teacher_train_set is not self.train_set else None),
             "models": self.model_descriptions,
             "majority": {t.name: majority_rate(t.labels["train"], t.num_classes,
@@ -271,7 +271,7 @@ def predict_probs(model: nn.Module, dataset: MultiTaskDataset, device: torch.dev
     return result
 
 
-def evaluate_network(model: nn.Module, dataset: MultiTaskDataset, device: torch.device,
+def score_images(model: nn.Module, dataset: MultiTaskDataset, device: torch.device,
                      tasks: list[int] | None = None, keep: dict[int, dict[str, np.ndarray]] | None = None
                      ) -> dict[int, dict[str, float]]:
     """``{task: {"acc": .., "auc": ..}}`` of ``model`` on ``dataset``; with ``keep``, also

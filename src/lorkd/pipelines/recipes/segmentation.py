@@ -14,7 +14,7 @@ evaluation (sliding-window inference, Dice and HD95 per class) are this module's
 * Metrics are computed on each case's original grid: the logits are resampled back from the
   preprocessed grid to the original shape, and compared with the label as read; HD95 is in mm of
   the file's spacing (HDF5 without spacing: 1 mm per voxel). Missed / spurious structures are
-  counted per class and get an HD95 penalty (see :func:`evaluate_network`).
+  counted per class and get an HD95 penalty (see :func:`score_volumes`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from ..schema.segmentation import SegNet
 log = logging.getLogger("lorkd")
 
 # ---------------------------------------------------------------------------------------- data
-def load_tasks(cfg: SegmentationConfig, out: Path | None = None, write: bool = True) -> list[SegmentationTaskData]:
+def load_volume_tasks(cfg: SegmentationConfig, out: Path | None = None, write: bool = True) -> list[SegmentationTaskData]:
     """Scan every task of the config and split it by patient.
 
     With ``out``, an existing ``out/split_<task>.json`` is reused (so every stage and a resumed
@@ -87,7 +87,7 @@ def load_tasks(cfg: SegmentationConfig, out: Path | None = None, write: bool = T
     return tasks
 
 
-def data_summary(tasks: list[SegmentationTaskData]) -> list[dict[str, Any]]:
+def volume_data_summary(tasks: list[SegmentationTaskData]) -> list[dict[str, Any]]:
     return [{"name": t.name, "source": t.root, "num_classes": t.num_classes, "channels": t.in_channels,
              "spatial_dims": t.spatial_dims, **{f"n_{s}": len(t.splits.get(s, [])) for s in ("train", "val", "test")}}
             for t in tasks]
@@ -118,7 +118,7 @@ class SegmentationRecipe(DecompositionRecipe):
     def __init__(self, cfg: SegmentationConfig, out: Path, ctx: DistributedContext, resume: bool = False,
                  progress: bool = True) -> None:
         super().__init__(cfg, out, ctx, resume, progress)
-        self.tasks = load_tasks(cfg, self.out, write=ctx.is_main)
+        self.tasks = load_volume_tasks(cfg, self.out, write=ctx.is_main)
         self.names = [t.name for t in self.tasks]
         self.num_classes = [t.num_classes for t in self.tasks]
         self.patch = tuple(cfg.data.patch_size)
@@ -195,9 +195,9 @@ class SegmentationRecipe(DecompositionRecipe):
 
     def score(self, model: nn.Module, data: VolumeDataset, tasks: list[int] | None = None,
               keep: dict[int, dict[str, np.ndarray]] | None = None, final: bool = False) -> dict[int, dict[str, float]]:
-        """Dice per task on whole volumes (:func:`evaluate_network`); ``final``: also HD95 when
+        """Dice per task on whole volumes (:func:`score_volumes`); ``final``: also HD95 when
         ``evaluate.hd95``."""
-        return evaluate_network(model, data, self, tasks, hd95=final and self.cfg.evaluate.hd95, keep=keep)
+        return score_volumes(model, data, self, tasks, hd95=final and self.cfg.evaluate.hd95, keep=keep)
 
     # ---- export and evaluation
     def expert_card(self, t: int) -> dict[str, Any]:
@@ -223,7 +223,7 @@ class SegmentationRecipe(DecompositionRecipe):
             "latency_ms": {"teacher": M.cpu_latency_ms(teacher_plain, example, reps),
                            "expert": M.cpu_latency_ms(expert_plain, example, reps)},
             "latency_batch": 1, "latency_input": f"one patch {list(self.patch)}",
-            "data": data_summary(self.tasks),
+            "data": volume_data_summary(self.tasks),
             "models": self.model_descriptions,
             "notes": list(NOTES),
         }
@@ -253,7 +253,7 @@ def predict_case(model: nn.Module, image: torch.Tensor, task: int, run: Segmenta
     return logits.argmax(0).numpy()
 
 
-def evaluate_network(model: nn.Module, dataset: VolumeDataset, run: SegmentationRecipe, tasks: list[int] | None = None,
+def score_volumes(model: nn.Module, dataset: VolumeDataset, run: SegmentationRecipe, tasks: list[int] | None = None,
                      hd95: bool = False, keep: dict[int, dict[str, np.ndarray]] | None = None
                      ) -> dict[int, dict[str, float]]:
     """``{task: {"dice", "dice_<c>"..., ["hd95", "hd95_<c>"...], "missed", "spurious", "missed_<c>",
