@@ -386,7 +386,7 @@ def read_segmentation_input(path: Path, image_key: str = "image") -> tuple[np.nd
     Raises:
         DataError: a missing, unreadable or unsupported file (names it and the field).
     """
-    from ..data.volumes import _image_to_array, _pil_open
+    from ..data.segmentation import _image_to_array, _pil_open
 
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -431,8 +431,7 @@ def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...
     Raises:
         DataError: the input's dimensions or channels do not fit the expert (names ``name``).
     """
-    from ..data.segmentation import Preprocess, _fit_channels, preprocess_case
-    from ..data.volumes import Case
+    from ..data.segmentation import Case, Preprocess, _fit_channels, preprocess_case
     from ..engine.inference import sliding_window_logits
 
     spatial = image.ndim - 1
@@ -488,7 +487,7 @@ def to_orientation(image: np.ndarray, affine: np.ndarray, codes: str, name: str 
     Raises:
         DataError: the affine or the codes cannot be used (names the file).
     """
-    from ..data.volumes import reorient
+    from ..data.segmentation import reorient
 
     try:
         moved, new_affine, from_codes = reorient(image, affine, to=codes, channels_first=True)
@@ -565,7 +564,7 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
             image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], str(path))
         mask = segment(model, image, spacing, card, dev, str(path))
         if back is not None:
-            from ..data.volumes import reorient
+            from ..data.segmentation import reorient
 
             mask = np.ascontiguousarray(reorient(mask, affine, to=back)[0])
         written = write_mask(mask, path, geometry, folder)

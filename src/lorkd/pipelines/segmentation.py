@@ -31,14 +31,15 @@ from torch import nn
 
 from ..data.paths import locate
 from ..data.segmentation import (
+    CANONICAL_ORIENTATION,
     PatchDataset,
     SegmentationTaskData,
     VolumeCache,
     VolumeDataset,
     load_segmentation_task,
+    probe_spacing,
     resample,
 )
-from ..data.volumes import CANONICAL_ORIENTATION, probe_spacing
 from ..distill import dice_ce_loss
 from ..engine import metrics as M
 from ..engine.distributed import DistributedContext
