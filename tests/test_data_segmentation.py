@@ -15,8 +15,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import lorkd.data.segmentation as seg
+import lorkd.data.segmentation.cache as seg_cache
 from lorkd.data.paths import shared_data_dir
 from lorkd.data.segmentation import (
+    Case,
+    CaseRef,
     PatchDataset,
     Preprocess,
     SegmentationTaskData,
@@ -31,7 +34,6 @@ from lorkd.data.segmentation import (
     save_split,
     split_cases,
 )
-from lorkd.data.volumes import Case, CaseRef
 from lorkd.errors import ConfigError, DataError
 
 
@@ -382,7 +384,7 @@ def test_cache_reads_each_case_once(tmp_path, monkeypatch):
     task = load_segmentation_task("t", root, num_classes=2, split={"train": 1.0})
     calls = []
     real = seg.load_case
-    monkeypatch.setattr(seg, "load_case", lambda ref: calls.append(ref.case_id) or real(ref))
+    monkeypatch.setattr(seg_cache, "load_case", lambda ref: calls.append(ref.case_id) or real(ref))
     ds = PatchDataset([task], patch_size=(8, 8, 8), samples_per_epoch=30,
                       preprocess=Preprocess(scale=(1.0, 0.5, 0.5)))
     for epoch in range(2):

@@ -1,4 +1,4 @@
-"""Tests of lorkd.data.volumes: HDF5, MSD (NIfTI) and 2D image/mask readers and their errors."""
+"""Tests of lorkd.data.segmentation's readers: HDF5, MSD (NIfTI) and 2D image/mask readers and their errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from lorkd.data.paths import shared_data_dir
-from lorkd.data.volumes import (
+from lorkd.data.segmentation import (
     Case,
     CaseRef,
     default_patient_rule,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from ..data.segmentation import Case, Preprocess, fit_channels, image_to_array, pil_open, preprocess_case, reorient
 from ..engine.inference import sliding_window_logits
 from ..errors import DataError
 from ..experts import load_expert, read_card
@@ -383,8 +384,6 @@ def read_segmentation_input(path: Path, image_key: str = "image") -> tuple[np.nd
     Raises:
         DataError: a missing, unreadable or unsupported file (names it and the field).
     """
-    from ..data.volumes import _image_to_array, _pil_open
-
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     kind = _suffix(path)
@@ -409,7 +408,7 @@ def read_segmentation_input(path: Path, image_key: str = "image") -> tuple[np.nd
             raise DataError(f"{path}: cannot read the HDF5 file ({err})") from err
         return data[None], (1.0,) * data.ndim, None
     if kind in IMAGE_SUFFIXES:
-        return _image_to_array(_pil_open(str(path), "image")), (1.0, 1.0), None
+        return image_to_array(pil_open(str(path), "image")), (1.0, 1.0), None
     raise DataError(f"{path}: unsupported input type {kind!r}; give NIfTI (.nii/.nii.gz), HDF5 (.h5) or image files")
 
 
@@ -424,8 +423,6 @@ def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...
     Raises:
         DataError: the input's dimensions or channels do not fit the expert (names ``name``).
     """
-    from ..data.segmentation import Preprocess, _fit_channels, preprocess_case
-    from ..data.volumes import Case
     spatial = image.ndim - 1
     if spatial not in (card["spatial_dims"], card["spatial_dims"] + 1):
         raise DataError(f"{name}: input of shape {image.shape} ([C, *spatial]) does not fit this "
@@ -437,7 +434,7 @@ def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...
     shape = image.shape[1:]
     case = Case("input", "input", image, np.zeros(shape, np.int64), tuple(spacing), None, "")
     case, _ = preprocess_case(case, prep)
-    x = torch.from_numpy(_fit_channels(case.image, card["in_channels"], card.get("channel_fill", "zeros")).copy())
+    x = torch.from_numpy(fit_channels(case.image, card["in_channels"], card.get("channel_fill", "zeros")).copy())
     inf = card["inference"]
     logits = sliding_window_logits(model, x, inf["roi_size"], inf["overlap"], inf["sw_batch_size"], inf["mode"], device)
     if tuple(logits.shape[1:]) != tuple(shape):
@@ -470,7 +467,7 @@ def _task_channels(image: np.ndarray, card: dict[str, Any], name: str) -> np.nda
 
 def to_orientation(image: np.ndarray, affine: np.ndarray, codes: str, name: str = "input") -> tuple[np.ndarray, tuple[float, ...], np.ndarray, str]:
     """Flip / transpose a NIfTI volume ``[C, X, Y, Z]`` to the axis codes the expert was trained in
-    (card ``orientation``, e.g. ``"SPL"``) with :func:`lorkd.data.volumes.reorient`; exact.
+    (card ``orientation``, e.g. ``"SPL"``) with :func:`lorkd.data.segmentation.reorient`; exact.
 
     Returns:
         ``(image [C, *spatial'], spacing', affine', from_codes)``: reorienting a mask ``[*spatial']``
@@ -479,8 +476,6 @@ def to_orientation(image: np.ndarray, affine: np.ndarray, codes: str, name: str 
     Raises:
         DataError: the affine or the codes cannot be used (names the file).
     """
-    from ..data.volumes import reorient
-
     try:
         moved, new_affine, from_codes = reorient(image, affine, to=codes, channels_first=True)
     except DataError as err:
@@ -552,9 +547,7 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
             image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], str(path))
         mask = segment(model, image, spacing, card, dev, str(path))
         if back is not None:
-            from ..data.volumes import reorient
-
-            mask = np.ascontiguousarray(reorient(mask, affine, to=back)[0])
+                    mask = np.ascontiguousarray(reorient(mask, affine, to=back)[0])
         written = write_mask(mask, path, geometry, folder)
         counts = np.bincount(mask.reshape(-1), minlength=card["classes"])
         rows.append({"input": str(path), "mask": str(written), "shape": "x".join(map(str, mask.shape)),

@@ -30,14 +30,15 @@ from torch import nn
 
 from ...data.paths import locate
 from ...data.segmentation import (
+    CANONICAL_ORIENTATION,
     PatchDataset,
     SegmentationTaskData,
     VolumeCache,
     VolumeDataset,
     load_segmentation_task,
+    probe_spacing,
     resample,
 )
-from ...data.volumes import CANONICAL_ORIENTATION, probe_spacing
 from ...distill import dice_ce_loss
 from ...engine import metrics as M
 from ...engine.distributed import DistributedContext
@@ -344,9 +345,9 @@ def _geometry_card(run: SegmentationRecipe, t: int) -> dict[str, Any]:
     """Card keys that say how the training volumes were laid out, so ``predict`` handles a new
     volume the same way:
 
-    * ``orientation``: ``"SPL"`` (:data:`~lorkd.data.volumes.CANONICAL_ORIENTATION`) when the task
+    * ``orientation``: ``"SPL"`` (:data:`~lorkd.data.segmentation.CANONICAL_ORIENTATION`) when the task
       is NIfTI (every 3D NIfTI is reoriented to it on read: reorient an input with
-      :func:`lorkd.data.volumes.reorient` before inference and the mask back to the file's own
+      :func:`lorkd.data.segmentation.reorient` before inference and the mask back to the file's own
       codes after); ``null``: arrays in the file's own axis order (HDF5, 2D images).
     * ``axis_order``: names of the data axes in that order (``["S", "P", "L"]`` for NIfTI, else
       ``["axis0", "axis1", ...]`` of the file).
