@@ -251,11 +251,11 @@ def _segmentation_expert(folder: Path, in_channels: int, task_channels: int) -> 
 
 
 def test_segmentation_predict_repeats_gray_for_a_colour_expert_and_warns(tmp_path, monkeypatch, caplog, capsys):
-    from lorkd.engine import inference
+    from lorkd.pipelines import predict
 
     seen = []
-    real = inference.sliding_window_logits
-    monkeypatch.setattr(inference, "sliding_window_logits", lambda m, x, *a: seen.append(x) or real(m, x, *a))
+    real = predict.sliding_window_logits
+    monkeypatch.setattr(predict, "sliding_window_logits", lambda m, x, *a: seen.append(x) or real(m, x, *a))
     gray = _save(tmp_path / "gray.png", _gray(1))
     colour = _segmentation_expert(tmp_path / "rgb", 3, 3)
     with caplog.at_level(logging.WARNING, logger="lorkd"):
