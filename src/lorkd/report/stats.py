@@ -4,7 +4,7 @@
 >>> diff = paired_bootstrap_difference(accuracy_stat, (probs_e, labels), (probs_t, labels))
 >>> verdict(diff)                                                     # "beats" | "ties" | "is below"
 
-Method (documented in the README, section "Statistics"):
+Method (documented in docs/reports.md):
 
 * **Resampling.** ``N_RESAMPLES = 2000`` resamples of the test samples (classification: images;
   segmentation: cases) drawn with replacement, from ``numpy.random.default_rng(SEED)`` with

@@ -1,7 +1,7 @@
 """``lorkd transfer``: a foundation model and its experts on downstream tasks they have not seen.
 
 The foundation model is a lorkd run's teacher or any model of ``foundation.source``
-(:mod:`lorkd.pipelines.transfer_foundation`); either way a backbone giving features ``[B, F]``.
+(:mod:`lorkd.pipelines.recipes.transfer_foundation`); either way a backbone giving features ``[B, F]``.
 
 For each downstream task and seed, every method of ``methods`` is trained with the same budget
 (``train``), augmentation and selection on validation (the epoch with the best validation accuracy,

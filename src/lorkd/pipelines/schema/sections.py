@@ -71,7 +71,7 @@ class FeaturePair:
 @dataclass
 class DistillSearch:
     """A grid over the distillation settings, scored on the validation split (see
-    :mod:`lorkd.pipelines.search`); off while every list is empty. An empty list keeps the
+    :mod:`lorkd.pipelines.stages.search`); off while every list is empty. An empty list keeps the
     configured value; ``feat_weight`` sets the weight of every feature term that is on
     (``feat_weight`` > 0 and each of ``features``); ``epochs``: the budget of each candidate
     (default: ``student.train.epochs``)."""
@@ -107,7 +107,7 @@ class Distill:
 
     ``feat_weight``/``feat_kind``: feature KD between the final features of student and teacher
     (pooled ``[B, F]`` for classification, the feature map for segmentation); ``features``: more
-    pairs of named layers. Both are terms of one mechanism (:mod:`lorkd.pipelines.features`)."""
+    pairs of named layers. Both are terms of one mechanism (:mod:`lorkd.pipelines.core.features`)."""
 
     ce_weight: float = 1.0
     kd_weight: float = 1.0
@@ -172,7 +172,7 @@ TEACHER_KINDS = ("lorkd", "state_dict", "torchscript", "monai_bundle", "torchvis
 
 @dataclass
 class TeacherSource:
-    """Where the foundation model comes from (README "Use your own foundation model").
+    """Where the foundation model comes from (docs/foundation.md).
 
     ``lorkd``: a ``teacher/`` folder of an earlier run; ``state_dict``: a weights file plus the
     architecture (``factory`` + ``kwargs``, else the backbone ``teacher.net``); ``torchscript``; a
@@ -290,7 +290,7 @@ class Evaluate:
 @dataclass
 class Export:
     """Formats of every expert beside ``expert.safetensors`` + ``card.json`` (see
-    :mod:`lorkd.pipelines.export_formats`); each file is reloaded and checked against PyTorch."""
+    :mod:`lorkd.pipelines.core.export_formats`); each file is reloaded and checked against PyTorch."""
 
     onnx: bool = False  # expert.onnx (needs `pip install lorkd[onnx]`), checked with ONNX Runtime
     torchscript: bool = False  # expert.torchscript.pt (torch.jit.trace), checked with torch.jit.load

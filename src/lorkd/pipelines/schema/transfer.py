@@ -1,4 +1,4 @@
-"""The configuration tree of ``lorkd transfer`` (see README "Transfer")."""
+"""The configuration tree of ``lorkd transfer`` (see docs/transfer.md)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ Method = Literal["scratch", "foundation_ft", "foundation_lp", "expert_ft", "expe
 
 @dataclass
 class FoundationSection:
-    """Where the foundation model and its experts come from (README "Transfer"): exactly one of
+    """Where the foundation model and its experts come from (docs/transfer.md): exactly one of
 
     ``run``: a folder written by ``lorkd run``: its ``teacher/`` is the foundation model, its
     ``experts/<task>/`` the exported experts; ``experts``: the names of the experts to use
