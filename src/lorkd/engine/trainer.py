@@ -1,10 +1,10 @@
 """The training loop shared by every pipeline: optimiser, schedule, AMP, checkpoints, resume, logs.
 
 The engine knows nothing about the model or the task: a pipeline hands :func:`fit` a model, an
-*objective* and a task-mixing dataset with its :class:`~lorkd.data.multitask.TaskBatchSampler`.
+*objective* and a task-mixing dataset with its :class:`~lorkd.data.batching.TaskBatchSampler`.
 
 An objective is any callable ``objective(model, batch, global_counts) -> StepLoss`` where ``model``
-is the (possibly DDP-wrapped) module to call, ``batch`` a :class:`~lorkd.data.multitask.TaskBatch`
+is the (possibly DDP-wrapped) module to call, ``batch`` a :class:`~lorkd.data.batching.TaskBatch`
 already on the device and ``global_counts`` the int64 ``[T]`` task counts of the global batch
 (see :func:`lorkd.engine.distributed.per_task_mean` for how to normalise per-task losses with them).
 
@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from lorkd.data.multitask import collate_task_batch
+from lorkd.data.batching import collate_task_batch
 from lorkd.errors import ConfigError, TrainingError
 from lorkd.experts import ExpertModel, keep_absent_experts
 from lorkd.fileio import write_atomic
@@ -260,7 +260,7 @@ def fit(
         objective: ``objective(wrapped_model, batch_on_device, global_counts [T]) -> StepLoss``.
         dataset: map-style dataset of ``(image, label, task_id)`` items; ``set_epoch(e)`` is called
             each epoch if it has one.
-        sampler: a :class:`~lorkd.data.multitask.TaskBatchSampler` (``set_epoch``, ``advance``,
+        sampler: a :class:`~lorkd.data.batching.TaskBatchSampler` (``set_epoch``, ``advance``,
             ``state_dict``/``load_state_dict``, ``__len__``), built for ``ctx``'s rank and world size;
             with several ranks it must give every rank the same number of batches (``drop_last=True``).
         cfg: see :class:`FitConfig`.
