@@ -149,6 +149,29 @@ def test_dice_ce_matches_monai(include_background):
     assert dice_ce_loss(logits, labels, include_background).item() == pytest.approx(ref.item(), rel=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 16), (2, 3, 8, 8), (1, 2, 5, 6, 7), (2, 5, 4, 4, 4)], ids=["1d", "2d", "3d", "3d-5"])
+@pytest.mark.parametrize("include_background", [False, True])
+@pytest.mark.parametrize("labels_kind", ["random", "empty-class", "background-only", "channel-dim"])
+def test_dice_ce_agrees_with_monai_to_float_rounding(shape, include_background, labels_kind):
+    # MONAI's denominator 2 * (tp + fp + fn) rounds differently (see dice_ce_loss's docstring)
+    from monai.losses import DiceCELoss
+
+    g = torch.Generator().manual_seed(sum(shape) * 10 + len(labels_kind))
+    logits = (torch.randn(shape, generator=g) * 3).requires_grad_()
+    labels = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    if labels_kind == "empty-class":
+        labels[labels == shape[1] - 1] = 0
+    elif labels_kind == "background-only":
+        labels.zero_()
+    got = dice_ce_loss(logits, labels[:, None] if labels_kind == "channel-dim" else labels, include_background,
+                       smooth=1e-4, lambda_dice=0.7, lambda_ce=1.3)
+    ref = DiceCELoss(include_background=include_background, to_onehot_y=True, softmax=True, smooth_nr=1e-4,
+                     smooth_dr=1e-4, lambda_dice=0.7, lambda_ce=1.3)(logits, labels[:, None])
+    (grad_got,) = torch.autograd.grad(got, logits)
+    (grad_ref,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_got, grad_ref, rtol=1e-5, atol=1e-7)
+
 def test_dice_ce_errors():
     with pytest.raises(ValueError, match="labels shape"):
         dice_ce_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 5, dtype=torch.long))

@@ -1,5 +1,5 @@
 """The training loop (lorkd.engine.trainer): optimiser groups, schedule, non-finite losses, best
-checkpoints, resume checks, and (slow) exact resume after SIGKILL."""
+checkpoints, resume checks, handlers and early stopping, and (slow) exact resume after SIGKILL."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from lorkd.engine import (
     DistributedContext, FitConfig, OptimConfig, StepLoss, build_optimizer, build_scheduler, fit, load_checkpoint,
     per_task_mean,
 )
+from lorkd.engine.handlers import EVENTS, Handler
 from lorkd.errors import ConfigError, TrainingError
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_toy.py"
@@ -279,3 +280,134 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, uninterrupted, e
     hist = lambda p: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
                       for x in (p / "history.jsonl").read_text().splitlines()]
     assert hist(out) == hist(uninterrupted)
+
+
+# ---------------------------------------------------------------------------------------------
+# handlers and early stopping
+class Recorder(Handler):
+    """Records every event; keeps a checkpointed count of steps."""
+
+    state_key = "recorder"
+
+    def __init__(self):
+        self.events, self.steps, self.loaded = [], 0, None
+
+    def __getattribute__(self, name):
+        if name in EVENTS or name == "close":
+            events = object.__getattribute__(self, "events")
+            return lambda loop: events.append((name, loop.state.epoch, loop.state.global_step,
+                                               dict(loop.state.row) if name == "epoch_completed" else None))
+        return object.__getattribute__(self, name)
+
+    def state_dict(self):
+        return {"steps": sum(1 for e in self.events if e[0] == "iteration_completed")}
+
+    def load_state_dict(self, state):
+        self.loaded = state
+
+
+def test_user_handler_receives_events_in_order_and_its_state_is_checkpointed(tmp_path):
+    data, model, sampler = _setup()
+    rec = Recorder()
+    res = fit(model, _objective(), data, sampler, _cfg(select_metric="acc"), tmp_path, DistributedContext(),
+              evaluate=lambda m: {"acc": 0.5}, task_names=NAMES, handlers=[rec])
+    names = [e[0] for e in rec.events]
+    epoch = ["epoch_started"] + ["iteration_started", "iteration_completed"] * 12 + ["epoch_completed"]
+    assert names == ["started", *epoch, *epoch, "completed", "close"]
+    steps = [e[2] for e in rec.events if e[0] == "iteration_completed"]
+    assert steps == list(range(1, 25))
+    ends = [e for e in rec.events if e[0] == "epoch_completed"]
+    assert [(e[1], e[2]) for e in ends] == [(0, 12), (1, 24)]
+    assert ends[0][3]["val/acc"] == 0.5 and ends[0][3] == res.history[0]  # after validation, as logged
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["handlers"] == {"recorder": {"steps": 24}}
+    data, model, sampler = _setup()
+    again = Recorder()
+    fit(model, _objective(), data, sampler, _cfg(select_metric="acc"), tmp_path, DistributedContext(),
+        evaluate=lambda m: {"acc": 0.5}, task_names=NAMES, handlers=[again], resume=True)
+    assert again.loaded == {"steps": 24} and [e[0] for e in again.events] == ["started", "completed", "close"]
+
+
+class EpochOf(Handler):
+    """Which epoch is running (so that evaluate() can depend on it across a resume)."""
+
+    epoch = -1
+
+    def epoch_started(self, loop):
+        self.epoch = loop.state.epoch
+
+
+class StopAt(Handler):
+    def __init__(self, step):
+        self.step = step
+
+    def iteration_started(self, loop):
+        if loop.state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+ACC = [0.5, 0.7, 0.6, 0.6, 0.8, 0.9]  # best at epoch 1, then two epochs without improvement
+
+
+def _early(tmp_path, patience=2, resume=False, stop_at=None, epochs=6):
+    data, model, sampler = _setup()
+    now = EpochOf()
+    extra = [now] + ([StopAt(stop_at)] if stop_at else [])
+    res = fit(model, _objective(), data, sampler, _cfg(epochs=epochs, select_metric="acc", early_stop=patience,
+                                                       checkpoint_every=5),
+              tmp_path, DistributedContext(), evaluate=lambda m: {"acc": ACC[now.epoch]}, task_names=NAMES,
+              handlers=extra, resume=resume)
+    return res, model
+
+
+def test_early_stopping_stops_when_the_metric_stalls(tmp_path):
+    res, model = _early(tmp_path)
+    assert res.stopped_early and [r["epoch"] for r in res.history] == [0, 1, 2, 3]
+    assert res.best_epoch == 1 and res.best["value"] == 0.7
+    latest = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert latest["epoch"] == 3 and latest["epoch_finished"] and latest["handlers"]["early_stop"] == {"wait": 2}
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["epoch"] == 1
+    assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 4
+    # a larger patience trains on to the next improvement and beyond
+    res3, _ = _early(tmp_path / "p3", patience=3)
+    assert not res3.stopped_early and len(res3.history) == 6
+
+
+@pytest.mark.parametrize("stop_at", [27, 41], ids=["before-the-stalling-epochs", "in-the-stopping-epoch"])
+def test_resume_across_an_early_stop_is_exact(tmp_path, stop_at):
+    ref, ref_model = _early(tmp_path / "ref")
+    with pytest.raises(KeyboardInterrupt):
+        _early(tmp_path / "run", stop_at=stop_at)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["global_step"] < stop_at
+    res, model = _early(tmp_path / "run", resume=True)
+    assert res.stopped_early
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(res.history) == strip(ref.history) and res.best == ref.best
+    for (k, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    # resuming the stopped run trains no further
+    again, model2 = _early(tmp_path / "run", resume=True)
+    assert again.stopped_early and strip(again.history) == strip(ref.history)
+    for (k, a), b in zip(ref_model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_without_early_stop_every_epoch_runs(tmp_path):
+    data, model, sampler = _setup()
+    res = fit(model, _objective(), data, sampler, _cfg(epochs=3, select_metric="acc"), tmp_path, DistributedContext(),
+              evaluate=lambda m: {"acc": 0.5}, task_names=NAMES)  # never improves after epoch 0
+    assert not res.stopped_early and len(res.history) == 3
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["handlers"] == {}
+    with pytest.raises(ConfigError, match="early_stop needs select_metric"):
+        _cfg(early_stop=2).validate()
+    with pytest.raises(ConfigError, match="early_stop must be"):
+        _cfg(early_stop=0, select_metric="acc").validate()
+    with pytest.raises(ConfigError, match="early_stop needs an evaluate"):
+        fit(model, _objective(), data, sampler, _cfg(select_metric="acc", early_stop=1), tmp_path / "x",
+            DistributedContext(), task_names=NAMES)
+
+
+def test_the_engine_imports_no_medmnist_code():
+    code = "import sys, lorkd.engine; print(sorted(m for m in sys.modules if 'medmnist' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.stdout.strip() == "[]"

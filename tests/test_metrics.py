@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from monai.networks.nets import UNet
 from torch import nn
 
 from lorkd.engine.metrics import (
@@ -19,6 +20,7 @@ from lorkd.engine.metrics import (
     structure_errors,
 )
 from lorkd.errors import ConfigError, DataError
+from lorkd.models.backbones import backbone_spec, build_backbone
 
 # ---------------------------------------------------------------- accuracy
 
@@ -223,6 +225,23 @@ def test_count_flops_conv_and_linear():
     assert count_flops(net, torch.zeros(2, 3, 10, 10)) == 2 * 8 * 25 * 27 + 2 * 200 * 10
     assert net.training
 
+
+@pytest.mark.parametrize("name,expected", [
+    ("demo resnet18 2D", 16_441_856), ("unet 3D", 63_078_400), ("transformer", 28_672), ("shared linear", 900),
+])
+def test_count_flops_keeps_the_numbers_of_the_hook_counter(name, expected):
+    # expected: what the forward-hook counter reported before count_flops used FlopCounterMode
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 6)
+    net, x = {
+        "demo resnet18 2D": lambda: (build_backbone(backbone_spec("resnet18", 2, 1, widen=0.25))[0],
+                                     torch.randn(2, 1, 28, 28)),
+        "unet 3D": lambda: (UNet(3, 1, 3, (8, 16, 32), (2, 2), num_res_units=2), torch.randn(1, 1, 32, 32, 32)),
+        "transformer": lambda: (nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2,
+                                                      enable_nested_tensor=False), torch.randn(2, 7, 16)),
+        "shared linear": lambda: (nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(6, 3)), torch.randn(2, 5, 6)),
+    }[name]()
+    assert count_flops(net, x) == expected
 
 def test_cpu_latency_ms():
     m = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))

@@ -13,6 +13,7 @@ from matplotlib.image import imread
 
 from lorkd.errors import DataError
 from lorkd.errors import ConfigError
+from lorkd.fileio import read_jsonl
 from lorkd.report import (
     aggregate_runs,
     config_differences,
@@ -382,3 +383,14 @@ def test_config_differences_and_refusal_to_aggregate_different_recipes(tmp_path)
     (dirs[1] / "metrics.json").write_text(json.dumps(fake_metrics()))
     with pytest.raises(DataError, match="config"):
         write_aggregate_report(dirs, tmp_path / "s.md")
+
+
+def test_read_jsonl_is_the_one_reader_of_history_files(tmp_path):
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"epoch": 0}\n\n{"epoch": 1}\n{"epoch": 2, "cut')  # a last line cut short by a crash
+    assert read_jsonl(path) == [{"epoch": 0}, {"epoch": 1}]
+    path.write_text('{"epoch": 0}\n[1]\n')
+    with pytest.raises(DataError, match="history.jsonl:2: expected a JSON object"):
+        read_jsonl(path)
+    with pytest.raises(DataError, match="not found"):
+        read_jsonl(tmp_path / "none.jsonl")

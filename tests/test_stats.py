@@ -135,3 +135,14 @@ def test_run_statistics_picks_the_best_baseline_on_validation(tmp_path):
     assert S.verdict(d["expert - teacher"]) == "beats"
     assert set(res["intervals"]["t"]["expert"]) == {"acc", "auc"}  # no statistic for hd95
     assert res["method"]["n_resamples"] == 300 and res["method"]["interval"] == "percentile"
+
+
+def test_seed_mean_interval_is_the_bootstrap_of_the_mean_over_seeds():
+    rng = np.random.default_rng(3)
+    x = (rng.random((1, 60)) < 0.7).astype(float)  # one seed: the usual bootstrap of the accuracy
+    lo, hi = S.seed_mean_interval(x, 300, seed=4)
+    iv = S.bootstrap_interval(lambda a: float(a.mean()), [x[0]], n_resamples=300, seed=4)
+    assert (lo, hi) == pytest.approx((iv["low"], iv["high"]))
+    two = np.concatenate([x, 1 - x])  # two seeds: their mean is 0.5 on every resample
+    assert S.seed_mean_interval(two, 200) == pytest.approx((0.5, 0.5))
+    assert all(math.isnan(v) for v in S.seed_mean_interval(x, 0))

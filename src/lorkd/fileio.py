@@ -1,4 +1,8 @@
-"""Small file helpers shared by every layer: atomic writes and checked JSON reads."""
+"""Small file helpers shared by every layer: atomic writes and checked JSON / JSON-lines reads.
+
+The one place lorkd reads its JSON files (``read_json``: one object; ``read_jsonl``: one object a
+line, e.g. ``history.jsonl``), so that every reader reports a bad file the same way.
+"""
 
 from __future__ import annotations
 
@@ -66,6 +70,36 @@ def read_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object at the top level")
     return data
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (e.g. ``history.jsonl``). Blank lines are skipped, and so is
+    an unparsable *last* line when the file does not end in a newline (a write cut short by a crash).
+
+    Raises:
+        DataError: the file is missing, or a line (other than such a last one) is not valid JSON or
+            not a JSON object; the message names the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    text = path.read_text()
+    lines = text.split("\n")
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == last and not text.endswith("\n"):
+                break
+            raise DataError(f"{path}:{i + 1}: not valid JSON ({err})") from err
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{i + 1}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
+    return records
 
 
 def _jsonable(value: Any) -> Any:

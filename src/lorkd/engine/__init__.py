@@ -1,6 +1,7 @@
-"""The training engine: distributed setup, checkpoints, the training loop; metrics in :mod:`.metrics`."""
+"""The training engine: distributed setup, checkpoints, the training loop (:func:`fit`, a loop of events
+with handlers in :mod:`.handlers`); metrics in :mod:`.metrics`."""
 
-from . import metrics
+from . import handlers, metrics
 from .checkpoint import (
     RUN_MARKER,
     RUN_OUTPUTS,
@@ -12,10 +13,11 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .distributed import DistributedContext, global_task_counts, per_task_mean
+from .handlers import Handler
 from .trainer import FitConfig, FitResult, OptimConfig, StepLoss, build_optimizer, build_scheduler, fit
 
 __all__ = [
-    "CheckpointManager", "DistributedContext", "FitConfig", "FitResult", "OptimConfig", "RUN_MARKER", "RUN_OUTPUTS",
-    "StepLoss", "build_optimizer", "build_scheduler", "capture_rng_state", "fit", "global_task_counts",
-    "load_checkpoint", "metrics", "per_task_mean", "prepare_run_dir", "restore_rng_state", "save_checkpoint",
+    "CheckpointManager", "DistributedContext", "FitConfig", "FitResult", "Handler", "OptimConfig", "RUN_MARKER",
+    "RUN_OUTPUTS", "StepLoss", "build_optimizer", "build_scheduler", "capture_rng_state", "fit", "global_task_counts",
+    "handlers", "load_checkpoint", "metrics", "per_task_mean", "prepare_run_dir", "restore_rng_state", "save_checkpoint",
 ]

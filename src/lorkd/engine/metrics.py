@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from lorkd.errors import ConfigError, DataError
 
@@ -304,11 +305,15 @@ def _as_args(example_input: Any) -> tuple:
     return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
 
 
+def _no_op_hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+    return None
+
+
 def count_flops(module: nn.Module, example_input: Any) -> int:
     """Multiply-accumulates (MACs) of one forward pass of ``module(*example_input)``.
 
     Counts only calls of ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and ``nn.Linear``
-    submodules (each call counts, so a layer used twice counts twice), via forward hooks:
+    submodules (each call counts, so a layer used twice counts twice):
 
     * conv: ``output.numel() * (in_channels / groups) * prod(kernel_size)``;
     * transposed conv: ``input.numel() * (out_channels / groups) * prod(kernel_size)`` (each input
@@ -316,9 +321,13 @@ def count_flops(module: nn.Module, example_input: Any) -> int:
     * linear: ``in_features * out_features`` per row, rows = ``output.numel() / out_features``.
 
     Bias additions, normalisation, activations, pooling, attention matmuls and functional
-    ``F.conv*`` / ``F.linear`` calls are not counted. The count covers the whole batch of
-    ``example_input``. The forward runs in eval mode under ``torch.no_grad()``; the module's
-    training flag is restored afterwards.
+    ``F.conv*`` / ``F.linear`` calls (e.g. inside expert layers) are not counted. The count covers
+    the whole batch of ``example_input``. The forward runs in eval mode under ``torch.no_grad()``;
+    the module's training flag is restored afterwards.
+
+    The counting is ``torch.utils.flop_counter.FlopCounterMode``'s (per module, ``2 * MACs`` for
+    ``aten.convolution``, ``mm``, ``addmm``, ...): the sum over the conv and linear submodules of
+    the operations run inside them, halved to MACs.
 
     Args:
         module: any ``nn.Module``.
@@ -327,38 +336,24 @@ def count_flops(module: nn.Module, example_input: Any) -> int:
     Returns:
         MACs as a Python int.
     """
-    total = 0
-
-    def conv_hook(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        total += output.numel() * (m.in_channels // m.groups) * int(np.prod(m.kernel_size))
-
-    def convt_hook(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        total += inputs[0].numel() * (m.out_channels // m.groups) * int(np.prod(m.kernel_size))
-
-    def linear_hook(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        total += (output.numel() // m.out_features) * m.in_features * m.out_features
-
-    handles = []
-    for m in module.modules():
-        if isinstance(m, _CONV_TYPES):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, _CONVT_TYPES):
-            handles.append(m.register_forward_hook(convt_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
+    root = type(module).__name__  # FlopCounterMode names submodules "<root class>.<path>"
+    counted = {name: m for name, m in module.named_modules() if isinstance(m, _CONV_TYPES + _CONVT_TYPES + (nn.Linear,))}
+    layers = {f"{root}.{name}" if name else root for name in counted}
+    # A hook on each counted layer keeps fused fast paths (nn.TransformerEncoderLayer in eval mode
+    # skips its nn.Linear modules unless they have hooks) from bypassing the layers.
+    handles = [m.register_forward_hook(_no_op_hook) for m in counted.values()]
+    counter = FlopCounterMode(display=False)
     was_training = module.training
     try:
         module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             module(*_as_args(example_input))
     finally:
         for h in handles:
             h.remove()
         module.train(was_training)
-    return int(total)
+    flops = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name in layers)
+    return int(flops) // 2
 
 
 def cpu_latency_ms(module: nn.Module, example_input: Any, repeats: int = 20, warmup: int = 3) -> float:

@@ -31,6 +31,7 @@ from lorkd.fileio import read_json, write_atomic
 
 from .markdown import best_mask, fmt_value, markdown_table, teacher_guard
 from .plots import higher_is_better, model_order, to_float
+from .stats import verdict
 
 __all__ = ["aggregate_runs", "config_differences", "results_table_markdown", "write_aggregate_report"]
 
@@ -194,8 +195,6 @@ def _fmt_differences(diffs: Mapping[str, list[Any]], paths: Sequence[Path]) -> l
 
 
 def _verdict_rows(runs: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    from .stats import verdict
-
     rows = []
     tasks = list(dict.fromkeys(t for r in runs for t in ((r.get("statistics") or {}).get("differences") or {})))
     for task in tasks:

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from lorkd.errors import DataError
-from lorkd.fileio import write_atomic
+from lorkd.fileio import read_jsonl, write_atomic
 
 from .plots import (
     higher_is_better,
@@ -43,6 +43,9 @@ from .plots import (
     size_points,
     to_float,
 )
+from .search import search_section
+from .stats import verdict
+from .tables import fmt_count, fmt_value, markdown_table
 
 __all__ = [
     "NON_BASELINES",
@@ -68,48 +71,11 @@ _DATA_COLUMNS = ("name", "source", "num_classes", "channels", "n_train", "n_val"
 # --------------------------------------------------------------------------------------------
 
 
-def fmt_value(value: Any, digits: int = 3) -> str:
-    """A metric value for a table: ``n/a`` for missing/None/NaN/non-numeric, ``inf`` / ``-inf``,
-    one decimal from 100 up, else ``digits`` decimals."""
-    v = to_float(value)
-    if math.isnan(v):
-        return "n/a"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return f"{v:.1f}" if abs(v) >= 100 else f"{v:.{digits}f}"
-
-
-def fmt_count(value: Any) -> str:
-    """A large count with a unit suffix: ``11176512 -> "11.18M"``; ``n/a`` when missing."""
-    v = to_float(value)
-    if not math.isfinite(v):
-        return "n/a"
-    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= scale:
-            return f"{v / scale:.2f}{unit}"
-    return f"{v:.0f}" if v == int(v) else f"{v:.3g}"
-
-
 def _fmt_ratio(value: Any, ref: Any) -> str:
     v, r = to_float(value), to_float(ref)
     if not (math.isfinite(v) and math.isfinite(r)) or r == 0:
         return "n/a"
     return f"{v / r:.3g}×"
-
-
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
-    """A GitHub markdown table; ``|`` and newlines inside cells are escaped. ``align`` holds one
-    of ``l``/``r``/``c`` per column (default: first column left, the rest right)."""
-    align = align or ("l" + "r" * (len(header) - 1))
-    marks = {"l": ":--", "r": "--:", "c": ":-:"}
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
-             "|" + "|".join(marks.get(a, "---") for a in align) + "|"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def best_mask(values: Sequence[float], metric: str, digits: int = 3) -> list[bool]:
@@ -174,28 +140,6 @@ def _bold_row(vals: Sequence[float], metric: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of one ``history.jsonl``. Blank lines are skipped, and so is an unparsable *last*
-    line when the file does not end in a newline (a write cut short by a crash)."""
-    text = path.read_text()
-    lines = text.split("\n")
-    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            if i == last and not text.endswith("\n"):
-                break
-            raise DataError(f"{path}:{i + 1}: not valid JSON ({err})") from err
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{i + 1}: expected a JSON object, got {type(rec).__name__}")
-        records.append(rec)
-    return records
-
-
 def load_histories(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     """The training histories of a run folder: ``{STAGE: [record, ...]}``.
 
@@ -215,11 +159,11 @@ def load_histories(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     top = run_dir / "history.jsonl"
     if top.is_file():
-        for rec in _read_jsonl(top):
+        for rec in read_jsonl(top):
             out.setdefault(str(rec.get("stage", "train")), []).append(rec)
     for path in sorted(run_dir.rglob("history.jsonl")):
         if path.parent != run_dir:
-            out.setdefault(path.parent.relative_to(run_dir).as_posix(), []).extend(_read_jsonl(path))
+            out.setdefault(path.parent.relative_to(run_dir).as_posix(), []).extend(read_jsonl(path))
     return {k: out[k] for k in sorted(out)}
 
 
@@ -304,8 +248,6 @@ def _counts(verdicts: Sequence[str]) -> str:
 
 
 def _summary(metrics: Mapping[str, Any], tasks: Mapping[str, Any], primary: str) -> list[str]:
-    from .stats import verdict
-
     models = _models(tasks)
     descr = metrics.get("models") or {}
     out = ["## Summary", ""]
@@ -391,8 +333,6 @@ def headline_text(metrics: Mapping[str, Any]) -> str:
     """The report's headline as plain text for a terminal: per task the expert, the teacher and the
     best baseline (chosen on validation), each with its interval, and the verdicts of the paired
     differences; then the mean over tasks of every model."""
-    from .stats import verdict
-
     primary, tasks = metrics["primary_metric"], metrics["tasks"]
     stats = metrics.get("statistics") or {}
     intervals, differences = stats.get("intervals") or {}, stats.get("differences") or {}
@@ -613,7 +553,6 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], config: Mappin
     val = metrics.get("val")
     lines += _results_section("## Validation split", val if isinstance(val, Mapping) else {}, keys,
                               _majority(metrics, "val"))
-    from .search import search_section  # here: report.search imports this module
     lines += search_section(run_dir)
     lines += _cost_section(metrics)
     lines += _timing_section(metrics)

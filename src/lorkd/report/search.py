@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from lorkd.errors import DataError
 from lorkd.fileio import read_json
 
-from .markdown import fmt_value, markdown_table
+from .tables import fmt_value, markdown_table
 
 __all__ = ["search_section", "search_table"]
 

@@ -27,6 +27,7 @@ segmentation ``(dice [n_cases, C-1],)`` with NaN for a class absent from both pr
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 
 from lorkd.engine import metrics as M
 from lorkd.errors import DataError
+from lorkd.fileio import write_atomic
 
 __all__ = [
     "CONFIDENCE",
@@ -49,6 +51,7 @@ __all__ = [
     "paired_bootstrap_difference",
     "run_statistics",
     "save_predictions",
+    "seed_mean_interval",
     "verdict",
 ]
 
@@ -183,6 +186,39 @@ def bootstrap_interval(stat: Stat, arrays: Sequence[np.ndarray], n_resamples: in
     return _interval(stat(*arrays), _resampled(stat, arrays, idx), level, n_resamples)
 
 
+def seed_mean_interval(per_item: Any, resamples: int = 1000, seed: int = 0, level: float = CONFIDENCE) -> tuple[float, float]:
+    """:func:`bootstrap_interval` of the mean over seeds of a per-item metric (``lorkd transfer``).
+
+    The *items* (images, or cases) are resampled, the same items for every seed, and the mean over
+    seeds of the metric is recomputed on each resample.
+
+    Args:
+        per_item: ``[S, n]`` (e.g. 0/1: image ``i`` classified correctly by the run of seed ``s``) or
+            ``[S, n, m]`` (e.g. Dice of case ``i`` and class ``m``, NaN where absent); the metric of
+            one seed is the mean over columns of each column's mean over its non-NaN items.
+        resamples: number of bootstrap resamples ``B``; 0 (or no item) gives ``(nan, nan)``.
+        seed: of the resampling. level: coverage.
+
+    Returns:
+        ``(low, high)``: quantiles ``(1 - level) / 2`` and ``(1 + level) / 2`` of the ``B`` values.
+    """
+    x = np.asarray(per_item, dtype=np.float64)
+    if resamples < 1 or x.size == 0:
+        return float("nan"), float("nan")
+    x = x[..., None] if x.ndim == 2 else x  # [S, n, m]
+    out = bootstrap_interval(_mean_over_seeds, [np.moveaxis(x, 1, 0)], resamples, seed, level)  # items resampled
+    return out["low"], out["high"]
+
+
+def _mean_over_seeds(items: np.ndarray) -> float:
+    """``[n, S, m]`` per-item values -> the mean over seeds of each seed's metric (the mean over
+    classes of the per-class means over items, NaN entries left out)."""
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_class = np.nanmean(items, axis=0)  # [S, m]
+        return float(np.nanmean(per_class, axis=1).mean())
+
+
 def paired_bootstrap_difference(stat: Stat, arrays_a: Sequence[np.ndarray], arrays_b: Sequence[np.ndarray],
                                 n_resamples: int = N_RESAMPLES, seed: int = SEED,
                                 level: float = CONFIDENCE) -> dict[str, Any]:
@@ -253,8 +289,6 @@ def save_predictions(run_dir: str | Path, outputs: Mapping[str, Mapping[str, Map
     Args:
         outputs: ``{TASK: {MODEL: {"probs": [n, C], "labels": [n]} or {"dice": [n_cases, C-1]}}}``.
     """
-    from lorkd.fileio import write_atomic
-
     flat = {f"{task}/{model}/{name}": np.asarray(arr) for task, per_model in outputs.items()
             for model, arrays in per_model.items() for name, arr in arrays.items()}
     path = Path(run_dir) / PREDICTIONS

@@ -3,7 +3,7 @@
 Per downstream task and method: the test metric (accuracy and AUC; segmentation: mean foreground
 Dice) as mean ± sd over seeds, a 95 % percentile-bootstrap interval of that mean, the validation
 metric, trained and deployed parameters, and training time. The bootstrap (through
-:func:`lorkd.report.stats.bootstrap_interval`) resamples the *test items* (images, or cases for
+:func:`lorkd.report.stats.seed_mean_interval`) resamples the *test items* (images, or cases for
 segmentation; the same resample for every seed) and recomputes the mean over seeds of the metric,
 so the interval reflects the test set's size; with one seed it is the usual bootstrap interval of
 that run's metric.
@@ -26,8 +26,8 @@ from matplotlib.figure import Figure
 
 from ...engine import metrics as M
 from ...fileio import write_atomic
-from ...report.markdown import fmt_value
-from ...report.stats import bootstrap_interval as resample_interval
+from ...report.stats import seed_mean_interval as bootstrap_interval  # the transfer report's interval
+from ...report.tables import fmt_value
 
 #: The method whose model a method distils from (``kd`` from the ``foundation_lp`` model).
 TEACHER_OF = {"kd": "foundation_lp"}
@@ -49,36 +49,6 @@ def _as_items(values: Any) -> np.ndarray:
     return a[:, None] if a.ndim == 1 else a
 
 
-def bootstrap_interval(per_item: Any, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean over seeds of the metric.
-
-    Args:
-        per_item: ``[S, n]`` (e.g. 0/1: image ``i`` classified correctly by the run of seed ``s``) or
-            ``[S, n, m]`` (e.g. Dice of case ``i`` and class ``m``, NaN where absent); the metric of
-            one seed is :func:`item_statistic` of its ``[n(, m)]`` slice.
-        resamples: number of bootstrap resamples ``B``; 0 gives ``(nan, nan)``.
-        seed: of the resampling.
-        level: coverage.
-
-    Returns:
-        ``(low, high)``: quantiles ``(1 - level) / 2`` and ``(1 + level) / 2`` of the ``B`` values of
-        the mean over seeds of the metric on resampled items (the same items for every seed).
-    """
-    x = np.asarray(per_item, dtype=np.float64)
-    if resamples < 1 or x.size == 0:
-        return float("nan"), float("nan")
-    x = x[..., None] if x.ndim == 2 else x  # [S, n, m]
-    out = resample_interval(_mean_over_seeds, [np.moveaxis(x, 1, 0)], resamples, seed, level)  # items resampled
-    return out["low"], out["high"]
-
-
-def _mean_over_seeds(items: np.ndarray) -> float:
-    """``[n, S, m]`` per-item values -> the mean over seeds of each seed's metric (the mean over
-    classes of the per-class means over items, NaN entries left out)."""
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per_class = np.nanmean(items, axis=0)  # [S, m]
-        return float(np.nanmean(per_class, axis=1).mean())
 
 
 def _collapsed(m: dict[str, Any], rate: float, n_test: int) -> tuple[bool, list[str]]:
