@@ -220,3 +220,18 @@ def test_student_subset_keeps_the_class_proportions_and_the_other_splits():
     assert sub.images["val"] is task.images["val"] and student_subset(task, None) is task
     with pytest.raises(DataError, match="data.student_n_train: 41 is more than the 40 training images of synth_dermoscopy"):
         student_subset(task, 41)
+
+
+@pytest.mark.slow
+def test_early_stop_key_stops_a_stage_and_is_recorded_in_its_history(tmp_path, capsys):
+    teacher = {**TINY["teacher"], "train": {"epochs": 6, "batch_size": 16, "early_stop": {"patience": 1, "min_delta": 0.5}}}
+    cfg = write_config(tmp_path, {**TINY, "teacher": teacher})
+    out = tmp_path / "run"
+    assert run_cli("pretrain", cfg, "--out", out, "--no-progress") == 0
+    rows = [json.loads(line) for line in (out / "teacher" / "history.jsonl").read_text().splitlines()]
+    # no validation accuracy rises by 0.5 after the first epoch: it stops after the second
+    assert [r["early_stop_wait"] for r in rows] == [0, 1] and rows[-1]["early_stop"] is True
+    assert "early stop after epoch 1" in capsys.readouterr().err
+    bad = write_config(tmp_path, {**TINY, "student": {**TINY["student"], "train": {"early_stop": {"patience": 0}}}}, "bad.yaml")
+    assert run_cli("run", bad, "--out", tmp_path / "bad", "--no-progress") == 2
+    assert "student.train.early_stop.patience: must be >= 1, got 0" in capsys.readouterr().err

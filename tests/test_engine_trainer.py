@@ -348,15 +348,29 @@ class StopAt(Handler):
 ACC = [0.5, 0.7, 0.6, 0.6, 0.8, 0.9]  # best at epoch 1, then two epochs without improvement
 
 
-def _early(tmp_path, patience=2, resume=False, stop_at=None, epochs=6):
+def _early(tmp_path, patience=2, resume=False, stop_at=None, epochs=6, acc=ACC, min_delta=0.0):
     data, model, sampler = _setup()
     now = EpochOf()
     extra = [now] + ([StopAt(stop_at)] if stop_at else [])
     res = fit(model, _objective(), data, sampler, _cfg(epochs=epochs, select_metric="acc", early_stop=patience,
-                                                       checkpoint_every=5),
-              tmp_path, DistributedContext(), evaluate=lambda m: {"acc": ACC[now.epoch]}, task_names=NAMES,
+                                                       early_stop_min_delta=min_delta, checkpoint_every=5),
+              tmp_path, DistributedContext(), evaluate=lambda m: {"acc": acc[now.epoch]}, task_names=NAMES,
               handlers=extra, resume=resume)
     return res, model
+
+
+def test_early_stop_min_delta_counts_only_improvements_larger_than_it(tmp_path):
+    creeping = [0.5, 0.52, 0.53, 0.54, 0.9, 0.9]  # new bests every epoch, each by less than 0.05
+    res, _ = _early(tmp_path / "delta", acc=creeping, min_delta=0.05)
+    assert res.stopped_early and len(res.history) == 3  # epochs 1 and 2 do not count: stop after epoch 2
+    assert [r["early_stop_wait"] for r in res.history] == [0, 1, 2] and res.history[-1]["early_stop"] is True
+    assert res.best_epoch == 2  # the best epoch is still the best value seen
+    rows = [json.loads(line) for line in (tmp_path / "delta" / "history.jsonl").read_text().splitlines()]
+    assert [r["early_stop_wait"] for r in rows] == [0, 1, 2] and rows[-1]["early_stop"] is True
+    plain, _ = _early(tmp_path / "plain", acc=creeping)  # min_delta 0: every new best counts
+    assert not plain.stopped_early and len(plain.history) == 6
+    with pytest.raises(ConfigError, match="min_delta must be >= 0"):
+        _early(tmp_path / "bad", min_delta=-0.1)
 
 
 def test_early_stopping_stops_when_the_metric_stalls(tmp_path):

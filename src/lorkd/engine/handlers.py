@@ -17,8 +17,8 @@ on every rank, so a handler that writes files checks ``loop.ctx.is_main``. A han
 ``loop.state.stop = True`` ends training after the current epoch.
 
 :func:`lorkd.engine.fit` builds this list: :class:`ValidationHandler` (when it has ``evaluate``),
-:class:`HistoryHandler`, :class:`ProgressHandler`, :class:`ScalarsHandler` (when it has
-``scalars``), :class:`EarlyStopping` (``FitConfig.early_stop``), the caller's ``handlers``, and
+:class:`EarlyStopping` (``FitConfig.early_stop``), :class:`HistoryHandler`, :class:`ProgressHandler`, :class:`ScalarsHandler` (when it has
+``scalars``), the caller's ``handlers``, and
 :class:`CheckpointHandler` last, so that ``latest.pt`` holds what every handler did in the epoch.
 
 A handler with a ``state_key`` attribute and ``state_dict()`` / ``load_state_dict(state)`` methods
@@ -102,31 +102,52 @@ class ValidationHandler(Handler):
 
 
 class EarlyStopping(Handler):
-    """Stop when the selection metric has not improved for ``patience`` epochs in a row.
+    """Stop when the selection metric has not improved by more than ``min_delta`` for ``patience``
+    epochs in a row.
 
-    Counts the epochs since the last improvement (``loop.state.improved``, set by
-    :class:`ValidationHandler`; a non-finite value never improves); when the count reaches
-    ``patience`` it sets ``loop.state.stop``, so the epoch is logged and checkpointed and training
-    ends. The count is checkpointed (``state_key``), so a resumed run stops at the same epoch, and
-    resuming a run that stopped trains no further (unless ``patience`` was raised).
+    Counts the epochs since the last improvement: with ``min_delta`` 0 an epoch improves when it
+    sets a new best (``loop.state.improved``, set by :class:`ValidationHandler`); otherwise when it
+    beats the value of the last improving epoch by more than ``min_delta`` (a non-finite value
+    never improves). The count goes into the epoch's history row (``early_stop_wait``; and
+    ``early_stop: true`` in the epoch that stops). When it reaches ``patience`` the handler sets
+    ``loop.state.stop``, so the epoch is logged and checkpointed and training ends. Its state is
+    checkpointed (``state_key``), so a resumed run stops at the same epoch, and resuming a run
+    that stopped trains no further (unless ``patience`` was raised).
     """
 
     state_key = "early_stop"
 
-    def __init__(self, patience: int) -> None:
+    def __init__(self, patience: int, min_delta: float = 0.0) -> None:
         if patience < 1:
             raise ConfigError(f"early_stop must be >= 1 or None, got {patience!r}")
-        self.patience, self.wait = int(patience), 0
+        if not min_delta >= 0:
+            raise ConfigError(f"early_stop min_delta must be >= 0, got {min_delta!r}")
+        self.patience, self.min_delta, self.wait = int(patience), float(min_delta), 0
+        self.reference: float | None = None  # the value of the last improving epoch (min_delta > 0)
 
     def started(self, loop: TrainingLoop) -> None:
         if self.wait >= self.patience:  # resumed after the stop
             loop.state.stop = True
 
+    def _improved(self, loop: TrainingLoop) -> bool:
+        if self.min_delta == 0:
+            return loop.state.improved
+        value = float((loop.state.metrics or {}).get(loop.cfg.select_metric, math.nan))
+        if not math.isfinite(value):
+            return False
+        sign = 1.0 if loop.cfg.select_mode == "max" else -1.0
+        if self.reference is not None and sign * (value - self.reference) <= self.min_delta:
+            return False
+        self.reference = value
+        return True
+
     def epoch_completed(self, loop: TrainingLoop) -> None:
-        self.wait = 0 if loop.state.improved else self.wait + 1
+        self.wait = 0 if self._improved(loop) else self.wait + 1
+        loop.state.row["early_stop_wait"] = self.wait
         if self.wait < self.patience:
             return
         loop.state.stop = True
+        loop.state.row["early_stop"] = True
         if loop.ctx.is_main:
             best = loop.state.best
             since = f"best {best['value']:.4g} at epoch {best['epoch']}" if best else "no finite value yet"
@@ -134,10 +155,11 @@ class EarlyStopping(Handler):
                   f"improved for {self.wait} epoch(s) ({since})", file=sys.stderr, flush=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"wait": self.wait}
+        return {"wait": self.wait} if self.min_delta == 0 else {"wait": self.wait, "reference": self.reference}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.wait = int(state.get("wait", 0))
+        self.reference = state.get("reference")
 
 
 class HistoryHandler(Handler):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from monai.inferers import sliding_window_inference
 from torch import Tensor
 
 __all__ = ["sliding_window_logits"]
@@ -28,8 +29,6 @@ def sliding_window_logits(predictor: Callable[[Tensor], Tensor], image: Tensor, 
     Raises:
         ValueError: ``image`` has neither ``len(roi_size)`` nor ``len(roi_size) + 1`` spatial dims.
     """
-    from monai.inferers import sliding_window_inference
-
     roi = tuple(int(r) for r in roi_size)
     spatial = image.ndim - 1
     x = image.to(device, torch.float32)

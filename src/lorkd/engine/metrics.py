@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.metrics import compute_hausdorff_distance
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -264,8 +265,6 @@ def hd95_per_class(
         ConfigError (a ValueError): ``num_classes < 2``; ``spacing`` of the wrong length or with
             non-positive entries.
     """
-    from monai.metrics import compute_hausdorff_distance
-
     p, t = _check_seg(pred, target, num_classes, "hd95_per_class")
     sp = _spacing(spacing, p.shape, "hd95_per_class")
     worst = image_diagonal(p.shape, sp) if penalty is None else float(penalty)

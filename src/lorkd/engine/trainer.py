@@ -177,6 +177,8 @@ class FitConfig:
             epochs in a row (:class:`~lorkd.engine.handlers.EarlyStopping`; needs ``select_metric``
             and an ``evaluate``); ``None``: train all ``epochs``. The learning-rate schedule still
             spans ``epochs``.
+        early_stop_min_delta: the least change of ``select_metric`` that counts as an improvement
+            for ``early_stop`` (0: any new best).
     """
 
     epochs: int
@@ -191,6 +193,7 @@ class FitConfig:
     progress: bool = True
     stage: str = "train"
     early_stop: int | None = None
+    early_stop_min_delta: float = 0.0
 
     def validate(self) -> None:
         """Raises ``ConfigError`` naming the first bad field."""
@@ -330,13 +333,13 @@ def fit(
 
 def _default_handlers(cfg: FitConfig, evaluate: Callable[[nn.Module], dict[str, float]] | None,
                       scalars: Any | None, extra: list[Any] | None) -> list[Any]:
-    """Validation, history, progress, scalars, early stopping, the caller's, checkpoints (last)."""
+    """Validation, early stopping, history, progress, scalars, the caller's, checkpoints (last)."""
     out: list[Any] = [ValidationHandler(evaluate)] if evaluate is not None else []
+    if cfg.early_stop is not None:  # before the history: its count goes into the epoch's row
+        out.append(EarlyStopping(cfg.early_stop, cfg.early_stop_min_delta))
     out += [HistoryHandler(), ProgressHandler()]
     if scalars is not None:
         out.append(ScalarsHandler(scalars))
-    if cfg.early_stop is not None:
-        out.append(EarlyStopping(cfg.early_stop))
     return out + list(extra or []) + [CheckpointHandler()]
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from lorkd.errors import ConfigError, DataError
 from lorkd.fileio import read_json, write_atomic
@@ -182,8 +183,6 @@ def _run_config(metrics: Mapping[str, Any], path: Path) -> Mapping[str, Any]:
         return metrics["config"]
     cfg_path = path.parent / "config.yaml"
     if cfg_path.is_file():
-        import yaml
-
         return yaml.safe_load(cfg_path.read_text()) or {}
     raise DataError(f"{path}: no 'config' in it and no {cfg_path}, so the runs cannot be checked to differ in the "
                     "seed only (pass allow_different / --allow-different to aggregate anyway)")

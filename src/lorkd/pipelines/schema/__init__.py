@@ -10,6 +10,7 @@ from .sections import (
     Baselines,
     Distill,
     DistillSearch,
+    EarlyStop,
     Evaluate,
     Experts,
     Export,
@@ -29,7 +30,7 @@ from .transfer import METHODS, TransferConfig
 CONFIGS = {c.RECIPE: c for c in (ClassificationConfig, SegmentationConfig, TransferConfig)}
 
 __all__ = [
-    "BASELINES", "CONFIGS", "METHODS", "Baselines", "ClassificationConfig", "ClassificationData", "Distill", "DistillSearch",
+    "BASELINES", "CONFIGS", "METHODS", "Baselines", "ClassificationConfig", "ClassificationData", "Distill", "DistillSearch", "EarlyStop",
     "Evaluate", "Experts", "Export", "FeaturePair", "Logging", "Net", "SegmentationConfig", "Stage", "StudentSection",
     "Synthetic", "TaskFile", "TeacherAdapt", "TeacherInput", "TeacherSection", "TeacherSource", "TransferConfig",
 ]

@@ -30,6 +30,19 @@ class Net:
 
 
 @dataclass
+class EarlyStop:
+    """Stop a stage's training when its validation selection metric has not improved by more than
+    ``min_delta`` for ``patience`` epochs in a row (the best epoch is kept, as always)."""
+
+    patience: int = 5
+    min_delta: float = 0.0
+
+    def validate(self, path: str) -> None:
+        check(self.patience >= 1, f"{path}.patience", f"must be >= 1, got {self.patience}")
+        check(self.min_delta >= 0, f"{path}.min_delta", f"must be >= 0, got {self.min_delta}")
+
+
+@dataclass
 class Stage:
     """How long and how one network is trained."""
 
@@ -38,6 +51,7 @@ class Stage:
     optim: Optim = field(default_factory=Optim)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
     amp: Literal["none", "bf16", "fp16"] = "none"  # mixed precision on CUDA (fp16 with a grad scaler)
+    early_stop: EarlyStop | None = None  # None: train every epoch
 
     def validate(self, path: str) -> None:
         check(self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")
