@@ -13,7 +13,6 @@ Errors: a missing folder or file, no cases, or a bad ``dataset.json`` raise
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -22,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from lorkd.errors import ConfigError, DataError
+from lorkd.fileio import read_json
 
 from .cases import Case, CaseRef
-from .formats import _mask_to_array, pil_open, load_case
+from .formats import _mask_to_array, load_case, pil_open
 
 log = logging.getLogger("lorkd")
 
@@ -159,11 +159,8 @@ def read_msd_folder(
     meta_path = root / "dataset.json"
     if not meta_path.is_file():
         raise DataError(f"MSD file not found: {meta_path}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{meta_path}: cannot parse JSON: {err}") from err
-    if not isinstance(meta, dict) or "training" not in meta:
+    meta = read_json(meta_path)  # DataError naming the file: unreadable, not JSON, not an object
+    if "training" not in meta:
         raise DataError(f"{meta_path}: missing field 'training'")
     training = meta["training"]
     if not isinstance(training, list):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from lorkd.errors import ConfigError, DataError
+from lorkd.fileio import read_json, write_json
 
 __all__ = ["split_cases", "save_split", "load_split", "apply_split"]
 
@@ -103,9 +103,7 @@ def save_split(split: Mapping[str, Sequence[Any]], path: str | Path) -> Path:
     path = Path(path)
     data = {name: [x if isinstance(x, str) else str(x.case_id) for x in items]
             for name, items in split.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
+    return write_json(path, data)  # atomic
 
 
 def load_split(path: str | Path) -> dict[str, list[str]]:
@@ -114,12 +112,7 @@ def load_split(path: str | Path) -> dict[str, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot parse split JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: a split must be a JSON object of name -> list of case ids")
+    data = read_json(path)  # DataError naming the file: unreadable, not JSON, not an object
     seen: dict[str, str] = {}
     for name, ids in data.items():
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
