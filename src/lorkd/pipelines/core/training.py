@@ -3,15 +3,17 @@ and the epoch with the best validation score kept."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
-from ...data.multitask import TaskBatchSampler
+from ...data.batching import TaskBatch, TaskBatchSampler, collate_task_batch
 from ...engine.checkpoint import load_checkpoint
 from ...engine.distributed import DistributedContext
+from ...engine.norms import recompute_norm_statistics
 from ...engine.scalars import open_tensorboard
 from ...engine.trainer import FitConfig, fit
 from ..schema import Stage
@@ -28,6 +30,8 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Stage, fo
 
     ``train_set`` must give each task a contiguous block of indices (``task_sizes``). With
     ``tensorboard``, rank 0 writes each epoch's scalars to ``folder/tensorboard/``."""
+    if stage.recompute_norm_stats:
+        evaluate = recomputing_norms(evaluate, train_set, stage.recompute_norm_stats, stage.batch_size, ctx.device)
     sampler = TaskBatchSampler(train_set, stage.batch_size, mode=sampler_mode, seed=seed,
                                num_replicas=ctx.world_size, rank=ctx.rank, drop_last=ctx.is_distributed)
     fit_cfg = FitConfig(epochs=stage.epochs, batch_size=stage.batch_size, optim=stage.optim, seed=seed,
@@ -51,3 +55,30 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Stage, fo
     if best.is_file():  # the epoch with the best validation score
         model.load_state_dict(load_checkpoint(best)["model"])
     return model
+
+
+def norm_batches(train_set: Any, per_task: int, batch_size: int) -> list[TaskBatch]:
+    """The first ``per_task`` items of each task of ``train_set`` (its task blocks, ``task_sizes``)
+    without augmentation, in batches of ``batch_size``: what :func:`recomputing_norms` averages over."""
+    plain = copy.copy(train_set)
+    plain.augment = None  # the same items, as validation sees images
+    index, start = [], 0
+    for size in train_set.task_sizes:
+        index += range(start, start + min(per_task, size))
+        start += size
+    return [collate_task_batch([plain[i] for i in index[k:k + batch_size]]) for k in range(0, len(index), batch_size)]
+
+
+def recomputing_norms(evaluate: Callable[[nn.Module], dict[str, float]], train_set: Any, per_task: int,
+                      batch_size: int, device: Any) -> Callable[[nn.Module], dict[str, float]]:
+    """``evaluate`` preceded by :func:`~lorkd.engine.norms.recompute_norm_statistics` over
+    :func:`norm_batches` (``*.train.recompute_norm_stats``): the statistics the model is validated,
+    selected (``best.pt``) and exported with are exact averages over training images, not the moving
+    averages of the last augmented batches."""
+    batches = norm_batches(train_set, per_task, batch_size)
+
+    def evaluate_with_recomputed_norms(model: nn.Module) -> dict[str, float]:
+        recompute_norm_statistics(model, batches, device)
+        return evaluate(model)
+
+    return evaluate_with_recomputed_norms

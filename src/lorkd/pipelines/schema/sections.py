@@ -52,11 +52,16 @@ class Stage:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
     amp: Literal["none", "bf16", "fp16"] = "none"  # mixed precision on CUDA (fp16 with a grad scaler)
     early_stop: EarlyStop | None = None  # None: train every epoch
+    # > 0: before each validation, BatchNorm running statistics are recomputed as exact averages over
+    # this many training images per task, without augmentation (0: the running averages of training)
+    recompute_norm_stats: int = 0
 
     def validate(self, path: str) -> None:
         check(self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")
         check(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.checkpoint_every >= 0, f"{path}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(self.recompute_norm_stats >= 0, f"{path}.recompute_norm_stats",
+              f"must be >= 0 (training images per task; 0: off), got {self.recompute_norm_stats}")
 
 
 @dataclass
