@@ -235,3 +235,33 @@ def test_early_stop_key_stops_a_stage_and_is_recorded_in_its_history(tmp_path, c
     bad = write_config(tmp_path, {**TINY, "student": {**TINY["student"], "train": {"early_stop": {"patience": 0}}}}, "bad.yaml")
     assert run_cli("run", bad, "--out", tmp_path / "bad", "--no-progress") == 2
     assert "student.train.early_stop.patience: must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_recompute_norm_stats_gives_the_saved_student_exact_training_statistics(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from lorkd.config import from_dict
+    from lorkd.engine.distributed import DistributedContext
+    from lorkd.engine.norms import recompute_norm_statistics
+    from lorkd.pipelines.core.netio import load_network
+    from lorkd.pipelines.core.training import norm_batches
+    from lorkd.pipelines.recipes.classification import ClassificationRecipe
+    from lorkd.pipelines.schema import ClassificationConfig
+
+    student = {**TINY["student"], "train": {"epochs": 2, "batch_size": 16, "recompute_norm_stats": 10}}
+    data = {**TINY, "student": student}
+    cfg = write_config(tmp_path, data)
+    out = tmp_path / "run"
+    assert run_cli("decompose", cfg, "--out", out, "--no-progress") == 0
+    model, _ = load_network(out / "student", ClassificationRecipe.build)
+    saved = load_file(str(out / "student" / "model.safetensors"))
+    # the saved (best-epoch) statistics are the exact averages over the first 10 training images per task
+    config = from_dict(ClassificationConfig, data)
+    recipe = ClassificationRecipe(config, tmp_path / "probe", DistributedContext(), progress=False)
+    recompute_norm_statistics(model, norm_batches(recipe.train_set, 10, 16), "cpu")
+    running = [k for k in saved if k.endswith("running_mean")]
+    assert running
+    for k in running:
+        torch.testing.assert_close(model.state_dict()[k], saved[k])
