@@ -28,8 +28,7 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Stage, fo
 
     ``train_set`` must give each task a contiguous block of indices (``task_sizes``). With
     ``tensorboard``, rank 0 writes each epoch's scalars to ``folder/tensorboard/``."""
-    sampler = TaskBatchSampler(train_set, stage.batch_size, mode=sampler_mode, seed=seed,
-                               num_replicas=ctx.world_size, rank=ctx.rank, drop_last=ctx.is_distributed)
+    sampler = make_sampler(train_set, stage, ctx, seed, sampler_mode)
     fit_cfg = FitConfig(epochs=stage.epochs, batch_size=stage.batch_size, optim=stage.optim, seed=seed,
                         checkpoint_every=stage.checkpoint_every, amp=stage.amp, select_metric=select_metric,
                         num_workers=num_workers, progress=progress, stage=folder.name,
@@ -48,6 +47,16 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Stage, fo
         if scalars is not None:
             scalars.close()
     best = folder / "checkpoints" / "best.pt"
-    if best.is_file():  # the epoch with the best validation score
-        model.load_state_dict(load_checkpoint(best)["model"])
+    if best.is_file():  # the epoch with the best validation score (its extra modules too, e.g. a router)
+        state = load_checkpoint(best)
+        model.load_state_dict(state["model"])
+        if extra is not None and state.get("extra_modules") is not None:
+            extra.load_state_dict(state["extra_modules"])
     return model
+
+
+def make_sampler(train_set: Any, stage: Stage, ctx: DistributedContext, seed: int,
+                 sampler_mode: str = "proportional") -> TaskBatchSampler:
+    """The task-mixing batch sampler a stage trains with (its ``len`` is the steps per epoch)."""
+    return TaskBatchSampler(train_set, stage.batch_size, mode=sampler_mode, seed=seed,
+                            num_replicas=ctx.world_size, rank=ctx.rank, drop_last=ctx.is_distributed)
