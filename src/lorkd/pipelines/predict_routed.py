@@ -5,10 +5,6 @@ model of ``routed/`` takes the same input)."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +12,9 @@ import torch
 
 from ..errors import DataError
 from ..models.router import ROUTED_CARD, load_routed
-from .predict import CLASSIFICATION_SUFFIXES, _device, _spatial_dims, _warn, expand_inputs, load_inputs, preprocess
+from .predict import (
+    CLASSIFICATION_SUFFIXES, _device, _spatial_dims, _warn, expand_inputs, load_inputs, preprocess, write_rows,
+)
 
 
 def is_routed(folder: str | Path) -> bool:
@@ -63,21 +61,5 @@ def predict_routed(folder: Path, inputs: list[Path | str], split: str = "test", 
             rows.append({"input": name, "task": task, "task_probability": float(p_task[t]),
                          "prediction": int(p.argmax()), **label, **{f"p{c}": float(v) for c, v in enumerate(p)}})
     _warn(notes, card)
-    text = json.dumps(rows, indent=1) if output is not None and output.suffix == ".json" else _csv(rows)
-    if output is None:
-        sys.stdout.write(text)
-    else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
+    write_rows(rows, output)
     return rows
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    """CSV of rows whose keys differ (tasks with different class counts): the union of the keys,
-    missing cells empty."""
-    fields = list(dict.fromkeys(k for row in rows for k in row)) or ["input"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()

@@ -247,7 +247,7 @@ class ClassificationRecipe(DecompositionRecipe):
             "latency_batch": ev.latency_batch,
             "data": image_data_summary(self.tasks, self.teacher_train_set.task_sizes
                                  if self.teacher_train_set is not self.train_set else None),
-            "models": self.model_descriptions,
+            "models": {**self.model_descriptions, **({"student": R.ROUTED_STUDENT} if self.cfg.student.router else {})},
             "majority": {t.name: majority_rate(t.labels["train"], t.num_classes,
                                                {s: t.labels[s] for s in ("val", "test") if s in t.labels})
                          for t in self.tasks},

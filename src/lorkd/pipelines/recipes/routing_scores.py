@@ -24,6 +24,10 @@ INFERENCE = ("each image goes to the task of its largest router logit (top-1), t
              "and head; a wrong route counts as a wrong answer")
 
 
+ROUTED_STUDENT = ("LoRKD student trained with a router (student.router, MoLA-Router); scored here with the true "
+                  "task id, routed without one in the Routing section")
+
+
 def mean_stat(values: np.ndarray) -> float:
     """The mean of per-item 0/1 values ``[n]`` (an accuracy)."""
     return float(np.mean(values))
