@@ -30,6 +30,7 @@ from .errors import ConfigError, LorkdError
 from .factories import trusted_code
 from .pipelines.core.runtime import resolve_device
 from .pipelines.predict import predict_files
+from .pipelines.predict_routed import is_routed, predict_routed
 from .pipelines.recipes import describe, run_stages
 from .pipelines.recipes.transfer import run_transfer
 from .pipelines.schema import CONFIGS, ClassificationConfig
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("predict", help="class probabilities (or masks) of inputs through an exported expert")
-    p.add_argument("expert", type=Path, help="an expert folder (experts/<task>/ of a run)")
+    p.add_argument("expert", type=Path, help="an expert folder (experts/<task>/ of a run), or routed/ of a run with "
+                   "student.router (prints task, class and probabilities, no task id needed)")
     p.add_argument("inputs", nargs="+", help="image files (PNG/JPEG/TIF, 8/16-bit or float in [0, 1]), .npy or "
                    ".npz files, folders of them, or quoted glob patterns ('scans/*.png'); for a segmentation "
                    "expert also NIfTI (.nii/.nii.gz) or HDF5 (.h5) volumes")
@@ -233,7 +235,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     with trusted_code(args.trust_code):
-        predict_files(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
+        predict = predict_routed if is_routed(args.expert) else predict_files  # routed/: task, class, probabilities
+        predict(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
                       device=args.device, bits=args.bits)
     return 0
 

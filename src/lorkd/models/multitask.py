@@ -61,21 +61,29 @@ class MultiTaskNet(nn.Module):
     def num_tasks(self) -> int:
         return len(self.heads)
 
-    def forward(self, x: Tensor, task_ids: Tensor) -> TaskOutput:
+    def forward(self, x: Tensor, task_ids: Tensor, head_ids: Tensor | None = None) -> TaskOutput:
         """``x`` ``[B, C, *spatial]``, ``task_ids`` int64 ``[B]`` -> :class:`TaskOutput`.
 
         ``task_ids`` may instead be float mixture weights ``[B, T]`` (soft routing, MoLA-Router):
         the backbone's experts are mixed per row, and each row goes to the head of its top task
         (the argmax of its weights); ``rows`` and ``logits`` are keyed by that task.
+        ``head_ids`` (int64 ``[B]``): the head of each row instead (a routed student in training:
+        the experts the router chose, the head of the row's true task, whose labels it has).
 
         Raises:
-            ValueError: a task id outside ``[0, T)``; weights the backbone refuses.
+            ValueError: a task id outside ``[0, T)``; weights the backbone refuses; ``head_ids`` not
+                of shape ``[B]``.
         """
         features = self.backbone(x, task_ids) if self.has_experts else self.backbone(x)
         if task_ids.dtype.is_floating_point:
             if not self.has_experts:
                 check_weights(task_ids, x.shape[0], self.num_tasks)
             task_ids = task_ids.argmax(dim=1)
+        if head_ids is not None:
+            if head_ids.shape != (x.shape[0],) or head_ids.dtype.is_floating_point:
+                raise ValueError(f"head_ids must be an integer tensor [{x.shape[0]}], got {head_ids.dtype} "
+                                 f"{list(head_ids.shape)}")
+            task_ids = head_ids
         logits, rows = {}, {}
         for task in torch.unique(task_ids).tolist():
             if not 0 <= task < len(self.heads):

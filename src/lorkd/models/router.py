@@ -16,13 +16,20 @@ the router learns from its own losses only (TwD, cross-entropy on the task id).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import DataError
+from ..experts.io import load_expert
 from ..experts.routing import top_k_weights
+from ..fileio import read_json
+
+ROUTED_CARD = "routed.json"
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -73,6 +80,7 @@ class TaskRouter(nn.Module):
         if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
             raise ValueError(f"channels must be a non-empty list of integers >= 1, got {channels!r}")
         self.in_channels, self.num_tasks, self.spatial_dims = in_channels, num_tasks, spatial_dims
+        self.channels, self.projection_dim = channels, projection_dim
         stages, previous = [], in_channels
         for c in channels:
             stages += [_CONV[spatial_dims](previous, c, 3, stride=2, padding=1, bias=False), _NORM[spatial_dims](c),
@@ -88,6 +96,33 @@ class TaskRouter(nn.Module):
             raise ValueError(f"TaskRouter expects input [{dims}], got {list(x.shape)}")
         h = self.features(x)
         return RouterOutput(self.head(h), self.projector(h))
+
+    def plain(self) -> tuple[nn.Sequential, dict[str, Any]]:
+        """The router as exported: :func:`plain_router` (features and logit head, no projection)
+        with these weights, and its architecture spec. A copy: later training does not change it."""
+        spec = {"factory": "lorkd.models.router.plain_router",
+                "kwargs": {"in_channels": self.in_channels, "num_tasks": self.num_tasks,
+                           "spatial_dims": self.spatial_dims, "channels": list(self.channels)}}
+        plain = plain_router(**spec["kwargs"])
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("projector.")}
+        plain.load_state_dict(state, strict=True)
+        return plain.train(self.training), spec
+
+
+def plain_router(in_channels: int, num_tasks: int, spatial_dims: int = 2,
+                 channels: Sequence[int] = (16, 32, 64)) -> nn.Sequential:
+    """The exported router: ``nn.Sequential(OrderedDict(features=..., head=nn.Linear))`` of a
+    :class:`TaskRouter` (the same state-dict keys, without ``projector.*``); ``x [B, C, *spatial] ->
+    logits [B, T]``, the routed task is their argmax. Raises what :class:`TaskRouter` raises."""
+    router = TaskRouter(in_channels, num_tasks, spatial_dims, channels)
+    return nn.Sequential(OrderedDict(features=router.features, head=router.head))
+
+
+def routing_weights(logits: Tensor, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
+    """``[B, T]`` mixture weights from router logits ``[B, T]``: ``softmax(logits / temperature)``,
+    then the ``top_k`` largest kept and renormalised when set (``top_k=1``: one-hot of the argmax)."""
+    weights = torch.softmax(logits / temperature, dim=1)
+    return weights if top_k is None else top_k_weights(weights, top_k)
 
 
 @dataclass
@@ -149,8 +184,7 @@ class RoutedStudent(nn.Module):
     def routing_weights(self, logits: Tensor) -> Tensor:
         """``[B, T]`` mixture weights from router logits: ``softmax(logits / temperature)``, then the
         top-``k`` kept and renormalised when ``top_k`` is set (``top_k=1``: one-hot of the argmax)."""
-        weights = torch.softmax(logits / self.temperature, dim=1)
-        return weights if self.top_k is None else top_k_weights(weights, self.top_k)
+        return routing_weights(logits, self.temperature, self.top_k)
 
     def forward(self, x: Tensor, task_ids: Tensor | None = None) -> Routed:
         """Route ``x [B, C, *spatial]`` and run the student.
@@ -169,3 +203,54 @@ class RoutedStudent(nn.Module):
         else:
             routing = self.routing_weights(out.logits)
         return Routed(self.student(x, routing), out.logits, out.projection, routing)
+
+
+class RoutedExperts(nn.Module):
+    """What ``routed/`` holds, loaded: the exported router and one plain expert per task.
+
+    ``forward(x [B, C, *spatial]) -> (tasks [B] int64, logits)``: each image goes to the task of
+    its largest router logit, then through that task's expert; ``logits[i]`` is image ``i``'s
+    ``[C_task]`` class logits (tasks have their own classes, so a list, not one tensor).
+
+    Args:
+        router: ``x -> [B, T]`` logits (e.g. :func:`plain_router`).
+        experts: ``T`` plain models ``x -> [B, C_t]``, in task-id order.
+        tasks: the ``T`` task names.
+    """
+
+    def __init__(self, router: nn.Module, experts: Sequence[nn.Module], tasks: Sequence[str]) -> None:
+        super().__init__()
+        if len(experts) != len(tasks):
+            raise ValueError(f"{len(experts)} experts for {len(tasks)} task names")
+        self.router, self.experts, self.tasks = router, nn.ModuleList(experts), list(tasks)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        tasks = self.router(x).argmax(dim=1)
+        logits: list[Any] = [None] * x.shape[0]
+        for task in torch.unique(tasks).tolist():
+            rows = torch.nonzero(tasks == task).squeeze(1)
+            for row, value in zip(rows.tolist(), self.experts[task](x.index_select(0, rows))):
+                logits[row] = value
+        return tasks, logits
+
+
+def load_routed(folder: str | Path) -> RoutedExperts:
+    """Load a ``routed/`` folder (``routed.json``, ``router/`` and ``experts/<task>/``, each a
+    :func:`lorkd.save_expert` folder) as a :class:`RoutedExperts` in eval mode; its ``card`` is the
+    ``routed.json`` dict.
+
+    Raises:
+        DataError: a missing or malformed file (names it), or what :func:`lorkd.load_expert` raises.
+    """
+    folder = Path(folder)
+    card = read_json(folder / ROUTED_CARD)
+    for key in ("tasks", "router", "experts"):
+        if key not in card:
+            raise DataError(f"{folder / ROUTED_CARD}: missing field {key!r}")
+    missing = [t for t in card["tasks"] if t not in card["experts"]]
+    if missing:
+        raise DataError(f"{folder / ROUTED_CARD}: no expert folder for tasks {missing}")
+    model = RoutedExperts(load_expert(folder / card["router"]),
+                          [load_expert(folder / card["experts"][t]) for t in card["tasks"]], card["tasks"])
+    model.card = card
+    return model.eval()

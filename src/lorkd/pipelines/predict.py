@@ -293,13 +293,18 @@ def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test
             rows.append({"input": name, "prediction": int(p.argmax()), **label,
                          **{f"p{c}": float(v) for c, v in enumerate(p)}})
     _warn(notes, card)
+    write_rows(rows, output)
+    return rows
+
+
+def write_rows(rows: list[dict[str, Any]], output: Path | None) -> None:
+    """Print ``rows`` as CSV, or write them to ``output`` (JSON when it ends in ``.json``, else CSV)."""
     text = _format(rows, "json" if output is not None and output.suffix == ".json" else "csv")
     if output is None:
         sys.stdout.write(text)
     else:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
-    return rows
 
 
 def _load(folder: Path) -> torch.nn.Module:
@@ -361,7 +366,9 @@ def _format(rows: list[dict[str, Any]], kind: str) -> str:
     if kind == "json":
         return json.dumps(rows, indent=1)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["input"])
+    # the union of the rows' keys (rows of tasks with fewer classes leave the other cells empty)
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)) or ["input"],
+                            restval="")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

@@ -43,9 +43,10 @@ from .plots import (
     size_points,
     to_float,
 )
+from .routing import routing_section
 from .search import search_section
 from .stats import verdict
-from .tables import fmt_count, fmt_value, markdown_table
+from .tables import fmt_count, fmt_interval, fmt_value, markdown_table
 
 __all__ = [
     "NON_BASELINES",
@@ -203,19 +204,6 @@ def _metric_keys(metrics: Mapping[str, Any], tasks: Mapping[str, Any]) -> list[s
                 if isinstance(vals, Mapping):
                     keys += [k for k in vals if k not in keys]
     return keys
-
-
-def _signed(v: float) -> str:
-    text = fmt_value(v)
-    return text if text == "n/a" or text.startswith("-") else "+" + text
-
-
-def fmt_interval(iv: Mapping[str, Any] | None, signed: bool = False) -> str:
-    """``"0.871 [0.830, 0.910]"`` (value and 95% interval); ``n/a`` without one."""
-    if not iv:
-        return "n/a"
-    f = _signed if signed else fmt_value
-    return f"{f(to_float(iv.get('value')))} [{f(to_float(iv.get('low')))}, {f(to_float(iv.get('high')))}]"
 
 
 def _mean_over_tasks(tasks: Mapping[str, Any], model: str, metric: str) -> float:
@@ -550,6 +538,7 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], config: Mappin
     lines += _results_section(f"## Results ({split} split)", tasks, keys, _majority(metrics, split))
     lines += _structure_section(tasks)
     lines += _intervals_section(metrics, keys)
+    lines += routing_section(metrics)
     val = metrics.get("val")
     lines += _results_section("## Validation split", val if isinstance(val, Mapping) else {}, keys,
                               _majority(metrics, "val"))

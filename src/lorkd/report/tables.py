@@ -7,12 +7,12 @@ Kept apart from :mod:`lorkd.report.markdown` so that the report's sections (e.g.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .plots import to_float
 
-__all__ = ["fmt_count", "fmt_value", "markdown_table"]
+__all__ = ["fmt_count", "fmt_interval", "fmt_value", "markdown_table"]
 
 
 def fmt_value(value: Any, digits: int = 3) -> str:
@@ -24,6 +24,19 @@ def fmt_value(value: Any, digits: int = 3) -> str:
     if math.isinf(v):
         return "inf" if v > 0 else "-inf"
     return f"{v:.1f}" if abs(v) >= 100 else f"{v:.{digits}f}"
+
+
+def _signed(v: float) -> str:
+    text = fmt_value(v)
+    return text if text == "n/a" or text.startswith("-") else "+" + text
+
+
+def fmt_interval(iv: Mapping[str, Any] | None, signed: bool = False) -> str:
+    """``"0.871 [0.830, 0.910]"`` (value and 95% interval); ``n/a`` without one."""
+    if not iv:
+        return "n/a"
+    f = _signed if signed else fmt_value
+    return f"{f(to_float(iv.get('value')))} [{f(to_float(iv.get('low')))}, {f(to_float(iv.get('high')))}]"
 
 
 def fmt_count(value: Any) -> str:

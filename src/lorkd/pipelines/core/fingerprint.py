@@ -11,6 +11,7 @@ A stage depends on the data section, the seed, and its own network and training 
 
 * ``teacher``: ``data``, ``seed``, ``teacher``;
 * ``student`` and ``baselines/student_nokd``: the above plus ``student``;
+* ``baselines/mola_grad``: the same without ``student.router``;
 * ``baselines/stl|mtl``: ``data``, ``seed``, ``student.net``, ``student.train``;
 * ``baselines/stl_kd|mtl_kd``: the above plus ``teacher`` and ``student.distill``.
 
@@ -36,6 +37,7 @@ _PREFIXES = {
     "teacher": _COMMON + ("teacher",),
     "student": _COMMON + ("teacher", "student"),
     "student_nokd": _COMMON + ("teacher", "student"),
+    "mola_grad": _COMMON + ("teacher", "student.net", "student.experts", "student.distill", "student.train"),
     "stl": _COMMON + ("student.net", "student.train"),
     "mtl": _COMMON + ("student.net", "student.train"),
     "stl_kd": _COMMON + ("teacher", "student.net", "student.train", "student.distill"),

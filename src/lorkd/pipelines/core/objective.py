@@ -53,7 +53,11 @@ class DistillObjective:
         self.terms = features.terms if features is not None else []
 
     def __call__(self, model: nn.Module, batch: Any, global_counts: Tensor) -> StepLoss:
-        out = model(batch.images, batch.task_ids)
+        return self.step_loss(model(batch.images, batch.task_ids), batch, global_counts)
+
+    def step_loss(self, out: Any, batch: Any, global_counts: Tensor) -> StepLoss:
+        """The loss of the student's output ``out`` (a :class:`~lorkd.models.multitask.TaskOutput`
+        whose rows are keyed by the task whose labels they have) on ``batch``."""
         w = self.weights
         teacher_out, feats = None, {}
         if self.teacher is not None and w.uses_teacher:

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...engine.distributed import DistributedContext
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 from ..schema import Distill, Net, Stage
 from .features import FeatureDistiller, feature_terms
 from .netio import META, load_network
 from .objective import DistillObjective
+from .routing import RoutedObjective, RouterTraining
 from .training import fit_stage
 
 STAGES = ("teacher", "student", "baselines", "export", "evaluate")
@@ -134,15 +135,18 @@ class Recipe(ABC):
 
     # ---- training
     def fit(self, model: nn.Module, stage: Stage, folder: Path, objective: Any, task_subset: list[int] | None = None,
-            extra: nn.Module | None = None, train_set: Any = None) -> nn.Module:
+            extra: nn.Module | None = None, train_set: Any = None,
+            evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> nn.Module:
         """Train ``model`` on ``train_set`` (default: :meth:`train_data` of ``task_subset``); keep the
-        epoch with the best validation ``select_metric`` (over ``task_subset``)."""
+        epoch with the best validation ``select_metric`` (over ``task_subset``) of ``evaluate``
+        (default :meth:`val_metrics`)."""
         train = self.train_data(task_subset) if train_set is None else train_set
         ids = range(len(self.names)) if task_subset is None else task_subset
         logging_cfg = getattr(self.cfg, "logging", None)
         return fit_stage(model, objective, train, stage, folder, self.ctx, seed=self.seed,
                          num_workers=self.cfg.num_workers, progress=self.progress, resume=self.resume,
-                         evaluate=lambda m: self.val_metrics(m, task_subset), select_metric=self.select_metric,
+                         evaluate=evaluate or (lambda m: self.val_metrics(m, task_subset)),
+                         select_metric=self.select_metric,
                          task_names=[self.names[t] for t in ids], sampler_mode=self.sampler_mode, extra=extra,
                          tensorboard=bool(logging_cfg and logging_cfg.tensorboard))
 
@@ -213,20 +217,46 @@ class DecompositionRecipe(Recipe):
         return DistillObjective(distill, teacher, features, self.ctx.world_size, task_loss=self.task_loss)
 
     def distill_fit(self, model: nn.Module, stage: Stage, folder: Path, distill: Distill, teacher: nn.Module | None,
-                    task_subset: list[int] | None = None) -> nn.Module:
+                    task_subset: list[int] | None = None, router: RouterTraining | None = None) -> nn.Module:
         """Train ``model`` with ``distill``'s losses from ``teacher`` (:meth:`fit`); the feature terms'
         projectors are built here (a probe forward on the first training input) and trained with
-        the model as ``extra_modules``; the layer hooks are removed afterwards."""
+        the model as ``extra_modules``; the layer hooks are removed afterwards.
+
+        With ``router``: a routed student (:mod:`lorkd.pipelines.core.routing`), the router trained
+        alongside (left at the best epoch's weights) and the epochs selected on the routed
+        validation accuracy (:meth:`routed_val_metrics`)."""
         features = None
         if feature_terms(distill) and teacher is not None:
             model = model.to(self.ctx.device)
             features = FeatureDistiller(feature_terms(distill), model, teacher, self.train_set[0][0][None])
         try:
-            return self.fit(model, stage, folder, self.objective(distill, teacher, features), task_subset=task_subset,
-                            extra=features)
+            if router is None:
+                return self.fit(model, stage, folder, self.objective(distill, teacher, features),
+                                task_subset=task_subset, extra=features)
+            objective = RoutedObjective(distill, router, teacher, features, self.ctx.world_size, self.task_loss)
+            extra = nn.ModuleDict({"router": router, **({"features": features} if features is not None else {})})
+            return self.fit(model, stage, folder, objective, extra=extra,
+                            evaluate=lambda m: self.routed_val_metrics(m, router.router))
         finally:
             if features is not None:
                 features.close()
+
+    def routed_val_metrics(self, model: nn.Module, router: nn.Module) -> dict[str, float]:
+        """Validation metrics of ``model`` routed by ``router`` (no task id); ``select_metric`` is the
+        routed one. Recipes that route override it (classification).
+
+        Raises:
+            ConfigError: this recipe does not route (names ``student.router``)."""
+        raise ConfigError(f"student.router: the {self.kind} recipe does not route without a task id")
+
+    def routing_summary(self, model: nn.Module, router: nn.Module,
+                        outputs: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
+        """``metrics.json`` ``routing``: ``model`` routed by ``router`` on test, beside the per-item
+        test ``outputs`` of the models scored with the task id. Recipes that route override it.
+
+        Raises:
+            ConfigError: this recipe does not route (names ``student.router``)."""
+        raise ConfigError(f"student.router: the {self.kind} recipe does not route without a task id")
 
     def reuse_network(self, folder: Path, tasks: list[int] | None = None,
                       build: Callable[[dict[str, Any]], nn.Module] | None = None) -> nn.Module:
@@ -247,9 +277,9 @@ class DecompositionRecipe(Recipe):
 
     def baseline_groups(self, name: str) -> list[tuple[list[int], Path]]:
         """The ``(task ids, folder)`` of each model of baseline ``name`` (``stl*``: one per task;
-        ``mtl*``: one of all tasks; ``student_nokd``: the whole student)."""
+        ``mtl*``: one of all tasks; ``student_nokd``, ``mola_grad``: the whole student)."""
         every = list(range(len(self.names)))
-        if name == "student_nokd":
+        if name in ("student_nokd", "mola_grad"):
             return [(every, self.out / "baselines" / name)]
         groups = [[t] for t in every] if name.startswith("stl") else [every]
         return [(tasks, self.out / "baselines" / name / (self.names[tasks[0]] if len(tasks) == 1 else "all"))

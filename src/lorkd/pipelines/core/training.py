@@ -34,6 +34,9 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Stage, fo
         evaluate = recomputing_norms(evaluate, train_set, stage.recompute_norm_stats, stage.batch_size, ctx.device)
     sampler = TaskBatchSampler(train_set, stage.batch_size, mode=sampler_mode, seed=seed,
                                num_replicas=ctx.world_size, rank=ctx.rank, drop_last=ctx.is_distributed)
+
+
+    sampler = make_sampler(train_set, stage, ctx, seed, sampler_mode)
     fit_cfg = FitConfig(epochs=stage.epochs, batch_size=stage.batch_size, optim=stage.optim, seed=seed,
                         checkpoint_every=stage.checkpoint_every, amp=stage.amp, select_metric=select_metric,
                         num_workers=num_workers, progress=progress, stage=folder.name,
@@ -52,8 +55,11 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Stage, fo
         if scalars is not None:
             scalars.close()
     best = folder / "checkpoints" / "best.pt"
-    if best.is_file():  # the epoch with the best validation score
-        model.load_state_dict(load_checkpoint(best)["model"])
+    if best.is_file():  # the epoch with the best validation score (its extra modules too, e.g. a router)
+        state = load_checkpoint(best)
+        model.load_state_dict(state["model"])
+        if extra is not None and state.get("extra_modules") is not None:
+            extra.load_state_dict(state["extra_modules"])
     return model
 
 
@@ -82,3 +88,10 @@ def recomputing_norms(evaluate: Callable[[nn.Module], dict[str, float]], train_s
         return evaluate(model)
 
     return evaluate_with_recomputed_norms
+
+
+def make_sampler(train_set: Any, stage: Stage, ctx: DistributedContext, seed: int,
+                 sampler_mode: str = "proportional") -> TaskBatchSampler:
+    """The task-mixing batch sampler a stage trains with (its ``len`` is the steps per epoch)."""
+    return TaskBatchSampler(train_set, stage.batch_size, mode=sampler_mode, seed=seed,
+                            num_replicas=ctx.world_size, rank=ctx.rank, drop_last=ctx.is_distributed)

@@ -33,6 +33,7 @@ from ...models.multitask import MultiTaskNet
 from ...report.stats import majority_rate
 from ..core.export_formats import class_names
 from ..core.recipe import DecompositionRecipe
+from . import routing_scores as R
 from ..schema import ClassificationConfig, Net
 
 log = logging.getLogger("lorkd")
@@ -134,6 +135,7 @@ class ClassificationRecipe(DecompositionRecipe):
         "mtl": "student network, shared backbone, one head per task, no experts",
         "mtl_kd": "MTL with the teacher's distillation",
         "student_nokd": "LoRKD student without distillation (kd_weight = feat_weight = 0, no feature pairs)",
+        "mola_grad": "MoLA-Grad: the routed student's network and losses, experts picked by the task id, no router",
     }
 
     def __init__(self, cfg: ClassificationConfig, out: Path, ctx: DistributedContext, resume: bool = False,
@@ -198,6 +200,16 @@ class ClassificationRecipe(DecompositionRecipe):
         """Accuracy and AUC per task (:func:`score_images`)."""
         return score_images(model, data, self.ctx.device, tasks, keep=keep)
 
+    def routed_val_metrics(self, model: nn.Module, router: nn.Module) -> dict[str, float]:
+        """Task-agnostic validation accuracy (``acc``, selects the epoch), routing accuracy and
+        ``acc_<task>`` (:mod:`.routing_scores`)."""
+        return R.routed_val_metrics(R.routed_predictions(model, router, self.val_set, self.ctx.device), self.names)
+
+    def routing_summary(self, model: nn.Module, router: nn.Module,
+                        outputs: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
+        return R.routing_summary(R.routed_predictions(model, router, self.test_set, self.ctx.device), self.names,
+                                 outputs)
+
     # ---- export and evaluation
     def expert_card(self, t: int) -> dict[str, Any]:
         d = self.cfg.data
@@ -235,7 +247,7 @@ class ClassificationRecipe(DecompositionRecipe):
             "latency_batch": ev.latency_batch,
             "data": image_data_summary(self.tasks, self.teacher_train_set.task_sizes
                                  if self.teacher_train_set is not self.train_set else None),
-            "models": self.model_descriptions,
+            "models": {**self.model_descriptions, **({"student": R.ROUTED_STUDENT} if self.cfg.student.router else {})},
             "majority": {t.name: majority_rate(t.labels["train"], t.num_classes,
                                                {s: t.labels[s] for s in ("val", "test") if s in t.labels})
                          for t in self.tasks},

@@ -17,6 +17,8 @@ from .sections import (
     FeaturePair,
     Logging,
     Net,
+    Router,
+    RouterNet,
     Stage,
     StudentSection,
     TeacherAdapt,
@@ -31,6 +33,6 @@ CONFIGS = {c.RECIPE: c for c in (ClassificationConfig, SegmentationConfig, Trans
 
 __all__ = [
     "BASELINES", "CONFIGS", "METHODS", "Baselines", "ClassificationConfig", "ClassificationData", "Distill", "DistillSearch", "EarlyStop",
-    "Evaluate", "Experts", "Export", "FeaturePair", "Logging", "Net", "SegmentationConfig", "Stage", "StudentSection",
+    "Evaluate", "Experts", "Export", "FeaturePair", "Logging", "Net", "Router", "RouterNet", "SegmentationConfig", "Stage", "StudentSection",
     "Synthetic", "TaskFile", "TeacherAdapt", "TeacherInput", "TeacherSection", "TeacherSource", "TransferConfig",
 ]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from ...config import check
-from .sections import Baselines, Evaluate, Export, Logging, StudentSection, TeacherSection
+from .sections import Baselines, Evaluate, Export, Logging, StudentSection, TeacherSection, check_routing
 
 
 @dataclass
@@ -80,3 +80,6 @@ class ClassificationConfig:
     export: Export = field(default_factory=Export)
     logging: Logging = field(default_factory=Logging)
     trust_code: bool = False  # allow saved specs to name factories outside the known namespaces (lorkd.factories)
+
+    def validate(self, path: str) -> None:
+        check_routing(self.student, self.baselines, self.RECIPE)

@@ -276,16 +276,64 @@ class TeacherSection:
 
 
 @dataclass
+class RouterNet:
+    """The router network (:class:`lorkd.models.router.TaskRouter`): one stride-2 conv stage per
+    entry of ``channels``, global pooling, a linear head to the task logits and a projection head
+    of ``projection_dim`` for TwD."""
+
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    projection_dim: int = 32
+
+    def validate(self, path: str) -> None:
+        check(bool(self.channels) and all(c >= 1 for c in self.channels), f"{path}.channels",
+              f"must be a non-empty list of integers >= 1, got {self.channels}")
+        check(self.projection_dim >= 1, f"{path}.projection_dim", f"must be >= 1, got {self.projection_dim}")
+
+
+@dataclass
+class Router:
+    """MoLA-Router: a router picks each image's expert, so no task id is needed at inference
+    (see docs/python-api.md, "MoLA-Router"). Trained with the student: the task losses through the
+    routed experts (after ``teacher_forcing`` epochs routed by the true task id), plus
+    ``twd_weight`` x TwD (supervised contrastive, temperature ``twd_temperature``) on the router's
+    projection, plus ``task_loss_weight`` x cross-entropy of its logits on the task id.
+    ``temperature`` / ``top_k``: the routing weights in training (softmax of logits / temperature,
+    the ``top_k`` largest kept; ``None``: all). Inference routes each image to its top-1 task."""
+
+    net: RouterNet = field(default_factory=RouterNet)
+    twd_weight: float = 0.1
+    twd_temperature: float = 0.07
+    task_loss_weight: float = 1.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    teacher_forcing: float = 1.0  # epochs at the start routed by the true task id
+
+    def validate(self, path: str) -> None:
+        for name in ("twd_weight", "task_loss_weight", "teacher_forcing"):
+            check(getattr(self, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        for name in ("twd_temperature", "temperature"):
+            check(getattr(self, name) > 0, f"{path}.{name}", f"must be > 0, got {getattr(self, name)}")
+        check(self.top_k is None or self.top_k >= 1, f"{path}.top_k", f"must be null or >= 1, got {self.top_k}")
+        check(self.task_loss_weight > 0 or self.top_k != 1, f"{path}.task_loss_weight",
+              "must be > 0 with top_k 1: the router's logits then get no gradient from the task losses "
+              "(an argmax), only from this cross-entropy")
+        check(self.twd_weight + self.task_loss_weight > 0 or self.top_k != 1, path,
+              "twd_weight and task_loss_weight are both 0: nothing trains the router")
+
+
+@dataclass
 class StudentSection:
-    """The LoRKD student: a small backbone with experts, distilled from the teacher."""
+    """The LoRKD student: a small backbone with experts, distilled from the teacher; with
+    ``router``, routed by a MoLA-Router instead of the task id."""
 
     net: Net = field(default_factory=lambda: Net(arch="resnet18", widen=0.5))
     experts: Experts = field(default_factory=Experts)
     distill: Distill = field(default_factory=Distill)
     train: Stage = field(default_factory=Stage)
+    router: Router | None = None
 
 
-BASELINES = ("stl", "stl_kd", "mtl", "mtl_kd", "student_nokd")
+BASELINES = ("stl", "stl_kd", "mtl", "mtl_kd", "student_nokd", "mola_grad")
 
 
 @dataclass
@@ -294,10 +342,25 @@ class Baselines:
 
     ``stl``: one student network per task, alone; ``mtl``: one student network with shared
     backbone and one head per task, no experts; ``*_kd``: the same with the student's
-    distillation losses; ``student_nokd``: the LoRKD student with ``kd_weight=feat_weight=0``.
+    distillation losses; ``student_nokd``: the LoRKD student with ``kd_weight=feat_weight=0``;
+    ``mola_grad`` (with ``student.router``): the same student with task ids, no router.
     """
 
-    run: list[Literal["stl", "stl_kd", "mtl", "mtl_kd", "student_nokd"]] = field(default_factory=list)
+    run: list[Literal["stl", "stl_kd", "mtl", "mtl_kd", "student_nokd", "mola_grad"]] = field(default_factory=list)
+
+
+def check_routing(student: StudentSection, baselines: Baselines, recipe: str) -> None:
+    """Check ``student.router`` against the recipe and ``baselines.run``.
+
+    Raises:
+        ConfigError: ``student.router`` in a recipe other than classification, or ``mola_grad`` in
+            ``baselines.run`` without ``student.router`` (names the key).
+    """
+    check(student.router is None or recipe == "classification", "student.router",
+          f"routing without a task id is built for the classification recipe only, not {recipe}; remove it")
+    check(student.router is not None or "mola_grad" not in baselines.run, "baselines.run",
+          "mola_grad is the baseline of a routed student (the same student with task ids, no router); "
+          "set student.router or remove mola_grad")
 
 
 @dataclass

@@ -16,7 +16,9 @@ from ...config import check
 from ...data.augment import Augment
 from ...data.segmentation import Preprocess
 from ...engine.trainer import OptimConfig as Optim
-from .sections import Baselines, Distill, Experts, Export, Logging, Stage, StudentSection, TeacherAdapt, TeacherSection
+from .sections import (
+    Baselines, Distill, Experts, Export, Logging, Stage, StudentSection, TeacherAdapt, TeacherSection, check_routing,
+)
 
 __all__ = ["AugmentConfig", "PreprocessConfig", "SegEvaluate", "SegNet", "SegStudentSection", "SegTaskFile", "SegTeacherSection",
            "SegmentationConfig", "SegmentationData"]
@@ -191,6 +193,7 @@ class SegmentationConfig:
     trust_code: bool = False  # allow saved specs to name factories outside the known namespaces (lorkd.factories)
 
     def validate(self, path: str) -> None:
+        check_routing(self.student, self.baselines, self.RECIPE)
         roi = self.evaluate.roi_size
         check(roi is None or len(roi) == len(self.data.patch_size), "evaluate.roi_size",
               f"needs {len(self.data.patch_size)} entries like data.patch_size, got {roi}")

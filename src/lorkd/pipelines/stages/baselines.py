@@ -1,5 +1,6 @@
 """The baselines stage: the student's network trained without experts (``mtl*``), on one task
-alone (``stl*``) or without distillation (``student_nokd``), with the student's budget."""
+alone (``stl*``), without distillation (``student_nokd``) or, beside a routed student, with task ids
+and no router (``mola_grad``), with the student's budget."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def stage_baselines(run: DecompositionRecipe, teacher: nn.Module, found: bool = 
     ``found``: also reuse the baselines already trained in the run folder though not listed (as
     ``lorkd evaluate`` does after ``lorkd baselines --set baselines.run=...``; logged).
 
-    Returns ``{name: model}`` for ``student_nokd`` and ``{name: {tuple(task ids): model}}`` for
+    Returns ``{name: model}`` for ``student_nokd`` and ``mola_grad`` and ``{name: {tuple(task ids): model}}`` for
     the others (``stl*``: one model per task; ``mtl*``: one model of all tasks)."""
     sc = run.cfg.student
     trained: dict[str, Any] = {}
@@ -34,11 +35,12 @@ def stage_baselines(run: DecompositionRecipe, teacher: nn.Module, found: bool = 
         log.info("baselines: %s trained in %s though not in baselines.run: evaluated too", ", ".join(extra),
                  run.out / "baselines")
     for name in [*run.cfg.baselines.run, *extra]:
-        kd = name.endswith("_kd")
+        kd = name.endswith("_kd") or name == "mola_grad"  # mola_grad: the student's own losses
         chosen = search_distill(run, teacher)[0] if kd and sc.distill.search.enabled else sc.distill
         distill = chosen if kd else sc.distill.without_teacher()
-        if name == "student_nokd":
-            trained[name] = stage_student(run, teacher, name="baselines/student_nokd", distill=distill)
+        if name in ("student_nokd", "mola_grad"):  # a whole student with task ids: without KD, or as the student
+            trained[name] = stage_student(run, teacher, name=f"baselines/{name}",
+                                          distill=distill, routed=False)
             continue
         models = {}
         for tasks, folder in run.baseline_groups(name):
@@ -61,7 +63,7 @@ def stage_baselines(run: DecompositionRecipe, teacher: nn.Module, found: bool = 
 
 def baseline_parameters(baselines: dict[str, Any]) -> dict[str, int]:
     """Parameters of the baseline model that serves one task, per baseline of :func:`stage_baselines`:
-    the whole network for ``student_nokd`` and ``mtl*`` (one network for all tasks), the largest
+    the whole network for ``student_nokd``, ``mola_grad`` and ``mtl*`` (one network for all tasks), the largest
     per-task network for ``stl*``."""
     return {name: (count_parameters(models) if isinstance(models, nn.Module)
                    else max(count_parameters(m) for m in models.values()))

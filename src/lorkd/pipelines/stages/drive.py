@@ -18,6 +18,7 @@ from ..core.runtime import timed
 from .baselines import stage_baselines
 from .evaluate import stage_evaluate
 from .export import stage_export
+from .routed import load_router, stage_export_routed
 from .student import check_feature_layers, stage_student
 from .teacher import stage_teacher
 
@@ -60,15 +61,18 @@ def _drive(run: DecompositionRecipe, stages: tuple[str, ...], reuse: bool) -> di
         baselines = stage_baselines(run, teacher, found=evaluating) if evaluating or "baselines" in stages else {}
         if not ctx.is_main:
             return None
+        router = load_router(run) if run.cfg.student.router is not None else None
         if "export" in stages or "evaluate" in stages:
             with timed(run.state.timing, "export"):
                 stage_export(run, student)
+                if router is not None:
+                    stage_export_routed(run, student, router)
         if not evaluating:
             if baselines:
                 log.info("baselines in %s; `lorkd evaluate` adds them to metrics.json and report.md", out / "baselines")
             return None
         with timed(run.state.timing, "evaluate"):
-            metrics = stage_evaluate(run, teacher, student, baselines)
+            metrics = stage_evaluate(run, teacher, student, baselines, router)
         return _finish(run, metrics, mismatch)
     finally:
         if ctx.is_main:

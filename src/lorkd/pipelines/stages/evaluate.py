@@ -49,13 +49,18 @@ def score_models(run: DecompositionRecipe, teacher: nn.Module, student: nn.Modul
 
 
 def stage_evaluate(run: DecompositionRecipe, teacher: nn.Module, student: nn.Module,
-                   baselines: dict[str, Any]) -> dict[str, Any]:
+                   baselines: dict[str, Any], router: nn.Module | None = None) -> dict[str, Any]:
     """The metrics of every model on val and test (``predictions.npz`` per test item), sizes,
-    FLOPs, latency and the paired statistics; what ``metrics.json`` holds before the driver's keys."""
+    FLOPs, latency and the paired statistics; what ``metrics.json`` holds before the driver's keys.
+    With ``router`` (a routed student), also ``routing``: the student routed by it on test, beside
+    the student with the task id (:meth:`~DecompositionRecipe.routing_summary`)."""
     results, outputs = score_models(run, teacher, student, baselines)
     save_predictions(run.out, outputs)
     metrics = run.summary(teacher, student, results)
     metrics["params"].update(baseline_parameters(baselines))
     metrics["statistics"] = run_statistics(outputs, metrics["metric_keys"], run.select_metric, results["val"],
                                            list(baselines))
+    if router is not None:
+        metrics["routing"] = run.routing_summary(student, router.to(run.ctx.device), outputs)
+        metrics["routing"]["router_parameters"] = sum(p.numel() for p in router.plain()[0].parameters())
     return metrics

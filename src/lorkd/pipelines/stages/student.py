@@ -10,6 +10,7 @@ from ..core.recipe import DecompositionRecipe
 from ..core.runfolder import record_stage, start_training
 from ..core.runtime import timed
 from ..schema import Distill
+from .routed import ROUTER, train_routed
 from .search import search_distill
 
 
@@ -36,20 +37,24 @@ def check_feature_layers(run: DecompositionRecipe, teacher: nn.Module | None = N
 
 
 def stage_student(run: DecompositionRecipe, teacher: nn.Module, name: str = "student",
-                  distill: Distill | None = None) -> nn.Module:
+                  distill: Distill | None = None, routed: bool | None = None) -> nn.Module:
     """Decompose: train the student with experts, distilling from ``teacher``; writes ``<name>/``.
 
     Without ``distill``: ``student.distill``, or with ``student.distill.search`` the settings the
-    search chose on validation (:mod:`lorkd.pipelines.stages.search`)."""
+    search chose on validation (:mod:`lorkd.pipelines.stages.search`). ``routed`` (default: with
+    ``student.router``, for ``name == "student"`` only): train it with a router
+    (:mod:`lorkd.pipelines.stages.routed`; the search's candidates are not routed, so its
+    settings are used to train the routed student again)."""
     folder = run.out / name
-    if has_network(folder):
+    sc = run.cfg.student
+    routed = sc.router is not None and name == "student" if routed is None else routed
+    if has_network(folder) and (not routed or has_network(folder / ROUTER)):
         model = run.reuse_network(folder)
         record_stage(run, name, "reused", folder)
         return model
-    sc = run.cfg.student
     if distill is None and sc.distill.search.enabled:
         distill, chosen = search_distill(run, teacher)
-        if chosen is not None:  # trained with the full budget: the search's best model is the student
+        if chosen is not None and not routed:  # trained with the full budget: the search's best model is the student
             model = run.reuse_network(chosen)
             if run.ctx.is_main:
                 save_network(model, folder, run.meta(model, "student", experts=sc.experts.as_kwargs(),
@@ -59,7 +64,10 @@ def stage_student(run: DecompositionRecipe, teacher: nn.Module, name: str = "stu
     with timed(run.state.timing, name):
         model = run.network(sc.net, run.num_classes, sc.experts.as_kwargs())
         start_training(run, name, folder)
-        model = run.distill_fit(model, sc.train, folder, distill, teacher)
+        if routed:
+            model = train_routed(run, model, folder, distill, teacher)
+        else:
+            model = run.distill_fit(model, sc.train, folder, distill, teacher)
         if run.ctx.is_main:
             save_network(model, folder, run.meta(model, "student", experts=sc.experts.as_kwargs()))
     return model
