@@ -32,10 +32,6 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Stage, fo
     ``tensorboard``, rank 0 writes each epoch's scalars to ``folder/tensorboard/``."""
     if stage.recompute_norm_stats:
         evaluate = recomputing_norms(evaluate, train_set, stage.recompute_norm_stats, stage.batch_size, ctx.device)
-    sampler = TaskBatchSampler(train_set, stage.batch_size, mode=sampler_mode, seed=seed,
-                               num_replicas=ctx.world_size, rank=ctx.rank, drop_last=ctx.is_distributed)
-
-
     sampler = make_sampler(train_set, stage, ctx, seed, sampler_mode)
     fit_cfg = FitConfig(epochs=stage.epochs, batch_size=stage.batch_size, optim=stage.optim, seed=seed,
                         checkpoint_every=stage.checkpoint_every, amp=stage.amp, select_metric=select_metric,
