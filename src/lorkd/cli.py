@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="inputs per forward pass (classification)")
     p.add_argument("--bits", type=int, help="bit depth of 16-bit image files (e.g. 12: values / 4095; default "
                    "16: / 65535), classification")
+    p.add_argument("--class-indices", action="store_true", help="segmentation: write masks of class indices "
+                   "0..K-1 instead of the values of the task's training masks (card label_values, e.g. 0/255)")
     p.add_argument("--trust-code", action="store_true", help="allow the card's architecture factory to lie "
                    "outside monai.networks.nets, lorkd.models, torchvision.models, timm (only for experts you trust)")
     p.set_defaults(func=cmd_predict)
@@ -234,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     with trusted_code(args.trust_code):
         predict_files(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
-                      device=args.device, bits=args.bits)
+                      device=args.device, bits=args.bits, class_indices=args.class_indices)
     return 0
 
 
