@@ -2,7 +2,7 @@
 
     lorkd run CONFIG --out DIR [--set key=value ...] [--resume | --overwrite] [--reuse] [--trust-code]
     lorkd pretrain | decompose | baselines | export | evaluate  CONFIG --out DIR [...]
-    lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE] [--device DEV] [--trust-code]
+    lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE] [--device DEV] [--class-indices] [--trust-code]
     lorkd demo [--out DIR] [--seed N] [--set key=value ...] [--resume | --overwrite]
     lorkd report RUN_DIR [RUN_DIR ...] --out FILE [--allow-different]
     lorkd transfer CONFIG --out DIR [--set key=value ...] [--resume | --overwrite]
