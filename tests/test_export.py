@@ -144,6 +144,47 @@ def test_segmentation_recipe_exports_onnx_with_dynamic_spatial_axes(tmp_path):
     assert card["files"][1]["input_shape"] == ["dynamic", 1, "dynamic", "dynamic"]
 
 
+@pytest.mark.parametrize("arch", ["unet", "dynunet", "segresnet"])
+def test_spatial_multiple_is_the_total_stride(arch):
+    from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
+
+    plain = MultiTaskSegmenter(segmentation_backbone_spec(arch, 2, 1, [4, 8, 8], 4), [2]).export_task(0)[0]
+    assert X.spatial_multiple(plain, (1, 16, 24)) == (4, 4)  # three levels: two stride-2 steps
+    assert X.spatial_multiple(nn.Conv2d(1, 2, 3, padding=1), (1, 6, 6)) == (1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dims", [2, 3])
+def test_segmentation_onnx_runs_on_sizes_off_the_network_multiple(tmp_path, dims):
+    """A UNet's skip concatenation fails on sizes that are not multiples of its stride; the ONNX
+    graph pads to the multiple inside and crops back, the TorchScript entry records the multiple."""
+    from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
+
+    torch.manual_seed(0)
+    plain = MultiTaskSegmenter(segmentation_backbone_spec("unet", dims, 1, [4, 8, 8], 4), [3]).export_task(0)[0].eval()
+    patch = (1, 16, 16) if dims == 2 else (1, 8, 8, 8)
+    files = X.write_formats(plain, tmp_path, patch, onnx=True, torchscript=True, dynamic_spatial=True)
+    onnx_entry, ts_entry = files[1], files[2]
+    assert onnx_entry["spatial_multiple"] == ts_entry["spatial_multiple"] == [4] * dims
+    assert onnx_entry["padding"].startswith("inside the graph") and "must be multiples" in ts_entry["padding"]
+    assert [1, 1, *(s + 1 for s in patch[1:])] in onnx_entry["checked_shapes"]
+    odd = (5, 17, 18) if dims == 2 else (5, 9, 10)  # none a multiple of 4
+    x = torch.randn(1, 1, *odd[3 - dims:] if dims == 2 else odd)
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):  # the network itself cannot
+        plain(x)
+    with torch.no_grad():  # the reference: zero-pad to the multiple by hand, crop the logits back
+        up = [-(-s // 4) * 4 for s in x.shape[2:]]
+        pads = [p for s, u in zip(reversed(x.shape[2:]), reversed(up)) for p in (0, u - s)]
+        expected = plain(torch.nn.functional.pad(x, pads))[(slice(None), slice(None), *(slice(0, s) for s in x.shape[2:]))]
+    got = _ort(tmp_path / "expert.onnx", x)
+    assert got.shape == (1, 3, *x.shape[2:]) and np.abs(got - expected.numpy()).max() <= 1e-4
+    with pytest.raises(RuntimeError):  # the trace runs the network as it is: its entry says so
+        torch.jit.load(str(tmp_path / "expert.torchscript.pt"))(x)
+    y = torch.randn(2, 1, *(2 * s for s in patch[1:]))  # on multiples the padding changes nothing
+    with torch.no_grad():
+        assert np.abs(_ort(tmp_path / "expert.onnx", y) - plain(y).numpy()).max() <= 1e-4
+
+
 def _check_exported(folder: Path, x: torch.Tensor) -> dict:
     card = json.loads((folder / "card.json").read_text())
     assert [(f["file"], f["format"]) for f in card["files"]] == [

@@ -309,3 +309,43 @@ def test_an_expert_saved_with_save_expert_and_no_card_predicts_with_a_warning(tm
     with pytest.raises(DataError, match=r"expert1/card.json: a segmentation card needs classes, in_channels, "
                                         r"spatial_dims, preprocessing, inference"):
         predict_files(folder, [tmp_path / "a.png"])
+
+
+def test_segmentation_masks_are_written_in_the_card_label_values(tmp_path, monkeypatch, caplog, capsys):
+    import nibabel as nib
+
+    from lorkd.pipelines import predict as P
+
+    expert = _segmentation_expert(tmp_path / "expert", 1, 1)
+    card = json.loads((expert / "card.json").read_text())
+    half = lambda model, image, spacing, card, device, name: (np.arange(image[0].size).reshape(image.shape[1:])  # noqa: E731
+                                                              % 2).astype(np.uint8)  # both classes, as segment gives
+    monkeypatch.setattr(P, "segment", half)
+    png = _save(tmp_path / "scan.png", _gray(0))
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), str(tmp_path / "vol.nii.gz"))
+
+    def masks(values, **kwargs):
+        (expert / "card.json").write_text(json.dumps({**card, "label_values": values} if values != "absent" else card))
+        out = tmp_path / f"m{len(list(tmp_path.glob('m*')))}"
+        predict_files(expert, [png, tmp_path / "vol.nii.gz"], output=out, **kwargs)
+        return np.asarray(Image.open(out / "scan_mask.png")), nib.load(str(out / "vol_mask.nii.gz"))
+
+    png_mask, vol = masks([0, 255])
+    assert png_mask.dtype == np.uint8 and set(np.unique(png_mask)) == {0, 255}
+    assert set(np.unique(np.asarray(vol.dataobj))) == {0, 255} and vol.get_data_dtype() == np.uint8
+    png_mask, vol = masks([0, 1000])  # 16-bit values: a 16-bit PNG, a uint16 NIfTI
+    assert set(np.unique(png_mask)) == {0, 1000} and vol.get_data_dtype() == np.uint16
+    png_mask, _ = masks([0, 255], class_indices=True)
+    assert set(np.unique(png_mask)) == {0, 1}
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        png_mask, _ = masks("absent")  # an old card: class indices, and a note naming the card
+    assert set(np.unique(png_mask)) == {0, 1}
+    assert f"predict: {expert / 'card.json'} has no label_values (exported before lorkd recorded them): masks " \
+           "hold class indices 0..1" in caplog.text
+    png_mask, _ = masks(None)  # label_values: null (the mapping did not cover every class)
+    assert set(np.unique(png_mask)) == {0, 1}
+    with pytest.raises(DataError, match=r"expert/card.json: label_values must list 2 distinct integers .* got \[0, 0\]"):
+        masks([0, 0])
+    with pytest.raises(DataError, match=r"scan_mask.png: mask values -1..70000 do not fit a PNG"):
+        masks([-1, 70000])
+    capsys.readouterr()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import json
+import logging
 from pathlib import Path
 
 import h5py
@@ -379,19 +380,59 @@ def test_cli_run_3d_then_predict_nifti_and_h5(tmp_path, capsys):
     assert from_h5.shape == image.shape and np.allclose(from_h5.affine, np.eye(4))
 
 
-def test_cli_run_2d_folder_then_predict_png(tmp_path, capsys):
-    root = write_png_task(tmp_path / "pngs", n=8)
-    cfg = tmp_path / "cfg.yaml"
+@pytest.fixture(scope="module")
+def png_run(tmp_path_factory) -> tuple[Path, Path]:
+    """``(data folder, run folder)`` of a tiny 2D run on a folder task of 0/255 PNG masks."""
+    tmp = tmp_path_factory.mktemp("png_run")
+    root = write_png_task(tmp / "pngs", n=8)
+    cfg = tmp / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config([{"name": "polyp", "path": str(root), "format": "folder"}], [16, 16],
                                               evaluate={"latency_repeats": 1, "hd95": False})))
-    out = tmp_path / "run"
-    assert run_cli("run", cfg, "--out", out, "--no-progress") == 0
+    assert run_cli("run", cfg, "--out", tmp / "run", "--no-progress") == 0
+    return root, tmp / "run"
+
+
+def test_cli_run_2d_folder_then_predict_png(png_run, tmp_path, capsys):
+    root, out = png_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["metric_keys"] == ["dice"] and 0.0 <= metrics["tasks"]["polyp"]["expert"]["dice"] <= 1.0
     capsys.readouterr()
-    rows = predict_masks(out / "experts" / "polyp", [root / "images" / "case0.png"], tmp_path / "m")
+    rows = predict_masks(out / "experts" / "polyp", [root / "images" / "case0.png"], tmp_path / "m", class_indices=True)
     mask = np.asarray(Image.open(tmp_path / "m" / "case0_mask.png"))
     assert mask.shape == (24, 24) and set(np.unique(mask)) <= {0, 1} and rows[0]["shape"] == "24x24"
+
+
+def test_predicted_masks_of_a_0_255_folder_task_hold_0_and_255(png_run, tmp_path, capsys):
+    root, out = png_run
+    expert = out / "experts" / "polyp"
+    card = json.loads((expert / "card.json").read_text())
+    assert card["label_values"] == [0, 255]  # class k was the mask value label_values[k]
+    images = [root / "images" / f"case{i}.png" for i in range(8)]
+    predict_masks(expert, images, tmp_path / "values")
+    predict_masks(expert, images, tmp_path / "indices", class_indices=True)
+    capsys.readouterr()
+    for i in range(8):
+        values = np.asarray(Image.open(tmp_path / "values" / f"case{i}_mask.png"))
+        indices = np.asarray(Image.open(tmp_path / "indices" / f"case{i}_mask.png"))
+        assert values.dtype == np.uint8 and set(np.unique(values)) <= {0, 255}
+        assert np.array_equal(values, np.array([0, 255], np.uint8)[indices])
+
+
+def test_card_label_values_of_an_hdf5_task_and_of_masks_with_too_few_values(tmp_path, caplog):
+    root = write_h5_task(tmp_path / "h", shape=(4, 12, 12), classes=3, patients=4, frames=1)
+    cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "h", "path": str(root)}], "patch_size": [4, 8, 8],
+                                                  "split": [0.5, 0.25, 0.25]}})
+    run = S.SegmentationRecipe(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
+    assert S.expert_card(run, 0)["label_values"] == [0, 1, 2]
+    pngs = write_png_task(tmp_path / "p", n=4)  # 0/255 masks read as 3 classes: no value for class 2
+    cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "p", "path": str(pngs), "format": "folder",
+                                                             "num_classes": 3}],
+                                                  "patch_size": [8, 8], "split": [0.5, 0.25, 0.25]}})
+    run = S.SegmentationRecipe(cfg, tmp_path / "run2", DistributedContext.from_env(torch.device("cpu")))
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        assert S.expert_card(run, 0)["label_values"] is None
+    assert "task p: its masks hold 2 values [0, 255] for 3 classes; lorkd predict writes its masks as class " \
+           "indices 0..2" in caplog.text
 
 
 @pytest.mark.slow

@@ -191,6 +191,28 @@ def test_heads_by_output_index_and_by_layer_name():
         Foundation(net, [2], x, heads={0: 2}, task_names=["a"])
 
 
+def test_head_indices_are_checked_against_the_output_width():
+    torch.manual_seed(0)
+    two = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 2)).eval()  # one output of width 2
+    x = torch.randn(4, 1, 8, 8)
+    with pytest.raises(ConfigError, match=r"teacher\.heads\.a: \[start, stop\] = \[0, 3\] is out of range: the "
+                                          r"teacher's output has 2 channels"):
+        Foundation(two, [2], x, heads={0: [0, 3]}, task_names=["a"])  # a slice past the width gives only 2
+    with pytest.raises(ConfigError, match=r"teacher\.heads\.a: \[start, stop\] = \[-2, 2\] is out of range.*"
+                                          r"negative indices are not accepted"):
+        Foundation(two, [2], x, heads={0: [-2, 2]}, task_names=["a"])
+    with pytest.raises(ConfigError, match=r"teacher\.heads\.a: \[start, stop\] = \[1, 1\] is out of range"):
+        Foundation(two, [2], x, heads={0: [1, 1]}, task_names=["a"])
+    with pytest.raises(ConfigError, match=r"teacher\.heads\.a: give an output index, \[start, stop\] \(two integers\)"):
+        Foundation(two, [2], x, heads={0: [0, 1, 2]}, task_names=["a"])
+    with pytest.raises(ConfigError, match=r"teacher\.heads\.b: output index -1 is out of range: the teacher returns 2 "
+                                          r"outputs \(indices 0\.\.1; negative indices are not accepted\)"):
+        Foundation(TwoOutputs().eval(), [2, 5], x, heads={1: -1}, task_names=["a", "b"])
+    teacher = Foundation(two, [2], x, heads={0: [0, 2]}, task_names=["a"])  # the whole width is fine
+    assert torch.equal(teacher(x, torch.zeros(4, dtype=torch.long)).logits[0], two(x))
+
+
 def test_torchscript_module_that_rejects_the_input_shape_is_a_config_error(teacher_files):
     scripted = torch.jit.load(str(teacher_files["script"]))
     with pytest.raises(ConfigError, match=r"teacher: the teacher .* rejects an input of shape \[2, 1, 16, 16\].*"

@@ -4,6 +4,7 @@ by training, reprogramming modules that start as the identity, and clear errors 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from lorkd.distill.reprogram import FeatureReprogram, InputReprogram, Reprogramm
 from lorkd.engine.distributed import DistributedContext
 from lorkd.errors import ConfigError, DataError
 from lorkd.models.backbones import backbone_spec, build_backbone
-from lorkd.pipelines.recipes.transfer import TransferRun, cap_train, load_downstream, scores
+from lorkd.pipelines.recipes.transfer import TransferRun, cap_train, load_downstream, scores, transfer_startup_summary
 from lorkd.pipelines.recipes.transfer_report import bootstrap_interval, item_statistic
 from lorkd.pipelines.schema import TransferConfig
 
@@ -251,6 +252,29 @@ def test_cli_refuses_the_wrong_recipe(run2d, tmp_path, capsys):
     del cfg["recipe"]  # `lorkd transfer` reads a config without `recipe` as a transfer config
     assert run_transfer_cli(tmp_path, cfg) == 0
     assert set(json.loads((tmp_path / "out" / "metrics.json").read_text())["methods"]["down"]) == {"foundation_lp"}
+
+
+def test_startup_summary_and_channel_mapping_are_logged(run2d, tmp_path, caplog):
+    rgb = write_npz(tmp_path / "rgb.npz", (12, 12, 3), classes=3, counts=(18, 9, 6), seed=4)
+    cfg = transfer_cfg(run2d, rgb, methods=["foundation_lp"], seeds=[3])
+    cfg["data"]["tasks"][0]["name"] = "colour"
+    with caplog.at_level(logging.INFO, logger="lorkd"):
+        assert run_transfer_cli(tmp_path, cfg) == 0
+    text = caplog.text
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "colour" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].getMessage() == (
+        f"transfer: task colour ({rgb}): 3 channels averaged to the 1 (gray) channel the foundation model takes")
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("lorkd: seeds [3]"))
+    assert f"world size 1, out {tmp_path / 'out'}" in summary and "device cpu" in summary
+    assert f"foundation: lorkd run {run2d} (teacher/ and experts/) (trained on ta, tb; input 1 channel(s), 2D, the images' own size" in summary
+    assert (f"task colour: train 18, val 9, test 6 (images; 3 classes; 3 channels averaged to the 1 (gray) channel "
+            f"the foundation model takes; {rgb})") in summary
+    assert "methods: foundation_lp; 1 epoch(s), batch 8" in summary
+    assert text.index("lorkd: seeds [3]") < text.index("transfer: colour / foundation_lp")  # before training
+    (tmp_path / "g").mkdir()
+    gray = _run(run2d, tmp_path / "g")  # a gray task to a gray foundation: no mapping line
+    assert "task down: train 24, val 12, test 12 (images; 2 classes; 1 channel(s), as the foundation model takes" in \
+        transfer_startup_summary(gray)
 
 
 def test_cap_train_is_stratified_and_the_same_every_time(tmp_path):

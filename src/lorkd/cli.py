@@ -2,7 +2,7 @@
 
     lorkd run CONFIG --out DIR [--set key=value ...] [--resume | --overwrite] [--reuse] [--trust-code]
     lorkd pretrain | decompose | baselines | export | evaluate  CONFIG --out DIR [...]
-    lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE] [--device DEV] [--trust-code]
+    lorkd predict EXPERT_DIR INPUT [INPUT ...] [--output FILE] [--device DEV] [--class-indices] [--trust-code]
     lorkd demo [--out DIR] [--seed N] [--set key=value ...] [--resume | --overwrite]
     lorkd report RUN_DIR [RUN_DIR ...] --out FILE [--allow-different]
     lorkd transfer CONFIG --out DIR [--set key=value ...] [--resume | --overwrite]
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="inputs per forward pass (classification)")
     p.add_argument("--bits", type=int, help="bit depth of 16-bit image files (e.g. 12: values / 4095; default "
                    "16: / 65535), classification")
+    p.add_argument("--class-indices", action="store_true", help="segmentation: write masks of class indices "
+                   "0..K-1 instead of the values of the task's training masks (card label_values, e.g. 0/255)")
     p.add_argument("--trust-code", action="store_true", help="allow the card's architecture factory to lie "
                    "outside monai.networks.nets, lorkd.models, torchvision.models, timm (only for experts you trust)")
     p.set_defaults(func=cmd_predict)
@@ -235,9 +237,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     with trusted_code(args.trust_code):
-        predict = predict_routed if is_routed(args.expert) else predict_files  # routed/: task, class, probabilities
-        predict(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
-                      device=args.device, bits=args.bits)
+        if is_routed(args.expert):  # routed/: task, class, probabilities
+            predict_routed(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
+                           device=args.device, bits=args.bits)
+        else:
+            predict_files(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
+                          device=args.device, bits=args.bits, class_indices=args.class_indices)
     return 0
 
 

@@ -112,7 +112,8 @@ class Foundation(MultiTaskNet):
             width and check every mapped output.
         heads: task id -> ``int`` (that element of a tuple/list output),
             ``[start, stop]`` (those channels of the output tensor) or a layer name of ``module``
-            (its output).
+            (its output). Indices are checked against the example's output (``0 <= index <
+            outputs``, ``0 <= start < stop <= channels``); negative indices are refused.
             Tasks not listed get a fitted head on the features.
         features: layer of ``module`` whose output is the feature (``None``: the module's output).
         dense: segmentation: features are a map (resized to the input's size), heads 1x1 convs;
@@ -124,7 +125,8 @@ class Foundation(MultiTaskNet):
     Raises:
         ConfigError: a layer name that does not exist (close names suggested), a module that
             rejects the example, a mapped output that is not there or has the wrong number of
-            classes, a task id in ``heads`` out of range.
+            classes, an output index or ``[start, stop]`` out of the output's range (names
+            ``<key>.heads.<task>`` and the width), a task id in ``heads`` out of range.
     """
 
     def __init__(self, module: nn.Module, num_classes: Sequence[int], example: Tensor, *,
@@ -230,12 +232,14 @@ class Foundation(MultiTaskNet):
             if not isinstance(out, (tuple, list)):
                 raise ConfigError(f"{where}: {spec!r} selects one of several outputs, but the teacher returns a "
                                   f"{type(out).__name__}; give [start, stop] (a slice of its channels) or a layer name")
-            if not -len(out) <= spec < len(out):
-                raise ConfigError(f"{where}: output index {spec} is out of range: the teacher returns {len(out)} outputs")
+            if not 0 <= spec < len(out):
+                raise ConfigError(f"{where}: output index {spec} is out of range: the teacher returns {len(out)} outputs "
+                                  f"(indices 0..{len(out) - 1}; negative indices are not accepted)")
             y = out[spec]
         else:
-            start, stop = (list(spec) + [None])[:2]
-            y = output_tensor(out, where)[:, start:stop]
+            y = output_tensor(out, where)
+            start, stop = _channel_range(spec, y, where)
+            y = y[:, start:stop]
         if not isinstance(y, Tensor):
             raise ConfigError(f"{where}: {spec!r} selects a {type(y).__name__}, not a tensor")
         return resize_map(y, x.shape[2:], where) if self.dense else y
@@ -274,6 +278,25 @@ class _OneTask(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         ids = torch.full((x.shape[0],), self.task, dtype=torch.long, device=x.device)
         return self.net(x, ids).logits[self.task]
+
+
+def _channel_range(spec: Any, y: Tensor, where: str) -> tuple[int, int]:
+    """``(start, stop)`` of a ``[start, stop]`` head spec, checked against the width ``y.shape[1]``
+    of the teacher's output: ``0 <= start < stop <= width`` (negative indices are refused, not
+    counted from the end, so a typo cannot select other channels than meant).
+
+    Raises:
+        ConfigError: not two integers, or out of that range (names ``where``, the spec and the width).
+    """
+    items = list(spec) if isinstance(spec, (list, tuple)) else []
+    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise ConfigError(f"{where}: give an output index, [start, stop] (two integers) or a layer name, got {spec!r}")
+    start, stop = items
+    width = int(y.shape[1]) if y.ndim > 1 else 0
+    if not 0 <= start < stop <= width:
+        raise ConfigError(f"{where}: [start, stop] = {items} is out of range: the teacher's output has {width} "
+                          f"channels (0 <= start < stop <= {width}; negative indices are not accepted)")
+    return start, stop
 
 
 def output_tensor(out: Any, key: str) -> Tensor:

@@ -255,7 +255,8 @@ def _warn(notes: dict[str, list[str]], card: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test", output: Path | None = None,
-                  batch_size: int = 256, device: str = "cpu", bits: int | None = None) -> list[dict[str, Any]]:
+                  batch_size: int = 256, device: str = "cpu", bits: int | None = None,
+                  class_indices: bool = False) -> list[dict[str, Any]]:
     """Probabilities of every input through the expert; printed as CSV or written to ``output``.
 
     ``inputs`` are files, folders or glob patterns (:func:`expand_inputs`). A row holds ``input``,
@@ -264,13 +265,14 @@ def predict_files(expert_dir: Path, inputs: list[Path | str], split: str = "test
     integer images wider than 8 bits (default: 16-bit, / 65535; see :func:`to_unit_range`).
 
     A segmentation expert (card ``task_kind: segmentation``) writes masks instead: see
-    :func:`predict_masks` (``output`` is then the folder of the masks).
+    :func:`predict_masks` (``output`` is then the folder of the masks; ``class_indices``: masks of
+    class indices instead of the training masks' values).
 
     Raises:
         DataError: a missing, unreadable or unsupported input (names it).
     """
     if read_card(expert_dir).get("task_kind") == "segmentation":
-        return predict_masks(expert_dir, inputs, output, device=device)
+        return predict_masks(expert_dir, inputs, output, device=device, class_indices=class_indices)
     if batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {batch_size}")
     if bits is not None and not 9 <= bits <= 16:
@@ -499,18 +501,53 @@ def _mask_stem(source: Path) -> str:
     return source.name[: -len(_suffix(source))] if source.name.lower().endswith(_suffix(source)) else source.stem
 
 
+def label_lookup(card: dict[str, Any], folder: Path, class_indices: bool = False) -> np.ndarray | None:
+    """Class index -> the value masks are written with: the card's ``label_values`` (``[k]``: the
+    value class ``k`` had in the task's mask files) as an array of the smallest fitting dtype
+    (uint8, uint16, int32); ``None`` (masks hold class indices) with ``class_indices``, or when the
+    card has no ``label_values`` (an expert exported before lorkd recorded them: noted in the log)
+    or ``label_values: null``.
+
+    Raises:
+        DataError: ``label_values`` is not ``classes`` distinct integers (names the card and key).
+    """
+    values = card.get("label_values")
+    if class_indices or values is None:
+        if not class_indices and "label_values" not in card:
+            log.warning("predict: %s has no label_values (exported before lorkd recorded them): masks hold class "
+                        "indices 0..%d, not the values of the training masks", folder / EXPERT_CARD,
+                        card["classes"] - 1)
+        return None
+    ok = (isinstance(values, list) and len(values) == card["classes"] and len(set(values)) == len(values)
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in values))
+    if not ok:
+        raise DataError(f"{folder / EXPERT_CARD}: label_values must list {card['classes']} distinct integers (the mask "
+                        f"value of each class), got {values!r}")
+    lo, hi = min(values), max(values)
+    dtype = np.uint8 if 0 <= lo and hi <= 255 else np.uint16 if 0 <= lo and hi <= 65535 else np.int32
+    return np.asarray(values, dtype=dtype)
+
+
 def write_mask(mask: np.ndarray, source: Path, geometry: Any, folder: Path) -> Path:
-    """Write ``mask`` beside the name of ``source`` in ``folder``: NIfTI (the input's affine and
-    header; identity affine for HDF5 input) for volumes, PNG for 2D images."""
+    """Write ``mask`` (uint8, uint16 or int32) beside the name of ``source`` in ``folder``: NIfTI
+    (the input's affine and header, the mask's dtype; identity affine for HDF5 input) for volumes,
+    PNG (8- or 16-bit) for 2D images.
+
+    Raises:
+        DataError: a 2D mask with values a PNG cannot hold (negative or above 65535; names the file).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     stem = _mask_stem(source)
     if mask.ndim == 2 and geometry is None:
         path = folder / f"{stem}_mask.png"
+        if mask.dtype not in (np.uint8, np.uint16):
+            raise DataError(f"{path}: mask values {int(mask.min())}..{int(mask.max())} do not fit a PNG (0..65535); "
+                            "predict with --class-indices")
         Image.fromarray(mask).save(path)
         return path
     if geometry is not None:
         header = geometry.header.copy()
-        header.set_data_dtype(np.uint8)
+        header.set_data_dtype(mask.dtype)
         out = nib.Nifti1Image(mask, geometry.affine, header)
     else:
         out = nib.Nifti1Image(mask, np.eye(4))
@@ -520,11 +557,15 @@ def write_mask(mask: np.ndarray, source: Path, geometry: Any, folder: Path) -> P
 
 
 def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | None = None,
-                  device: str = "cpu") -> list[dict[str, Any]]:
+                  device: str = "cpu", class_indices: bool = False) -> list[dict[str, Any]]:
     """Masks of every input (files, folders, glob patterns) through a segmentation expert, written
     to ``output`` (a folder, default ``./masks``); a CSV line per input (mask path, shape, voxels
-    per class) is printed. When the card names an ``orientation`` (the axis codes the training
+    per class index) is printed. When the card names an ``orientation`` (the axis codes the training
     volumes were turned to), a NIfTI input is turned to it first and its mask turned back.
+
+    Mask values are those of the task's training masks (card ``label_values``: a task of 0/255
+    masks gives 0/255 masks), or class indices ``0..K-1`` with ``class_indices`` or a card
+    without ``label_values`` (see :func:`label_lookup`).
 
     Raises:
         DataError: a missing or unreadable input, one that does not fit the expert, or two inputs
@@ -537,6 +578,7 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
     if missing:
         raise DataError(f"{Path(expert_dir) / EXPERT_CARD}: a segmentation card needs {', '.join(missing)} (as "
                         "`lorkd export` writes them)")
+    lookup = label_lookup(card, Path(expert_dir), class_indices)
     model = model.to(dev)
     folder = Path(output) if output is not None else Path("masks")
     rows = []
@@ -554,8 +596,8 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
             image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], str(path))
         mask = segment(model, image, spacing, card, dev, str(path))
         if back is not None:
-                    mask = np.ascontiguousarray(reorient(mask, affine, to=back)[0])
-        written = write_mask(mask, path, geometry, folder)
+            mask = np.ascontiguousarray(reorient(mask, affine, to=back)[0])
+        written = write_mask(mask if lookup is None else lookup[mask], path, geometry, folder)
         counts = np.bincount(mask.reshape(-1), minlength=card["classes"])
         rows.append({"input": str(path), "mask": str(written), "shape": "x".join(map(str, mask.shape)),
                      **{f"voxels_{c}": int(n) for c, n in enumerate(counts)}})

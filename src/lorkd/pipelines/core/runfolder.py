@@ -180,13 +180,17 @@ def start_training(run: Recipe, stage: str, folder: Path) -> None:
     record_stage(run, stage, "resumed" if resumed else "trained", folder)
 
 
+def runtime_line(ctx: Any, seeds: str, out: Path) -> str:
+    """The first line of a start-up summary: ``seeds`` (e.g. ``"seed 0"``), device, torch threads,
+    ``OMP_NUM_THREADS``, world size of ``ctx`` (a DistributedContext) and the output folder."""
+    return (f"lorkd: {seeds}, device {ctx.device}, {torch.get_num_threads()} torch threads "
+            f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), world size {ctx.world_size}, out {out}")
+
+
 def startup_summary(run: DecompositionRecipe) -> str:
     """One block of text: seed, device, threads, world size, the data found per task and split (and
     the teacher's training images, when it trains on more than the students)."""
-    ctx = run.ctx
-    lines = [f"lorkd: seed {run.cfg.seed}, device {ctx.device}, {torch.get_num_threads()} torch threads "
-             f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), world size {ctx.world_size}, "
-             f"out {run.out}"]
+    lines = [runtime_line(run.ctx, f"seed {run.cfg.seed}", run.out)]
     teacher_set = run.teacher_train_data()
     for t, (task, name) in enumerate(zip(run.tasks, run.names)):
         n = run.task_counts(t)

@@ -328,7 +328,7 @@ def expert_card(run: SegmentationRecipe, t: int) -> dict[str, Any]:
     pre = run.preprocess[t]
     task = run.tasks[t]
     return {"task": run.names[t], "task_id": t, "task_kind": "segmentation", "classes": run.num_classes[t],
-            "in_channels": run.channels, "input_channels": run.channels, "task_channels": task.in_channels,
+            "label_values": task_label_values(task), "in_channels": run.channels, "input_channels": run.channels, "task_channels": task.in_channels,
             "channel_fill": run.cfg.data.channel_fill,
             "spatial_dims": run.spatial_dims, "data_spatial_dims": task.spatial_dims,
             "slice_mode": task.spatial_dims == run.spatial_dims + 1, "patch_size": list(run.patch),
@@ -339,6 +339,26 @@ def expert_card(run: SegmentationRecipe, t: int) -> dict[str, Any]:
             **_geometry_card(run, t),
             "rebuild_without_lorkd": "nn.Sequential(OrderedDict(backbone=<architecture.kwargs.backbone.factory>"
                                      "(**kwargs), head=ConvNd(feature_dim, num_classes, kernel_size=1)))"}
+
+
+def task_label_values(task: SegmentationTaskData) -> list[int] | None:
+    """The card's ``label_values``: ``label_values[k]`` is the value class ``k`` has in the task's
+    mask files, so ``lorkd predict`` writes masks in those values (0/255 masks give 0/255 masks).
+
+    A ``folder`` task maps its mask values to classes on read (``reader.label_values``, else the
+    sorted values found, see :func:`~lorkd.data.segmentation.read_image_mask_folder`); other
+    formats store class indices (``[0, 1, ..., K-1]``). ``None`` when the mapping does not cover
+    every class (``num_classes`` set above the mask values found): masks then hold class indices."""
+    refs = [r for cases in task.splits.values() for r in cases]
+    values = next((r.label_values for r in refs if getattr(r, "label_values", None) is not None), None)
+    if values is None:
+        return list(range(task.num_classes))
+    if len(values) != task.num_classes:
+        log.warning("task %s: its masks hold %d values %s for %d classes; lorkd predict writes its masks as class "
+                    "indices 0..%d (card label_values: null)", task.name, len(values), list(values), task.num_classes,
+                    task.num_classes - 1)
+        return None
+    return [int(v) for v in values]
 
 
 def _geometry_card(run: SegmentationRecipe, t: int) -> dict[str, Any]:

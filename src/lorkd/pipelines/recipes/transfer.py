@@ -61,6 +61,7 @@ from ...fileio import read_json, write_json
 from ...models.multitask import plain_sequential
 from ...models.taps import find_layer
 from ..core.recipe import Recipe
+from ..core.runfolder import runtime_line
 from ..schema import METHODS, SegmentationConfig, TransferConfig
 from .classification import predict_probs
 from .segmentation import SegmentationRecipe, expert_card, predict_case
@@ -109,8 +110,43 @@ def load_downstream(cfg: TransferConfig, foundation: TransferFoundation) -> list
         if not (task.channels == foundation.channels or 1 in (task.channels, foundation.channels)):
             raise DataError(f"{key} ({path}): images have {task.channels} channels but the foundation model takes "
                             f"{foundation.channels}; only 1 <-> C channels are mapped (repeat / average)")
+        if task.channels != foundation.channels:
+            (log.warning if foundation.channels == 1 else log.info)(
+                "transfer: task %s (%s): %s", spec.name, path, channel_mapping(task.channels, foundation.channels))
         tasks.append(cap_train(task, cfg.data.max_train, cfg.data.cap_seed))
     return tasks
+
+
+def channel_mapping(have: int, want: int) -> str:
+    """How ``have`` image channels are fed to a foundation model of ``want`` channels (as
+    :class:`~lorkd.data.multitask.MultiTaskDataset` maps them): unchanged, averaged to gray, or the
+    gray channel repeated."""
+    if have == want:
+        return f"{have} channel(s), as the foundation model takes"
+    if want == 1:
+        return f"{have} channels averaged to the 1 (gray) channel the foundation model takes"
+    return f"1 (gray) channel repeated to the {want} channels the foundation model takes"
+
+
+def transfer_startup_summary(run: "TransferRun") -> str:
+    """One block of text before anything trains: seeds, device, threads, world size, output folder,
+    the foundation model (source, tasks, input) and per downstream task its split sizes, classes,
+    channels (and how they are mapped to the foundation's) and source."""
+    f, cfg = run.foundation, run.cfg
+    size = f"size {run.size}" if run.size is not None else "the images' own size"
+    lines = [runtime_line(run.ctx, f"seeds {list(cfg.seeds)}", run.out),
+             f"  foundation: {f.source} (trained on {', '.join(f.tasks) or '?'}; input {f.channels} channel(s), "
+             f"{f.spatial_dims}D, {size}; experts {', '.join(run.experts) or 'none'}, student {run.student_name})",
+             f"  methods: {', '.join(cfg.methods)}; {cfg.train.epochs} epoch(s), batch {cfg.train.batch_size}"]
+    for task in run.tasks:
+        if run.dense:
+            counts, unit, channels = task.n_cases, "cases", f.channels
+        else:
+            counts = {s: task.num_samples(s) for s in ("train", "val", "test")}
+            unit, channels = "images", task.channels
+        lines.append(f"  task {task.name}: {', '.join(f'{s} {counts.get(s, 0)}' for s in ('train', 'val', 'test'))} "
+                     f"({unit}; {task.num_classes} classes; {channel_mapping(channels, f.channels)}; {task.source})")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -531,6 +567,7 @@ def run_transfer(cfg: TransferConfig, out: Path, ctx: DistributedContext, resume
     ``report.md`` and the plots (rank 0). Returns the metrics on rank 0, else ``None``."""
     run = TransferRun(cfg, out, ctx, resume=resume, progress=progress)  # checks everything before training
     if ctx.is_main:
+        log.info(transfer_startup_summary(run))
         write_config(out / "config.yaml", cfg)
     results = []
     for task in run.tasks:
