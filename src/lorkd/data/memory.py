@@ -4,8 +4,10 @@ A :class:`Task` holds what a MedMNIST ``.npz`` file holds, as arrays: per split 
 ``val``, ``test``) images ``[N, H, W]`` / ``[N, H, W, C]`` (2D) or ``[N, D, H, W]`` /
 ``[N, D, H, W, C]`` (3D volumes) and integer labels ``[N]`` (or ``[N, 1]``). :func:`check_tasks`
 turns a list of them (or of :class:`~lorkd.data.medmnist.ClassificationTask`) into checked
-``ClassificationTask`` records with the same rules as :func:`~lorkd.data.medmnist.load_npz_task`
-(image dtypes and ranges, shapes, label ranges), each error naming the task, split and field.
+``ClassificationTask`` records by the checks of :func:`~lorkd.data.medmnist.load_npz_task`
+(:func:`~lorkd.data.medmnist.task_from_arrays`: image dtypes and ranges, shapes, label ranges), each
+error naming the task (``tasks[i] ('name')``) and the array in the ``.npz`` layout
+(``'val_images'``: split and field).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import DataError
-from .medmnist import SPLITS, ClassificationTask, _as_images, _as_int64_labels, infer_spatial_dims
+from .medmnist import SPLITS, ClassificationTask, task_from_arrays
 
 __all__ = ["Task", "check_tasks"]
 
@@ -53,7 +55,7 @@ def check_tasks(tasks: Sequence[Task | ClassificationTask]) -> list[Classificati
             an empty split, images of a dtype, range or shape that cannot be read (or differing
             between splits), images and labels of different lengths, labels that are not
             integers in ``[0, num_classes)``, or val/test classes that train lacks; the message
-            starts with ``tasks[i] ('name')`` and names the split and field.
+            starts with ``tasks[i] ('name')`` and names the split and field (``'val_labels'``).
     """
     if isinstance(tasks, (Task, ClassificationTask, str)) or not isinstance(tasks, Sequence) or not tasks:
         raise DataError(f"tasks: give a non-empty list of lorkd.data.memory.Task (or ClassificationTask), got "
@@ -78,23 +80,9 @@ def _check_task(task: Any, key: str) -> ClassificationTask:
         raise DataError(f"{key}.name: give a non-empty name without '/', got {given.name!r}")
     key = f"{key} ({given.name!r})"
     images, labels = _splits(given.images, f"{key}.images"), _splits(given.labels, f"{key}.labels")
-    checked_images, checked_labels = {}, {}
-    for split in SPLITS:
-        imgs = _as_images(_array(images[split], f"{key}.images[{split!r}]"), f"{key}.images[{split!r}]")
-        labs = _as_int64_labels(_array(labels[split], f"{key}.labels[{split!r}]"), f"{key}.labels[{split!r}]")
-        if imgs.shape[0] == 0:
-            raise DataError(f"{key}.images[{split!r}]: the split is empty (0 images)")
-        if imgs.shape[0] != labs.shape[0]:
-            raise DataError(f"{key}: images[{split!r}] holds {imgs.shape[0]} images but labels[{split!r}] holds "
-                            f"{labs.shape[0]} labels")
-        checked_images[split], checked_labels[split] = imgs, labs
-    shapes = {s: tuple(a.shape[1:]) for s, a in checked_images.items()}
-    if len(set(shapes.values())) > 1:
-        raise DataError(f"{key}.images: the image shape differs between splits: {shapes}")
-    dims = infer_spatial_dims(checked_images["train"].shape, f"{key}.images['train']", given.spatial_dims)
-    channels = 1 if checked_images["train"].ndim == dims + 1 else int(checked_images["train"].shape[-1])
-    num_classes = _num_classes(given.num_classes, checked_labels, key)
-    return ClassificationTask(given.name, checked_images, checked_labels, num_classes, channels, source, dims)
+    arrays = {f"{split}_{field}": _array(values[split], f"{key}.{field}[{split!r}]")
+              for split in SPLITS for field, values in (("images", images), ("labels", labels))}
+    return task_from_arrays(arrays, given.name, source, given.num_classes, given.spatial_dims, where=key)
 
 
 def _splits(value: Any, key: str) -> Mapping[str, Any]:
@@ -114,21 +102,3 @@ def _array(value: Any, key: str) -> np.ndarray:
         raise DataError(f"{key}: not a numeric array (dtype object, from {type(value).__name__})")
     return arr
 
-
-def _num_classes(given: int | None, labels: dict[str, np.ndarray], key: str) -> int:
-    largest = max(int(labels[s].max()) for s in SPLITS)
-    if given is not None and (isinstance(given, bool) or not isinstance(given, (int, np.integer))):
-        raise DataError(f"{key}.num_classes: must be an integer >= 2, got {given!r}")
-    given = largest + 1 if given is None else given
-    if given < 2:
-        raise DataError(f"{key}.num_classes: a classification task needs >= 2 classes, got {given} (every label is 0?)")
-    for split in SPLITS:
-        if int(labels[split].max()) >= given:
-            raise DataError(f"{key}.labels[{split!r}]: label {int(labels[split].max())} >= num_classes={given}")
-    train = set(np.unique(labels["train"]).tolist())
-    for split in SPLITS[1:]:
-        extra = sorted(set(np.unique(labels[split]).tolist()) - train)
-        if extra:
-            raise DataError(f"{key}.labels[{split!r}]: classes {extra} never occur in labels['train'] "
-                            f"(which holds {sorted(train)})")
-    return int(given)
