@@ -23,7 +23,7 @@ LAYERS = [
     ("lorkd.pipelines.schema",),
     ("lorkd.pipelines.core",),
     ("lorkd.pipelines.stages",),
-    ("lorkd.pipelines.recipes", "lorkd.pipelines.predict", "lorkd.pipelines.predict_routed"),
+    ("lorkd.pipelines.recipes", "lorkd.pipelines.predict", "lorkd.pipelines.predict_routed", "lorkd.pipelines"),  # lorkd.pipelines: its __init__
     ("lorkd.bench",),
     ("lorkd.cli", "lorkd.__main__"),
 ]

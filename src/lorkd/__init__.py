@@ -19,8 +19,13 @@ from .experts import (
     add_experts,
     build_architecture,
     keep_absent_experts,
+    list_adapters,
+    load_adapter,
     load_expert,
     load_student,
+    read_adapter,
+    save_adapter,
+    save_adapters,
     save_expert,
     save_student,
 )
@@ -31,5 +36,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DataError", "ExpertModel", "Foundation", "InputAdapter", "load_foundation", "LorkdError", "TrainingError", "add_experts",
-    "build_architecture", "keep_absent_experts", "load_expert", "load_student", "save_expert", "save_student", "__version__",
+    "build_architecture", "keep_absent_experts", "list_adapters", "load_adapter", "load_expert", "load_student", "read_adapter", "save_adapter",
+    "save_adapters", "save_expert", "save_student", "__version__",
 ]

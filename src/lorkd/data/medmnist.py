@@ -174,7 +174,7 @@ def _as_int64_labels(arr: np.ndarray, where: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _check_label_sets(path: Path, labels: dict[str, np.ndarray], num_classes: int, inferred: bool) -> None:
+def _check_label_sets(path: str | Path, labels: dict[str, np.ndarray], num_classes: int, inferred: bool) -> None:
     """Every class of val and test must occur in train; with ``num_classes`` inferred from the
     largest label, every class ``0 .. num_classes - 1`` must occur in some split (a gap means
     shifted or re-coded labels, which would silently train extra classes)."""
@@ -234,7 +234,16 @@ def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | 
             file and the key.
     """
     path = Path(path)
-    arrays = _read_npz(path)
+    return task_from_arrays(_read_npz(path), name if name is not None else path.stem, str(path), num_classes,
+                            spatial_dims)
+
+
+def task_from_arrays(arrays: dict[str, np.ndarray], name: str, source: str, num_classes: int | None = None,
+                     spatial_dims: int | None = None, where: str | None = None) -> ClassificationTask:
+    """A :class:`ClassificationTask` from arrays in the ``.npz`` layout (``{split}_images``,
+    ``{split}_labels``), checked as :func:`load_npz_task` says; ``where`` (default ``source``) starts
+    every error message (a file path, or ``tasks[i] ('name')`` for arrays given in memory)."""
+    path = where or source
     missing = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels") if f"{s}_{kind}" not in arrays]
     if missing:
         raise DataError(f"{path}: missing key(s) {missing}; found {sorted(arrays)}")
@@ -271,12 +280,12 @@ def load_npz_task(path: str | Path, name: str | None = None, num_classes: int | 
     _check_label_sets(path, labels, num_classes, inferred)
 
     return ClassificationTask(
-        name=name if name is not None else path.stem,
+        name=name,
         images=images,
         labels=labels,
         num_classes=int(num_classes),
         channels=channels,
-        source=str(path),
+        source=source,
         spatial_dims=dims,
     )
 

@@ -141,7 +141,7 @@ class ClassificationRecipe(DecompositionRecipe):
     def __init__(self, cfg: ClassificationConfig, out: Path, ctx: DistributedContext, resume: bool = False,
                  progress: bool = True) -> None:
         super().__init__(cfg, out, ctx, resume, progress)
-        pool = load_image_tasks(cfg)
+        pool = self.load_tasks()
         self.tasks = [student_subset(t, cfg.data.student_n_train, cfg.data.cap_seed) for t in pool]
         self.names = [t.name for t in self.tasks]
         self.train_set = make_dataset(cfg, self.tasks, "train", augment=True)
@@ -155,6 +155,11 @@ class ClassificationRecipe(DecompositionRecipe):
         self.num_classes = [t.num_classes for t in self.tasks]
 
     # ---- data
+    def load_tasks(self) -> list[ClassificationTask]:
+        """The run's tasks before ``data.student_n_train`` (:func:`load_image_tasks`; the in-memory
+        recipe of :mod:`.memory` returns the tasks it was given)."""
+        return load_image_tasks(self.cfg)
+
     def train_data(self, tasks: list[int] | None = None) -> MultiTaskDataset:
         return self.dataset("train", tasks)
 
