@@ -135,7 +135,6 @@ def test_check_bundle_refuses_a_bundle_that_is_not_the_expert_and_removes_it(tmp
     assert not folder.exists()
 
 
-@pytest.mark.slow
 def test_export_bundle_in_a_tiny_run_writes_and_checks_the_bundle(tmp_path):
     tiny = {"data": {"synthetic": {"num_tasks": 2, "size": 16, "n_train": 24, "n_val": 12, "n_test": 12}},
             "teacher": {"net": {"arch": "resnet10", "widen": 0.25}, "train": {"epochs": 1, "batch_size": 16}},
