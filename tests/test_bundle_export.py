@@ -155,3 +155,24 @@ def test_export_bundle_in_a_tiny_run_writes_and_checks_the_bundle(tmp_path):
         plain = load_expert(expert).eval()
         with torch.no_grad():
             torch.testing.assert_close(_monai_load(bundle)(x), plain(x), atol=1e-6, rtol=0)
+
+
+def test_export_bundle_of_a_3d_segmentation_run_carries_the_sliding_window_and_patch(tmp_path):
+    from test_segmentation import tiny_config, write_h5_task
+
+    task = write_h5_task(tmp_path / "a", shape=(8, 24, 24), classes=3)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config([{"name": "a", "path": str(task), "num_classes": 3}], [4, 8, 8],
+                                              export={"bundle": True})))
+    assert cli.main(["run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    expert = tmp_path / "run" / "experts" / "a"
+    meta = json.loads((expert / "bundle" / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [4, 8, 8]
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 3 and meta["lorkd_required"] is False
+    inference = json.loads((expert / "bundle" / "configs" / "inference.json").read_text())
+    assert inference["inferer"]["_target_"] == "SlidingWindowInferer" and inference["network_head"]["_target_"] == "torch.nn.Conv3d"
+    from lorkd import load_expert
+
+    x = torch.randn(1, 1, 8, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(_monai_load(expert / "bundle")(x), load_expert(expert).eval()(x), atol=1e-6, rtol=0)

@@ -116,9 +116,13 @@ def _import_nrrd(path: Path) -> Any:
     try:
         import nrrd
     except ImportError:
-        raise DataError(f"{path}: reading NRRD files needs the pynrrd package, which is not installed: "
-                        "pip install lorkd[volumes] (or pip install pynrrd)") from None
+        raise _missing(path, "NRRD files", "pynrrd") from None
     return nrrd
+
+
+def _missing(path: Path, what: str, package: str) -> DataError:
+    return DataError(f"{path}: reading {what} needs the {package} package, which is not installed: "
+                     f"pip install lorkd[volumes] (or pip install {package})")
 
 
 def _nrrd_header(path: Path) -> dict[str, Any]:
@@ -185,18 +189,14 @@ def _nrrd_geometry(header: dict[str, Any], spatial: list[int], path: Path) -> tu
 
 
 # ------------------------------------------------------------------------------------------- DICOM
-def _import_pydicom(path: Path) -> Any:
-    try:
-        import pydicom
-    except ImportError:
-        raise DataError(f"{path}: reading DICOM series needs the pydicom package, which is not installed: "
-                        "pip install lorkd[volumes] (or pip install pydicom)") from None
-    return pydicom
 
 
 def _dicom_slices(folder: Path, pixels: bool) -> list[Any]:
     """The datasets of the series in ``folder``, sorted along the slice normal."""
-    pydicom = _import_pydicom(folder)
+    try:
+        import pydicom
+    except ImportError:
+        raise _missing(folder, "DICOM series", "pydicom") from None
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "DICOMDIR")
     if not files:
         raise DataError(f"{folder}: no DICOM files in this series folder")
