@@ -29,7 +29,7 @@ LAYERS = [
 ]
 # packages a user may not have (extras), and monai.bundle (seconds to import; one source kind needs it)
 LAZY = ("torchvision", "timm", "torch.utils.tensorboard", "tensorboard", "onnx", "onnxruntime", "onnxscript", "medmnist",
-        "monai.bundle")
+        "monai.bundle", "nrrd", "pydicom")
 
 
 def module_name(path: Path) -> str:

@@ -339,6 +339,37 @@ def test_png_reader_mask_rule_as_regex_replacement(tmp_path):
         read_image_mask_folder(root, mask_rule=["a"])
 
 
+def _patient_tree(root: Path) -> None:
+    """images/<patient>/img0.png (equal names in two folders), one top-level image, masks mirrored."""
+    for sub, value in (("p1", 40), ("p2/visit2", 80), ("", 120)):
+        for kind in ("images", "masks"):
+            (root / kind / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((6, 8), value, np.uint8)).save(root / "images" / sub / "img0.png")
+        mask = np.zeros((6, 8), np.uint8)
+        mask[: value // 40] = 255
+        Image.fromarray(mask).save(root / "masks" / sub / "img0_mask.png")
+
+
+def test_png_reader_recursive_finds_patient_folders_with_distinct_ids(tmp_path):
+    _patient_tree(tmp_path)
+    assert [r.case_id for r in read_image_mask_folder(tmp_path)] == ["img0"]  # not recursive: top level only
+    refs = read_image_mask_folder(tmp_path, recursive=True)
+    assert [r.case_id for r in refs] == ["img0", "p1/img0", "p2/visit2/img0"]
+    assert [r.patient_id for r in refs] == ["img0", "p1", "p2"]  # default: the first folder is the patient
+    cases = [load_case(r) for r in refs]
+    assert [c.image[0, 0, 0] for c in cases] == [120, 40, 80]  # each image with the mask of its own folder
+    assert [int(c.label.sum()) for c in cases] == [3 * 8, 8, 2 * 8]
+    by_rule = read_image_mask_folder(tmp_path, recursive=True, patient_rule=r"/(visit\d)/")
+    assert [r.patient_id for r in by_rule] == ["img0", "p1/img0", "visit2"]  # the rule sees the relative path
+
+
+def test_png_reader_recursive_needs_the_mask_in_the_same_subfolder(tmp_path):
+    _patient_tree(tmp_path)
+    (tmp_path / "masks" / "p1" / "img0_mask.png").rename(tmp_path / "masks" / "img1_mask.png")
+    with pytest.raises(DataError, match=r"p1/img0.png: no mask named 'img0_mask'.*masks/p1"):
+        read_image_mask_folder(tmp_path, recursive=True)
+
+
 def test_png_reader_warns_about_a_stray_mask_value(tmp_path, caplog):
     root = make_png_folder(tmp_path, size=(64, 64))
     with caplog.at_level(logging.WARNING, logger="lorkd"):

@@ -30,6 +30,7 @@ log = logging.getLogger("lorkd")
 
 __all__ = [
     "default_patient_rule",
+    "patient_folder_rule",
     "read_hdf5_folder",
     "read_msd_folder",
     "read_image_mask_folder",
@@ -67,7 +68,7 @@ def _patient_fn(rule: PatientRule) -> Callable[[str], str]:
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in (".nii.gz", ".nii", ".h5", ".hdf5"):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".h5", ".hdf5"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
@@ -146,10 +147,11 @@ def read_msd_folder(
     """Read a Medical Segmentation Decathlon folder through its ``dataset.json``.
 
     Uses ``training: [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]``
-    (paths relative to ``root``). ``num_classes`` defaults to ``len(labels)``. Loaded 3D cases are
+    (paths relative to ``root``); an image or label may also be an NRRD file (``.nrrd``, ``.nhdr``) or a
+    folder holding one DICOM series (see :mod:`.volume_files`; ``pip install lorkd[volumes]``). ``num_classes`` defaults to ``len(labels)``. Loaded 3D cases are
     reoriented to ``SPL`` (:data:`CANONICAL_ORIENTATION`, :func:`reorient`; the file's codes kept in
     ``Case.orientation``), with
-    the affine and spacing (from the header, in mm) following the arrays; a 4D image
+    the affine and spacing (from the header or the DICOM tags, in mm) following the arrays; a 4D image
     ``(X, Y, Z, C)`` becomes ``[C, X, Y, Z]``. ``patient_rule`` defaults to the case id itself (``_frame`` rule applied).
 
     Raises DataError for a missing folder or ``dataset.json``, bad JSON, a missing ``training``
@@ -179,7 +181,7 @@ def read_msd_folder(
                 raise DataError(f"{meta_path}: missing field 'training[{i}].{key}'")
         img, lab = root / entry["image"], root / entry["label"]
         for p, key in ((img, "image"), (lab, "label")):
-            if not p.is_file():
+            if not (p.is_file() or p.is_dir()):  # a folder: a DICOM series
                 raise DataError(f"{meta_path}: 'training[{i}].{key}' file not found: {p}")
         cid = _stem(img)
         refs.append(CaseRef(cid, rule(cid), str(img), str(lab), "nifti", num_classes=num_classes,
@@ -246,8 +248,16 @@ def read_image_mask_folder(
     num_classes: int | None = None,
     patient_rule: PatientRule = None,
     lazy: bool = True,
+    recursive: bool = False,
 ) -> list[CaseRef] | list[Case]:
     """Scan a folder of 2D images (``root/images``) and masks (``root/masks``).
+
+    With ``recursive``, images in subfolders are found too (``images/patient7/slice03.png``, one
+    folder per patient), each with its mask in the same subfolder of ``masks``
+    (``masks/patient7/slice03_mask.png``); the case id is the path below ``images`` without the
+    extension (``patient7/slice03``), so equal file names in different folders stay distinct cases.
+    ``patient_rule`` then sees that id (a regex may use the folder, e.g. ``'^(\\w+)/'``); by default the
+    patient is the first folder (:func:`patient_folder_rule`), so a patient's images stay in one split.
 
     The mask of ``images/<stem>.<ext>`` is ``masks/<name>.<ext2>`` with any extension in ``exts``;
     ``name`` is ``mask_rule.format(stem=stem)``, or for ``mask_rule = [regex, replacement]``
@@ -269,21 +279,18 @@ def read_image_mask_folder(
     img_dir = _require_dir(root / images, "images")
     mask_dir = _require_dir(root / masks, "masks")
     exts = tuple(e.lower() for e in exts)
-    mask_index: dict[str, Path] = {}
-    for p in sorted(mask_dir.iterdir()):
-        if p.is_file() and p.suffix.lower() in exts:
-            mask_index.setdefault(p.stem, p)
-    rule = _patient_fn(patient_rule)
+    mask_index: dict[tuple[Path, str], Path] = {}
+    for p in _files(mask_dir, exts, recursive):
+        mask_index.setdefault((p.parent.relative_to(mask_dir), p.stem), p)
+    rule = _patient_fn(patient_rule if patient_rule is not None or not recursive else patient_folder_rule)
     pairs = []
-    for p in sorted(img_dir.iterdir()):
-        if not (p.is_file() and p.suffix.lower() in exts):
-            continue
-        want = mask_name(p.stem)
-        if want not in mask_index:
-            raise DataError(f"{p}: no mask named {want!r} with extension in {exts} in {mask_dir}")
-        pairs.append((p, mask_index[want]))
+    for p in _files(img_dir, exts, recursive):
+        sub, want = p.parent.relative_to(img_dir), mask_name(p.stem)
+        if (sub, want) not in mask_index:
+            raise DataError(f"{p}: no mask named {want!r} with extension in {exts} in {mask_dir / sub}")
+        pairs.append((p, mask_index[sub, want]))
     if not pairs:
-        raise DataError(f"no images with extensions {exts} found in {img_dir}")
+        raise DataError(f"no images with extensions {exts} found in {img_dir}" + (" or its subfolders" if recursive else ""))
     if label_values is None:
         values = scan_label_values([m for _, m in pairs])
     elif isinstance(label_values, Mapping):
@@ -299,9 +306,25 @@ def read_image_mask_folder(
         raise DataError(
             f"{mask_dir}: masks hold {len(values)} distinct values {list(values)} > num_classes={num_classes}"
         )
+    ids = [p.relative_to(img_dir).with_suffix("").as_posix() for p, _ in pairs]
     refs = [
-        CaseRef(p.stem, rule(p.stem), str(p), str(m), "image", num_classes=num_classes or len(values),
+        CaseRef(cid, rule(cid), str(p), str(m), "image", num_classes=num_classes or len(values),
                 label_values=values)
-        for p, m in pairs
+        for cid, (p, m) in zip(ids, pairs)
     ]
     return _finish(refs, img_dir, lazy)
+
+
+def patient_folder_rule(case_id: str) -> str:
+    """Patient id of a case found by a recursive scan: its first folder (``patient7/slice03`` ->
+    ``patient7``); a case at the top level: :func:`default_patient_rule` of its id."""
+    head, sep, _ = case_id.partition("/")
+    return head if sep else default_patient_rule(case_id)
+
+
+def _files(folder: Path, exts: Sequence[str], recursive: bool) -> list[Path]:
+    """Files of ``folder`` (and its subfolders when ``recursive``) with a suffix in ``exts``, sorted;
+    hidden files and folders are skipped."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.is_file() and p.suffix.lower() in exts
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))

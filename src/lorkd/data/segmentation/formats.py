@@ -1,5 +1,5 @@
-"""Reading one case from its files: HDF5, NIfTI (reoriented, see :mod:`.orientation`) and 2D
-image/mask files, with the checks of their arrays; also header-only probes of shape and spacing.
+"""Reading one case from its files: HDF5, oriented volumes (NIfTI, NRRD, DICOM series; read by
+:mod:`.volume_files`, reoriented, see :mod:`.orientation`) and 2D image/mask files, with the checks of their arrays; also header-only probes of shape and spacing.
 
 :func:`load_case` turns a :class:`~lorkd.data.segmentation.cases.CaseRef` into a
 :class:`~lorkd.data.segmentation.cases.Case` holding the arrays; :func:`probe_case` and
@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
-import nibabel as nib
 import numpy as np
 from PIL import Image
 
@@ -23,6 +22,7 @@ from lorkd.errors import DataError
 
 from .cases import Case, CaseRef
 from .orientation import CANONICAL_ORIENTATION, _reoriented_shape, reorient
+from .volume_files import read_volume, read_volume_header
 
 __all__ = ["load_case", "load_label", "probe_case", "probe_spacing"]
 
@@ -114,28 +114,11 @@ def _hdf5_spacing(ref: CaseRef, nd: int, file_spacing) -> tuple[float, ...]:
     return tuple(float(x) for x in sp)
 
 
-def _nib_load(path: str):
-    if not Path(path).is_file():
-        raise DataError(f"NIfTI file not found: {path}")
-    try:
-        return nib.load(path)
-    except Exception as err:  # nibabel raises ImageFileError, OSError, EOFError, zlib errors
-        raise DataError(f"{path}: cannot read NIfTI header: {err}") from err
-
-
-def _nib_data(img, path: str, field_name: str) -> np.ndarray:
-    try:
-        return np.asarray(img.dataobj)
-    except Exception as err:  # truncated gzip: EOFError / OSError / zlib.error
-        raise DataError(f"{path}: cannot read {field_name} voxel data (truncated?): {err}") from err
-
-
-def _load_nifti(ref: CaseRef) -> Case:
-    img = _nib_load(ref.image_path)
-    lab = _nib_load(ref.label_path)
-    label_raw = _nib_data(lab, ref.label_path, "label")
+def _load_volume(ref: CaseRef) -> Case:
+    """A case of oriented volume files (NIfTI, NRRD, DICOM series; :mod:`.volume_files`)."""
+    image_raw, affine, image_zooms = read_volume(ref.image_path, "image")
+    label_raw, label_affine, _ = read_volume(ref.label_path, "label")
     label = _as_labels(label_raw, ref.label_path, "label", ref.num_classes)
-    image_raw = _nib_data(img, ref.image_path, "image")
     image = _as_image(image_raw, label.shape, ref.image_path, "image", channels_last=True)
     n_mod = dict(ref.meta).get("n_modalities")
     if n_mod is not None and image.shape[0] != n_mod:
@@ -144,15 +127,13 @@ def _load_nifti(ref: CaseRef) -> Case:
             f"'modality' lists {n_mod}"
         )
     nd = label.ndim
-    affine = np.asarray(img.affine, dtype=np.float64)
     orientation = None
     if nd == 3:
-        label, _, orientation = reorient(label, affine, CANONICAL_ORIENTATION)
+        label, _, orientation = reorient(label, label_affine, CANONICAL_ORIENTATION)
         image, affine, _ = reorient(image, affine, CANONICAL_ORIENTATION, channels_first=True)
         zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
     else:
-        zooms = tuple(float(z) for z in img.header.get_zooms()[:nd])
-        zooms = zooms + (1.0,) * (nd - len(zooms))
+        zooms = tuple(image_zooms[:nd]) + (1.0,) * (nd - len(image_zooms[:nd]))
     return Case(ref.case_id, ref.patient_id, np.ascontiguousarray(image), np.ascontiguousarray(label), zooms,
                 affine, ref.image_path, orientation)
 
@@ -233,7 +214,7 @@ def _load_image(ref: CaseRef) -> Case:
     return Case(ref.case_id, ref.patient_id, image, label, (1.0, 1.0), None, ref.image_path)
 
 
-_LOADERS = {"hdf5": _load_hdf5, "nifti": _load_nifti, "image": _load_image}
+_LOADERS = {"hdf5": _load_hdf5, "nifti": _load_volume, "image": _load_image}
 
 
 def load_case(ref: CaseRef) -> Case:
@@ -244,7 +225,7 @@ def load_case(ref: CaseRef) -> Case:
         loader = _LOADERS[ref.kind]
     except KeyError:
         raise DataError(f"unknown case kind {ref.kind!r} for {ref.image_path}") from None
-    if not Path(ref.image_path).is_file():
+    if not Path(ref.image_path).exists():  # a DICOM series is a folder
         raise DataError(f"image file not found: {ref.image_path}")
     return loader(ref)
 
@@ -257,7 +238,7 @@ def probe_case(ref: CaseRef) -> tuple[int, tuple[int, ...]]:
     if isinstance(ref, Case):
         return ref.in_channels, tuple(ref.label.shape)
     path = ref.image_path
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise DataError(f"image file not found: {path}")
     if ref.kind == "hdf5":
         try:
@@ -273,13 +254,12 @@ def probe_case(ref: CaseRef) -> tuple[int, tuple[int, ...]]:
         channels = ishape[0] if len(ishape) == len(lshape) + 1 else 1
         return int(channels), lshape
     if ref.kind == "nifti":
-        ishape = tuple(_nib_load(path).shape)
-        lab = _nib_load(ref.label_path)
-        lshape = tuple(lab.shape)
+        ishape = read_volume_header(path)[0]
+        lshape, label_affine, _ = read_volume_header(ref.label_path)
         channels = ishape[-1] if len(ishape) == len(lshape) + 1 else 1
         if len(lshape) == 3:
-            lshape = _reoriented_shape(lshape, lab.affine)
-        return int(channels), lshape
+            lshape = _reoriented_shape(lshape, label_affine)
+        return int(channels), tuple(lshape)
     if ref.kind == "image":
         try:
             with Image.open(path) as im:
@@ -299,11 +279,11 @@ def probe_spacing(ref: CaseRef | Case) -> tuple[float, ...]:
         return tuple(ref.spacing)
     _, shape = probe_case(ref)
     if ref.kind == "nifti":
-        img = _nib_load(ref.image_path)
+        _, affine, zooms = read_volume_header(ref.image_path)
         if len(shape) == 3:
-            affine = reorient(np.zeros((1, 1, 1)), np.asarray(img.affine, dtype=np.float64))[1]
+            affine = reorient(np.zeros((1, 1, 1)), affine)[1]
             return tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
-        zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
+        zooms = tuple(zooms[: len(shape)])
         return zooms + (1.0,) * (len(shape) - len(zooms))
     if ref.kind == "hdf5":
         with h5py.File(ref.image_path, "r") as f:

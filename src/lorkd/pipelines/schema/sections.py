@@ -377,6 +377,7 @@ class Export:
     onnx: bool = False  # expert.onnx (needs `pip install lorkd[onnx]`), checked with ONNX Runtime
     torchscript: bool = False  # expert.torchscript.pt (torch.jit.trace), checked with torch.jit.load
     opset: int | None = None  # ONNX opset (>= 18); None: the exporter's default
+    bundle: bool = False  # bundle/: a MONAI bundle (configs/, models/model.pt, docs/), reloaded with MONAI's ConfigParser
 
     def validate(self, path: str) -> None:
         check(self.opset is None or self.opset >= 18, f"{path}.opset", f"must be an ONNX opset >= 18 (the oldest "
