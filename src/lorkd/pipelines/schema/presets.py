@@ -55,6 +55,29 @@ GroupNorm(4) students + feat 1     .951/.987/.944 .942/.913 (not run: below on s
 * kd_weight 4 changed nothing beyond noise. Feature distillation (``feat_weight`` 1, MSE through a
   projector on the pooled features) is the channel that carries the teacher's extra data: with steady
   norms it lifts the KD student on both seeds while the no-KD student cannot use it.
+
+Third pass (session 4, seeds 0 and 1, 2 threads, validation only, as above). The hint of the second
+pass: evaluate with exact norm statistics. ``*.train.recompute_norm_stats`` recomputes every
+BatchNorm's running statistics (per task) before each validation as averages over the training
+images without augmentation (all 80 per task here; a validation, the best epoch's ``best.pt`` and
+the exported experts then hold them). The BN momentum then no longer matters for evaluation.
+
+=================================  ======================  ======================
+candidate                          seed 0                  seed 1
+=================================  ======================  ======================
+recompute 80 (n_train 80)          .991/.987/.993 .982/.992 .996/.973/.942 .994/.940
+recompute 80, n_train 50           .847/.987/.947 .840/.939 .964/.973/.904 .960/.901
+recompute 80, n_train 40           .798/.987/.922 .785/.920 .876/.973/.898 .869/.895
+=================================  ======================  ======================
+
+* With exact statistics the swings are gone (last-10 means within 0.01 of the best epoch) and both
+  students gain: the no-KD student most on seed 0 (0.967 -> 0.993), the KD student on seed 1
+  (0.951 -> 0.996). Fewer labelled images (50, 40) made the KD student much weaker than the no-KD
+  one on seed 0 (not investigated further: below on both measures, dropped).
+* Choice by the rule above: recompute 80 with 80 labelled images (last-10 KD 0.982 / 0.994 against
+  0.986 / 0.927; STL 0.953 / 0.958 and MTL 0.918 / 0.969 at least where they were). On seed 0's
+  validation the KD student no longer beats the no-KD one (0.991 vs 0.993): the acceptance's KD
+  margin was expected to be at risk there before the test runs were made.
 """
 
 from __future__ import annotations
@@ -74,7 +97,7 @@ DEMO: dict[str, Any] = {
         "net": {"arch": "resnet18", "widen": 0.25, "kwargs": {"norm": ["batch", {"momentum": 0.05}]}},
         "experts": {"rank": 4, "alpha": 16, "norm": "per_task"},
         "distill": {"ce_weight": 1.0, "kd_weight": 2.0, "temperature": 4.0, "feat_weight": 1.0},
-        "train": {"epochs": 50, **_STUDENT_OPTIM},
+        "train": {"epochs": 50, "recompute_norm_stats": 80, **_STUDENT_OPTIM},
     },
     "baselines": {"run": ["stl", "mtl", "student_nokd"]},
 }
