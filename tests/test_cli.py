@@ -254,7 +254,7 @@ def test_recompute_norm_stats_gives_the_saved_student_exact_training_statistics(
     data = {**TINY, "student": student}
     cfg = write_config(tmp_path, data)
     out = tmp_path / "run"
-    assert run_cli("decompose", cfg, "--out", out, "--no-progress") == 0
+    assert run_cli("run", cfg, "--out", out, "--no-progress") == 0
     model, _ = load_network(out / "student", ClassificationRecipe.build)
     saved = load_file(str(out / "student" / "model.safetensors"))
     # the saved (best-epoch) statistics are the exact averages over the first 10 training images per task
