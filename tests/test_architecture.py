@@ -102,6 +102,8 @@ def test_no_import_circle_counting_imports_inside_functions():
 def test_imports_inside_functions_only_for_optional_packages():
     lazy = []
     for name, fn in functions():
+        if (name, fn.name) == ("lorkd", "__getattr__"):  # the package's lazy attributes (PEP 562): lorkd.decompose
+            continue
         for node in ast.walk(fn):
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]

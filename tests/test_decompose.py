@@ -175,3 +175,16 @@ def test_a_teacher_whose_heads_do_not_fit_the_tasks_is_refused(tmp_path):
     rgb = MultiTaskClassifier(backbone_spec("resnet10", 2, 3, 0.25), [2, 3])
     with pytest.raises(DataError, match=r"teacher: the given MultiTaskClassifier fails on the tasks' input \[2, 1, 16, 16\]"):
         decompose(rgb, tasks(), CFG, out=tmp_path / "run2")
+
+
+def test_lorkd_decompose_is_the_pipelines_function_loaded_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, lorkd; assert 'lorkd.pipelines.recipes' not in sys.modules; "
+            "from lorkd.pipelines import decompose; assert lorkd.decompose is decompose; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+    import lorkd
+    with pytest.raises(AttributeError, match="no attribute 'decomposee'"):
+        lorkd.decomposee

@@ -34,8 +34,19 @@ from .models.teacher import Foundation, InputAdapter
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``lorkd.decompose`` / ``lorkd.DecompositionResult``: the whole decomposition from Python
+    (:func:`lorkd.pipelines.decompose`), loaded on first use so that ``import lorkd`` stays light
+    (the recipes it needs double the import time)."""
+    if name in ("decompose", "DecompositionResult"):
+        from . import pipelines
+
+        return getattr(pipelines, name)
+    raise AttributeError(f"module 'lorkd' has no attribute {name!r}")
+
 __all__ = [
     "ConfigError", "DataError", "ExpertModel", "Foundation", "InputAdapter", "load_foundation", "LorkdError", "TrainingError", "add_experts",
     "build_architecture", "keep_absent_experts", "list_adapters", "load_adapter", "load_expert", "load_student", "read_adapter", "save_adapter",
-    "save_adapters", "save_expert", "save_student", "__version__",
+    "save_adapters", "save_expert", "save_student", "__version__", "decompose", "DecompositionResult",
 ]
