@@ -30,7 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ... import __version__ as lorkd_version
+from importlib.metadata import version as _package_version
+
+lorkd_version = _package_version("lorkd")  # the installed package (`pip install -e .` in dev)
 from ...errors import ConfigError
 from ...fileio import write_atomic, write_json
 from ...models.foundation import load_foundation
