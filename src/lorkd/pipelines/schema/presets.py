@@ -1,5 +1,5 @@
 """Built-in recipes: ``DEMO`` runs the whole classification recipe on the embedded synthetic
-data (no files needed) in about 3 minutes on 2 CPU cores (4 with 1 thread); :func:`demo_config`
+data (no files needed) in about 4 minutes on 2 CPU cores (5.3 with 1 thread); :func:`demo_config`
 gives it a seed.
 
 The demo stages the mechanism that makes decomposition pay: the teacher (the stand-in for a
