@@ -415,3 +415,25 @@ def test_old_teacher_checkpoint_key_is_an_alias_of_a_lorkd_source(tmp_path):
     cfg = from_dict(ClassificationConfig, {"data": DATA, "teacher": {"checkpoint": "runs/a/teacher"}})
     assert cfg.teacher.source.kind == "lorkd" and cfg.teacher.source.path == "runs/a/teacher"
     assert cfg.teacher.checkpoint is None
+
+
+@pytest.mark.slow
+def test_a_lorkd_teacher_trained_on_more_tasks_is_seen_through_the_runs_tasks(tmp_path, capsys):
+    own = {"net": {"arch": "resnet10", "widen": 0.125}, "train": STAGE}
+    three = {**DATA, "synthetic": {**DATA["synthetic"], "num_tasks": 3}}
+    found = tmp_path / "foundation"
+    assert run_cli("pretrain", write_config(tmp_path, own, "f.yaml", data=three), "--out", found, "--no-progress") == 0
+    source = {"source": {"kind": "lorkd", "path": str(found / "teacher")}}
+    one_channel = write_config(tmp_path, source, "c.yaml")
+    assert run_cli("run", one_channel, "--out", tmp_path / "c", "--no-progress") == 2  # the folder's input has 3
+    assert "3-channel input" in capsys.readouterr().err
+    cfg = write_config(tmp_path, source, "r.yaml", data={**DATA, "channels": 3})
+    assert run_cli("run", cfg, "--out", tmp_path / "r", "--no-progress") == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert sorted(metrics["tasks"]) == sorted(json.loads((found / "teacher" / "model.json").read_text())["tasks"][:2])
+    # the other way round: a run task the folder has no head for is refused, naming the file
+    two = tmp_path / "two"
+    assert run_cli("pretrain", write_config(tmp_path, own, "t.yaml"), "--out", two, "--no-progress") == 0
+    bad = write_config(tmp_path, {"source": {"kind": "lorkd", "path": str(two / "teacher")}}, "b.yaml", data=three)
+    assert run_cli("run", bad, "--out", tmp_path / "b", "--no-progress") == 2
+    assert "are not among them" in capsys.readouterr().err

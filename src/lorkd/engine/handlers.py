@@ -76,7 +76,7 @@ class Handler:
 
 
 class ValidationHandler(Handler):
-    """At each epoch end: ``evaluate(plain_model)`` on rank 0 (eval mode, ``no_grad``; other ranks
+    """At each epoch end: ``evaluate(plain_model)`` (the weight average with ``FitConfig.ema``) on rank 0 (eval mode, ``no_grad``; other ranks
     wait), broadcast, added to the row as ``val/<metric>``; with ``cfg.select_metric`` an
     improvement updates ``loop.state.best``, sets ``loop.state.improved`` and writes ``best.pt``."""
 
@@ -85,7 +85,7 @@ class ValidationHandler(Handler):
 
     def epoch_completed(self, loop: TrainingLoop) -> None:
         s, cfg = loop.state, loop.cfg
-        metrics = run_evaluate(self.evaluate, loop.model, loop.ctx)
+        metrics = run_evaluate(self.evaluate, loop.selected_model, loop.ctx)
         s.metrics = metrics
         s.row.update({f"val/{k}": v for k, v in metrics.items()})
         if cfg.select_metric is None:

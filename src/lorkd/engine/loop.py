@@ -163,6 +163,12 @@ class TrainingLoop:
     handlers: list[Any] = field(default_factory=list)
     wrapped: nn.Module | None = None
     resumed: bool = False
+    averaged: nn.Module | None = None  # the moving average of the weights (FitConfig.ema), set by its handler
+
+    @property
+    def selected_model(self) -> nn.Module:
+        """The weights that are validated and kept as ``best.pt``: the average when there is one."""
+        return self.averaged if self.averaged is not None else self.model
 
     def __post_init__(self) -> None:
         self.extra_params = ([p for p in self.extra_modules.parameters() if p.requires_grad]
@@ -302,7 +308,7 @@ class TrainingLoop:
         """What ``checkpoints/best.pt`` holds."""
         s = self.state
         return {
-            "model": self.model.state_dict(),
+            "model": self.selected_model.state_dict(),
             "extra_modules": self.extra_modules.state_dict() if self.extra_modules is not None else None,
             "epoch": s.epoch, "global_step": s.global_step, "best": s.best,
             "fit_config": config_dict(self.cfg), "task_names": self.names,

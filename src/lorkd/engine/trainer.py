@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from lorkd.errors import ConfigError
 from lorkd.experts import ExpertModel, keep_absent_experts
 
+from .averaging import WeightAverage
 from .checkpoint import CheckpointManager, restore_rng_state
 from .distributed import DistributedContext
 from .handlers import (
@@ -179,6 +180,9 @@ class FitConfig:
             spans ``epochs``.
         early_stop_min_delta: the least change of ``select_metric`` that counts as an improvement
             for ``early_stop`` (0: any new best).
+        ema: decay of an exponential moving average of the weights (e.g. 0.999), which is then
+            what is validated and kept as ``best.pt`` (:class:`~lorkd.engine.averaging.WeightAverage`);
+            ``None``: no average.
     """
 
     epochs: int
@@ -194,6 +198,7 @@ class FitConfig:
     stage: str = "train"
     early_stop: int | None = None
     early_stop_min_delta: float = 0.0
+    ema: float | None = None
 
     def validate(self) -> None:
         """Raises ``ConfigError`` naming the first bad field."""
@@ -211,6 +216,8 @@ class FitConfig:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers!r}")
         if self.early_stop is not None and not (isinstance(self.early_stop, int) and self.early_stop >= 1):
             raise ConfigError(f"early_stop must be an int >= 1 or None, got {self.early_stop!r}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ConfigError(f"ema must be a decay in (0, 1) or None, got {self.ema!r}")
         if self.early_stop is not None and self.select_metric is None:
             raise ConfigError("early_stop needs select_metric (the metric whose improvement it watches)")
         self.optim.validate()
@@ -236,7 +243,7 @@ class FitResult:
 
 
 # Fields whose change would make a resumed run differ from the run it continues.
-_RESUME_FIELDS = ("epochs", "batch_size", "seed", "amp", "optim")
+_RESUME_FIELDS = ("epochs", "batch_size", "seed", "amp", "optim", "ema")
 
 
 def fit(
@@ -319,7 +326,7 @@ def fit(
 
     loop = _build_loop(model, objective, dataset, sampler, cfg, Path(out_dir), ctx, names, amp, manager,
                        extra_modules, steps_per_epoch)
-    loop.handlers = _default_handlers(cfg, evaluate, scalars, handlers)
+    loop.handlers = _default_handlers(cfg, evaluate, scalars, handlers, model)
     if saved is not None:
         _restore(loop, saved)
     loop.wrapped = ctx.wrap(model)
@@ -332,9 +339,11 @@ def fit(
 
 
 def _default_handlers(cfg: FitConfig, evaluate: Callable[[nn.Module], dict[str, float]] | None,
-                      scalars: Any | None, extra: list[Any] | None) -> list[Any]:
-    """Validation, early stopping, history, progress, scalars, the caller's, checkpoints (last)."""
-    out: list[Any] = [ValidationHandler(evaluate)] if evaluate is not None else []
+                      scalars: Any | None, extra: list[Any] | None, model: nn.Module) -> list[Any]:
+    """Weight average, validation, early stopping, history, progress, scalars, the caller's,
+    checkpoints (last)."""
+    out: list[Any] = [WeightAverage(model, cfg.ema)] if cfg.ema is not None else []
+    out += [ValidationHandler(evaluate)] if evaluate is not None else []
     if cfg.early_stop is not None:  # before the history: its count goes into the epoch's row
         out.append(EarlyStopping(cfg.early_stop, cfg.early_stop_min_delta))
     out += [HistoryHandler(), ProgressHandler()]

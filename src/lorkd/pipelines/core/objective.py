@@ -106,6 +106,10 @@ class TaskRemap(nn.Module):
         """The wrapped teacher's :attr:`feature_root` (teacher layer names are relative to it)."""
         return getattr(self.teacher, "feature_root", self.teacher)
 
+    def export_task(self, task: int) -> tuple[nn.Module, Any]:
+        """Local task ``task`` as the wrapped teacher exports it (``export_task`` of the teacher's task)."""
+        return self.teacher.export_task(int(self.map[task]))
+
     def forward(self, x, task_ids):
         out = self.teacher(x, self.map.to(task_ids.device)[task_ids])
         inverse = {int(self.map[i]): i for i in range(len(self.map))}

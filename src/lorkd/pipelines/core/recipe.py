@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -30,10 +31,11 @@ from torch import Tensor, nn
 
 from ...engine.distributed import DistributedContext
 from ...errors import ConfigError, DataError
+from ...fileio import read_json
 from ..schema import Distill, Net, Stage
 from .features import FeatureDistiller, feature_terms
 from .netio import META, load_network
-from .objective import DistillObjective
+from .objective import DistillObjective, TaskRemap
 from .routing import RoutedObjective, RouterTraining
 from .training import fit_stage
 
@@ -213,8 +215,23 @@ class DecompositionRecipe(Recipe):
 
     # ---- what the stages share
     def objective(self, distill: Distill, teacher: nn.Module | None = None,
-                  features: FeatureDistiller | None = None) -> DistillObjective:
-        return DistillObjective(distill, teacher, features, self.ctx.world_size, task_loss=self.task_loss)
+                  features: FeatureDistiller | None = None, stage: Stage | None = None) -> DistillObjective:
+        """The loss of a stage trained with ``distill`` (its ``label_smoothing`` from ``stage``)."""
+        return DistillObjective(distill, teacher, features, self.ctx.world_size, task_loss=self.stage_task_loss(stage))
+
+    def stage_task_loss(self, stage: Stage | None) -> Callable[[Tensor, Tensor], Tensor]:
+        """:attr:`task_loss`, with ``stage.label_smoothing`` applied (cross-entropy only).
+
+        Raises:
+            ConfigError: label smoothing asked of a recipe whose task loss is not cross-entropy.
+        """
+        smoothing = stage.label_smoothing if stage is not None else 0.0
+        if smoothing == 0:
+            return self.task_loss
+        if self.task_loss is not F.cross_entropy:
+            raise ConfigError(f"label_smoothing: {smoothing} is for the cross-entropy of classification; the "
+                              f"{self.kind} recipe trains with another loss (set it to 0)")
+        return partial(F.cross_entropy, label_smoothing=smoothing)
 
     def distill_fit(self, model: nn.Module, stage: Stage, folder: Path, distill: Distill, teacher: nn.Module | None,
                     task_subset: list[int] | None = None, router: RouterTraining | None = None) -> nn.Module:
@@ -231,9 +248,10 @@ class DecompositionRecipe(Recipe):
             features = FeatureDistiller(feature_terms(distill), model, teacher, self.train_set[0][0][None])
         try:
             if router is None:
-                return self.fit(model, stage, folder, self.objective(distill, teacher, features),
+                return self.fit(model, stage, folder, self.objective(distill, teacher, features, stage),
                                 task_subset=task_subset, extra=features)
-            objective = RoutedObjective(distill, router, teacher, features, self.ctx.world_size, self.task_loss)
+            objective = RoutedObjective(distill, router, teacher, features, self.ctx.world_size,
+                                        self.stage_task_loss(stage))
             extra = nn.ModuleDict({"router": router, **({"features": features} if features is not None else {})})
             return self.fit(model, stage, folder, objective, extra=extra,
                             evaluate=lambda m: self.routed_val_metrics(m, router.router))
@@ -274,6 +292,31 @@ class DecompositionRecipe(Recipe):
             raise DataError(f"{folder / META}: trained on tasks {meta.get('tasks')} with classes "
                             f"{meta.get('num_classes')}, but this run's data has tasks {names} with classes {classes}")
         return model.to(self.ctx.device)
+
+    def reuse_teacher(self, folder: Path, build: Callable[[dict[str, Any]], nn.Module] | None = None) -> nn.Module:
+        """A teacher network saved by an earlier run (:meth:`reuse_network`), which may have been
+        trained on *more* tasks than this run: then it is seen through this run's tasks, picked by
+        name (:class:`~lorkd.pipelines.core.objective.TaskRemap`; its other heads stay unused).
+
+        Raises:
+            DataError: one of this run's tasks is not among its tasks, or has another number of
+                classes there (names the file).
+        """
+        saved = read_json(folder / META)
+        theirs, their_classes = list(saved.get("tasks") or []), list(saved.get("num_classes") or [])
+        if theirs == self.names:
+            return self.reuse_network(folder, build=build)
+        missing = [n for n in self.names if n not in theirs]
+        wrong = [f"{n} ({their_classes[theirs.index(n)]} classes there, {c} here)"
+                 for n, c in zip(self.names, self.num_classes) if n in theirs and their_classes[theirs.index(n)] != c]
+        if missing or wrong:
+            raise DataError(f"{folder / META}: trained on tasks {theirs} with classes {their_classes}; this run's "
+                            + (f"tasks {missing} are not among them" if missing else f"tasks differ: {', '.join(wrong)}"))
+        if saved.get("channels") not in (None, self.channels):
+            raise DataError(f"{folder / META}: trained on {saved['channels']}-channel input, this run's data has "
+                            f"{self.channels} channel(s) (set data.channels: {saved['channels']})")
+        model, _ = load_network(folder, build or self.build)
+        return TaskRemap(model, [theirs.index(n) for n in self.names]).to(self.ctx.device)
 
     def baseline_groups(self, name: str) -> list[tuple[list[int], Path]]:
         """The ``(task ids, folder)`` of each model of baseline ``name`` (``stl*``: one per task;

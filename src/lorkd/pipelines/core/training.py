@@ -37,7 +37,7 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Stage, fo
                         checkpoint_every=stage.checkpoint_every, amp=stage.amp, select_metric=select_metric,
                         num_workers=num_workers, progress=progress, stage=folder.name,
                         early_stop=stage.early_stop.patience if stage.early_stop else None,
-                        early_stop_min_delta=stage.early_stop.min_delta if stage.early_stop else 0.0)
+                        early_stop_min_delta=stage.early_stop.min_delta if stage.early_stop else 0.0, ema=stage.ema)
     model = model.to(ctx.device)
     if ctx.is_main:
         log.info(f"[{folder.name}] {stage.epochs} epochs x {len(sampler)} steps per epoch "

@@ -32,6 +32,7 @@ from ...models.classifier import MultiTaskClassifier
 from ...models.multitask import MultiTaskNet
 from ...report.stats import majority_rate
 from ..core.export_formats import class_names
+from ..core.objective import TaskRemap
 from ..core.recipe import DecompositionRecipe
 from . import routing_scores as R
 from ..schema import ClassificationConfig, Net
@@ -277,7 +278,7 @@ def predict_probs(model: nn.Module, dataset: MultiTaskDataset, device: torch.dev
         probs = []
         for start in range(0, len(idx), batch_size):
             batch = collate_task_batch([dataset[i] for i in idx[start:start + batch_size]]).to(device)
-            if isinstance(model, MultiTaskNet) or hasattr(model, "module"):
+            if isinstance(model, (MultiTaskNet, TaskRemap)) or hasattr(model, "module"):
                 logits = model(batch.images, batch.task_ids).logits[task]
             else:
                 logits = model(batch.images)

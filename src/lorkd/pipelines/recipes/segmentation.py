@@ -47,6 +47,7 @@ from ...errors import ConfigError, DataError
 from ...experts import load_expert
 from ...models.multitask import MultiTaskNet
 from ...models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
+from ..core.objective import TaskRemap
 from ..core.recipe import DecompositionRecipe
 from ..schema import SegmentationConfig
 from ..schema.segmentation import SegNet
@@ -234,7 +235,7 @@ class SegmentationRecipe(DecompositionRecipe):
 def predictor_for(model: nn.Module, task: int):
     """``[n, C, *roi] -> [n, K_task, *roi]`` logits of ``task``: a multi-task network is called with
     task ids, a plain (exported) one directly."""
-    if isinstance(model, MultiTaskNet):
+    if isinstance(model, (MultiTaskNet, TaskRemap)):
         return lambda x: model(x, torch.full((x.shape[0],), task, dtype=torch.long, device=x.device)).logits[task]
     return model
 

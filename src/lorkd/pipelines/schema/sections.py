@@ -55,9 +55,14 @@ class Stage:
     # > 0: before each validation, BatchNorm running statistics are recomputed as exact averages over
     # this many training images per task, without augmentation (0: the running averages of training)
     recompute_norm_stats: int = 0
+    # decay of a moving average of the weights (e.g. 0.999): the average is validated, selected and kept
+    ema: float | None = None
+    label_smoothing: float = 0.0  # of the classification cross-entropy (0: off); not for segmentation
 
     def validate(self, path: str) -> None:
         check(self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")
+        check(self.ema is None or 0.0 < self.ema < 1.0, f"{path}.ema", f"must be a decay in (0, 1) or null, got {self.ema}")
+        check(0.0 <= self.label_smoothing < 1.0, f"{path}.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         check(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.checkpoint_every >= 0, f"{path}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         check(self.recompute_norm_stats >= 0, f"{path}.recompute_norm_stats",

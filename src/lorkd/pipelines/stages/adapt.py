@@ -144,7 +144,7 @@ def load_source_teacher(run: DecompositionRecipe, folder: Path) -> nn.Module:
         if not has_network(source):
             raise ConfigError(f"teacher.source.path: {source} is not a lorkd teacher folder (no model.safetensors "
                               "+ model.json there)")
-        model = run.reuse_network(source, build=lambda meta: build_from_meta(run, meta))
+        model = run.reuse_teacher(source, build=lambda meta: build_from_meta(run, meta))
         record_stage(run, "teacher", "loaded", source)
         run.state.teacher_info = {"source": {"kind": "lorkd", "path": str(source)},
                             "reused": read_json(source / "model.json").get("teacher_info")}
@@ -166,7 +166,7 @@ def load_source_teacher(run: DecompositionRecipe, folder: Path) -> nn.Module:
         timing: dict[str, float] = {}
         with timed(timing, "adapt"):
             model.freeze_backbone(mode == "heads")
-            model = run.fit(model, tcfg.adapt, folder, run.objective(Distill(kd_weight=0.0)))
+            model = run.fit(model, tcfg.adapt, folder, run.objective(Distill(kd_weight=0.0), stage=tcfg.adapt))
         seconds = timing["adapt"]
         run.state.timing["teacher"] = run.state.timing.get("teacher", 0.0) + seconds
     model.freeze_backbone(True)

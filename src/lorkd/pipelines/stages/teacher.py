@@ -32,7 +32,7 @@ def stage_teacher(run: DecompositionRecipe) -> nn.Module:
         with timed(state.timing, "teacher"):
             model = run.network(tcfg.net, run.num_classes)
             start_training(run, "teacher", folder)
-            objective = run.objective(Distill(kd_weight=0.0))
+            objective = run.objective(Distill(kd_weight=0.0), stage=tcfg.train)
             # a run may give its teacher more training data than its students (data.student_n_train)
             model = run.fit(model, tcfg.train, folder, objective, train_set=run.teacher_train_data())
         state.teacher_info = {"source": {"kind": "trained", "net": tcfg.net.arch},
