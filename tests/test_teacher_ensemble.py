@@ -182,7 +182,8 @@ def run_cli(*argv) -> int:
     return cli.main([str(a) for a in argv])
 
 
-def test_ensemble_teacher_folder_is_adapted_saved_reused_resumed_and_read_as_a_lorkd_source(tmp_path, weights_file):
+def test_ensemble_teacher_folder_is_adapted_saved_reused_resumed_and_read_as_a_lorkd_source(tmp_path, weights_file,
+                                                                                            capsys):
     teacher = ensemble_teacher(member(weights_file, label="dn"), member(weights_file, features="features.denseblock3"),
                                ensemble={"weights": "val_accuracy", "features_from": "dn"})
     cfg = write_config(tmp_path, teacher)
@@ -213,6 +214,15 @@ def test_ensemble_teacher_folder_is_adapted_saved_reused_resumed_and_read_as_a_l
     again = load_file(str(folder / "model.safetensors"))
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
     assert (folder / "members" / "1" / "history.csv").read_text() == history
+    # the folder's fingerprint covers the ensemble: another combination is refused unless --reuse
+    cfg_mean = write_config(tmp_path, {**teacher, "ensemble": {"weights": "mean", "features_from": "dn"}}, "mean.yaml")
+    capsys.readouterr()
+    assert run_cli("pretrain", cfg_mean, "--out", out, "--resume", "--no-progress") == 2
+    assert 'teacher.ensemble.weights: "val_accuracy" -> "mean"' in capsys.readouterr().err
+    # transfer starts from one foundation model: a run whose teacher is an ensemble is refused, naming it
+    from lorkd.pipelines.recipes.transfer_foundation import foundation_from_run
+    with pytest.raises(ConfigError, match=r"foundation\.run: the teacher in .* is an ensemble of 2 teachers"):
+        foundation_from_run(out)
     # another run reads the ensemble folder as a lorkd teacher and distils it (features from member dn, a
     # layer inside its DenseNet); the report says what it is
     distill = {"feat_weight": 0.5, "features": [{"student": "backbone.layer1", "teacher": "features.denseblock2"}]}
