@@ -176,6 +176,9 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        shaped = [a for a in options if _shape_of(a) == _shape_of(type(value))] if isinstance(value, (list, dict)) else []
+        if len(shaped) == 1:  # one option of the value's shape (a list, a mapping): its own errors, dotted keys
+            options = shaped
         if len(options) == 1:  # Optional[X]: X's own error, with its dotted key
             return _convert(options[0], value, path)
         errors = []
@@ -219,6 +222,14 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
         return value
     raise ConfigError(f"{path}: unsupported config type {hint!r}")  # a programming error in a schema
+
+
+def _shape_of(hint: Any) -> str | None:
+    """``"list"`` for list/tuple types, ``"mapping"`` for dicts and dataclasses, else ``None``."""
+    origin = typing.get_origin(hint) or hint
+    if origin in (list, tuple):
+        return "list"
+    return "mapping" if origin is dict or dataclasses.is_dataclass(hint) else None
 
 
 def _join(path: str, key: Any) -> str:

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from .multitask import MultiTaskNet, TaskOutput
 from .taps import LayerTaps, find_layer, first_tensor
 
-__all__ = ["Foundation", "InputAdapter", "first_conv_channels", "output_tensor", "resize_map"]
+__all__ = ["Foundation", "InputAdapter", "OneTask", "first_conv_channels", "output_tensor", "resize_map"]
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}  # interpolation mode by spatial dims
@@ -267,11 +267,13 @@ class Foundation(MultiTaskNet):
 
     def export_task(self, task: int) -> tuple[nn.Module, None]:
         """Task ``task`` as a module ``x -> logits`` (for FLOPs and latency); no spec: it needs lorkd."""
-        return _OneTask(self, task), None
+        return OneTask(self, task), None
 
 
-class _OneTask(nn.Module):
-    def __init__(self, net: Foundation, task: int) -> None:
+class OneTask(nn.Module):
+    """Task ``task`` of a multi-task teacher ``net`` (``(x, task_ids) -> TaskOutput``) as ``x -> logits``."""
+
+    def __init__(self, net: nn.Module, task: int) -> None:
         super().__init__()
         self.net, self.task = net, task
 

@@ -38,7 +38,10 @@ def stage_folders(run: DecompositionRecipe) -> list[tuple[str, Path]]:
     baselines found in the folder though no longer configured (config.yaml must fit them too)."""
     out = [("student", run.out / "student")]
     source = run.cfg.teacher.source
-    if source is None or source.kind != "lorkd":  # a lorkd source is another run's folder
+    if isinstance(source, list):  # an ensemble: teacher/ and each member adapted in teacher/members/<i>
+        members = [(f"teacher/members/{i}", run.out / "teacher" / "members" / str(i)) for i in range(len(source))]
+        out[:0] = [("teacher", run.out / "teacher"), *members]
+    elif source is None or source.kind != "lorkd":  # a lorkd source is another run's folder
         out.insert(0, ("teacher", run.out / "teacher"))
     for name in dict.fromkeys([*run.cfg.baselines.run, *baselines_on_disk(run)]):
         out += [(folder.relative_to(run.out).as_posix(), folder) for _, folder in run.baseline_groups(name)]

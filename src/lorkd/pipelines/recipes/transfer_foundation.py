@@ -106,6 +106,9 @@ def _lorkd_teacher(teacher_dir: Path, key: str, hint: str) -> tuple[nn.Module, d
     if not has_network(teacher_dir):
         raise ConfigError(f"{key}: {teacher_dir} holds no trained foundation model (model.safetensors + {META}); {hint}")
     meta = read_json(teacher_dir / META)
+    if "ensemble" in meta:
+        raise ConfigError(f"{key}: the teacher in {teacher_dir} is an ensemble of {len(meta['ensemble']['members'])} "
+                          "teachers; transfer starts from one foundation model: give one member as foundation.source")
     if "foundation" in meta:
         raise ConfigError(f"{key}: the teacher in {teacher_dir} was loaded from teacher.source "
                           f"({meta['foundation'].get('source', {}).get('path')}); give its run folder as foundation.run")

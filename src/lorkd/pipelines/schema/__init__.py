@@ -21,10 +21,14 @@ from .sections import (
     RouterNet,
     Stage,
     StudentSection,
+    EnsembleMember,
     TeacherAdapt,
+    TeacherEnsemble,
     TeacherInput,
     TeacherSection,
     TeacherSource,
+    ensemble_member,
+    member_labels,
 )
 from .segmentation import SegmentationConfig
 from .transfer import METHODS, TransferConfig
@@ -32,7 +36,7 @@ from .transfer import METHODS, TransferConfig
 CONFIGS = {c.RECIPE: c for c in (ClassificationConfig, SegmentationConfig, TransferConfig)}
 
 __all__ = [
-    "BASELINES", "CONFIGS", "METHODS", "Baselines", "ClassificationConfig", "ClassificationData", "Distill", "DistillSearch", "EarlyStop",
+    "BASELINES", "CONFIGS", "EnsembleMember", "TeacherEnsemble", "ensemble_member", "member_labels", "METHODS", "Baselines", "ClassificationConfig", "ClassificationData", "Distill", "DistillSearch", "EarlyStop",
     "Evaluate", "Experts", "Export", "FeaturePair", "Logging", "Net", "Router", "RouterNet", "SegmentationConfig", "Stage", "StudentSection",
     "Synthetic", "TaskFile", "TeacherAdapt", "TeacherInput", "TeacherSection", "TeacherSource", "TransferConfig",
 ]

@@ -247,6 +247,38 @@ class TeacherAdapt(Stage):
 
 
 @dataclass
+class EnsembleMember(TeacherSource):
+    """One member of a teacher ensemble (``teacher.source`` given as a list): a source like
+    :class:`TeacherSource`, plus what differs between architectures. ``heads``, ``features`` and
+    ``input`` replace the teacher section's for this member (``None``: the section's); a ``lorkd``
+    member has its own heads and takes none of them. ``label`` names it in the report, in errors and
+    in ``teacher.ensemble.features_from`` (default: its index)."""
+
+    label: str | None = None
+    heads: dict[str, int | list[int] | str] | None = None
+    features: str | None = None
+    input: TeacherInput | None = None
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        for name in ("heads", "features", "input"):
+            check(self.kind != "lorkd" or getattr(self, name) is None, f"{path}.{name}",
+                  "only for a loaded foundation model; a lorkd teacher folder has its own heads")
+
+
+@dataclass
+class TeacherEnsemble:
+    """How an ensemble teacher (``teacher.source`` given as a list) combines its members: ``weights``
+    ``mean`` (the members' logits averaged per task) or ``val_accuracy`` (weighted per task by each
+    member's validation metric, the recipe's selection metric: accuracy, Dice for segmentation,
+    normalised to sum to 1 per task); ``features_from``: the member (index or label) whose features
+    and layers feature distillation reads."""
+
+    weights: Literal["mean", "val_accuracy"] = "mean"
+    features_from: int | str = 0
+
+
+@dataclass
 class TeacherSection:
     """The foundation model: trained by the run on all tasks, or loaded from ``source``.
 
@@ -257,11 +289,12 @@ class TeacherSection:
     net: Net = field(default_factory=lambda: Net(arch="resnet50"))
     checkpoint: str | None = None  # old spelling of source: {kind: lorkd, path: ...}
     train: Stage = field(default_factory=Stage)
-    source: TeacherSource | None = None
+    source: TeacherSource | list[EnsembleMember] | None = None  # a list: an ensemble (models/ensemble.py)
     heads: dict[str, int | list[int] | str] = field(default_factory=dict)
     features: str | None = None
     input: TeacherInput | None = None
     adapt: TeacherAdapt = field(default_factory=TeacherAdapt)
+    ensemble: TeacherEnsemble | None = None  # with a list of sources; None: TeacherEnsemble()
 
     def validate(self, path: str) -> None:
         p = path or "teacher"
@@ -270,6 +303,10 @@ class TeacherSection:
             logging.getLogger("lorkd").warning("%s.checkpoint is deprecated: use %s.source: {kind: lorkd, path: %s}",
                                                p, p, self.checkpoint)
             self.source, self.checkpoint = TeacherSource(kind="lorkd", path=self.checkpoint), None
+        if isinstance(self.source, list):
+            self._validate_ensemble(p)
+            return
+        check(self.ensemble is None, f"{p}.ensemble", f"only with a list of sources ({p}.source: [...], an ensemble)")
         own = self.source is None or self.source.kind == "lorkd"
         what = "trains its own teacher" if self.source is None else "reuses a lorkd teacher folder, which has its heads"
         for name in ("heads", "features", "input"):
@@ -278,6 +315,39 @@ class TeacherSection:
                   f"this run {what}")
         check(not own or self.adapt.mode in (None, "none"), f"{p}.adapt.mode",
               f"only for a loaded foundation model; this run {what}")
+
+    def _validate_ensemble(self, p: str) -> None:
+        members = self.source
+        check(len(members) >= 2, f"{p}.source", f"an ensemble needs two or more sources, got {len(members)} (give "
+              "one source as a mapping)")
+        labels = member_labels(members)
+        for i, label in enumerate(labels):
+            check(labels.index(label) == i, f"{p}.source[{i}].label", f"{label!r} names two members")
+        self.ensemble = self.ensemble or TeacherEnsemble()
+        ensemble_member(members, self.ensemble.features_from, f"{p}.ensemble.features_from")
+        if all(m.kind == "lorkd" for m in members):
+            for name in ("heads", "features", "input"):
+                check(not getattr(self, name), f"{p}.{name}", "only for a loaded foundation model; every member of "
+                      "this ensemble is a lorkd teacher folder, which has its heads")
+
+
+def member_labels(members: list[EnsembleMember]) -> list[str]:
+    """The members' labels (``label``, else the index as a string)."""
+    return [m.label if m.label is not None else str(i) for i, m in enumerate(members)]
+
+
+def ensemble_member(members: list[EnsembleMember], which: int | str, key: str) -> int:
+    """The index of member ``which`` (an index, or a label).
+
+    Raises:
+        ConfigError: no such member (names ``key`` and the members).
+    """
+    labels = member_labels(members)
+    if isinstance(which, int) and not isinstance(which, bool):
+        check(0 <= which < len(members), key, f"member {which} is out of range (members 0..{len(members) - 1})")
+        return which
+    check(which in labels, key, f"no member labelled {which!r}; the members are {labels}")
+    return labels.index(which)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from ...engine.metrics import count_parameters
 from ...errors import ConfigError
 from ...experts import build_architecture
 from ...fileio import read_json
+from ...models.ensemble import build_ensemble
 from ...models.foundation import load_foundation
 from ...models.teacher import Foundation, InputAdapter, first_conv_channels
 from ..core.fingerprint import write_fingerprint
@@ -121,6 +122,8 @@ def teacher_description(info: dict[str, Any]) -> str:
     """The sentence the report uses for the teacher, from a ``teacher_info`` record."""
     src, ad = info.get("source", {}), info.get("adapt", {})
     how = f"{ad.get('epochs', 0)} epoch(s)" + (f", {ad['seconds']:.1f} s" if "seconds" in ad else "")
+    if src.get("kind") == "ensemble":  # recorded when it was made (stages/ensemble.py)
+        return info.get("description") or "an ensemble of teachers"
     if src.get("kind") == "trained":
         return f"foundation model trained by lorkd on all tasks of the run ({src.get('net')}, {how})"
     if src.get("kind") == "lorkd":
@@ -135,10 +138,11 @@ def teacher_description(info: dict[str, Any]) -> str:
     return f"foundation model loaded from {src.get('text', src.get('path'))}; {adapted}; logits per task: {per_task}"
 
 
-def load_source_teacher(run: DecompositionRecipe, folder: Path) -> nn.Module:
-    """The teacher of a run with ``teacher.source``: a lorkd folder reused, or a loaded foundation
-    model adapted to the tasks (writes ``folder``). Sets ``run.state.teacher_info``."""
-    tcfg = run.cfg.teacher
+def load_source_teacher(run: DecompositionRecipe, folder: Path, tcfg: TeacherSection | None = None) -> nn.Module:
+    """The teacher of a run with ``teacher.source`` (or of ``tcfg``: one member of an ensemble): a lorkd
+    folder reused, or a loaded foundation model adapted to the tasks (writes ``folder``). Sets
+    ``run.state.teacher_info``."""
+    tcfg = tcfg or run.cfg.teacher
     if tcfg.source.kind == "lorkd":
         source = Path(tcfg.source.path).expanduser()
         if not has_network(source):
@@ -154,7 +158,7 @@ def load_source_teacher(run: DecompositionRecipe, folder: Path) -> nn.Module:
         record_stage(run, "teacher", "reused", folder)
         run.state.teacher_info = read_json(folder / "model.json").get("teacher_info") or {}
         return model
-    model = build_foundation(run)
+    model = build_foundation(run, tcfg)
     mode = adapt_mode(tcfg, model, run.names)
     seconds = 0.0
     if mode == "none":
@@ -184,7 +188,10 @@ def load_source_teacher(run: DecompositionRecipe, folder: Path) -> nn.Module:
 
 def build_from_meta(run: DecompositionRecipe, meta: dict[str, Any]) -> nn.Module:
     """Rebuild a saved teacher: a loaded foundation model (``meta["foundation"]``: the teacher
-    section it was made with; the source must still be there) or the recipe's own network."""
+    section it was made with; the source must still be there), an ensemble of them (``meta["ensemble"]``)
+    or the recipe's own network."""
+    if "ensemble" in meta:
+        return build_ensemble(meta["ensemble"], lambda member: build_from_meta(run, member))
     if "foundation" not in meta:
         return run.build(meta)
     tcfg = from_dict(type(run.cfg.teacher), meta["foundation"], "teacher")

@@ -11,18 +11,23 @@ from ...engine.metrics import count_parameters
 from ...models.taps import layer_names
 from ...models.teacher import Foundation
 from ..core.recipe import DecompositionRecipe
+from ..schema import TeacherSection, member_labels
 from .adapt import adapt_mode, build_foundation, build_from_meta, sample_batch, source_text
+from .ensemble import member_errors, member_section
 
 
-def describe_teacher(run: DecompositionRecipe) -> str:
+def describe_teacher(run: DecompositionRecipe, tcfg: TeacherSection | None = None) -> str:
     """What ``lorkd teacher CONFIG`` prints for the recipe ``run`` (its data loaded): the source,
     parameter counts, the layers usable as ``teacher.features`` (with their output shapes) and the
-    output shapes per task for a sample batch of the run's data. Loads the teacher; trains nothing.
+    output shapes per task for a sample batch of the run's data (an ensemble: each member's). Loads
+    the teacher (``tcfg``: that teacher section instead of the run's); trains nothing.
 
     Raises:
         ConfigError / DataError: as the run's teacher stage would, before any training.
     """
-    tcfg = run.cfg.teacher
+    tcfg = tcfg or run.cfg.teacher
+    if isinstance(tcfg.source, list):
+        return _describe_ensemble(run, tcfg)
     lines = []
     if tcfg.source is None:
         model: nn.Module = run.network(tcfg.net, run.num_classes)
@@ -32,7 +37,7 @@ def describe_teacher(run: DecompositionRecipe) -> str:
         model = run.reuse_network(Path(tcfg.source.path).expanduser(), build=lambda m: build_from_meta(run, m))
         lines.append(f"source: {source_text(tcfg.source)}")
     else:
-        model = build_foundation(run)
+        model = build_foundation(run, tcfg)
         mode = adapt_mode(tcfg, model, run.names)
         lines.append(f"source: {source_text(tcfg.source)}")
         lines.append(f"adapt: {mode}" + (f" ({tcfg.adapt.epochs} epochs)" if mode != "none" else ""))
@@ -63,6 +68,20 @@ def describe_teacher(run: DecompositionRecipe) -> str:
     for name in layer_names(root):
         kind, shape = shapes.get(name, (None, None))
         lines.append(f"  {name}  {kind or ''}  {shape if shape is not None else '(did not run or no tensor)'}")
+    return "\n".join(lines)
+
+
+def _describe_ensemble(run: DecompositionRecipe, tcfg: TeacherSection) -> str:
+    """Each member of an ensemble teacher described (errors name ``teacher.source[i]``)."""
+    ens, labels = tcfg.ensemble, member_labels(tcfg.source)
+    how = "averaged" if ens.weights == "mean" else "weighted per task by each member's validation metric"
+    lines = [f"ensemble of {len(labels)} teachers ({', '.join(labels)}): logits {how}; features and layers from "
+             f"member {ens.features_from}"]
+    for i, (label, member) in enumerate(zip(labels, tcfg.source)):
+        with member_errors(i, label, member):
+            text = describe_teacher(run, member_section(tcfg, member))
+        lines.append(f"member {label} (teacher.source[{i}]):")
+        lines += ["  " + line for line in text.splitlines()]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from ..core.runfolder import record_stage, start_training
 from ..core.runtime import timed
 from ..schema import Distill
 from .adapt import build_from_meta, load_source_teacher, teacher_description
+from .ensemble import load_ensemble_teacher
 
 
 def stage_teacher(run: DecompositionRecipe) -> nn.Module:
@@ -21,7 +22,9 @@ def stage_teacher(run: DecompositionRecipe) -> nn.Module:
     folder = run.out / "teacher"
     tcfg = run.cfg.teacher
     state = run.state
-    if tcfg.source is not None:
+    if isinstance(tcfg.source, list):  # an ensemble of teachers (stages/ensemble.py)
+        model = load_ensemble_teacher(run, folder)
+    elif tcfg.source is not None:
         model = load_source_teacher(run, folder)
     elif has_network(folder):
         model = run.reuse_network(folder, build=lambda meta: build_from_meta(run, meta))
