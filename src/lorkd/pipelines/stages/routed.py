@@ -5,7 +5,9 @@ folder ``student/router/``, and the ``routed/`` export (router + every expert as
 models take, which folder holds what and how to use them without lorkd), ``router/`` and
 ``experts/<task>/``, each a :func:`lorkd.save_expert` folder (``expert.safetensors`` + ``card.json``
 and the ``export`` formats, each checked against PyTorch). :func:`lorkd.models.router.load_routed`
-loads it; ``lorkd predict RUN/routed IMAGES...`` prints task, class and probabilities.
+loads it; ``lorkd predict RUN/routed IMAGES...`` prints task, class and probabilities. A
+segmentation run's router takes whole cases (the recipe's :meth:`router_input_shape`,
+``routed.json`` ``router_input``) and its experts export with dynamic spatial axes.
 """
 
 from __future__ import annotations
