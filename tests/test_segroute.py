@@ -17,6 +17,7 @@ import yaml
 from lorkd.config import from_dict
 from lorkd.engine.distributed import DistributedContext
 from lorkd.engine.inference import sliding_window_logits
+from lorkd.distill import router_loss
 from lorkd.errors import ConfigError
 from lorkd.models.router import RoutedStudent, TaskRouter, load_routed, router_view
 from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
@@ -28,6 +29,7 @@ from lorkd.report.routing import routing_section
 from test_segmentation import blob_case, run_cli, tiny_config, write_h5_task
 
 CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+STEPS = 40
 ROUTER = {"net": {"channels": [4, 8], "projection_dim": 8}}
 
 
@@ -114,6 +116,25 @@ def test_a_2d_student_on_volumes_needs_the_routers_input_size(tmp_path):
     rows = run.router_views()(torch.tensor([0, 1, 1]), 3)
     assert rows.shape == (3, 1, 4, 8, 8)
     torch.testing.assert_close(rows, run.router_views()(torch.tensor([0, 1, 1]), 3))  # the same at the same step
+
+
+def test_the_router_learns_to_route_whole_cases_from_its_training_rows(tmp_path):
+    cfg = tiny_config(two_tasks(tmp_path), [4, 8, 8])
+    cfg["student"]["router"] = {**ROUTER, "input_size": [4, 8, 8]}
+    run = SegmentationRecipe(seg_config(cfg), tmp_path / "run", CPU)
+    torch.manual_seed(0)
+    router = TaskRouter(1, 2, spatial_dims=3, channels=[4, 8], projection_dim=8)
+    opt = torch.optim.Adam(router.parameters(), lr=0.01)
+    for step in range(STEPS):
+        ids = torch.tensor([0, 1, 0, 1])
+        out = router(run.router_views()(ids, step))
+        loss = router_loss(out.logits, out.projection, ids, twd_weight=0.1, task_loss_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    routes = SR.route_cases(router, run.views, run.volumes("train"), torch.device("cpu"))
+    assert {t: r.tolist() for t, r in routes.items()} == {0: [0, 0], 1: [1, 1]}
+    assert router.training  # restored
 
 
 # ---------------------------------------------------------------------------------------- end to end
