@@ -603,11 +603,13 @@ def mask_inputs(inputs: list[Path | str], folder: Path) -> list[Path]:
 
 
 def mask_file(model: torch.nn.Module, card: dict[str, Any], path: Path, dev: torch.device,
-              lookup: np.ndarray | None, folder: Path) -> dict[str, Any]:
+              lookup: np.ndarray | None, folder: Path, read: tuple[np.ndarray, Any, Any] | None = None
+              ) -> dict[str, Any]:
     """Segment one file with an expert and its card (a NIfTI turned to the card's ``orientation``
     first and its mask back), write the mask into ``folder`` (values through ``lookup``) and return
-    its CSV row (input, mask, shape, voxels per class index)."""
-    image, spacing, geometry = read_segmentation_input(path)
+    its CSV row (input, mask, shape, voxels per class index). ``read``: the file's
+    :func:`read_segmentation_input`, when the caller has read it already."""
+    image, spacing, geometry = read or read_segmentation_input(path)
     back = None
     if card.get("orientation") and geometry is not None and image.ndim == 4:
         image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], str(path))

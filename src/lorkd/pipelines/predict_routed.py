@@ -110,14 +110,14 @@ def predict_routed_masks(model: RoutedExperts, folder: Path, inputs: list[Path |
     out = Path(output) if output is not None else Path("masks")
     rows = []
     for path in mask_inputs(inputs, out):
-        image, _, geometry = read_segmentation_input(path)
+        read = read_segmentation_input(path)
         try:
-            task, p_task = route_file(model, image, geometry, dev)
+            task, p_task = route_file(model, read[0], read[2], dev)
         except DataError as err:
             raise DataError(f"{path}: {err}") from err
         expert = model.experts[task]
         lookup = label_lookup(expert.card, folder / model.card["experts"][model.tasks[task]], class_indices)
-        row = mask_file(expert, expert.card, path, dev, lookup, out)
+        row = mask_file(expert, expert.card, path, dev, lookup, out, read)
         rows.append({"input": row.pop("input"), "task": model.tasks[task], "task_probability": p_task, **row})
     sys.stdout.write(_format(rows, "csv"))
     return rows
