@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -209,7 +209,7 @@ class SegmentationRecipe(DecompositionRecipe):
     def router_input_shape(self) -> tuple[int, ...]:
         return (self.channels, *self.views.size)
 
-    def router_views(self):
+    def router_views(self) -> Callable[[torch.Tensor, int], torch.Tensor]:
         return self.views.training_rows
 
     def routed_val_metrics(self, model: nn.Module, router: nn.Module) -> dict[str, float]:
