@@ -75,14 +75,24 @@ def test_top_1_without_the_task_cross_entropy_is_refused():
         from_dict(ClassificationConfig, config(student__router__top_k=1, student__router__task_loss_weight=0))
 
 
-def test_mola_grad_needs_a_router_and_segmentation_refuses_one():
+def test_mola_grad_needs_a_router_and_segmentation_refuses_classification_settings():
     plain = config()
     del plain["student"]["router"]
     with pytest.raises(ConfigError, match=r"baselines\.run.*mola_grad"):
         from_dict(ClassificationConfig, plain)
-    seg = {"data": {"tasks": [{"name": "heart", "path": "x"}]}, "student": {"router": {}}}
-    with pytest.raises(ConfigError, match=r"student\.router.*classification"):
-        from_dict(SegmentationConfig, seg)
+    with pytest.raises(ConfigError, match=r"student\.router\.input_size"):
+        from_dict(ClassificationConfig, config(student__router__input_size=[8, 8]))
+    seg = {"data": {"tasks": [{"name": "heart", "path": "x"}]}, "student": {"router": {"input_size": [8, 16, 16]}}}
+    assert from_dict(SegmentationConfig, seg).student.router.input_size == [8, 16, 16]
+    for key, value in (("teacher_forcing", 2), ("top_k", 1), ("temperature", 2.0)):
+        bad = copy.deepcopy(seg)
+        bad["student"]["router"][key] = value
+        with pytest.raises(ConfigError, match=rf"student\.router\.{key}: segmentation"):
+            from_dict(SegmentationConfig, bad)
+    with pytest.raises(ConfigError, match=r"baselines\.run: mola_grad"):
+        from_dict(SegmentationConfig, {**seg, "baselines": {"run": ["mola_grad"]}})
+    with pytest.raises(ConfigError, match=r"student\.router\.input_size"):
+        from_dict(SegmentationConfig, {**seg, "student": {"router": {"input_size": [0, 8]}}})
 
 
 # ---------------------------------------------------------------------------------------- training schedule

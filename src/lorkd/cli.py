@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("predict", help="class probabilities (or masks) of inputs through an exported expert")
     p.add_argument("expert", type=Path, help="an expert folder (experts/<task>/ of a run), or routed/ of a run with "
-                   "student.router (prints task, class and probabilities, no task id needed)")
+                   "student.router (prints task, class and probabilities, no task id needed; segmentation: each volume "
+                   "routed once, then masked by its task's expert)")
     p.add_argument("inputs", nargs="+", help="image files (PNG/JPEG/TIF, 8/16-bit or float in [0, 1]), .npy or "
                    ".npz files, folders of them, or quoted glob patterns ('scans/*.png'); for a segmentation "
                    "expert also NIfTI (.nii/.nii.gz) or HDF5 (.h5) volumes")
@@ -239,7 +240,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with trusted_code(args.trust_code):
         if is_routed(args.expert):  # routed/: task, class, probabilities
             predict_routed(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
-                           device=args.device, bits=args.bits)
+                           device=args.device, bits=args.bits, class_indices=args.class_indices)
         else:
             predict_files(args.expert, args.inputs, split=args.split, output=args.output, batch_size=args.batch_size,
                           device=args.device, bits=args.bits, class_indices=args.class_indices)

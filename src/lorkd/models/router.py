@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DataError
@@ -123,6 +124,26 @@ def routing_weights(logits: Tensor, temperature: float = 1.0, top_k: int | None 
     then the ``top_k`` largest kept and renormalised when set (``top_k=1``: one-hot of the argmax)."""
     weights = torch.softmax(logits / temperature, dim=1)
     return weights if top_k is None else top_k_weights(weights, top_k)
+
+
+def router_view(image: Tensor, size: Sequence[int]) -> Tensor:
+    """What a segmentation router sees of one whole case: ``image [C, *spatial]`` (the volume as read,
+    channels fitted to the router's) with each channel z-scored over the whole case (mean 0, std 1;
+    a constant channel becomes 0), then resized to ``size`` (linear/bilinear/trilinear,
+    ``align_corners=False``) -> float32 ``[C, *size]``. Independent of any task's preprocessing (the
+    task is what the router is asked for); z-scoring makes it independent of the intensity scale.
+
+    Raises:
+        ValueError: ``size`` does not have one entry per spatial axis of ``image``.
+    """
+    if len(size) != image.dim() - 1 or image.dim() - 1 not in _CONV:
+        raise ValueError(f"router input size {list(size)} needs one entry per spatial axis of the case "
+                         f"{list(image.shape)} ([C, *spatial], 1 to 3 spatial axes)")
+    x = image.float().reshape(image.shape[0], -1)
+    x = (x - x.mean(dim=1, keepdim=True)) / x.std(dim=1, unbiased=False, keepdim=True).clamp_min(1e-8)
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(x.reshape(image.shape)[None], size=tuple(int(s) for s in size), mode=mode,
+                         align_corners=False)[0]
 
 
 @dataclass

@@ -581,7 +581,17 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
     lookup = label_lookup(card, Path(expert_dir), class_indices)
     model = model.to(dev)
     folder = Path(output) if output is not None else Path("masks")
-    rows = []
+    rows = [mask_file(model, card, path, dev, lookup, folder) for path in mask_inputs(inputs, folder)]
+    sys.stdout.write(_format(rows, "csv"))
+    return rows
+
+
+def mask_inputs(inputs: list[Path | str], folder: Path) -> list[Path]:
+    """The volume and image files of ``inputs`` (files, folders, glob patterns).
+
+    Raises:
+        DataError: two inputs whose masks would have the same name in ``folder`` (names both).
+    """
     paths = expand_inputs(inputs, (*VOLUME_SUFFIXES, *IMAGE_SUFFIXES))
     seen: dict[str, Path] = {}
     for path in paths:
@@ -589,17 +599,24 @@ def predict_masks(expert_dir: Path, inputs: list[Path | str], output: Path | Non
         if other != path:
             raise DataError(f"{other} and {path} would both write the mask {_mask_stem(path)}_mask in {folder}; "
                             "predict them into separate --output folders")
-    for path in paths:
-        image, spacing, geometry = read_segmentation_input(path)
-        back = None
-        if card.get("orientation") and geometry is not None and image.ndim == 4:
-            image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], str(path))
-        mask = segment(model, image, spacing, card, dev, str(path))
-        if back is not None:
-            mask = np.ascontiguousarray(reorient(mask, affine, to=back)[0])
-        written = write_mask(mask if lookup is None else lookup[mask], path, geometry, folder)
-        counts = np.bincount(mask.reshape(-1), minlength=card["classes"])
-        rows.append({"input": str(path), "mask": str(written), "shape": "x".join(map(str, mask.shape)),
-                     **{f"voxels_{c}": int(n) for c, n in enumerate(counts)}})
-    sys.stdout.write(_format(rows, "csv"))
-    return rows
+    return paths
+
+
+def mask_file(model: torch.nn.Module, card: dict[str, Any], path: Path, dev: torch.device,
+              lookup: np.ndarray | None, folder: Path, read: tuple[np.ndarray, Any, Any] | None = None
+              ) -> dict[str, Any]:
+    """Segment one file with an expert and its card (a NIfTI turned to the card's ``orientation``
+    first and its mask back), write the mask into ``folder`` (values through ``lookup``) and return
+    its CSV row (input, mask, shape, voxels per class index). ``read``: the file's
+    :func:`read_segmentation_input`, when the caller has read it already."""
+    image, spacing, geometry = read or read_segmentation_input(path)
+    back = None
+    if card.get("orientation") and geometry is not None and image.ndim == 4:
+        image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], str(path))
+    mask = segment(model, image, spacing, card, dev, str(path))
+    if back is not None:
+        mask = np.ascontiguousarray(reorient(mask, affine, to=back)[0])
+    written = write_mask(mask if lookup is None else lookup[mask], path, geometry, folder)
+    counts = np.bincount(mask.reshape(-1), minlength=card["classes"])
+    return {"input": str(path), "mask": str(written), "shape": "x".join(map(str, mask.shape)),
+            **{f"voxels_{c}": int(n) for c, n in enumerate(counts)}}

@@ -267,6 +267,20 @@ class DecompositionRecipe(Recipe):
             ConfigError: this recipe does not route (names ``student.router``)."""
         raise ConfigError(f"student.router: the {self.kind} recipe does not route without a task id")
 
+    route_in_training: ClassVar[bool] = True  # experts trained on the router's routes after teacher forcing
+
+    def router_input_shape(self) -> tuple[int, ...]:
+        """``[C, *spatial]`` of one router input (default: an expert's input, :meth:`export_input_shape`)."""
+        return self.export_input_shape(0)
+
+    def router_views(self) -> Callable[[Tensor, int], Tensor] | None:
+        """``(task_ids, step) -> router input rows`` in training, or ``None``: the batch's images."""
+        return None
+
+    def routed_card(self) -> dict[str, Any]:
+        """Keys the recipe adds to ``routed/routed.json`` (what a routed predict needs)."""
+        return {}
+
     def routing_summary(self, model: nn.Module, router: nn.Module,
                         outputs: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
         """``metrics.json`` ``routing``: ``model`` routed by ``router`` on test, beside the per-item

@@ -13,6 +13,10 @@ Each row's loss is computed with the head of its *true* task (its labels belong 
 the teacher sees the true task id, as in the unrouted student. The router's own loss (TwD on its
 projection + cross-entropy on the task id, :func:`lorkd.distill.router_loss`) is added every step.
 One optimiser trains student and router (the router is an ``extra_modules`` of the loop).
+
+Segmentation (a case routed once, top-1): the router sees whole cases, not the training patches:
+``views(task_ids, step)`` gives its input rows (a whole training case of each row's task, resized),
+and the experts always train with the true task id (``forced_steps=None``).
 """
 
 from __future__ import annotations
@@ -39,18 +43,29 @@ class RouterTraining(nn.Module):
     Args:
         router: the router being trained.
         settings: ``student.router``.
-        forced_steps: steps routed by the true task id (``teacher_forcing`` x steps per epoch).
+        forced_steps: steps routed by the true task id (``teacher_forcing`` x steps per epoch);
+            ``None``: every step (segmentation).
+        views: ``(task_ids [B], step) -> [B, C, *size]``, the router's input rows of a step
+            (segmentation: whole cases); ``None``: the batch's images.
     """
 
-    def __init__(self, router: TaskRouter, settings: Router, forced_steps: int) -> None:
+    def __init__(self, router: TaskRouter, settings: Router, forced_steps: int | None,
+                 views: Callable[[Tensor, int], Tensor] | None = None) -> None:
         super().__init__()
-        self.router, self.settings, self.forced_steps = router, settings, int(forced_steps)
+        self.router, self.settings, self.views = router, settings, views
+        self.forced_steps = None if forced_steps is None else int(forced_steps)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def inputs(self, batch: Any) -> Tensor:
+        """The router's input of this step (call before :meth:`routing`, which counts the step)."""
+        if self.views is None:
+            return batch.images
+        return self.views(batch.task_ids.cpu(), int(self.step)).to(batch.images.device)
 
     def routing(self, logits: Tensor, task_ids: Tensor) -> Tensor:
         """What this training step routes the backbone with (see the module), and count the step:
         ``task_ids`` ``[B]`` while forced, then ``[B, T]`` weights, or ``[B]`` argmax ids (``top_k`` 1)."""
-        forced = int(self.step) < self.forced_steps
+        forced = self.forced_steps is None or int(self.step) < self.forced_steps
         self.step += 1
         s = self.settings
         if forced:
@@ -71,7 +86,7 @@ class RoutedObjective(DistillObjective):
         self.router = router
 
     def __call__(self, model: nn.Module, batch: Any, global_counts: Tensor) -> StepLoss:
-        routed = self.router.router(batch.images)
+        routed = self.router.router(self.router.inputs(batch))
         routing = self.router.routing(routed.logits, batch.task_ids)
         loss = self.step_loss(model(batch.images, routing, batch.task_ids), batch, global_counts)
         s = self.router.settings

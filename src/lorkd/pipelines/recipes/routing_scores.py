@@ -81,27 +81,49 @@ def routing_summary(routed: Mapping[int, Mapping[str, np.ndarray]], names: list[
     """The ``routing`` key of ``metrics.json`` (see the module) from the test
     :func:`routed_predictions` and the evaluate stage's per-item test ``outputs``
     (``outputs[task]["student"]``, ``outputs[task]["mola_grad"]``: ``probs [n, C]``, ``labels [n]``)."""
+    references: dict[str, dict[int, np.ndarray]] = {}
+    for t in routed:
+        for model, key in (("student", "true_id"), ("mola_grad", "mola_grad")):
+            kept = outputs.get(names[t], {}).get(model)
+            if kept is not None:
+                references.setdefault(key, {})[t] = (kept["probs"].argmax(1) == kept["labels"]).astype(np.float64)
+    return summarize({t: r["routed"] for t, r in routed.items()},
+                     {t: r["correct"].astype(np.float64) for t, r in routed.items()}, references, names)
+
+
+def summarize(routed: Mapping[int, np.ndarray], agnostic: Mapping[int, np.ndarray],
+              references: Mapping[str, Mapping[int, np.ndarray]], names: list[str], metric: str = "acc",
+              unit: str = "images", inference: str = INFERENCE) -> dict[str, Any]:
+    """The ``routing`` key of ``metrics.json``, for any recipe.
+
+    Args:
+        routed: per task ``t``, ``[n]`` the routed task of each of its test items.
+        agnostic: per task, ``[n]`` each item's score routed without a task id (0/1 correct; a case's Dice).
+        references: per model key (``true_id``, ``mola_grad``), per task, ``[n]`` the scores of the
+            same items by that model with the task id.
+        names: task names; ``metric``: the score's name (``acc``, ``dice``); ``unit``: what an item is.
+
+    Returns ``route_acc`` and per task ``route_acc``, ``task_agnostic_<metric>``, ``<key>_<metric>``
+    (95% bootstrap intervals) and ``task_agnostic_minus_<key>`` (paired), the task confusion matrix
+    (rows: true task, columns: routed task) and the means over tasks.
+    """
     num = len(names)
     confusion = np.zeros((num, num), dtype=np.int64)
     per_task: dict[str, Any] = {}
     for t, r in routed.items():
-        confusion[t] += np.bincount(r["routed"], minlength=num)
-        row: dict[str, Any] = {"n": int(r["correct"].size),
-                               "route_acc": bootstrap_interval(mean_stat, [(r["routed"] == t).astype(np.float64)]),
-                               "task_agnostic_acc": bootstrap_interval(mean_stat, [r["correct"].astype(np.float64)])}
-        for model, key in (("student", "true_id"), ("mola_grad", "mola_grad")):
-            kept = outputs.get(names[t], {}).get(model)
-            if kept is None:
-                continue
-            ok = (kept["probs"].argmax(1) == kept["labels"]).astype(np.float64)
-            row[f"{key}_acc"] = bootstrap_interval(mean_stat, [ok])
-            row[f"task_agnostic_minus_{key}"] = paired_bootstrap_difference(
-                mean_stat, [r["correct"].astype(np.float64)], [ok])
+        confusion[t] += np.bincount(r, minlength=num)
+        row: dict[str, Any] = {"n": int(r.size),
+                               "route_acc": bootstrap_interval(mean_stat, [(r == t).astype(np.float64)]),
+                               f"task_agnostic_{metric}": bootstrap_interval(mean_stat, [agnostic[t]])}
+        for key, values in references.items():
+            if t in values:
+                row[f"{key}_{metric}"] = bootstrap_interval(mean_stat, [values[t]])
+                row[f"task_agnostic_minus_{key}"] = paired_bootstrap_difference(mean_stat, [agnostic[t]], [values[t]])
         per_task[names[t]] = row
-    every = np.concatenate([(r["routed"] == t).astype(np.float64) for t, r in routed.items()])
-    return {"split": "test", "tasks": list(names), "inference": INFERENCE,
+    every = np.concatenate([(r == t).astype(np.float64) for t, r in routed.items()])
+    keys = ("route_acc", *(f"{k}_{metric}" for k in ("task_agnostic", "true_id", "mola_grad")))
+    return {"split": "test", "tasks": list(names), "metric": metric, "unit": unit, "inference": inference,
             "route_acc": bootstrap_interval(mean_stat, [every]), "confusion": confusion.tolist(),
             "per_task": per_task,
             "mean": {key: float(np.mean([row[key]["value"] for row in per_task.values()]))
-                     for key in ("route_acc", "task_agnostic_acc", "true_id_acc", "mola_grad_acc")
-                     if all(key in row for row in per_task.values())}}
+                     for key in keys if all(key in row for row in per_task.values())}}

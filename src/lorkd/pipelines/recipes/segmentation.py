@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -51,6 +51,8 @@ from ..core.objective import TaskRemap
 from ..core.recipe import DecompositionRecipe
 from ..schema import SegmentationConfig
 from ..schema.segmentation import SegNet
+from . import segmentation_routing as SR
+from .routing_scores import ROUTED_STUDENT
 
 log = logging.getLogger("lorkd")
 
@@ -137,6 +139,7 @@ class SegmentationRecipe(DecompositionRecipe):
         self.train_set = self.patches(None)
         self.val_set = self.volumes("val")
         self.test_set = self.volumes("test")
+        self.views = SR.case_views(self) if cfg.student.router is not None else None
 
     # ---- data
     def patches(self, tasks: list[int] | None) -> PatchDataset:
@@ -201,6 +204,25 @@ class SegmentationRecipe(DecompositionRecipe):
         ``evaluate.hd95``."""
         return score_volumes(model, data, self, tasks, hd95=final and self.cfg.evaluate.hd95, keep=keep)
 
+    # ---- routing without a task id (student.router: each whole case routed once, segmentation_routing)
+    route_in_training = False  # the experts train with the true task id; the router beside them
+
+    def router_input_shape(self) -> tuple[int, ...]:
+        return (self.channels, *self.views.size)
+
+    def router_views(self) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        return self.views.training_rows
+
+    def routed_val_metrics(self, model: nn.Module, router: nn.Module) -> dict[str, float]:
+        return SR.routed_val_metrics(self, model, router)
+
+    def routing_summary(self, model: nn.Module, router: nn.Module,
+                        outputs: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
+        return SR.routing_summary(self, router, outputs)
+
+    def routed_card(self) -> dict[str, Any]:
+        return SR.routed_card(self)
+
     # ---- export and evaluation
     def expert_card(self, t: int) -> dict[str, Any]:
         return expert_card(self, t)
@@ -226,7 +248,7 @@ class SegmentationRecipe(DecompositionRecipe):
                            "expert": M.cpu_latency_ms(expert_plain, example, reps)},
             "latency_batch": 1, "latency_input": f"one patch {list(self.patch)}",
             "data": volume_data_summary(self.tasks),
-            "models": self.model_descriptions,
+            "models": {**self.model_descriptions, **({"student": ROUTED_STUDENT} if self.cfg.student.router else {})},
             "notes": list(NOTES),
         }
 

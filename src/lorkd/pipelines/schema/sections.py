@@ -373,7 +373,10 @@ class Router:
     ``twd_weight`` x TwD (supervised contrastive, temperature ``twd_temperature``) on the router's
     projection, plus ``task_loss_weight`` x cross-entropy of its logits on the task id.
     ``temperature`` / ``top_k``: the routing weights in training (softmax of logits / temperature,
-    the ``top_k`` largest kept; ``None``: all). Inference routes each image to its top-1 task."""
+    the ``top_k`` largest kept; ``None``: all). Inference routes each image to its top-1 task.
+    Segmentation: the router sees each whole case resized to ``input_size`` (default
+    ``data.patch_size``) and routes it once (top-1); the experts train with the true task id, so
+    ``temperature``, ``top_k`` and ``teacher_forcing`` are classification settings."""
 
     net: RouterNet = field(default_factory=RouterNet)
     twd_weight: float = 0.1
@@ -382,8 +385,11 @@ class Router:
     temperature: float = 1.0
     top_k: int | None = None
     teacher_forcing: float = 1.0  # epochs at the start routed by the true task id
+    input_size: list[int] | None = None  # segmentation: the size each whole case is resized to for the router
 
     def validate(self, path: str) -> None:
+        check(self.input_size is None or (bool(self.input_size) and min(self.input_size) >= 1), f"{path}.input_size",
+              f"must be a list of sizes >= 1, got {self.input_size}")
         for name in ("twd_weight", "task_loss_weight", "teacher_forcing"):
             check(getattr(self, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(self, name)}")
         for name in ("twd_temperature", "temperature"):
@@ -428,14 +434,32 @@ def check_routing(student: StudentSection, baselines: Baselines, recipe: str) ->
     """Check ``student.router`` against the recipe and ``baselines.run``.
 
     Raises:
-        ConfigError: ``student.router`` in a recipe other than classification, or ``mola_grad`` in
-            ``baselines.run`` without ``student.router`` (names the key).
+        ConfigError: ``student.router`` in a recipe other than classification and segmentation;
+            ``mola_grad`` in ``baselines.run`` without ``student.router``, or in segmentation;
+            ``input_size`` in classification; in segmentation, ``temperature``, ``top_k`` or
+            ``teacher_forcing`` away from their defaults (the message names the key).
     """
-    check(student.router is None or recipe == "classification", "student.router",
-          f"routing without a task id is built for the classification recipe only, not {recipe}; remove it")
-    check(student.router is not None or "mola_grad" not in baselines.run, "baselines.run",
+    r = student.router
+    check(r is None or recipe in ("classification", "segmentation"), "student.router",
+          f"routing without a task id is built for the classification and segmentation recipes, not {recipe}; "
+          "remove it")
+    check(r is not None or "mola_grad" not in baselines.run, "baselines.run",
           "mola_grad is the baseline of a routed student (the same student with task ids, no router); "
           "set student.router or remove mola_grad")
+    if r is None:
+        return
+    if recipe == "classification":
+        check(r.input_size is None, "student.router.input_size",
+              "classification routes each image as it is (data.size); input_size is for segmentation, remove it")
+        return
+    check("mola_grad" not in baselines.run, "baselines.run",
+          "mola_grad: a routed segmentation student trains its experts with the true task id, so it is its own "
+          "mola_grad (the true-id column of the routing section); remove mola_grad")
+    default = Router()
+    for name in ("temperature", "top_k", "teacher_forcing"):
+        check(getattr(r, name) == getattr(default, name), f"student.router.{name}",
+              f"segmentation routes each case once by the router's argmax and trains the experts with the true "
+              f"task id; {name} is a classification setting, remove it")
 
 
 @dataclass

@@ -5,7 +5,9 @@ folder ``student/router/``, and the ``routed/`` export (router + every expert as
 models take, which folder holds what and how to use them without lorkd), ``router/`` and
 ``experts/<task>/``, each a :func:`lorkd.save_expert` folder (``expert.safetensors`` + ``card.json``
 and the ``export`` formats, each checked against PyTorch). :func:`lorkd.models.router.load_routed`
-loads it; ``lorkd predict RUN/routed IMAGES...`` prints task, class and probabilities.
+loads it; ``lorkd predict RUN/routed IMAGES...`` prints task, class and probabilities. A
+segmentation run's router takes whole cases (the recipe's :meth:`router_input_shape`,
+``routed.json`` ``router_input``) and its experts export with dynamic spatial axes.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ ROUTER = "router"  # the router's folder under the student's
 def new_router(run: DecompositionRecipe) -> TaskRouter:
     """A fresh router for the run's input and tasks (``student.router.net``), seeded with ``seed``."""
     net = run.cfg.student.router.net
+    shape = run.router_input_shape()
     torch.manual_seed(run.cfg.seed)
-    return TaskRouter(run.channels, len(run.names), run.spatial_dims, net.channels, net.projection_dim)
+    return TaskRouter(shape[0], len(run.names), len(shape) - 1, net.channels, net.projection_dim)
 
 
 def build_router(meta: dict[str, Any]) -> TaskRouter:
@@ -66,7 +69,8 @@ def train_routed(run: DecompositionRecipe, model: nn.Module, folder: Path, disti
     router of the best validation epoch is saved to ``folder/router/`` (rank 0)."""
     sc = run.cfg.student
     steps = len(make_sampler(run.train_data(), sc.train, run.ctx, run.seed, run.sampler_mode))
-    router = RouterTraining(new_router(run), sc.router, math.ceil(sc.router.teacher_forcing * steps))
+    forced = math.ceil(sc.router.teacher_forcing * steps) if run.route_in_training else None
+    router = RouterTraining(new_router(run), sc.router, forced, run.router_views())
     model = run.distill_fit(model, sc.train, folder, distill, teacher, router=router)
     if run.ctx.is_main:
         save_network(router.router, folder / ROUTER, router_meta(run, router.router))
@@ -78,8 +82,8 @@ def stage_export_routed(run: DecompositionRecipe, student: nn.Module, router: Ta
     ``routed.json``; the ``export`` formats of each are written and checked as for the experts."""
     out, ex = run.out / "routed", run.cfg.export
     plain, spec = router.plain()
-    shape = run.export_input_shape(0)
-    files = write_formats(plain, out / ROUTER, shape, onnx=ex.onnx, torchscript=ex.torchscript, opset=ex.opset)
+    files = write_formats(plain, out / ROUTER, run.router_input_shape(), onnx=ex.onnx, torchscript=ex.torchscript,
+                          opset=ex.opset)
     save_expert(plain, out / ROUTER, architecture=spec,
                 card={"kind": "router", "tasks": list(run.names), "output": "logits [B, T]; argmax = task id",
                       "files": files})
@@ -88,7 +92,7 @@ def stage_export_routed(run: DecompositionRecipe, student: nn.Module, router: Ta
         expert, expert_spec = student.export_task(t)
         card = run.expert_card(t)
         card["files"] = write_formats(expert, out / "experts" / name, run.export_input_shape(t), onnx=ex.onnx,
-                                      torchscript=ex.torchscript, opset=ex.opset)
+                                      torchscript=ex.torchscript, opset=ex.opset, dynamic_spatial=run.dense)
         save_expert(expert, out / "experts" / name, architecture=expert_spec, card=card)
         experts[name], cards[name] = f"experts/{name}", card
     first = cards[run.names[0]]
@@ -101,5 +105,6 @@ def stage_export_routed(run: DecompositionRecipe, student: nn.Module, router: Ta
                      "probabilities = softmax(expert_of_that_task(x)); every model takes the same input x",
         "without_lorkd": "each folder is an expert folder: build its card's architecture (factory + kwargs) and "
                          "load expert.safetensors with load_state_dict(strict=True); or run expert.onnx",
+        **run.routed_card(),  # the recipe's keys (segmentation: router_input, its own inference)
     })
     return out
