@@ -158,3 +158,11 @@ def _img(task, i: int) -> torch.Tensor:
     from lorkd.data.multitask import MultiTaskDataset
 
     return MultiTaskDataset([task], "train", channels=1)[i][0]
+
+
+def test_the_package_entry_points() -> None:
+    import lorkd
+
+    x, dup = _pool_with_duplicates()
+    assert np.array_equal(lorkd.select(x, 30), select(x, 30, "diverse"))
+    assert lorkd.select_for_task is select_for_task and "select" in lorkd.__all__
