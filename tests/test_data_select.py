@@ -166,3 +166,18 @@ def test_the_package_entry_points() -> None:
     x, dup = _pool_with_duplicates()
     assert np.array_equal(lorkd.select(x, 30), select(x, 30, "diverse"))
     assert lorkd.select_for_task is select_for_task and "select" in lorkd.__all__
+
+
+def test_the_benchmark_runs_small(tmp_path, capsys) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "selection.py"
+    spec = importlib.util.spec_from_file_location("selection_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--pool", "300", "--dim", "8", "--select", "20", "--out", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "machine:" in out and "torch threads" in out and "300 x 8" in out and "diverse" in out
+    assert {r["method"] for r in __import__("json").loads((tmp_path / "s.json").read_text())["results"]} == {
+        "diverse", "kcenter"}
