@@ -117,7 +117,8 @@ def test_stratified_greedy_keeps_class_shares(method: str) -> None:
     assert len(keep) == len(set(keep)) == 50 and np.all(np.diff(keep) > 0)
     assert np.bincount(labels[keep]).tolist() == [35, 15]
     three = np.random.default_rng(0).choice(3, 300, p=[0.34, 0.33, 0.33])
-    assert len(subset_indices(three, 10, method, x, seed=0)) <= 10
+    assert len(subset_indices(three, 10, method, x, seed=0)) == 10
+    assert len(subset_indices(three, 2, method, x, seed=0)) == 2  # more classes than images: some get none
 
 
 def test_pool_smaller_than_n_names_the_task() -> None:

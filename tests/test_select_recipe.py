@@ -107,3 +107,19 @@ def test_a_pool_smaller_than_max_train_names_the_task(fm, tmp_path) -> None:
     cfg.data.max_train = 41
     with pytest.raises(DataError, match=r"data\.max_train: 41 .*'synth_\w+'.* only 40"):
         recipe(cfg, tmp_path / "run")
+
+
+def test_a_lorkd_teacher_folder_selects_on_its_features(fm, tmp_path) -> None:
+    from lorkd.pipelines.core.netio import save_network
+
+    base = recipe(config(fm), tmp_path / "base")
+    net = from_dict(type(base.cfg.teacher.net), {"arch": "resnet10", "widen": 0.125}, "teacher.net")
+    model = base.network(net, base.num_classes)
+    save_network(model, tmp_path / "teacher", base.meta(model, "teacher"))
+    cfg = config(fm, method="kcenter")
+    cfg.teacher.source = from_dict(type(cfg.teacher.source), {"kind": "lorkd", "path": str(tmp_path / "teacher")},
+                                   "teacher.source")
+    cfg.teacher.features = None
+    run = recipe(cfg, tmp_path / "run")
+    assert [t.num_samples("train") for t in run.tasks] == [10, 10]
+    assert json.loads((tmp_path / "run" / SELECTION).read_text())["method"] == "kcenter"

@@ -109,13 +109,14 @@ def select(features: Any, n: int, method: str = "diverse", seed: int = 0) -> np.
 
 
 def _budgets(labels: np.ndarray, n: int) -> dict[int, int]:
-    """Each class's share of ``n`` (at least one), trimmed from the largest classes to sum to at most ``n``."""
+    """Each class's share of ``n`` (at least one), trimmed one at a time from the largest share
+    (then the larger class) until they sum to at most ``n`` (with more classes than ``n``, some get 0)."""
     classes, counts = np.unique(labels, return_counts=True)
-    want = {int(c): max(1, int(round(n * k / len(labels)))) for c, k in zip(classes, counts)}
+    size = dict(zip(classes.tolist(), counts.tolist()))
+    want = {c: max(1, int(round(n * k / len(labels)))) for c, k in size.items()}
     while sum(want.values()) > n:
-        c = max((c for c in want if want[c] > 1), key=lambda c: (want[c], -c))
-        want[c] -= 1
-    return want
+        want[max(want, key=lambda c: (want[c], size[c], -c))] -= 1
+    return {c: k for c, k in want.items() if k > 0}
 
 
 def subset_indices(labels: np.ndarray, n: int, method: str = "random", features: Any = None, seed: int = 0,
