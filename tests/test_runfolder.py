@@ -17,7 +17,7 @@ from lorkd.config import from_dict
 from lorkd.errors import ConfigError
 from lorkd.fileio import write_atomic, write_json
 from lorkd.pipelines.core.fingerprint import differences, flatten, stage_config, write_fingerprint
-from lorkd.pipelines.core.recipe import DecompositionRecipe
+from lorkd.pipelines.core.recipe import DecompositionRecipe, RunState
 from lorkd.pipelines.core.runfolder import check_fingerprints
 from lorkd.pipelines.schema import ClassificationConfig
 from lorkd.pipelines.schema import SegmentationConfig
@@ -28,7 +28,7 @@ from test_cli import TINY
 
 def fake_run(cfg, out, names):
     """What check_fingerprints reads of a recipe: its config, folder, task names and baseline folders."""
-    run = SimpleNamespace(cfg=cfg, out=out, names=names)
+    run = SimpleNamespace(cfg=cfg, out=out, names=names, state=RunState())
     run.baseline_groups = lambda name: DecompositionRecipe.baseline_groups(run, name)
     return run
 
@@ -118,7 +118,6 @@ def test_evaluate_with_another_config_is_refused_then_reused_and_recorded(tmp_pa
 
 
 def test_a_resumed_or_loaded_stage_says_so(tmp_path, caplog):
-    from lorkd.pipelines.core.recipe import RunState
     from lorkd.pipelines.core.runfolder import record_stage
 
     run = SimpleNamespace(ctx=SimpleNamespace(is_main=True), state=RunState())

@@ -11,6 +11,11 @@ Your own foundation model as the teacher (any ``nn.Module``, or one loaded from 
 ...                            kwargs={...}, strip_prefix="module.")
 >>> teacher = lorkd.Foundation(fm, num_classes=[2, 2], example=x, features="features.denseblock4")
 >>> out = teacher(x, task_ids)          # TaskOutput: features [B, F], logits per task
+
+Which N training images to keep (DiSF's greedy on features; ``kcenter``, ``random``):
+
+>>> rows = lorkd.select(features, 1000, method="diverse")        # [N, D] -> 1000 row indices, in pick order
+>>> keep = lorkd.select_for_task(teacher, task, 100, "diverse")  # class-stratified, sorted train indices
 """
 
 from .errors import ConfigError, DataError, LorkdError, TrainingError
@@ -29,6 +34,7 @@ from .experts import (
     save_expert,
     save_student,
 )
+from .data.select import select, select_for_task
 from .models.foundation import load_foundation
 from .models.teacher import Foundation, InputAdapter
 
@@ -48,5 +54,5 @@ def __getattr__(name: str):
 __all__ = [
     "ConfigError", "DataError", "ExpertModel", "Foundation", "InputAdapter", "load_foundation", "LorkdError", "TrainingError", "add_experts",
     "build_architecture", "keep_absent_experts", "list_adapters", "load_adapter", "load_expert", "load_student", "read_adapter", "save_adapter",
-    "save_adapters", "save_expert", "save_student", "__version__", "decompose", "DecompositionResult",
+    "save_adapters", "save_expert", "save_student", "select", "select_for_task", "__version__", "decompose", "DecompositionResult",
 ]

@@ -290,22 +290,33 @@ def task_from_arrays(arrays: dict[str, np.ndarray], name: str, source: str, num_
     )
 
 
-def cap_train(task: ClassificationTask, max_train: int | None, seed: int = 0) -> ClassificationTask:
-    """``task`` with at most ``max_train`` training images: a class-stratified random subset drawn
-    with ``seed`` (each class keeps its share, at least one image); val and test are untouched."""
-    n = task.num_samples("train")
-    if max_train is None or max_train >= n:
-        return task
+def stratified_random(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a class-stratified random subset of at most ``n`` of ``labels`` ``[N]``
+    (each class keeps its share, at least one; drawn with ``seed``); all of them when ``n >= N``."""
+    total = len(labels)
+    if n >= total:
+        return np.arange(total)
     rng = np.random.default_rng(seed)
-    labels = task.labels["train"]
     keep = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        keep.append(rng.permutation(idx)[:max(1, int(round(max_train * len(idx) / n)))])
+        keep.append(rng.permutation(idx)[:max(1, int(round(n * len(idx) / total)))])
     keep = np.concatenate(keep)
-    if len(keep) > max_train:  # rounding up the classes' shares overshot by at most one per class
-        keep = rng.choice(keep, max_train, replace=False)
-    keep = np.sort(keep)
-    images, labels_ = dict(task.images), dict(task.labels)
-    images["train"], labels_["train"] = task.images["train"][keep], labels[keep]
-    return replace(task, images=images, labels=labels_)
+    if len(keep) > n:  # rounding up the classes' shares overshot by at most one per class
+        keep = rng.choice(keep, n, replace=False)
+    return np.sort(keep)
+
+
+def keep_train(task: ClassificationTask, keep: np.ndarray) -> ClassificationTask:
+    """``task`` with only the training images at indices ``keep``; val and test are untouched."""
+    images, labels = dict(task.images), dict(task.labels)
+    images["train"], labels["train"] = task.images["train"][keep], task.labels["train"][keep]
+    return replace(task, images=images, labels=labels)
+
+
+def cap_train(task: ClassificationTask, max_train: int | None, seed: int = 0) -> ClassificationTask:
+    """``task`` with at most ``max_train`` training images: a class-stratified random subset drawn
+    with ``seed`` (:func:`stratified_random`); val and test are untouched."""
+    if max_train is None or max_train >= task.num_samples("train"):
+        return task
+    return keep_train(task, stratified_random(task.labels["train"], max_train, seed))

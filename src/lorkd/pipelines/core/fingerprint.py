@@ -17,7 +17,11 @@ A stage depends on the data section, the seed, and its own network and training 
 
 Keys that do not change a trained network (``device``, ``num_workers``, ``evaluate``,
 ``export``, ``logging``, ``baselines.run``, ``trust_code``) are not part of any fingerprint. The
-fingerprint covers the config only, not the bytes of the data files it names.
+fingerprint covers the config only, not the bytes of the data files it names, with one exception:
+``data.select`` is left out, and a run whose ``data.max_train`` subset was chosen on a teacher's
+features (``data.select.method`` other than ``random``) adds ``data.selection`` instead, the sha256
+of the chosen indices, the method and the teacher's weights (``extra``, from ``RunState``): a
+changed selection changes every stage's fingerprint, a random one leaves them as they were.
 """
 
 from __future__ import annotations
@@ -62,9 +66,11 @@ def stage_kind(stage: str) -> str:
     return parts[1] if parts[0] == "baselines" and len(parts) > 1 else parts[0]
 
 
-def stage_config(cfg: Any, stage: str) -> dict[str, Any]:
-    """The dotted config keys (and values, as plain JSON data) that ``stage`` depends on."""
+def stage_config(cfg: Any, stage: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dotted config keys (and values, as plain JSON data) that ``stage`` depends on, with
+    ``extra`` (dotted keys of what the run derived from its config, e.g. ``data.selection``)."""
     flat = flatten(json.loads(json.dumps(to_dict(cfg), default=str)))
+    flat = {k: v for k, v in flat.items() if not k.startswith("data.select.")} | dict(extra or {})
     prefixes = _PREFIXES[stage_kind(stage)]
     return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in prefixes)}
 
@@ -73,9 +79,9 @@ def digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def write_fingerprint(folder: Path, stage: str, cfg: Any) -> Path:
-    """Write ``folder/fingerprint.json`` for ``stage`` trained with ``cfg``."""
-    config = stage_config(cfg, stage)
+def write_fingerprint(folder: Path, stage: str, cfg: Any, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/fingerprint.json`` for ``stage`` trained with ``cfg`` (and ``extra``)."""
+    config = stage_config(cfg, stage, extra)
     return write_json(Path(folder) / FINGERPRINT, {"stage": stage, "config": config, "sha256": digest(config)})
 
 
@@ -99,13 +105,13 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def compare(folder: Path, stage: str, cfg: Any) -> list[str] | None:
-    """Differences between ``folder``'s recorded fingerprint and ``cfg`` (``[]``: the same), or
-    ``None`` when the folder has no fingerprint (made before fingerprints existed)."""
+def compare(folder: Path, stage: str, cfg: Any, extra: dict[str, Any] | None = None) -> list[str] | None:
+    """Differences between ``folder``'s recorded fingerprint and ``cfg`` (and ``extra``; ``[]``:
+    the same), or ``None`` when the folder has no fingerprint (made before fingerprints existed)."""
     recorded = read_fingerprint(folder)
     if recorded is None:
         return None
-    return differences(recorded.get("config", {}), stage_config(cfg, stage))
+    return differences(recorded.get("config", {}), stage_config(cfg, stage, extra))
 
 
 def _show(value: Any) -> str:

@@ -54,6 +54,8 @@ class RunState:
         teacher_info: where the teacher came from, what was adapted and how long.
         search_result: the distillation settings ``student.distill.search`` chose, and the folder of
             the chosen candidate when it is the student (``None`` before the search ran).
+        fingerprint_extra: dotted keys the stage fingerprints add to the config's, derived from it
+            (``data.selection``: the digest of a ``data.select`` subset; see ``core.fingerprint``).
     """
 
     timing: dict[str, float] = field(default_factory=dict)
@@ -62,6 +64,7 @@ class RunState:
     reuse: bool = False
     teacher_info: dict[str, Any] = field(default_factory=dict)
     search_result: tuple[Distill, Path | None] | None = None
+    fingerprint_extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Recipe(ABC):

@@ -71,7 +71,7 @@ def check_fingerprints(run: DecompositionRecipe, reuse: bool) -> dict[str, list[
     for stage, folder in stage_folders(run):
         if not _has_output(folder):
             continue
-        diffs = compare(folder, stage, run.cfg)
+        diffs = compare(folder, stage, run.cfg, run.state.fingerprint_extra)
         if diffs is None:
             found[stage] = ["no fingerprint.json (made by an older lorkd or by hand): its config is unknown"]
         elif diffs:
@@ -179,7 +179,7 @@ def start_training(run: Recipe, stage: str, folder: Path) -> None:
     """Called as ``stage`` starts (or resumes) training: writes its fingerprint (rank 0) and records it."""
     resumed = run.resume and (folder / "checkpoints" / "latest.pt").is_file()
     if run.ctx.is_main:
-        write_fingerprint(folder, stage, run.cfg)
+        write_fingerprint(folder, stage, run.cfg, run.state.fingerprint_extra)
     record_stage(run, stage, "resumed" if resumed else "trained", folder)
 
 

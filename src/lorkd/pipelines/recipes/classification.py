@@ -35,6 +35,7 @@ from ..core.export_formats import class_names
 from ..core.objective import TaskRemap
 from ..core.recipe import DecompositionRecipe
 from . import routing_scores as R
+from .selection import SELECTION, select_training, selection_summary
 from ..schema import ClassificationConfig, Net
 
 log = logging.getLogger("lorkd")
@@ -43,8 +44,7 @@ log = logging.getLogger("lorkd")
 # ---------------------------------------------------------------------------------------- data
 def load_image_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
     """The tasks of the config: its ``.npz`` files, or the embedded synthetic set, each capped to
-    ``data.max_train`` training images (:func:`~lorkd.data.medmnist.cap_train`, seed
-    ``data.cap_seed``: the same subset for every model and seed).
+    ``data.max_train`` training images (:func:`cap_tasks`).
 
     A relative path that does not exist is looked up under the shared data folder.
 
@@ -57,7 +57,7 @@ def load_image_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
     if d.synthetic is not None:
         s = d.synthetic
         tasks = make_synthetic_tasks(s.num_tasks, s.size, s.n_train, s.n_val, s.n_test, s.seed)
-        return [cap_train(t, d.max_train, d.cap_seed) for t in tasks]
+        return cap_tasks(cfg, tasks)
     tasks = []
     for i, spec in enumerate(cfg.data.tasks):
         key = f"data.tasks[{i}]"
@@ -68,6 +68,17 @@ def load_image_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
         except DataError as err:
             raise DataError(f"{key} ({spec.name}): {err}") from err
     check_spatial_dims(tasks)
+    return cap_tasks(cfg, tasks)
+
+
+def cap_tasks(cfg: ClassificationConfig, tasks: list[ClassificationTask]) -> list[ClassificationTask]:
+    """``tasks`` capped to ``data.max_train`` training images each: the class-stratified random
+    subset of :func:`~lorkd.data.medmnist.cap_train` (seed ``data.cap_seed``: the same for every
+    model and seed), or, with ``data.select.method`` ``diverse``/``kcenter``, uncut: the recipe
+    cuts them on the foundation's features once it is loaded (:mod:`.selection`)."""
+    d = cfg.data
+    if d.select.method != "random":
+        return list(tasks)
     return [cap_train(t, d.max_train, d.cap_seed) for t in tasks]
 
 
@@ -143,6 +154,14 @@ class ClassificationRecipe(DecompositionRecipe):
                  progress: bool = True) -> None:
         super().__init__(cfg, out, ctx, resume, progress)
         pool = self.load_tasks()
+        self.set_data(pool)
+        if cfg.data.select.method != "random":  # needs the datasets above to load the foundation
+            self.set_data(select_training(self, pool))
+
+    def set_data(self, pool: list[ClassificationTask]) -> None:
+        """Tasks, names, datasets, channels and classes from ``pool`` (the teacher's training
+        images; the students' are ``data.student_n_train`` of them)."""
+        cfg = self.cfg
         self.tasks = [student_subset(t, cfg.data.student_n_train, cfg.data.cap_seed) for t in pool]
         self.names = [t.name for t in self.tasks]
         self.train_set = make_dataset(cfg, self.tasks, "train", augment=True)
@@ -254,6 +273,8 @@ class ClassificationRecipe(DecompositionRecipe):
             "data": image_data_summary(self.tasks, self.teacher_train_set.task_sizes
                                  if self.teacher_train_set is not self.train_set else None),
             "models": {**self.model_descriptions, **({"student": R.ROUTED_STUDENT} if self.cfg.student.router else {})},
+            **({"selection": selection_summary(self.out / SELECTION)} if self.cfg.data.select.method != "random"
+               else {}),
             "majority": {t.name: majority_rate(t.labels["train"], t.num_classes,
                                                {s: t.labels[s] for s in ("val", "test") if s in t.labels})
                          for t in self.tasks},

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ...config import from_dict, to_dict
-from ...data.medmnist import ClassificationTask, cap_train
+from ...data.medmnist import ClassificationTask
 from ...data.memory import Task, check_tasks
 from ...data.multitask import collate_task_batch
 from ...engine.checkpoint import prepare_run_dir
@@ -48,7 +48,7 @@ from ..core.netio import save_network
 from ..core.runtime import resolve_device
 from ..schema import ClassificationConfig
 from ..stages.drive import drive
-from .classification import ClassificationRecipe, check_spatial_dims
+from .classification import ClassificationRecipe, cap_tasks, check_spatial_dims
 
 __all__ = ["DecompositionResult", "InMemoryClassificationRecipe", "decompose", "given_foundation"]
 
@@ -87,8 +87,7 @@ class InMemoryClassificationRecipe(ClassificationRecipe):
     def load_tasks(self) -> list[ClassificationTask]:
         """The given tasks, each capped to ``data.max_train`` training images (as files would be)."""
         check_spatial_dims(self.given_tasks, "tasks")
-        d = self.cfg.data
-        return [cap_train(t, d.max_train, d.cap_seed) for t in self.given_tasks]
+        return cap_tasks(self.cfg, self.given_tasks)
 
 
 def given_foundation(sha256: str) -> nn.Module:

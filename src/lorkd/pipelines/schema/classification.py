@@ -37,6 +37,22 @@ class Synthetic:
 
 
 @dataclass
+class Select:
+    """How ``data.max_train`` picks each task's training images (class-stratified, seed ``cap_seed``):
+    ``random`` (the default, as always), ``diverse`` (DiSF's greedy) or ``kcenter`` (greedy
+    k-centre) on the pooled, L2-normalised features of the foundation model (``teacher.source``).
+    The choice is written to ``<run>/selection.json`` (or ``file``) and read back while it matches."""
+
+    method: Literal["random", "diverse", "kcenter"] = "random"
+    features: str | None = None  # a layer of the foundation model; default: its teacher.features (or its output)
+    batch_size: int = 256  # images per forward pass while reading the features
+    file: str | None = None  # a selection.json shared by several runs (e.g. the seeds); default: the run folder's
+
+    def validate(self, path: str) -> None:
+        check(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class ClassificationData:
     """``tasks`` (files) or ``synthetic`` (embedded data), not both."""
 
@@ -53,8 +69,11 @@ class ClassificationData:
     std: float = 0.5
     max_train: int | None = None  # per-task cap on training images: a class-stratified subset, the same for every model
     cap_seed: int = 0  # which subset max_train keeps
+    select: Select = field(default_factory=Select)  # how max_train picks its subset
 
     def validate(self, path: str) -> None:
+        check(self.select.method == "random" or self.max_train is not None, f"{path}.select.method",
+              f"{self.select.method} selects data.max_train images per task: set data.max_train")
         check(bool(self.tasks) != (self.synthetic is not None), f"{path or 'data'}",
               "give either data.tasks (a list of {name, path}) or data.synthetic, exactly one")
         names = [t.name for t in self.tasks]
@@ -82,4 +101,7 @@ class ClassificationConfig:
     trust_code: bool = False  # allow saved specs to name factories outside the known namespaces (lorkd.factories)
 
     def validate(self, path: str) -> None:
+        check(self.data.select.method == "random" or self.teacher.source is not None, "data.select.method",
+              f"{self.data.select.method} selects on a foundation model's features: it needs teacher.source (a "
+              "teacher the run trains would be trained on the subset it selects)")
         check_routing(self.student, self.baselines, self.RECIPE)

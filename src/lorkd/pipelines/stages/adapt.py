@@ -163,7 +163,7 @@ def load_source_teacher(run: DecompositionRecipe, folder: Path, tcfg: TeacherSec
     seconds = 0.0
     if mode == "none":
         if run.ctx.is_main:
-            write_fingerprint(folder, "teacher", run.cfg)
+            write_fingerprint(folder, "teacher", run.cfg, run.state.fingerprint_extra)
         record_stage(run, "teacher", "loaded", folder)
     else:
         start_training(run, "teacher", folder)
