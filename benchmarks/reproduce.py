@@ -7,7 +7,9 @@ aggregation with ``lorkd report`` and a results markdown.
     python benchmarks/reproduce.py --only transfer --seeds 0       # one seed
 
 Each run's folders lie under ``OUT/<name>/`` (``seed<S>/`` per seed for a recipe; ``foundation/``
-and ``transfer/`` for a transfer); its aggregate is ``OUT/<name>/report.md`` (``lorkd report`` over
+and ``transfer/`` for a transfer); a run with a ``pretrain`` foundation first trains it once with
+``lorkd pretrain ... --resume`` into ``OUT/<its config's stem>/`` (reused when it is already there,
+and shared by every seed, which distils from its ``teacher/``); its aggregate is ``OUT/<name>/report.md`` (``lorkd report`` over
 the seeds; for a transfer over the foundation run, plus the transfer's own ``report.md``, which holds
 its seeds). ``OUT/results.md`` holds the machine, the threads, the device, every command exactly as
 run with its wall time and exit status, and each run's report. A command that fails is recorded and
@@ -43,11 +45,16 @@ class Acceptance:
     seeds: tuple[int, ...]
     what: str
     foundation: str | None = None  # the foundation recipe of a transfer
+    # a foundation config trained once with `lorkd pretrain` into OUT/<its stem>/ (shared by every run
+    # that names it); each seed distils from its teacher/ folder (teacher.source.path)
+    pretrain: str | None = None
 
 
 RUNS: tuple[Acceptance, ...] = (
     Acceptance("medmnist", "configs/medmnist.yaml", (0, 1, 2),
-               "BreastMNIST + PneumoniaMNIST at 28 px: teacher, KD expert, no-KD student"),
+               "BreastMNIST + PneumoniaMNIST at 28 px, distilled from the MedMNIST foundation (pretrained on "
+               "BreastMNIST + PneumoniaMNIST + OrganAMNIST): teacher, KD expert, no-KD student",
+               pretrain="configs/foundation_medmnist2d.yaml"),
     Acceptance("transfer", "configs/transfer_medmnist.yaml", (0, 1, 2),
                "decomposed on BreastMNIST + PneumoniaMNIST + OrganAMNIST, downstream BloodMNIST, every method",
                foundation="configs/transfer_medmnist_foundation.yaml"),
@@ -74,9 +81,17 @@ def steps(run: Acceptance, out: Path, seeds: Sequence[int], device: str, resume:
     """The lorkd commands of ``run``, in order, with the folder each writes."""
     base = out / run.name
     common = ["--set", f"device={device}", "--no-progress"] + (["--resume"] if resume else [])
+    first: list[Step] = []
+    if run.pretrain is not None:
+        found = pretrain_folder(run, out)
+        # always --resume: a foundation finished by an earlier run or invocation is reused, not retrained
+        flags = ["--set", f"device={device}", "--no-progress", "--resume"]
+        first = [Step("foundation", ["pretrain", run.pretrain, "--out", str(found), "--set", "seed=0", *flags], found)]
+        common = ["--set", f"teacher.source.path={found / 'teacher'}", *common]
     if run.foundation is None:
-        out_steps = [Step(f"seed {s}", ["run", run.config, "--out", str(base / f"seed{s}"), "--set", f"seed={s}", *common],
-                          base / f"seed{s}") for s in seeds]
+        out_steps = first + [
+            Step(f"seed {s}", ["run", run.config, "--out", str(base / f"seed{s}"), "--set", f"seed={s}", *common],
+                 base / f"seed{s}") for s in seeds]
         folders = [str(base / f"seed{s}") for s in seeds]
     else:
         found, transfer = base / "foundation", base / "transfer"
@@ -86,6 +101,11 @@ def steps(run: Acceptance, out: Path, seeds: Sequence[int], device: str, resume:
         folders = [str(found)]
     report = base / "report.md"
     return out_steps + [Step("report", ["report", *folders, "--out", str(report)], report)]
+
+
+def pretrain_folder(run: Acceptance, out: Path) -> Path:
+    """Where ``run.pretrain``'s foundation is trained: ``OUT/<config stem>/`` (one for every run naming it)."""
+    return out / Path(run.pretrain).stem
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:

@@ -31,9 +31,13 @@ def test_dry_run_prints_every_run_with_its_seeds_and_folders(tmp_path, capsys, n
     text = capsys.readouterr().out
     for run in reproduce.RUNS:
         assert f"## {run.name}:" in text and run.config in text
+    found = f"{out}/foundation_medmnist2d"
+    assert (f"lorkd pretrain configs/foundation_medmnist2d.yaml --out {found} --set seed=0 --set device=cpu "
+            "--no-progress --resume") in text
+    assert text.index("lorkd pretrain configs/foundation_medmnist2d.yaml") < text.index("lorkd run configs/medmnist.yaml")
     for s in (0, 1, 2):
-        assert (f"lorkd run configs/medmnist.yaml --out {out}/medmnist/seed{s} --set seed={s} --set device=cpu"
-                in text)
+        assert (f"lorkd run configs/medmnist.yaml --out {out}/medmnist/seed{s} --set seed={s} --set "
+                f"teacher.source.path={found}/teacher --set device=cpu") in text
     assert f"lorkd report {out}/medmnist/seed0 {out}/medmnist/seed1 {out}/medmnist/seed2 --out {out}/medmnist/report.md" in text
     assert f"lorkd run configs/transfer_medmnist_foundation.yaml --out {out}/transfer/foundation" in text
     assert (f"lorkd transfer configs/transfer_medmnist.yaml --out {out}/transfer/transfer --set "
