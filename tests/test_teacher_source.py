@@ -431,6 +431,19 @@ def test_a_lorkd_teacher_trained_on_more_tasks_is_seen_through_the_runs_tasks(tm
     assert run_cli("run", cfg, "--out", tmp_path / "r", "--no-progress") == 0
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert sorted(metrics["tasks"]) == sorted(json.loads((found / "teacher" / "model.json").read_text())["tasks"][:2])
+    # fine-tuned whole on the run's tasks: the run's two heads and the backbone move, the third head does not
+    tuned = write_config(tmp_path, {**source, "adapt": {"mode": "finetune", **STAGE}}, "ft.yaml",
+                         data={**DATA, "channels": 3})
+    assert run_cli("pretrain", tuned, "--out", tmp_path / "ft", "--no-progress") == 0
+    before, after = load_file(str(found / "teacher" / "model.safetensors")), load_file(str(tmp_path / "ft" / "teacher" / "model.safetensors"))
+    assert sorted(before) == sorted(after)
+    moved = {k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])}
+    assert any(k.startswith("heads.0.") for k in moved) and any(k.startswith("backbone.") for k in moved)
+    assert not any(k.startswith("heads.2.") for k in moved)
+    info = json.loads((tmp_path / "ft" / "teacher" / "model.json").read_text())["teacher_info"]
+    assert info["adapt"]["mode"] == "finetune" and "fine-tuned whole on this run's tasks" in info["description"]
+    assert run_cli("pretrain", tuned, "--out", tmp_path / "ft", "--resume", "--no-progress") == 0  # reused
+    assert load_file(str(tmp_path / "ft" / "teacher" / "model.safetensors")).keys() == after.keys()
     # the other way round: a run task the folder has no head for is refused, naming the file
     two = tmp_path / "two"
     assert run_cli("pretrain", write_config(tmp_path, own, "t.yaml"), "--out", two, "--no-progress") == 0

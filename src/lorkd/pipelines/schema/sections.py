@@ -313,8 +313,10 @@ class TeacherSection:
             check(not own or not getattr(self, name), f"{p}.{name}",
                   f"only for a loaded foundation model (teacher.source of kind state_dict, torchscript, ...); "
                   f"this run {what}")
-        check(not own or self.adapt.mode in (None, "none"), f"{p}.adapt.mode",
-              f"only for a loaded foundation model; this run {what}")
+        allowed = (None, "none") if self.source is None else (None, "none", "finetune")
+        check(self.adapt.mode in allowed or not own, f"{p}.adapt.mode",
+              f"only for a loaded foundation model; this run {what}"
+              + ("" if self.source is None else " (finetune trains them and the network on this run's tasks)"))
 
     def _validate_ensemble(self, p: str) -> None:
         members = self.source

@@ -128,8 +128,9 @@ def teacher_description(info: dict[str, Any]) -> str:
         return f"foundation model trained by lorkd on all tasks of the run ({src.get('net')}, {how})"
     if src.get("kind") == "lorkd":
         inner = info.get("reused")
-        return f"teacher reused from {src.get('path')}" + (f": {teacher_description(inner)}" if inner else
-                                                          " (a lorkd teacher folder)")
+        tuned = f", fine-tuned whole on this run's tasks ({how})" if ad.get("mode") == "finetune" else ""
+        return f"teacher reused from {src.get('path')}{tuned}" + (f": {teacher_description(inner)}" if inner else
+                                                                 " (a lorkd teacher folder)")
     mode = ad.get("mode")
     adapted = {"none": "not adapted (its own outputs)",
                "heads": f"adapted: task heads fitted on the frozen model (linear probe), {how}",
@@ -148,6 +149,8 @@ def load_source_teacher(run: DecompositionRecipe, folder: Path, tcfg: TeacherSec
         if not has_network(source):
             raise ConfigError(f"teacher.source.path: {source} is not a lorkd teacher folder (no model.safetensors "
                               "+ model.json there)")
+        if tcfg.adapt.mode == "finetune":
+            return finetune_lorkd_teacher(run, source, folder, tcfg)
         model = run.reuse_teacher(source, build=lambda meta: build_from_meta(run, meta))
         record_stage(run, "teacher", "loaded", source)
         run.state.teacher_info = {"source": {"kind": "lorkd", "path": str(source)},
@@ -184,6 +187,33 @@ def load_source_teacher(run: DecompositionRecipe, folder: Path, tcfg: TeacherSec
                 "foundation": to_dict(tcfg), "teacher_info": info}
         save_network(model, folder, meta)
     return model.to(run.ctx.device)
+
+
+def finetune_lorkd_teacher(run: DecompositionRecipe, source: Path, folder: Path, tcfg: TeacherSection) -> nn.Module:
+    """A lorkd teacher folder (``source``, possibly trained on more tasks than the run) fine-tuned
+    whole on this run's tasks (``teacher.adapt``), selected on their validation score. ``folder``
+    receives the network as ``source`` describes it (all its heads; the run's tasks picked by name
+    again on reuse) and a ``teacher_info`` saying what was fine-tuned and for how long."""
+    build = lambda meta: build_from_meta(run, meta)  # noqa: E731
+    if has_network(folder):  # finished earlier
+        model = run.reuse_teacher(folder, build=build)
+        record_stage(run, "teacher", "reused", folder)
+        run.state.teacher_info = read_json(folder / "model.json").get("teacher_info") or {}
+        return model
+    model = run.reuse_teacher(source, build=build)
+    start_training(run, "teacher", folder)
+    timing: dict[str, float] = {}
+    with timed(timing, "adapt"):
+        model = run.fit(model, tcfg.adapt, folder, run.objective(Distill(kd_weight=0.0), stage=tcfg.adapt))
+    run.state.timing["teacher"] = run.state.timing.get("teacher", 0.0) + timing["adapt"]
+    saved = read_json(source / "model.json")
+    info = {"source": {"kind": "lorkd", "path": str(source)}, "reused": saved.get("teacher_info"),
+            "adapt": {"mode": "finetune", "epochs": tcfg.adapt.epochs, "seconds": timing["adapt"]}}
+    info["description"] = teacher_description(info)
+    run.state.teacher_info = info
+    if run.ctx.is_main:
+        save_network(getattr(model, "teacher", model), folder, {**saved, "teacher_info": info})
+    return model
 
 
 def build_from_meta(run: DecompositionRecipe, meta: dict[str, Any]) -> nn.Module:
