@@ -257,6 +257,36 @@ def test_evaluation_on_the_original_grid_in_mm_with_misses_counted(tmp_path):
     assert empty["hd95"] == pytest.approx(np.sqrt((6 * 4.0) ** 2 + 2 * (20 * 0.75) ** 2), rel=1e-6)
 
 
+class _Background(torch.nn.Module):
+    """Predicts background everywhere, with ``classes`` output channels."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], self.classes, *x.shape[2:])
+        out[:, 0] = 1.0
+        return out
+
+
+def test_a_class_absent_from_every_case_does_not_count_as_a_perfect_dice(tmp_path):
+    """Issue 31: a class no test case holds and no prediction makes is left out of the mean
+    (MONAI's DiceMetric(ignore_empty=True)), not counted as Dice 1 lifting it."""
+    root = _block_task(tmp_path / "t", [1.0, 1.0, 1.0])  # labels hold 0 and 1 only
+    cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "t", "path": str(root), "num_classes": 3}],
+                                                  "patch_size": [4, 8, 8], "split": [0.5, 0.25, 0.25],
+                                                  "preprocess": {"normalize": "none"}}})
+    run = S.SegmentationRecipe(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
+    keep = {}
+    result = S.score_volumes(_Background(3), run.test_set, run, keep=keep)[0]
+    assert result["dice_1"] == 0.0 and np.isnan(result["dice_2"])  # class 2: in no label, in no prediction
+    assert result["dice"] == 0.0  # not (0 + 1) / 2
+    assert np.isnan(keep[0]["dice"][:, 1]).all()
+    perfect = S.score_volumes(_Oracle(None, 3), run.test_set, run)[0]
+    assert perfect["dice"] == 1.0 and np.isnan(perfect["dice_2"])
+
+
 def test_card_geometry_of_a_nifti_task_sliced_in_2d(tmp_path):
     # an MSD task stored LPS with 3 mm slices on its last axis: read as SPL, sliced along axis 0 (axial)
     root = tmp_path / "msd"

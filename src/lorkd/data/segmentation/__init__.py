@@ -30,12 +30,14 @@ from .cases import Case, CaseRef
 from .datasets import PatchDataset, VolumeDataset, fit_channels
 from .folders import (
     RARE_LABEL_SHARE,
+    RARE_MASK_SHARE,
     PatientRule,
     default_patient_rule,
     read_hdf5_folder,
     read_image_mask_folder,
     read_msd_folder,
     scan_label_values,
+    warn_rare_label_values,
 )
 from .formats import image_to_array, load_case, load_label, pil_open, probe_case, probe_spacing
 from .orientation import CANONICAL_ORIENTATION, reorient
@@ -60,11 +62,13 @@ __all__ = [
     # folders
     "PatientRule",
     "RARE_LABEL_SHARE",
+    "RARE_MASK_SHARE",
     "default_patient_rule",
     "read_hdf5_folder",
     "read_msd_folder",
     "read_image_mask_folder",
     "scan_label_values",
+    "warn_rare_label_values",
     # split
     "DEFAULT_SPLIT_NAMES",
     "split_cases",

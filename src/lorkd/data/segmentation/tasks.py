@@ -14,7 +14,7 @@ from lorkd.data.paths import shared_data_dir
 from lorkd.errors import ConfigError, DataError
 
 from .cases import Case, CaseRef
-from .folders import read_hdf5_folder, read_image_mask_folder, read_msd_folder
+from .folders import read_hdf5_folder, read_image_mask_folder, read_msd_folder, warn_rare_label_values
 from .formats import load_label, probe_case
 from .split import apply_split, load_split, save_split, split_cases
 
@@ -49,6 +49,20 @@ class SegmentationTaskData:
     def save_split(self, path: str | Path) -> Path:
         """Write the split (case ids per split) as JSON, e.g. into the run's output folder."""
         return save_split(self.splits, path)
+
+
+def _scan_num_classes(refs: Sequence[CaseRef]) -> int:
+    """``max + 1`` (at least 2) over every case's label map of class indices; a value in few label
+    files is warned about with the files named (:func:`warn_rare_label_values`)."""
+    counts: dict[int, int] = {}
+    where: dict[int, list[str]] = {}
+    for r in refs:
+        values, n = np.unique(load_label(r), return_counts=True)
+        for v, c in zip(values.tolist(), n.tolist()):
+            counts[v] = counts.get(v, 0) + c
+            where.setdefault(v, []).append(str(r.label_path))
+    warn_rare_label_values(counts, where, len(refs))
+    return max(2, int(max(counts)) + 1)
 
 
 _READERS = {"hdf5": read_hdf5_folder, "msd": read_msd_folder, "folder": read_image_mask_folder}
@@ -103,7 +117,7 @@ def load_segmentation_task(
     if num_classes is None:
         num_classes = refs[0].num_classes
         if num_classes is None:
-            num_classes = max(2, max(int(load_label(r).max()) + 1 for r in refs))
+            num_classes = _scan_num_classes(refs)
     refs = [r.with_num_classes(num_classes) for r in refs]
     if split is None:
         split = (0.6, 0.2, 0.2)

@@ -266,8 +266,11 @@ def score_volumes(model: nn.Module, dataset: VolumeDataset, run: SegmentationRec
     ``missed_<c>`` / ``spurious_<c>`` count the cases where class ``c`` is in the label but not
     predicted / predicted but not in the label (``missed``, ``spurious``: summed over classes);
     such a case gets Dice 0 and the HD95 penalty of :func:`~lorkd.engine.metrics.hd95_per_class`
-    (the image diagonal in mm), so it is counted, never dropped. A class absent from both counts
-    Dice 1 and is left out of that case's HD95. Per class: the mean over the task's ``cases``;
+    (the image diagonal in mm), so it is counted, never dropped. A class absent from both label and
+    prediction is left out of that case's Dice and HD95 (NaN: MONAI's ``DiceMetric(ignore_empty=True)``
+    rule for an empty label, so a class no case holds never counts as a perfect 1; unlike that rule, a
+    spurious class keeps its Dice 0). Per class: the
+    mean over the task's cases that count it (NaN when none does);
     ``dice``/``hd95``: the mean over the foreground classes. ``model`` is a multi-task network
     (any task) or a plain one (``tasks`` = its one task). With ``keep``, also
     ``keep[task] = {"dice": [n_cases, C-1]}`` (per-case Dice, for the bootstrap)."""
@@ -284,7 +287,7 @@ def score_volumes(model: nn.Module, dataset: VolumeDataset, run: SegmentationRec
             label = dataset.original_label(i)
             k = dataset.tasks[t].num_classes
             entry = scores.setdefault(t, {"dice": [], "hd95": [], "missed": [], "spurious": []})
-            entry["dice"].append(M.dice_per_class(pred, label, k))
+            entry["dice"].append(M.dice_per_class(pred, label, k, absent=math.nan))
             missed, spurious = M.structure_errors(pred, label, k)
             entry["missed"].append(missed)
             entry["spurious"].append(spurious)
@@ -392,5 +395,7 @@ NOTES = [
     "per voxel).",
     "A structure missed (in the label, not predicted) or spurious (predicted, not in the label) counts Dice 0 and "
     "HD95 = the image diagonal in mm (a penalty, never dropped); missed/spurious count those cases (of 'cases'); a "
-    "class absent from both counts Dice 1 and is left out of HD95.",
+    "class absent from both label and prediction is left out of that case's Dice and HD95 (not counted, as MONAI's "
+    "DiceMetric(ignore_empty=True); never a perfect 1); a class no test case holds or predicts has dice_<c> "
+    "NaN and is left out of the mean. A spurious class still counts Dice 0 (MONAI's ignore_empty=True would drop it).",
 ]
