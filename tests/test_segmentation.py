@@ -23,7 +23,7 @@ from lorkd import cli
 from lorkd.config import from_dict
 from lorkd.data.multitask import TaskBatchSampler, collate_task_batch
 from lorkd.data.paths import shared_data_dir
-from lorkd.data.segmentation import PatchDataset, load_segmentation_task
+from lorkd.data.segmentation import PatchDataset, load_segmentation_task, reader_options
 from lorkd.engine.distributed import DistributedContext
 from lorkd.engine.inference import sliding_window_logits
 from lorkd.errors import ConfigError
@@ -109,6 +109,19 @@ def test_bad_segmentation_network_is_a_config_error():
         segmentation_backbone_spec("vnet", 3, 1, [4, 8], 4)
     with pytest.raises(ConfigError, match="data.patch_size"):
         from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "a", "path": "x"}], "patch_size": [8]}})
+
+
+def test_a_misspelled_reader_key_is_an_unknown_key_error():
+    """Issue 31: a misspelled key under ``reader`` is named at load time with the closest key, like
+    every other section (it was a TypeError from inside the reader)."""
+    task = {"name": "a", "path": "x", "format": "folder", "reader": {"mask_rules": "{stem}_seg"}}
+    with pytest.raises(ConfigError, match=r"^data\.tasks\[0\]\.reader\.mask_rules: unknown key \(did you mean 'mask_rule'\?\)"):
+        from_dict(SegmentationConfig, {"data": {"tasks": [task]}})
+    with pytest.raises(ConfigError, match=r"data\.tasks\[0\]\.reader\.spacing: unknown key"):
+        from_dict(SegmentationConfig, {"data": {"tasks": [{**task, "reader": {"spacing": 1.0}}]}})  # HDF5's, not folder's
+    ok = from_dict(SegmentationConfig, {"data": {"tasks": [{**task, "reader": {"mask_rule": "{stem}_seg"}}]}})
+    assert ok.data.tasks[0].reader == {"mask_rule": "{stem}_seg"}
+    assert "spacing" in reader_options("hdf5") and "mask_rule" in reader_options("folder")
 
 
 # ------------------------------------------------------------------ data path of the recipe

@@ -43,7 +43,7 @@ from .formats import image_to_array, load_case, load_label, pil_open, probe_case
 from .orientation import CANONICAL_ORIENTATION, reorient
 from .preprocess import NORMALIZE_MODES, Preprocess, normalize_intensity, preprocess_case, resample, resize_case
 from .split import DEFAULT_SPLIT_NAMES, apply_split, load_split, save_split, split_cases
-from .tasks import SegmentationTaskData, load_segmentation_task
+from .tasks import SegmentationTaskData, load_segmentation_task, reader_options
 
 __all__ = [
     # cases
@@ -78,6 +78,7 @@ __all__ = [
     # tasks
     "SegmentationTaskData",
     "load_segmentation_task",
+    "reader_options",
     # preprocess
     "NORMALIZE_MODES",
     "Preprocess",

@@ -3,6 +3,7 @@ split by patient (:mod:`.split`) into :class:`SegmentationTaskData`."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from .folders import read_hdf5_folder, read_image_mask_folder, read_msd_folder, 
 from .formats import load_label, probe_case
 from .split import apply_split, load_split, save_split, split_cases
 
-__all__ = ["SegmentationTaskData", "load_segmentation_task"]
+__all__ = ["SegmentationTaskData", "load_segmentation_task", "reader_options"]
 
 
 @dataclass
@@ -66,6 +67,22 @@ def _scan_num_classes(refs: Sequence[CaseRef]) -> int:
 
 
 _READERS = {"hdf5": read_hdf5_folder, "msd": read_msd_folder, "folder": read_image_mask_folder}
+
+
+_NOT_READER_OPTIONS = ("root", "num_classes", "lazy")  # given by load_segmentation_task itself
+
+
+def reader_options(format: str) -> tuple[str, ...]:
+    """The keys a task's ``reader`` section may hold for ``format``: the keyword arguments of its
+    reader (:func:`read_hdf5_folder`, :func:`read_msd_folder`, :func:`read_image_mask_folder`) other
+    than those :func:`load_segmentation_task` passes itself.
+
+    Raises:
+        ConfigError: an unknown format."""
+    if format not in _READERS:
+        raise ConfigError(f"unknown format {format!r} (use one of {sorted(_READERS)})")
+    params = inspect.signature(_READERS[format]).parameters
+    return tuple(name for name in params if name not in _NOT_READER_OPTIONS)
 
 
 def _resolve(path: str | Path) -> Path:
