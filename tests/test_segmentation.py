@@ -298,6 +298,8 @@ def test_a_class_absent_from_every_case_does_not_count_as_a_perfect_dice(tmp_pat
     assert np.isnan(keep[0]["dice"][:, 1]).all()
     perfect = S.score_volumes(_Oracle(None, 3), run.test_set, run)[0]
     assert perfect["dice"] == 1.0 and np.isnan(perfect["dice_2"])
+    pre = S.expert_card(run, 0)["preprocessing"]  # the card says exactly what normalisation is applied
+    assert pre["normalize"] == "none" and pre["normalize_per"] == "channel" and "no intensity" in pre["normalize_detail"]
 
 
 def test_card_geometry_of_a_nifti_task_sliced_in_2d(tmp_path):

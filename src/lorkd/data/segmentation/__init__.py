@@ -43,7 +43,10 @@ from .folders import (
 from .formats import image_to_array, load_case, load_label, pil_open, probe_case, probe_spacing
 from .inputs import IMAGE_SUFFIXES, INPUT_SUFFIXES, InputImage, input_suffix, read_input_image, series_folders
 from .orientation import CANONICAL_ORIENTATION, reorient
-from .preprocess import NORMALIZE_MODES, Preprocess, normalize_intensity, preprocess_case, resample, resize_case
+from .preprocess import (
+    NORMALIZE_DETAILS, NORMALIZE_MODES, NORMALIZE_TRANSFORMS, Preprocess, normalize_intensity, preprocess_case, resample,
+    resize_case,
+)
 from .split import DEFAULT_SPLIT_NAMES, apply_split, load_split, save_split, split_cases
 from .tasks import SegmentationTaskData, load_segmentation_task, reader_options
 
@@ -89,7 +92,9 @@ __all__ = [
     "load_segmentation_task",
     "reader_options",
     # preprocess
+    "NORMALIZE_DETAILS",
     "NORMALIZE_MODES",
+    "NORMALIZE_TRANSFORMS",
     "Preprocess",
     "normalize_intensity",
     "resample",

@@ -31,6 +31,7 @@ from torch import nn
 from ...data.paths import locate
 from ...data.segmentation import (
     CANONICAL_ORIENTATION,
+    NORMALIZE_DETAILS,
     PatchDataset,
     SegmentationTaskData,
     VolumeCache,
@@ -337,8 +338,11 @@ def expert_card(run: SegmentationRecipe, t: int) -> dict[str, Any]:
             "slice_mode": task.spatial_dims == run.spatial_dims + 1, "patch_size": list(run.patch),
             "inference": {"roi_size": list(run.roi), "overlap": run.cfg.evaluate.overlap,
                           "sw_batch_size": run.cfg.evaluate.sw_batch_size, "mode": run.cfg.evaluate.mode},
-            "preprocessing": {"normalize": pre.normalize, "scale": pre.scale, "target_spacing": pre.target_spacing,
-                              "target_shape": pre.target_shape},
+            "preprocessing": {"normalize": pre.normalize, "normalize_per": "channel",
+                              "normalize_detail": NORMALIZE_DETAILS[pre.normalize], "scale": pre.scale,
+                              "target_spacing": pre.target_spacing, "target_shape": pre.target_shape,
+                              "order": "channels fitted (task_channels, then channel_fill up to in_channels: the "
+                                       "filled channels are not normalised), normalise, resample"},
             **_geometry_card(run, t),
             "rebuild_without_lorkd": "nn.Sequential(OrderedDict(backbone=<architecture.kwargs.backbone.factory>"
                                      "(**kwargs), head=ConvNd(feature_dim, num_classes, kernel_size=1)))"}
