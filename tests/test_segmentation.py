@@ -26,7 +26,7 @@ from lorkd.data.paths import shared_data_dir
 from lorkd.data.segmentation import PatchDataset, load_segmentation_task, reader_options
 from lorkd.engine.distributed import DistributedContext
 from lorkd.engine.inference import sliding_window_logits
-from lorkd.errors import ConfigError
+from lorkd.errors import ConfigError, DataError
 from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
 from lorkd.pipelines.recipes import segmentation as S
 from lorkd.pipelines.schema import Distill
@@ -124,6 +124,19 @@ def test_a_misspelled_reader_key_is_an_unknown_key_error():
     assert "spacing" in reader_options("hdf5") and "mask_rule" in reader_options("folder")
 
 
+def test_task_errors_keep_the_task_key_and_name_the_file(tmp_path):
+    """Issue 31: an error of a task's data (DataError or ConfigError) starts with data.tasks[i] (name)."""
+    root = write_png_task(tmp_path / "p", n=4)
+    base = {k: v for k, v in tiny_config([{"name": "vessels", "path": str(root), "format": "folder",
+                                           "reader": {"mask_rule": "{id}_mask"}}], [8, 8]).items() if k != "recipe"}
+    with pytest.raises(ConfigError, match=r"^data\.tasks\[0\] \(vessels\): reader\.mask_rule: '\{id\}_mask'"):
+        S.load_volume_tasks(from_dict(SegmentationConfig, base))
+    base["data"]["tasks"][0].update(reader={}, num_classes=2)
+    Image.fromarray(np.full((24, 24), 128, np.uint8)).save(root / "masks" / "case2_mask.png")
+    with pytest.raises(DataError, match=r"^data\.tasks\[0\] \(vessels\): .*case2_mask\.png"):
+        S.load_volume_tasks(from_dict(SegmentationConfig, base))
+
+
 # ------------------------------------------------------------------ data path of the recipe
 def test_task_blocks_agree_with_the_task_batch_sampler(tmp_path):
     a = load_segmentation_task("a", write_h5_task(tmp_path / "a", classes=3), split=[0.5, 0.25, 0.25])
@@ -168,6 +181,8 @@ def test_data_max_train_keeps_the_same_training_cases_and_the_full_split_file(tm
     assert a == b and len(a["train"]) == 2 and set(a["train"]) < set(full["train"])
     assert a["val"] == full["val"] and a["test"] == full["test"]
     assert json.loads((tmp_path / "run" / "split_t.json").read_text()) == full  # the split file holds every case
+    used = json.loads((tmp_path / "run" / "train_cases_t.json").read_text())  # issue 31: the cases used, recorded
+    assert used == {"max_train": 2, "cap_seed": 0, "of": len(full["train"]), "train": a["train"]}
     with pytest.raises(ConfigError, match=r"data\.max_train: must be >= 1, got 0"):
         from_dict(SegmentationConfig, {**base, "data": {**base["data"], "max_train": 0}})
 

@@ -332,9 +332,8 @@ def read_image_mask_folder(
     if len(set(values)) != len(values):
         raise DataError(f"label_values has repeated values: {list(values)}")
     if num_classes is not None and len(values) > num_classes:
-        raise DataError(
-            f"{mask_dir}: masks hold {len(values)} distinct values {list(values)} > num_classes={num_classes}"
-        )
+        raise DataError(f"masks hold {len(values)} distinct values {list(values)} > num_classes={num_classes}"
+                        + _files_holding(values, [m for _, m in pairs], len(values) - num_classes))
     ids = [p.relative_to(img_dir).with_suffix("").as_posix() for p, _ in pairs]
     refs = [
         CaseRef(cid, rule(cid), str(p), str(m), "image", num_classes=num_classes or len(values),
@@ -342,6 +341,17 @@ def read_image_mask_folder(
         for cid, (p, m) in zip(ids, pairs)
     ]
     return _finish(refs, img_dir, lazy)
+
+
+def _files_holding(values: Sequence[int], masks: Sequence[Path], extra: int, most: int = 3) -> str:
+    """``"; value v in <file>, ..."`` for the ``extra`` values found in the fewest masks (the likely
+    strays), naming up to ``most`` of their mask files."""
+    where: dict[int, list[str]] = {v: [] for v in values}
+    for m in masks:
+        for v in np.unique(_mask_to_array(pil_open(str(m), "mask"), str(m))).tolist():
+            where.setdefault(v, []).append(str(m))
+    rare = sorted(values, key=lambda v: (len(where[v]), v))[:extra]
+    return "".join(f"; value {v} in {len(where[v])} mask(s): {', '.join(where[v][:most])}" for v in rare)
 
 
 def patient_folder_rule(case_id: str) -> str:

@@ -46,6 +46,7 @@ from ...engine.distributed import DistributedContext
 from ...engine.inference import sliding_window_logits
 from ...errors import ConfigError, DataError
 from ...experts import load_expert
+from ...fileio import write_json
 from ...models.multitask import MultiTaskNet
 from ...models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
 from ..core.recipe import DecompositionRecipe
@@ -61,7 +62,9 @@ def load_volume_tasks(cfg: SegmentationConfig, out: Path | None = None, write: b
     With ``out``, an existing ``out/split_<task>.json`` is reused (so every stage and a resumed
     run see the same cases) and a new split is written there (when ``write``). The split file
     holds every case; ``data.max_train`` then keeps a random subset of the training cases (seed
-    ``data.cap_seed``, in split order), the same for every model.
+    ``data.cap_seed``, in split order), the same for every model, and (with ``out`` and ``write``)
+    records them in ``out/train_cases_<task>.json`` (``{"max_train", "cap_seed", "of", "train": [case
+    ids]}``). An error of a task's data names it as ``data.tasks[i] (name)``.
     """
     tasks = []
     for i, spec in enumerate(cfg.data.tasks):
@@ -70,14 +73,15 @@ def load_volume_tasks(cfg: SegmentationConfig, out: Path | None = None, write: b
         if saved is not None and saved.is_file():
             split = str(saved)
         locate(spec.path, f"data.tasks[{i}].path")  # a missing folder: the places searched
+        key = f"data.tasks[{i}] ({spec.name})"
         try:
             task = load_segmentation_task(spec.name, spec.path, format=spec.format, num_classes=spec.num_classes,
                                           split=split, seed=cfg.data.seed, **spec.reader)
-        except DataError as err:
-            raise DataError(f"data.tasks[{i}] ({spec.name}): {err}") from err
+        except (DataError, ConfigError) as err:  # the same type, with the task's key in front
+            raise type(err)(f"{key}: {err}") from err
         for name in ("train", "val", "test"):
             if not task.splits.get(name):
-                raise ConfigError(f"data.tasks[{spec.name}]: split {name!r} holds no case "
+                raise ConfigError(f"{key}: split {name!r} holds no case "
                                   f"({sum(len(v) for v in task.splits.values())} cases in all); add cases or change data.split")
         if saved is not None and write and not saved.is_file():
             task.save_split(saved)
@@ -85,6 +89,10 @@ def load_volume_tasks(cfg: SegmentationConfig, out: Path | None = None, write: b
         if cap is not None and cap < len(train):
             keep = np.sort(np.random.default_rng(cfg.data.cap_seed).choice(len(train), cap, replace=False))
             task.splits["train"] = [train[k] for k in keep]
+            if out is not None and write:
+                write_json(Path(out) / f"train_cases_{spec.name}.json",
+                           {"max_train": cap, "cap_seed": cfg.data.cap_seed, "of": len(train),
+                            "train": [r.case_id for r in task.splits["train"]]})
         tasks.append(task)
     return tasks
 
