@@ -53,8 +53,10 @@ def check_experts_match_the_student(result: DecompositionResult) -> None:
             assert not any("lorkd.experts" in type(m).__module__ for m in result.experts[name].modules())
 
 
-def test_decompose_with_a_trained_teacher_writes_a_run_folder(tmp_path):
+def test_decompose_with_a_trained_teacher_writes_a_run_folder(tmp_path, capfd):
     result = decompose(None, tasks(), CFG, out=tmp_path / "run")
+    err = capfd.readouterr().err  # issue 31: a start-up summary on stderr, as the CLI prints it
+    assert "device cpu" in err and "task a: train 32, val 12, test 12" in err and "[teacher] 1 epochs x" in err
     assert result.out == tmp_path / "run"
     for key in ("tasks", "val", "params", "flops", "teacher", "timing_s", "config", "stages", "data"):
         assert key in result.metrics, key
