@@ -176,3 +176,57 @@ def test_export_bundle_of_a_3d_segmentation_run_carries_the_sliding_window_and_p
     x = torch.randn(1, 1, 8, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(_monai_load(expert / "bundle")(x), load_expert(expert).eval()(x), atol=1e-6, rtol=0)
+
+
+def test_a_segmentation_bundle_run_as_its_metadata_says_gives_the_masks_of_lorkd_predict(tmp_path, monkeypatch, capsys):
+    """Issue 31: z-score is per channel; the metadata says so exactly and inference.json's
+    'preprocessing' computes it, so the bundle run as described gives lorkd predict's masks on an RGB
+    image whose channels have very different ranges (one mean/std over all channels would not);
+    the metadata says the output is logits."""
+    import numpy as np
+    from monai.bundle import ConfigParser
+    from PIL import Image
+
+    from lorkd.experts import save_expert
+    from lorkd.pipelines import predict as P
+
+    torch.manual_seed(0)
+    net = MultiTaskSegmenter(segmentation_backbone_spec("unet", 2, 3, [4, 8], 4), [2])
+    plain, spec = net.export_task(0)
+    card = {"task": "polyp", "task_kind": "segmentation", "classes": 2, "in_channels": 3, "input_channels": 3,
+            "task_channels": 3, "channel_fill": "zeros", "spatial_dims": 2, "patch_size": [16, 16],
+            "inference": {"roi_size": [16, 16], "overlap": 0.25, "sw_batch_size": 4, "mode": "constant"},
+            "preprocessing": {"normalize": "zscore", "scale": None, "target_spacing": None, "target_shape": None}}
+    rng = np.random.default_rng(0)
+    rgb = np.stack([rng.normal(m, s, (24, 24)) for m, s in ((200, 5), (20, 15), (100, 50))], -1)
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(tmp_path / "scan.png")
+    expert = save_expert(plain.eval(), tmp_path / "expert", spec, card)
+    logits = []  # a random network's mask is one class: move the class-1 bias to the median logit gap
+    real = P.sliding_window_logits
+    monkeypatch.setattr(P, "sliding_window_logits", lambda *a: logits.append(real(*a)) or logits[-1])
+    P.predict_files(expert, [tmp_path / "scan.png"], output=tmp_path / "probe", class_indices=True)
+    monkeypatch.undo()
+    with torch.no_grad():
+        plain.head.bias[1] -= float((logits[0][1] - logits[0][0]).median())
+    expert = save_expert(plain.eval(), tmp_path / "expert", spec, card)
+    P.predict_files(expert, [tmp_path / "scan.png"], output=tmp_path / "masks", class_indices=True)
+    by_lorkd = np.asarray(Image.open(tmp_path / "masks" / "scan_mask.png"))
+    assert 0 < by_lorkd.sum() < by_lorkd.size  # both classes
+    folder = write_bundle(plain.eval(), spec, card, tmp_path / "bundle")
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    norm, pred = meta["intensity_normalisation"], meta["network_data_format"]["outputs"]["pred"]
+    assert norm["normalize"] == "zscore" and norm["normalize_per"] == "channel"
+    assert "per channel c" in norm["normalize_detail"] and "not one mean/std over all channels" in norm["normalize_detail"]
+    assert "'preprocessing'" in norm["in_bundle"] and pred["description"].startswith("logits [B, 2, *spatial], not probabilities")
+    parser = ConfigParser()  # the bundle as its metadata describes: preprocessing, batch axis, inferer, argmax
+    parser.read_config(str(folder / "configs" / "inference.json"))
+    network = _monai_load(folder)
+    image = torch.from_numpy(np.moveaxis(np.asarray(Image.open(tmp_path / "scan.png"), np.float32), -1, 0).copy())
+    with torch.no_grad():
+        x = parser.get_parsed_content("preprocessing")(image.clone())  # (MONAI's transform works in place)
+        by_bundle = parser.get_parsed_content("inferer")(torch.as_tensor(x)[None], network)[0].argmax(0).numpy()
+    np.testing.assert_array_equal(by_bundle, by_lorkd)
+    flat = (image - image.mean()) / image.std(unbiased=False)  # one z-score over all channels: another input,
+    assert (torch.as_tensor(x) - flat).abs().max() > 1.0
+    torch.testing.assert_close(torch.as_tensor(x).mean((1, 2)).as_subclass(torch.Tensor), torch.zeros(3), atol=1e-5, rtol=0)
+    capsys.readouterr()

@@ -182,3 +182,53 @@ def test_dicom_series_refuses_mixed_series_and_uneven_gaps(tmp_path):
     ds.save_as(str(gaps / "3"))  # slice 3 moved 3 mm along the normal: gaps 1.2 and 0.9 mm
     with pytest.raises(DataError, match="not uniform"):
         load_case(_ref(gaps, _nifti(tmp_path / "l3.nii.gz", label[:, :, :3])))
+
+
+def test_predict_reads_nrrd_and_dicom_series_like_nifti(tmp_path, monkeypatch, capsys):
+    """Issue 31: ``lorkd predict`` reads every volume format training reads (through
+    lorkd.data.segmentation's readers): the same volume as NIfTI, NRRD and a DICOM series gives the same
+    mask, written as NIfTI in the input's geometry; a folder of series folders gives one mask per series."""
+    from lorkd.data.segmentation import read_input_image
+    from lorkd.experts import save_expert
+    from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
+    from lorkd.pipelines import predict as P
+    from lorkd.pipelines.predict import predict_files
+
+    raw, _ = _data(3)
+    image = raw.astype(np.float32) * SLOPE + INTERCEPT
+    nifti = _nifti(tmp_path / "vol_nifti.nii.gz", image)
+    nrrd_file = _nrrd(tmp_path / "vol_nrrd.nrrd", image)
+    (tmp_path / "series").mkdir()
+    series = _dicom_series(tmp_path / "series" / "vol_dicom", raw, ["IM1", "IM0", "IM3", "IM2"], [1, 0, 3, 2])
+    items = [read_input_image(p) for p in (nifti, nrrd_file, series)]
+    assert [i.kind for i in items] == ["nifti", "nrrd", "dicom"]
+    for item in items:
+        np.testing.assert_array_equal(item.image, image[None])
+        np.testing.assert_allclose(item.affine, AFFINE, atol=1e-4)
+        assert item.spacing == pytest.approx((0.8, 2.5, 0.9), abs=1e-4)
+    import torch
+
+    torch.manual_seed(0)
+    plain, spec = MultiTaskSegmenter(segmentation_backbone_spec("unet", 3, 1, [4, 8], 4), [2]).export_task(0)
+    card = {"task_kind": "segmentation", "classes": 2, "spatial_dims": 3, "in_channels": 1, "orientation": "SPL",
+            "preprocessing": {"normalize": "zscore", "scale": None, "target_spacing": None, "target_shape": None},
+            "inference": {"roi_size": [4, 4, 4], "overlap": 0.25, "sw_batch_size": 4, "mode": "constant"}}
+    expert = save_expert(plain.eval(), tmp_path / "expert", spec, card)
+    logits = []  # a random network's mask is one class: move the class-1 bias to the median logit gap
+    real = P.sliding_window_logits
+    monkeypatch.setattr(P, "sliding_window_logits", lambda *a: logits.append(real(*a)) or logits[-1])
+    predict_files(expert, [nifti], output=tmp_path / "probe")
+    monkeypatch.undo()
+    with torch.no_grad():
+        plain.head.bias[1] -= float((logits[0][1] - logits[0][0]).median()) + 1e-4
+    expert = save_expert(plain.eval(), tmp_path / "expert", spec, card)
+    rows = predict_files(expert, [nifti, nrrd_file, series], output=tmp_path / "masks")
+    masks = [nib.load(str(tmp_path / "masks" / f"vol_{k}_mask.nii.gz")) for k in ("nifti", "nrrd", "dicom")]
+    assert [r["shape"] for r in rows] == ["5x6x4"] * 3
+    for m in masks:
+        np.testing.assert_array_equal(np.asarray(m.dataobj), np.asarray(masks[0].dataobj))
+        np.testing.assert_allclose(m.affine, AFFINE, atol=1e-4)
+    assert len({r["voxels_1"] for r in rows}) == 1 and 0 < rows[0]["voxels_1"] < 120  # a mask, not a constant
+    by_folder = predict_files(expert, [tmp_path / "series"], output=tmp_path / "masks2")  # a folder of series
+    assert [r["input"] for r in by_folder] == [str(series)] and by_folder[0]["voxels_1"] == rows[0]["voxels_1"]
+    capsys.readouterr()

@@ -23,6 +23,7 @@ from lorkd.data.segmentation import (
     probe_spacing,
     read_hdf5_folder,
     read_image_mask_folder,
+    load_segmentation_task,
     read_msd_folder,
     reorient,
 )
@@ -382,6 +383,40 @@ def test_png_reader_warns_about_a_stray_mask_value(tmp_path, caplog):
         assert read_image_mask_folder(root)[0].num_classes == 3
     assert f"mask value 254 is on only 1 of 12288 pixels ({root / 'masks' / 'img1_mask.png'})" in caplog.text
     assert "3 classes from values [0, 254, 255]" in caplog.text
+
+
+def test_png_reader_warns_about_a_value_in_one_mask_naming_it(tmp_path, caplog):
+    """Issue 31: a 20x20 block of 7 in one 0/255 mask (2.4% of its pixels: not rare by pixels) and one
+    mask's foreground stored as 128 each make a class; both are warned about, naming the mask."""
+    root = make_png_folder(tmp_path, n=5, size=(64, 64))
+    block = root / "masks" / "img1_mask.png"
+    mask = np.asarray(Image.open(block)).copy()
+    mask[10:30, 10:30] = 7
+    Image.fromarray(mask).save(block)
+    other = root / "masks" / "img3_mask.png"
+    Image.fromarray(np.where(np.asarray(Image.open(other)) > 0, 128, 0).astype(np.uint8)).save(other)
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        assert read_image_mask_folder(root)[0].num_classes == 4
+    assert f"mask value 7 is in only 1 of 5 masks ({block})" in caplog.text
+    assert f"mask value 128 is in only 1 of 5 masks ({other})" in caplog.text
+    assert "4 classes from values [0, 7, 128, 255]" in caplog.text
+    assert "mask value 255" not in caplog.text and "mask value 0 " not in caplog.text
+
+
+def test_hdf5_label_scan_warns_about_a_class_in_one_volume(tmp_path, caplog):
+    """A class index found in one label volume only (num_classes from the scan) is warned about too."""
+    root = make_h5_folder(tmp_path)
+    files = sorted((root / "volumes").iterdir())
+    with h5py.File(files[2], "r+") as h:
+        label = h["label"][()]
+        label[0, :2, :2] = 5
+        del h["label"]
+        h.create_dataset("label", data=label)
+    with caplog.at_level(logging.WARNING, logger="lorkd"):
+        task = load_segmentation_task("t", root, format="hdf5")
+    assert task.num_classes == 6
+    assert f"mask value 5 is in only 1 of 4 masks ({files[2]})" in caplog.text
+    assert "mask value 1 " not in caplog.text
 
 
 def test_png_reader_errors(tmp_path):

@@ -53,8 +53,10 @@ def check_experts_match_the_student(result: DecompositionResult) -> None:
             assert not any("lorkd.experts" in type(m).__module__ for m in result.experts[name].modules())
 
 
-def test_decompose_with_a_trained_teacher_writes_a_run_folder(tmp_path):
+def test_decompose_with_a_trained_teacher_writes_a_run_folder(tmp_path, capfd):
     result = decompose(None, tasks(), CFG, out=tmp_path / "run")
+    err = capfd.readouterr().err  # issue 31: a start-up summary on stderr, as the CLI prints it
+    assert "device cpu" in err and "task a: train 32, val 12, test 12" in err and "[teacher] 1 epochs x" in err
     assert result.out == tmp_path / "run"
     for key in ("tasks", "val", "params", "flops", "teacher", "timing_s", "config", "stages", "data"):
         assert key in result.metrics, key
@@ -66,6 +68,36 @@ def test_decompose_with_a_trained_teacher_writes_a_run_folder(tmp_path):
     assert result.metrics["teacher"]["source"]["kind"] == "trained"
     assert result.experts["b"].card["classes"] == 3
     check_experts_match_the_student(result)
+    # issue 31: the student takes one int task id, has summary() and saves adapters under the run's task names
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(result.student(x, 1).logits[1], result.student(x, torch.full((3,), 1)).logits[1])
+    assert result.student.task_names == ["a", "b"] and "tasks: a (2 classes), b (3 classes)" in str(result.student.summary())
+    assert set(lorkd.save_adapters(result.student, tmp_path / "adapters")) == {"a", "b"}
+
+
+def test_a_multitask_student_takes_an_int_task_id_and_has_a_summary(tmp_path):
+    """Issue 31: as an add_experts student, a multi-task student takes one int task id for the batch,
+    has summary(), and names its adapters by its task_names (task_<t> without them)."""
+    torch.manual_seed(0)
+    student = MultiTaskClassifier(backbone_spec("resnet10", 2, 1, 0.125), [2, 3], experts={"rank": 2}).eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        out = student(x, 1)
+        torch.testing.assert_close(out.logits[1], student(x, torch.full((3,), 1)).logits[1])
+    assert list(out.logits) == [1] and out.rows[1].tolist() == [0, 1, 2]
+    for bad, message in ((2, "task id 2 is out of range"), (True, "must be an int"), (1.0, "must be an int")):
+        with pytest.raises(ValueError, match=message):
+            student(x, bad)
+    text = str(student.summary())
+    assert "layers with experts; tasks: 2" in text and "tasks: task_0 (2 classes), task_1 (3 classes)" in text
+    assert set(lorkd.save_adapters(student, tmp_path / "default")) == {"task_0", "task_1"}
+    student.task_names = ["liver", "lung"]
+    saved = lorkd.save_adapters(student, tmp_path / "named")
+    assert set(saved) == {"liver", "lung"} and lorkd.read_adapter(saved["lung"])["task"] == "lung"
+    assert lorkd.read_adapter(lorkd.save_adapter(student, 0, tmp_path / "one"))["task"] == "liver"
+    with pytest.raises(ValueError, match="has no experts"):
+        MultiTaskClassifier(backbone_spec("resnet10", 2, 1, 0.125), [2]).summary()
 
 
 def test_decompose_a_given_multitask_teacher_and_resume_with_its_fingerprints(tmp_path):

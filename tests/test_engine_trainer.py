@@ -386,6 +386,15 @@ def test_early_stopping_stops_when_the_metric_stalls(tmp_path):
     assert not res3.stopped_early and len(res3.history) == 6
 
 
+def test_the_early_stop_line_prints_after_the_stopping_epochs_metrics(tmp_path, capsys):
+    """Issue 31: the stop line follows that epoch's own line of metrics on stderr, and prints once."""
+    res, _ = _early(tmp_path)
+    err = capsys.readouterr().err.splitlines()
+    stop = [i for i, line in enumerate(err) if "early stop after epoch 3" in line]
+    epoch3 = [i for i, line in enumerate(err) if "epoch=3" in line and "early stop after" not in line]
+    assert res.stopped_early and len(stop) == 1 and epoch3 and epoch3[-1] < stop[0]
+
+
 @pytest.mark.parametrize("stop_at", [27, 41], ids=["before-the-stalling-epochs", "in-the-stopping-epoch"])
 def test_resume_across_an_early_stop_is_exact(tmp_path, stop_at):
     ref, ref_model = _early(tmp_path / "ref")

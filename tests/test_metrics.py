@@ -109,6 +109,23 @@ def test_dice_per_class_by_hand():
     assert dice_per_class(torch.tensor([[1, 1]]), torch.tensor([[1, 1]]), 2)[0] == 1.0
 
 
+def test_dice_absent_class_is_left_out_as_monai_ignore_empty():
+    """absent=nan: a class absent from both prediction and label is NaN, as MONAI's
+    DiceMetric(ignore_empty=True) gives it; every other entry equals MONAI's (ignore_empty=True)."""
+    from monai.metrics import DiceMetric
+
+    pred = np.array([[0, 1, 1], [0, 0, 0]])
+    target = np.array([[0, 1, 0], [0, 0, 0]])  # class 2 absent from both
+    d = dice_per_class(pred, target, 3, absent=math.nan)
+    assert d[0] == pytest.approx(2 / 3) and math.isnan(d[1])
+    one_hot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a), 3).movedim(-1, 0)[None].float()
+    ref = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(one_hot(pred), one_hot(target))
+    np.testing.assert_allclose(d, ref[0].numpy(), equal_nan=True)
+    # the headline mean (NaN left out) is that of the present class, not lifted by a perfect 1
+    assert np.nanmean(d) == pytest.approx(2 / 3)
+    assert dice_per_class(pred, target, 3)[1] == 1.0  # the default keeps MONAI's ignore_empty=False value
+
+
 def test_dice_errors():
     with pytest.raises(DataError, match="shape"):
         dice_per_class(np.zeros((2, 2), int), np.zeros((2, 3), int), 2)

@@ -23,10 +23,10 @@ from lorkd import cli
 from lorkd.config import from_dict
 from lorkd.data.multitask import TaskBatchSampler, collate_task_batch
 from lorkd.data.paths import shared_data_dir
-from lorkd.data.segmentation import PatchDataset, load_segmentation_task
+from lorkd.data.segmentation import PatchDataset, load_segmentation_task, reader_options
 from lorkd.engine.distributed import DistributedContext
 from lorkd.engine.inference import sliding_window_logits
-from lorkd.errors import ConfigError
+from lorkd.errors import ConfigError, DataError
 from lorkd.models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
 from lorkd.pipelines.recipes import segmentation as S
 from lorkd.pipelines.schema import Distill
@@ -111,6 +111,32 @@ def test_bad_segmentation_network_is_a_config_error():
         from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "a", "path": "x"}], "patch_size": [8]}})
 
 
+def test_a_misspelled_reader_key_is_an_unknown_key_error():
+    """Issue 31: a misspelled key under ``reader`` is named at load time with the closest key, like
+    every other section (it was a TypeError from inside the reader)."""
+    task = {"name": "a", "path": "x", "format": "folder", "reader": {"mask_rules": "{stem}_seg"}}
+    with pytest.raises(ConfigError, match=r"^data\.tasks\[0\]\.reader\.mask_rules: unknown key \(did you mean 'mask_rule'\?\)"):
+        from_dict(SegmentationConfig, {"data": {"tasks": [task]}})
+    with pytest.raises(ConfigError, match=r"data\.tasks\[0\]\.reader\.spacing: unknown key"):
+        from_dict(SegmentationConfig, {"data": {"tasks": [{**task, "reader": {"spacing": 1.0}}]}})  # HDF5's, not folder's
+    ok = from_dict(SegmentationConfig, {"data": {"tasks": [{**task, "reader": {"mask_rule": "{stem}_seg"}}]}})
+    assert ok.data.tasks[0].reader == {"mask_rule": "{stem}_seg"}
+    assert "spacing" in reader_options("hdf5") and "mask_rule" in reader_options("folder")
+
+
+def test_task_errors_keep_the_task_key_and_name_the_file(tmp_path):
+    """Issue 31: an error of a task's data (DataError or ConfigError) starts with data.tasks[i] (name)."""
+    root = write_png_task(tmp_path / "p", n=4)
+    base = {k: v for k, v in tiny_config([{"name": "vessels", "path": str(root), "format": "folder",
+                                           "reader": {"mask_rule": "{id}_mask"}}], [8, 8]).items() if k != "recipe"}
+    with pytest.raises(ConfigError, match=r"^data\.tasks\[0\] \(vessels\): reader\.mask_rule: '\{id\}_mask'"):
+        S.load_volume_tasks(from_dict(SegmentationConfig, base))
+    base["data"]["tasks"][0].update(reader={}, num_classes=2)
+    Image.fromarray(np.full((24, 24), 128, np.uint8)).save(root / "masks" / "case2_mask.png")
+    with pytest.raises(DataError, match=r"^data\.tasks\[0\] \(vessels\): .*case2_mask\.png"):
+        S.load_volume_tasks(from_dict(SegmentationConfig, base))
+
+
 # ------------------------------------------------------------------ data path of the recipe
 def test_task_blocks_agree_with_the_task_batch_sampler(tmp_path):
     a = load_segmentation_task("a", write_h5_task(tmp_path / "a", classes=3), split=[0.5, 0.25, 0.25])
@@ -155,6 +181,8 @@ def test_data_max_train_keeps_the_same_training_cases_and_the_full_split_file(tm
     assert a == b and len(a["train"]) == 2 and set(a["train"]) < set(full["train"])
     assert a["val"] == full["val"] and a["test"] == full["test"]
     assert json.loads((tmp_path / "run" / "split_t.json").read_text()) == full  # the split file holds every case
+    used = json.loads((tmp_path / "run" / "train_cases_t.json").read_text())  # issue 31: the cases used, recorded
+    assert used == {"max_train": 2, "cap_seed": 0, "of": len(full["train"]), "train": a["train"]}
     with pytest.raises(ConfigError, match=r"data\.max_train: must be >= 1, got 0"):
         from_dict(SegmentationConfig, {**base, "data": {**base["data"], "max_train": 0}})
 
@@ -255,6 +283,38 @@ def test_evaluation_on_the_original_grid_in_mm_with_misses_counted(tmp_path):
     assert empty["missed"] == empty["missed_1"] == 1 and empty["spurious"] == 0
     assert empty["dice"] == 0.0
     assert empty["hd95"] == pytest.approx(np.sqrt((6 * 4.0) ** 2 + 2 * (20 * 0.75) ** 2), rel=1e-6)
+
+
+class _Background(torch.nn.Module):
+    """Predicts background everywhere, with ``classes`` output channels."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], self.classes, *x.shape[2:])
+        out[:, 0] = 1.0
+        return out
+
+
+def test_a_class_absent_from_every_case_does_not_count_as_a_perfect_dice(tmp_path):
+    """Issue 31: a class no test case holds and no prediction makes is left out of the mean
+    (MONAI's DiceMetric(ignore_empty=True)), not counted as Dice 1 lifting it."""
+    root = _block_task(tmp_path / "t", [1.0, 1.0, 1.0])  # labels hold 0 and 1 only
+    cfg = from_dict(SegmentationConfig, {"data": {"tasks": [{"name": "t", "path": str(root), "num_classes": 3}],
+                                                  "patch_size": [4, 8, 8], "split": [0.5, 0.25, 0.25],
+                                                  "preprocess": {"normalize": "none"}}})
+    run = S.SegmentationRecipe(cfg, tmp_path / "run", DistributedContext.from_env(torch.device("cpu")))
+    keep = {}
+    result = S.score_volumes(_Background(3), run.test_set, run, keep=keep)[0]
+    assert result["dice_1"] == 0.0 and np.isnan(result["dice_2"])  # class 2: in no label, in no prediction
+    assert result["dice"] == 0.0  # not (0 + 1) / 2
+    assert np.isnan(keep[0]["dice"][:, 1]).all()
+    perfect = S.score_volumes(_Oracle(None, 3), run.test_set, run)[0]
+    assert perfect["dice"] == 1.0 and np.isnan(perfect["dice_2"])
+    pre = S.expert_card(run, 0)["preprocessing"]  # the card says exactly what normalisation is applied
+    assert pre["normalize"] == "none" and pre["normalize_per"] == "channel" and "no intensity" in pre["normalize_detail"]
 
 
 def test_card_geometry_of_a_nifti_task_sliced_in_2d(tmp_path):

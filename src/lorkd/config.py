@@ -14,6 +14,7 @@ import inspect
 import re
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -107,9 +108,7 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(fields)}"
-            raise ConfigError(f"{_join(path, key)}: unknown key{hint}")
+            raise unknown_key(path, key, fields)
     values = {}
     for name, field in fields.items():
         if name in data:
@@ -234,6 +233,15 @@ def _shape_of(hint: Any) -> str | None:
 
 def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
+
+
+def unknown_key(path: str, key: Any, known: Iterable[str]) -> ConfigError:
+    """The error for ``key`` not among ``known`` under ``path``: ``"<path>.<key>: unknown key (did
+    you mean '<closest>'?)"``, or with the known keys listed when none is close."""
+    known = list(known)
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"{_join(path, key)}: unknown key{hint}")
 
 
 def check(condition: bool, path: str, message: str) -> None:

@@ -55,6 +55,7 @@ RUN_OUTPUTS = (
     "plots",            # figures (report)
     "timing.json",      # seconds per stage (pipelines)
     "split_*.json",     # case splits of the segmentation recipe (a glob pattern)
+    "train_cases_*.json",  # the training cases data.max_train kept (segmentation recipe)
     "teacher",          # stage folders (pipelines)
     "student",
     "baselines",

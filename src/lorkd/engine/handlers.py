@@ -124,6 +124,7 @@ class EarlyStopping(Handler):
             raise ConfigError(f"early_stop min_delta must be >= 0, got {min_delta!r}")
         self.patience, self.min_delta, self.wait = int(patience), float(min_delta), 0
         self.reference: float | None = None  # the value of the last improving epoch (min_delta > 0)
+        self.note = ""  # the stop line, printed when training ends (after the epoch's metrics)
 
     def started(self, loop: TrainingLoop) -> None:
         if self.wait >= self.patience:  # resumed after the stop
@@ -148,11 +149,17 @@ class EarlyStopping(Handler):
             return
         loop.state.stop = True
         loop.state.row["early_stop"] = True
-        if loop.ctx.is_main:
-            best = loop.state.best
-            since = f"best {best['value']:.4g} at epoch {best['epoch']}" if best else "no finite value yet"
-            print(f"[{loop.cfg.stage}] early stop after epoch {loop.state.epoch}: {loop.cfg.select_metric} has not "
-                  f"improved for {self.wait} epoch(s) ({since})", file=sys.stderr, flush=True)
+        best = loop.state.best
+        since = f"best {best['value']:.4g} at epoch {best['epoch']}" if best else "no finite value yet"
+        self.note = (f"[{loop.cfg.stage}] early stop after epoch {loop.state.epoch}: {loop.cfg.select_metric} has not "
+                     f"improved for {self.wait} epoch(s) ({since})")
+
+    def completed(self, loop: TrainingLoop) -> None:
+        """Print the stop line once training ends: after the stopping epoch's own line (the
+        progress handler writes that one in ``epoch_completed``, after this handler)."""
+        if self.note and loop.ctx.is_main:
+            print(self.note, file=sys.stderr, flush=True)
+        self.note = ""
 
     def state_dict(self) -> dict[str, Any]:
         return {"wait": self.wait} if self.min_delta == 0 else {"wait": self.wait, "reference": self.reference}

@@ -165,26 +165,28 @@ def _check_seg(pred: Any, target: Any, num_classes: int, fn: str) -> tuple[np.nd
     return p, t
 
 
-def dice_per_class(pred: Any, target: Any, num_classes: int) -> np.ndarray:
+def dice_per_class(pred: Any, target: Any, num_classes: int, absent: float = 1.0) -> np.ndarray:
     """Foreground Dice ``2|P & T| / (|P| + |T|)`` for classes ``1..num_classes-1``.
 
     Args:
         pred, target: integer label maps of the same shape ``[*spatial]`` (any ndim, e.g.
             ``[H, W]`` or ``[D, H, W]``), values in ``[0, num_classes)``.
         num_classes: number of classes including background 0 (``>= 2``).
+        absent: the value of a class absent from both ``pred`` and ``target``: 1.0 (nothing to
+            find and nothing predicted is a correct answer; MONAI's
+            ``DiceMetric(ignore_empty=False)`` convention), or ``nan`` to leave it out of a
+            NaN-skipping mean (as MONAI's ``DiceMetric(ignore_empty=True)``; the pipelines' means).
 
     Returns:
-        float64 array ``[num_classes - 1]``; entry ``c - 1`` is class ``c``. A class absent from
-        both ``pred`` and ``target`` gives 1.0 (nothing to find and nothing predicted is a correct
-        answer; MONAI's ``DiceMetric(ignore_empty=False)`` convention). A class present in only
-        one of them gives 0.
+        float64 array ``[num_classes - 1]``; entry ``c - 1`` is class ``c``. A class present in
+        only one of them gives 0.
 
     Raises:
         DataError (a ValueError): shapes differ, non-integer maps, values out of range.
         ConfigError (a ValueError): ``num_classes < 2``.
     """
     p, t = _check_seg(pred, target, num_classes, "dice_per_class")
-    out = np.ones(num_classes - 1, dtype=np.float64)
+    out = np.full(num_classes - 1, absent, dtype=np.float64)
     for c in range(1, num_classes):
         pc, tc = p == c, t == c
         denom = int(pc.sum()) + int(tc.sum())

@@ -105,13 +105,16 @@ def save_adapter(student: nn.Module, task: int, folder: str | Path, name: str | 
             heads are not part of the adapter).
         task: the row to save, in ``[0, T)``.
         folder: created if needed; existing adapter files are replaced atomically.
-        name: the task's name, recorded in ``adapter.json`` (default ``"task_<task>"``).
+        name: the task's name, recorded in ``adapter.json`` (default: ``student.task_names[task]``
+            where the student carries its tasks' names, as a run's multi-task student does; else
+            ``"task_<task>"``).
 
     Raises:
         ValueError: ``task`` out of range, or ``student`` holds no (or several) ``ExpertModel``.
     """
     st = expert_model(student)
     st._check_task(task)
+    name = name or _task_names(student, st.num_tasks)[task]
     folder = Path(folder)
     rows = {n: t[task].detach().to("cpu").contiguous().clone() for n, t in task_tensors(st).items()}
     layers = {n: {"type": type(layer.base).__name__, "weight_shape": list(layer.base.weight.shape), "rank": layer.rank,
@@ -119,7 +122,7 @@ def save_adapter(student: nn.Module, task: int, folder: str | Path, name: str | 
               for n, layer in st.expert_layers()}
     norms = {n: {k: list(getattr(m, k).shape[1:]) for k in _NORM_KEYS if getattr(m, k) is not None}
              for n, m in st.model.named_modules() if isinstance(m, TaskBatchNorm)}
-    meta = {"format": ADAPTER_FORMAT, "kind": "lorkd-adapter", "task": name or f"task_{task}", "task_id": task,
+    meta = {"format": ADAPTER_FORMAT, "kind": "lorkd-adapter", "task": name, "task_id": task,
             "num_tasks": st.num_tasks, "alpha": st.config.alpha, "norm": st.config.norm, "layers": layers,
             "norms": norms, "sha256": tensors_digest(rows),
             "base": {"sha256": base_fingerprint(st), "note": "sha256 of the student's shared tensors"}}
@@ -129,17 +132,24 @@ def save_adapter(student: nn.Module, task: int, folder: str | Path, name: str | 
 
 
 def save_adapters(student: nn.Module, root: str | Path, names: list[str] | None = None) -> dict[str, Path]:
-    """Every task's adapter of ``student``, each in ``root/<name>`` (``names[t]``, default
+    """Every task's adapter of ``student``, each in ``root/<name>`` (``names[t]``; default: the
+    student's ``task_names`` where it carries them, as a run's multi-task student does, else
     ``task_<t>``); returns ``{name: folder}``.
 
     Raises:
         ValueError: ``names`` does not hold one unique name per task.
     """
     st = expert_model(student)
-    names = names or [f"task_{t}" for t in range(st.num_tasks)]
+    names = names or _task_names(student, st.num_tasks)
     if len(names) != st.num_tasks or len(set(names)) != len(names):
         raise ValueError(f"names: give {st.num_tasks} unique task names, got {names}")
     return {n: save_adapter(st, t, Path(root) / n, name=n) for t, n in enumerate(names)}
+
+
+def _task_names(student: nn.Module, num_tasks: int) -> list[str]:
+    """``student.task_names`` when it holds one name per task, else ``task_<t>``."""
+    names = getattr(student, "task_names", None)
+    return list(names) if names is not None and len(names) == num_tasks else [f"task_{t}" for t in range(num_tasks)]
 
 
 def read_adapter(folder: str | Path) -> dict[str, Any]:

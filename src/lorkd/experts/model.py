@@ -249,7 +249,8 @@ class LayerRow:
 
 @dataclass
 class ExpertSummary:
-    """What :meth:`ExpertModel.summary` reports; ``str()`` renders it as a table."""
+    """What :meth:`ExpertModel.summary` reports; ``str()`` renders it as a table (``extra``: more
+    ``key: value`` lines, e.g. a multi-task student's tasks and heads)."""
 
     layers: list[LayerRow]
     skipped: list[Skipped]
@@ -272,6 +273,7 @@ class ExpertSummary:
         )
         for s in self.skipped:
             lines.append(f"skipped {s.name} ({s.type}): {s.reason}")
+        lines.extend(f"{key}: {value}" for key, value in self.extra.items())
         return "\n".join(lines)
 
 

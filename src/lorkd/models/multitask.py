@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..experts import ExpertModel, add_experts, build_architecture, check_weights
+from ..experts import ExpertModel, ExpertSummary, add_experts, build_architecture, check_weights
 
 
 @dataclass
@@ -39,13 +39,16 @@ class MultiTaskNet(nn.Module):
     """``backbone`` (optionally with experts) + ``heads[t]`` per task.
 
     Subclasses set ``backbone_spec``, ``feature_dim`` and ``num_classes`` and implement
-    :meth:`plain_spec` (the architecture spec of one exported task).
+    :meth:`plain_spec` (the architecture spec of one exported task). ``task_names`` (``None``, or one
+    name per head; a run sets its tasks' names on the networks it loads) names the adapters
+    :func:`lorkd.save_adapters` writes of it and its :meth:`summary`.
     """
 
     def __init__(self, backbone: nn.Module, heads: list[nn.Module], experts: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.backbone = backbone if experts is None else add_experts(backbone, len(heads), **experts)
         self.heads = nn.ModuleList(heads)
+        self.task_names: list[str] | None = None
 
     @property
     def has_experts(self) -> bool:
@@ -61,8 +64,9 @@ class MultiTaskNet(nn.Module):
     def num_tasks(self) -> int:
         return len(self.heads)
 
-    def forward(self, x: Tensor, task_ids: Tensor, head_ids: Tensor | None = None) -> TaskOutput:
-        """``x`` ``[B, C, *spatial]``, ``task_ids`` int64 ``[B]`` -> :class:`TaskOutput`.
+    def forward(self, x: Tensor, task_ids: Tensor | int, head_ids: Tensor | None = None) -> TaskOutput:
+        """``x`` ``[B, C, *spatial]``, ``task_ids`` int64 ``[B]`` (or one ``int`` for the whole batch,
+        as an :func:`~lorkd.add_experts` student takes) -> :class:`TaskOutput`.
 
         ``task_ids`` may instead be float mixture weights ``[B, T]`` (soft routing, MoLA-Router):
         the backbone's experts are mixed per row, and each row goes to the head of its top task
@@ -71,9 +75,11 @@ class MultiTaskNet(nn.Module):
         the experts the router chose, the head of the row's true task, whose labels it has).
 
         Raises:
-            ValueError: a task id outside ``[0, T)``; weights the backbone refuses; ``head_ids`` not
-                of shape ``[B]``.
+            ValueError: a task id outside ``[0, T)`` (or neither an int nor a tensor); weights the
+                backbone refuses; ``head_ids`` not of shape ``[B]``.
         """
+        if not isinstance(task_ids, Tensor):
+            task_ids = self._batch_ids(task_ids, x.shape[0], x.device)
         features = self.backbone(x, task_ids) if self.has_experts else self.backbone(x)
         if task_ids.dtype.is_floating_point:
             if not self.has_experts:
@@ -91,6 +97,29 @@ class MultiTaskNet(nn.Module):
             rows[task] = torch.nonzero(task_ids == task).squeeze(1)
             logits[task] = self.heads[task](features.index_select(0, rows[task]))
         return TaskOutput(features, logits, rows)
+
+    def _batch_ids(self, task: Any, batch: int, device: torch.device) -> Tensor:
+        """One task id for the whole batch as int64 ``[batch]``. Raises ValueError naming it."""
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise ValueError(f"task_ids must be an int or an integer tensor of shape [{batch}], got {type(task).__name__}")
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"task id {task} is out of range: this model has heads for tasks 0..{self.num_tasks - 1}")
+        return torch.full((batch,), task, dtype=torch.long, device=device)
+
+    def summary(self) -> ExpertSummary:
+        """The backbone's experts (:meth:`~lorkd.ExpertModel.summary`: layers, ranks, parameters per
+        task, shared) with, in ``extra``, the task names, the heads' classes and their parameters.
+
+        Raises:
+            ValueError: a network without experts (a teacher or a baseline)."""
+        if not self.has_experts:
+            raise ValueError(f"this {type(self).__name__} has no experts (a teacher or baseline network): nothing to summarise")
+        out = self.backbone.summary()
+        names = self.task_names or [f"task_{t}" for t in range(self.num_tasks)]
+        classes = getattr(self, "num_classes", None) or ["?"] * self.num_tasks
+        out.extra["tasks"] = ", ".join(f"{n} ({c} classes)" for n, c in zip(names, classes))
+        out.extra["head parameters"] = f"{sum(p.numel() for p in self.heads.parameters()):,}"
+        return out
 
     def plain_spec(self, task: int) -> dict[str, Any]:
         """``{"factory", "kwargs"}`` building the plain ``Sequential(backbone, head)`` of ``task``."""

@@ -16,14 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-import h5py
 import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from ..data.segmentation import Case, Preprocess, fit_channels, image_to_array, pil_open, preprocess_case, reorient
+from ..data.segmentation import (
+    IMAGE_SUFFIXES as SEGMENTATION_IMAGE_SUFFIXES, INPUT_SUFFIXES, Case, InputImage, Preprocess, fit_channels,
+    input_suffix, preprocess_case, read_input_image, reorient, series_folders,
+)
 from ..engine.inference import sliding_window_logits
 from ..errors import DataError
 from ..experts import load_expert, read_card
@@ -32,13 +34,15 @@ from .core.runtime import resolve_device
 
 log = logging.getLogger("lorkd")
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp"}
+IMAGE_SUFFIXES = set(SEGMENTATION_IMAGE_SUFFIXES)  # 2D images: the suffixes the segmentation reader takes
 CLASSIFICATION_SUFFIXES = IMAGE_SUFFIXES | {".npy", ".npz"}
 
 
-def expand_inputs(inputs: Iterable[str | Path], suffixes: Iterable[str]) -> list[Path]:
+def expand_inputs(inputs: Iterable[str | Path], suffixes: Iterable[str], series: bool = False) -> list[Path]:
     """Files as given; a folder gives its files with one of ``suffixes`` (sorted, not recursive); a
     path that does not exist but holds ``*``, ``?`` or ``[`` is a glob pattern (sorted matches).
+    With ``series``, a folder without such files that holds DICOM slices is one input (a series),
+    and a folder of such folders gives each (:func:`~lorkd.data.segmentation.series_folders`).
 
     Raises:
         DataError: a missing file, a folder without such files, or a pattern that matches nothing.
@@ -49,7 +53,7 @@ def expand_inputs(inputs: Iterable[str | Path], suffixes: Iterable[str]) -> list
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if known(p))
+            found = sorted(p for p in path.iterdir() if known(p)) or (series_folders(path) if series else [])
             if not found:
                 raise DataError(f"{path}: folder holds no input files ({', '.join(sorted(suffixes))})")
             paths += found
@@ -377,49 +381,6 @@ def _format(rows: list[dict[str, Any]], kind: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- segmentation
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".h5", ".hdf5")
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), path.suffix.lower())
-
-
-def read_segmentation_input(path: Path, image_key: str = "image") -> tuple[np.ndarray, tuple[float, ...], Any]:
-    """``(image float32 [C, *spatial], spacing, geometry)`` of a NIfTI or HDF5 volume or a 2D image.
-
-    ``geometry`` is the NIfTI image (its affine and header are copied to the mask), or ``None``.
-
-    Raises:
-        DataError: a missing, unreadable or unsupported file (names it and the field).
-    """
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    kind = _suffix(path)
-    if kind in (".nii", ".nii.gz"):
-        try:
-            img = nib.load(str(path))
-            data = np.asarray(img.dataobj, dtype=np.float32)
-        except Exception as err:  # nibabel raises several types for bad files
-            raise DataError(f"{path}: cannot read the NIfTI file ({err})") from err
-        image = np.moveaxis(data, -1, 0) if data.ndim == 4 else data[None]
-        zooms = tuple(float(z) for z in img.header.get_zooms()[: image.ndim - 1])
-        return np.ascontiguousarray(image), zooms, img
-    if kind in (".h5", ".hdf5"):
-        try:
-            with h5py.File(path, "r") as f:
-                if image_key not in f:
-                    raise DataError(f"{path}: missing key {image_key!r} (has {sorted(f.keys())})")
-                data = np.asarray(f[image_key][()], dtype=np.float32)
-        except DataError:
-            raise
-        except (OSError, KeyError, ValueError, RuntimeError) as err:
-            raise DataError(f"{path}: cannot read the HDF5 file ({err})") from err
-        return data[None], (1.0,) * data.ndim, None
-    if kind in IMAGE_SUFFIXES:
-        return image_to_array(pil_open(str(path), "image")), (1.0, 1.0), None
-    raise DataError(f"{path}: unsupported input type {kind!r}; give NIfTI (.nii/.nii.gz), HDF5 (.h5) or image files")
-
 
 @torch.no_grad()
 def segment(model: torch.nn.Module, image: np.ndarray, spacing: tuple[float, ...], card: dict[str, Any],
@@ -497,8 +458,10 @@ def to_orientation(image: np.ndarray, affine: np.ndarray, codes: str, name: str 
 
 
 def _mask_stem(source: Path) -> str:
-    """The name of ``source`` without its (volume) suffix: its mask is ``<stem>_mask.<ext>``."""
-    return source.name[: -len(_suffix(source))] if source.name.lower().endswith(_suffix(source)) else source.stem
+    """The name of ``source`` without its input suffix (a DICOM folder: its name): its mask is
+    ``<stem>_mask.<ext>``."""
+    suffix = input_suffix(source)
+    return source.name[: -len(suffix)] if suffix and source.name.lower().endswith(suffix) else source.stem
 
 
 def label_lookup(card: dict[str, Any], folder: Path, class_indices: bool = False) -> np.ndarray | None:
@@ -528,29 +491,29 @@ def label_lookup(card: dict[str, Any], folder: Path, class_indices: bool = False
     return np.asarray(values, dtype=dtype)
 
 
-def write_mask(mask: np.ndarray, source: Path, geometry: Any, folder: Path) -> Path:
-    """Write ``mask`` (uint8, uint16 or int32) beside the name of ``source`` in ``folder``: NIfTI
-    (the input's affine and header, the mask's dtype; identity affine for HDF5 input) for volumes,
-    PNG (8- or 16-bit) for 2D images.
+def write_mask(mask: np.ndarray, source: InputImage, folder: Path) -> Path:
+    """Write ``mask`` (uint8, uint16 or int32) beside the name of ``source`` in ``folder``: for a
+    volume NIfTI in the input's geometry (a NIfTI input: its affine and header, the mask's dtype;
+    NRRD or a DICOM series: their affine; HDF5: the identity), for a 2D image a PNG (8- or 16-bit).
 
     Raises:
         DataError: a 2D mask with values a PNG cannot hold (negative or above 65535; names the file).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    stem = _mask_stem(source)
-    if mask.ndim == 2 and geometry is None:
+    stem = _mask_stem(source.path)
+    if mask.ndim == 2 and source.affine is None:
         path = folder / f"{stem}_mask.png"
         if mask.dtype not in (np.uint8, np.uint16):
             raise DataError(f"{path}: mask values {int(mask.min())}..{int(mask.max())} do not fit a PNG (0..65535); "
                             "predict with --class-indices")
         Image.fromarray(mask).save(path)
         return path
-    if geometry is not None:
-        header = geometry.header.copy()
+    if source.kind == "nifti":
+        header = nib.load(str(source.path)).header.copy()
         header.set_data_dtype(mask.dtype)
-        out = nib.Nifti1Image(mask, geometry.affine, header)
+        out = nib.Nifti1Image(mask, source.affine, header)
     else:
-        out = nib.Nifti1Image(mask, np.eye(4))
+        out = nib.Nifti1Image(mask, source.affine if source.affine is not None else np.eye(4))
     path = folder / f"{stem}_mask.nii.gz"
     nib.save(out, str(path))
     return path
@@ -592,7 +555,7 @@ def mask_inputs(inputs: list[Path | str], folder: Path) -> list[Path]:
     Raises:
         DataError: two inputs whose masks would have the same name in ``folder`` (names both).
     """
-    paths = expand_inputs(inputs, (*VOLUME_SUFFIXES, *IMAGE_SUFFIXES))
+    paths = expand_inputs(inputs, INPUT_SUFFIXES, series=True)
     seen: dict[str, Path] = {}
     for path in paths:
         other = seen.setdefault(_mask_stem(path).lower(), path)
@@ -603,20 +566,19 @@ def mask_inputs(inputs: list[Path | str], folder: Path) -> list[Path]:
 
 
 def mask_file(model: torch.nn.Module, card: dict[str, Any], path: Path, dev: torch.device,
-              lookup: np.ndarray | None, folder: Path, read: tuple[np.ndarray, Any, Any] | None = None
-              ) -> dict[str, Any]:
+              lookup: np.ndarray | None, folder: Path, read: Any = None) -> dict[str, Any]:
     """Segment one file with an expert and its card (a NIfTI turned to the card's ``orientation``
     first and its mask back), write the mask into ``folder`` (values through ``lookup``) and return
     its CSV row (input, mask, shape, voxels per class index). ``read``: the file's
-    :func:`read_segmentation_input`, when the caller has read it already."""
-    image, spacing, geometry = read or read_segmentation_input(path)
-    back = None
-    if card.get("orientation") and geometry is not None and image.ndim == 4:
-        image, spacing, affine, back = to_orientation(image, geometry.affine, card["orientation"], str(path))
+    :func:`read_input_image`, when the caller has read it already."""
+    item = read or read_input_image(path)
+    image, spacing, back = item.image, item.spacing, None
+    if card.get("orientation") and item.affine is not None and image.ndim == 4:
+        image, spacing, affine, back = to_orientation(image, item.affine, card["orientation"], str(path))
     mask = segment(model, image, spacing, card, dev, str(path))
     if back is not None:
         mask = np.ascontiguousarray(reorient(mask, affine, to=back)[0])
-    written = write_mask(mask if lookup is None else lookup[mask], path, geometry, folder)
+    written = write_mask(mask if lookup is None else lookup[mask], item, folder)
     counts = np.bincount(mask.reshape(-1), minlength=card["classes"])
     return {"input": str(path), "mask": str(written), "shape": "x".join(map(str, mask.shape)),
             **{f"voxels_{c}": int(n) for c, n in enumerate(counts)}}

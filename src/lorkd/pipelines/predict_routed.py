@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.segmentation import fit_channels, reorient
+from ..data.segmentation import fit_channels, read_input_image, reorient
 from ..errors import DataError
 from ..models.router import ROUTED_CARD, RoutedExperts, load_routed, router_view
 from .predict import (
     CLASSIFICATION_SUFFIXES, _device, _format, _spatial_dims, _warn, expand_inputs, label_lookup, load_inputs,
-    mask_file, mask_inputs, preprocess, read_segmentation_input, write_rows,
+    mask_file, mask_inputs, preprocess, write_rows,
 )
 
 
@@ -78,12 +78,12 @@ def predict_routed(folder: Path, inputs: list[Path | str], split: str = "test", 
     return rows
 
 
-def route_file(model: RoutedExperts, image: np.ndarray, geometry: Any, dev: torch.device) -> tuple[int, float]:
+def route_file(model: RoutedExperts, image: np.ndarray, affine: np.ndarray | None, dev: torch.device) -> tuple[int, float]:
     """``(task id, its router probability)`` of one case ``[C, *spatial]`` as read: turned to
     ``router_input.orientation`` (a 3D NIfTI), channels fitted, :func:`router_view`, router argmax."""
     ri = model.card["router_input"]
-    if ri.get("orientation") and geometry is not None and image.ndim == 4:
-        image = reorient(image, geometry.affine, to=ri["orientation"], channels_first=True)[0]
+    if ri.get("orientation") and affine is not None and image.ndim == 4:
+        image = reorient(image, affine, to=ri["orientation"], channels_first=True)[0]
     if image.ndim - 1 != ri["spatial_dims"]:
         raise DataError(f"input of shape {list(image.shape)} ([C, *spatial]) does not fit the router, which takes "
                         f"{ri['spatial_dims']}D cases")
@@ -110,9 +110,9 @@ def predict_routed_masks(model: RoutedExperts, folder: Path, inputs: list[Path |
     out = Path(output) if output is not None else Path("masks")
     rows = []
     for path in mask_inputs(inputs, out):
-        read = read_segmentation_input(path)
+        read = read_input_image(path)
         try:
-            task, p_task = route_file(model, read[0], read[2], dev)
+            task, p_task = route_file(model, read.image, read.affine, dev)
         except DataError as err:
             raise DataError(f"{path}: {err}") from err
         expert = model.experts[task]

@@ -3,6 +3,7 @@
 - :mod:`.cases`: :class:`CaseRef` (where a case lives) and :class:`Case` (its loaded arrays);
 - :mod:`.orientation`: :data:`CANONICAL_ORIENTATION` and :func:`reorient` (3D NIfTI axes);
 - :mod:`.formats`: reading one case (HDF5, NIfTI, 2D image/mask) and header-only probes;
+- :mod:`.inputs`: one image to segment without a label (what ``lorkd predict`` reads), by the same readers;
 - :mod:`.folders`: finding the cases of a data set in its folder (the readers);
 - :mod:`.split`: patient-wise splits and split files;
 - :mod:`.tasks`: :class:`SegmentationTaskData` and :func:`load_segmentation_task`;
@@ -30,18 +31,24 @@ from .cases import Case, CaseRef
 from .datasets import PatchDataset, VolumeDataset, fit_channels
 from .folders import (
     RARE_LABEL_SHARE,
+    RARE_MASK_SHARE,
     PatientRule,
     default_patient_rule,
     read_hdf5_folder,
     read_image_mask_folder,
     read_msd_folder,
     scan_label_values,
+    warn_rare_label_values,
 )
 from .formats import image_to_array, load_case, load_label, pil_open, probe_case, probe_spacing
+from .inputs import IMAGE_SUFFIXES, INPUT_SUFFIXES, InputImage, input_suffix, read_input_image, series_folders
 from .orientation import CANONICAL_ORIENTATION, reorient
-from .preprocess import NORMALIZE_MODES, Preprocess, normalize_intensity, preprocess_case, resample, resize_case
+from .preprocess import (
+    NORMALIZE_DETAILS, NORMALIZE_MODES, NORMALIZE_TRANSFORMS, Preprocess, normalize_intensity, preprocess_case, resample,
+    resize_case,
+)
 from .split import DEFAULT_SPLIT_NAMES, apply_split, load_split, save_split, split_cases
-from .tasks import SegmentationTaskData, load_segmentation_task
+from .tasks import SegmentationTaskData, load_segmentation_task, reader_options
 
 __all__ = [
     # cases
@@ -57,14 +64,23 @@ __all__ = [
     "probe_case",
     "pil_open",
     "probe_spacing",
+    # inputs (an image to segment, no label)
+    "IMAGE_SUFFIXES",
+    "INPUT_SUFFIXES",
+    "InputImage",
+    "input_suffix",
+    "read_input_image",
+    "series_folders",
     # folders
     "PatientRule",
     "RARE_LABEL_SHARE",
+    "RARE_MASK_SHARE",
     "default_patient_rule",
     "read_hdf5_folder",
     "read_msd_folder",
     "read_image_mask_folder",
     "scan_label_values",
+    "warn_rare_label_values",
     # split
     "DEFAULT_SPLIT_NAMES",
     "split_cases",
@@ -74,8 +90,11 @@ __all__ = [
     # tasks
     "SegmentationTaskData",
     "load_segmentation_task",
+    "reader_options",
     # preprocess
+    "NORMALIZE_DETAILS",
     "NORMALIZE_MODES",
+    "NORMALIZE_TRANSFORMS",
     "Preprocess",
     "normalize_intensity",
     "resample",

@@ -35,6 +35,7 @@ __all__ = [
     "read_msd_folder",
     "read_image_mask_folder",
     "scan_label_values",
+    "warn_rare_label_values",
 ]
 
 
@@ -190,13 +191,12 @@ def read_msd_folder(
 
 
 RARE_LABEL_SHARE = 1e-3  # a mask value on fewer pixels than this share of all is warned about
+RARE_MASK_SHARE = 0.05  # ... and one in at most this share of the masks (at least 1 mask) too
 
 
 def scan_label_values(mask_paths: Sequence[str | Path]) -> tuple[int, ...]:
-    """Sorted unique raw values over all masks (the default class mapping for 2D masks).
-
-    A value on fewer than :data:`RARE_LABEL_SHARE` of all mask pixels (a stray value, e.g. from a
-    lossy or resized mask, would make a binary task 3-class) is warned about, naming its masks."""
+    """Sorted unique raw values over all masks (the default class mapping for 2D masks); rare
+    values are warned about (:func:`warn_rare_label_values`)."""
     counts: dict[int, int] = {}
     where: dict[int, list[str]] = {}
     for p in mask_paths:
@@ -204,14 +204,43 @@ def scan_label_values(mask_paths: Sequence[str | Path]) -> tuple[int, ...]:
         for v, c in zip(values.tolist(), n.tolist()):
             counts[v] = counts.get(v, 0) + c
             where.setdefault(v, []).append(str(p))
-    total = sum(counts.values())
-    for v in sorted(counts):
-        if len(counts) > 2 and counts[v] < RARE_LABEL_SHARE * total:
-            files = ", ".join(where[v][:3]) + (f" and {len(where[v]) - 3} more" if len(where[v]) > 3 else "")
-            log.warning("mask value %d is on only %d of %d pixels (%s), yet makes its own class (%d classes from "
-                        "values %s); if it is stray (a lossy or resized mask?), fix those masks", v, counts[v], total,
-                        files, len(counts), sorted(counts))
+    warn_rare_label_values(counts, where, len(mask_paths))
     return tuple(sorted(counts))
+
+
+def warn_rare_label_values(counts: Mapping[int, int], where: Mapping[int, Sequence[str]], n_masks: int) -> list[int]:
+    """Warn about each mask value that looks stray yet would make its own class, naming its masks.
+
+    A value is rare when it is on fewer than :data:`RARE_LABEL_SHARE` of all mask pixels, or (with 3
+    masks or more) in at most ``max(1, RARE_MASK_SHARE * n_masks)`` of the masks (a block of a stray
+    value in one mask; one mask's foreground stored as 128 where the others use 255). Only data sets
+    with more than two values are checked (a binary task has nothing to confuse).
+
+    Args:
+        counts: value -> number of pixels/voxels over all masks.
+        where: value -> the mask files holding it.
+        n_masks: number of masks scanned.
+
+    Returns:
+        The rare values, sorted (each logged once as a warning).
+    """
+    total = sum(counts.values())
+    few = max(1, int(RARE_MASK_SHARE * n_masks))
+    rare = []
+    for v in sorted(counts):
+        in_few = n_masks >= 3 and len(where[v]) <= few
+        if len(counts) <= 2 or not (counts[v] < RARE_LABEL_SHARE * total or in_few):
+            continue
+        rare.append(v)
+        files = ", ".join(where[v][:3]) + (f" and {len(where[v]) - 3} more" if len(where[v]) > 3 else "")
+        n_in = len(where[v])
+        seen = (f"is on only {counts[v]} of {total} pixels ({files}), in {n_in} of {n_masks} masks"
+                if counts[v] < RARE_LABEL_SHARE * total else
+                f"is in only {n_in} of {n_masks} masks ({files}), on {counts[v]} of {total} pixels")
+        log.warning("mask value %d %s, yet makes its own class (%d classes from values %s); if it is stray (a lossy "
+                    "or resized mask, another value for the same structure?), fix those masks or list the values "
+                    "to use (reader.label_values)", v, seen, len(counts), sorted(counts))
+    return rare
 
 
 def _mask_name_fn(rule: str | Sequence[str]) -> Callable[[str], str]:
@@ -303,9 +332,8 @@ def read_image_mask_folder(
     if len(set(values)) != len(values):
         raise DataError(f"label_values has repeated values: {list(values)}")
     if num_classes is not None and len(values) > num_classes:
-        raise DataError(
-            f"{mask_dir}: masks hold {len(values)} distinct values {list(values)} > num_classes={num_classes}"
-        )
+        raise DataError(f"masks hold {len(values)} distinct values {list(values)} > num_classes={num_classes}"
+                        + _files_holding(values, [m for _, m in pairs], len(values) - num_classes))
     ids = [p.relative_to(img_dir).with_suffix("").as_posix() for p, _ in pairs]
     refs = [
         CaseRef(cid, rule(cid), str(p), str(m), "image", num_classes=num_classes or len(values),
@@ -313,6 +341,17 @@ def read_image_mask_folder(
         for cid, (p, m) in zip(ids, pairs)
     ]
     return _finish(refs, img_dir, lazy)
+
+
+def _files_holding(values: Sequence[int], masks: Sequence[Path], extra: int, most: int = 3) -> str:
+    """``"; value v in <file>, ..."`` for the ``extra`` values found in the fewest masks (the likely
+    strays), naming up to ``most`` of their mask files."""
+    where: dict[int, list[str]] = {v: [] for v in values}
+    for m in masks:
+        for v in np.unique(_mask_to_array(pil_open(str(m), "mask"), str(m))).tolist():
+            where.setdefault(v, []).append(str(m))
+    rare = sorted(values, key=lambda v: (len(where[v]), v))[:extra]
+    return "".join(f"; value {v} in {len(where[v])} mask(s): {', '.join(where[v][:most])}" for v in rare)
 
 
 def patient_folder_rule(case_id: str) -> str:

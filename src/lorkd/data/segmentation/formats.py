@@ -13,6 +13,7 @@ outside the mapping) raises :class:`lorkd.errors.DataError` naming the file and 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -24,7 +25,7 @@ from .cases import Case, CaseRef
 from .orientation import CANONICAL_ORIENTATION, _reoriented_shape, reorient
 from .volume_files import read_volume, read_volume_header
 
-__all__ = ["load_case", "load_label", "probe_case", "probe_spacing"]
+__all__ = ["hdf5_spacing", "load_case", "load_label", "probe_case", "probe_spacing", "read_hdf5_arrays"]
 
 
 def _as_labels(label: np.ndarray, path: str, field_name: str, num_classes: int | None) -> np.ndarray:
@@ -80,29 +81,43 @@ def _as_image(image: np.ndarray, label_shape: tuple[int, ...], path: str, field_
 
 def _load_hdf5(ref: CaseRef) -> Case:
     path = ref.image_path
+    arrays, file_spacing = read_hdf5_arrays(path, (ref.image_key, ref.label_key))
+    label = _as_labels(arrays[ref.label_key], path, ref.label_key, ref.num_classes)
+    image = _as_image(arrays[ref.image_key], label.shape, path, ref.image_key, channels_last=False)
+    return Case(ref.case_id, ref.patient_id, image, label, _hdf5_spacing(ref, label.ndim, file_spacing), None, path)
+
+
+def read_hdf5_arrays(path: str, keys: tuple[str, ...]) -> tuple[dict[str, np.ndarray], Any]:
+    """``({key: array}, spacing attribute)`` of an HDF5 file: the datasets ``keys`` and the ``spacing``
+    attribute of the first one's dataset, else of the file (``None`` when neither has one).
+
+    Raises:
+        DataError: a missing key (the file's keys listed), an unreadable file (names it)."""
     try:
         with h5py.File(path, "r") as f:
             arrays = {}
-            for key in (ref.image_key, ref.label_key):
+            for key in keys:
                 if key not in f:
                     raise DataError(f"{path}: missing key {key!r} (has {sorted(f.keys())})")
                 arrays[key] = np.asarray(f[key][()])
-            file_spacing = f[ref.image_key].attrs.get("spacing", f.attrs.get("spacing"))
+            return arrays, f[keys[0]].attrs.get("spacing", f.attrs.get("spacing"))
     except DataError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise DataError(f"{path}: cannot read HDF5 file (corrupt or truncated?): {err}") from err
-    label = _as_labels(arrays[ref.label_key], path, ref.label_key, ref.num_classes)
-    image = _as_image(arrays[ref.image_key], label.shape, path, ref.image_key, channels_last=False)
-    return Case(ref.case_id, ref.patient_id, image, label, _hdf5_spacing(ref, label.ndim, file_spacing), None, path)
 
 
 def _hdf5_spacing(ref: CaseRef, nd: int, file_spacing) -> tuple[float, ...]:
     """Voxel size of an HDF5 case: the reader's ``spacing`` argument, else the file's ``spacing``
     attribute (on the file or on the image dataset), else 1.0 per axis (HDF5 has no standard
     header; the default makes distances "voxels", reported as mm of 1 mm voxels)."""
-    given = dict(ref.meta).get("spacing")
-    where = "reader.spacing" if given is not None else f"attribute 'spacing' of {ref.image_path}"
+    return hdf5_spacing(dict(ref.meta).get("spacing"), file_spacing, nd, ref.image_path)
+
+
+def hdf5_spacing(given: Any, file_spacing: Any, nd: int, path: str) -> tuple[float, ...]:
+    """Voxel size per axis from ``given`` (``reader.spacing``), else ``file_spacing`` (the file's
+    attribute), else 1.0 per axis. Raises DataError naming where a bad value came from."""
+    where = "reader.spacing" if given is not None else f"attribute 'spacing' of {path}"
     value = given if given is not None else file_spacing
     if value is None:
         return (1.0,) * nd

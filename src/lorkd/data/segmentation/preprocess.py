@@ -14,10 +14,31 @@ from lorkd.errors import ConfigError
 
 from .cases import Case
 
-__all__ = ["Preprocess", "normalize_intensity", "resample", "resize_case", "preprocess_case"]
+__all__ = ["NORMALIZE_DETAILS", "NORMALIZE_TRANSFORMS", "Preprocess", "normalize_intensity", "resample",
+           "resize_case", "preprocess_case"]
 
 
 NORMALIZE_MODES = ("zscore", "zscore_nonzero", "minmax", "none")
+
+#: What each ``normalize`` mode computes, exactly (the expert card and the MONAI bundle say it).
+NORMALIZE_DETAILS = {
+    "zscore": "per channel c of the case's image [C, *spatial], separately: (x_c - mean(x_c)) / std(x_c) over all "
+              "voxels of that channel of the whole image (population std, ddof=0; a constant channel is only "
+              "shifted); not one mean/std over all channels",
+    "zscore_nonzero": "per channel c separately: mean and std (ddof=0) over the nonzero voxels of channel c, applied to "
+                      "them; zeros stay 0 (a constant channel is only shifted)",
+    "minmax": "per channel c separately: (x_c - min(x_c)) / (max(x_c) - min(x_c)) into [0, 1] (a constant channel "
+              "becomes 0)",
+    "none": "no intensity normalisation (raw values)",
+}
+
+#: The MONAI array transform that computes the same as each mode (for a bundle's ``preprocessing``).
+NORMALIZE_TRANSFORMS = {
+    "zscore": {"_target_": "NormalizeIntensity", "nonzero": False, "channel_wise": True},
+    "zscore_nonzero": {"_target_": "NormalizeIntensity", "nonzero": True, "channel_wise": True},
+    "minmax": {"_target_": "ScaleIntensity", "minv": 0.0, "maxv": 1.0, "channel_wise": True},
+    "none": {"_target_": "Identity"},
+}
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ split by patient (:mod:`.split`) into :class:`SegmentationTaskData`."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,11 @@ from lorkd.data.paths import shared_data_dir
 from lorkd.errors import ConfigError, DataError
 
 from .cases import Case, CaseRef
-from .folders import read_hdf5_folder, read_image_mask_folder, read_msd_folder
+from .folders import read_hdf5_folder, read_image_mask_folder, read_msd_folder, warn_rare_label_values
 from .formats import load_label, probe_case
 from .split import apply_split, load_split, save_split, split_cases
 
-__all__ = ["SegmentationTaskData", "load_segmentation_task"]
+__all__ = ["SegmentationTaskData", "load_segmentation_task", "reader_options"]
 
 
 @dataclass
@@ -51,7 +52,37 @@ class SegmentationTaskData:
         return save_split(self.splits, path)
 
 
+def _scan_num_classes(refs: Sequence[CaseRef]) -> int:
+    """``max + 1`` (at least 2) over every case's label map of class indices; a value in few label
+    files is warned about with the files named (:func:`warn_rare_label_values`)."""
+    counts: dict[int, int] = {}
+    where: dict[int, list[str]] = {}
+    for r in refs:
+        values, n = np.unique(load_label(r), return_counts=True)
+        for v, c in zip(values.tolist(), n.tolist()):
+            counts[v] = counts.get(v, 0) + c
+            where.setdefault(v, []).append(str(r.label_path))
+    warn_rare_label_values(counts, where, len(refs))
+    return max(2, int(max(counts)) + 1)
+
+
 _READERS = {"hdf5": read_hdf5_folder, "msd": read_msd_folder, "folder": read_image_mask_folder}
+
+
+_NOT_READER_OPTIONS = ("root", "num_classes", "lazy")  # given by load_segmentation_task itself
+
+
+def reader_options(format: str) -> tuple[str, ...]:
+    """The keys a task's ``reader`` section may hold for ``format``: the keyword arguments of its
+    reader (:func:`read_hdf5_folder`, :func:`read_msd_folder`, :func:`read_image_mask_folder`) other
+    than those :func:`load_segmentation_task` passes itself.
+
+    Raises:
+        ConfigError: an unknown format."""
+    if format not in _READERS:
+        raise ConfigError(f"unknown format {format!r} (use one of {sorted(_READERS)})")
+    params = inspect.signature(_READERS[format]).parameters
+    return tuple(name for name in params if name not in _NOT_READER_OPTIONS)
 
 
 def _resolve(path: str | Path) -> Path:
@@ -103,7 +134,7 @@ def load_segmentation_task(
     if num_classes is None:
         num_classes = refs[0].num_classes
         if num_classes is None:
-            num_classes = max(2, max(int(load_label(r).max()) + 1 for r in refs))
+            num_classes = _scan_num_classes(refs)
     refs = [r.with_num_classes(num_classes) for r in refs]
     if split is None:
         split = (0.6, 0.2, 0.2)

@@ -4,7 +4,8 @@ The folder follows MONAI's bundle layout::
 
     bundle/
       configs/metadata.json   # MONAI metadata schema: versions, task, network_data_format (inputs, outputs)
-      configs/inference.json  # network_def (and network, inferer) for monai.bundle.ConfigParser
+      configs/inference.json  # network_def (and network, inferer; a segmenter's per-channel
+                              # intensity normalisation as 'preprocessing') for monai.bundle.ConfigParser
       models/model.pt         # the expert's state dict (torch.save), keys backbone.* and head.*
       docs/README.md          # what the model is, how to load it
 
@@ -21,6 +22,7 @@ torchvision/timm feature models) keeps its lorkd ``_target_``; the metadata says
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +35,7 @@ from torch import nn
 from importlib.metadata import version as _package_version
 
 lorkd_version = _package_version("lorkd")  # the installed package (`pip install -e .` in dev)
+from ...data.segmentation import NORMALIZE_DETAILS, NORMALIZE_TRANSFORMS
 from ...errors import ConfigError
 from ...fileio import write_atomic, write_json
 from ...models.foundation import load_foundation
@@ -89,6 +92,8 @@ def write_bundle(model: nn.Module, spec: dict[str, Any], card: dict[str, Any], f
     inference = {"imports": ["$import collections"], "bundle_root": ".",
                  "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')", **entries,
                  "network": "$@network_def.to(@device)", "inferer": _inferer(card)}
+    if segmentation:
+        inference["preprocessing"] = _seg_preprocessing(card)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     write_atomic(folder / "models" / "model.pt", lambda p: torch.save(state, p))
     write_json(folder / "configs" / "inference.json", inference)
@@ -135,12 +140,35 @@ def _inferer(card: dict[str, Any]) -> dict[str, Any]:
             "overlap": inf["overlap"], "mode": inf["mode"]}
 
 
+def _seg_preprocessing(card: dict[str, Any]) -> dict[str, Any]:
+    """The MONAI array transform of the card's intensity normalisation (per channel, exactly as lorkd
+    computes it: :data:`~lorkd.data.segmentation.NORMALIZE_TRANSFORMS`) for an image ``[C, *spatial]``."""
+    return dict(NORMALIZE_TRANSFORMS[(card.get("preprocessing") or {}).get("normalize", "none")])
+
+
+def _seg_normalisation(card: dict[str, Any]) -> dict[str, Any]:
+    """The card's ``preprocessing`` with exactly what its normalisation computes (per channel) and how
+    the bundle applies it."""
+    pre = dict(card.get("preprocessing") or {"normalize": "none"})
+    mode = pre.get("normalize", "none")
+    resampled = [k for k in ("scale", "target_spacing", "target_shape") if pre.get(k) is not None]
+    return {**pre, "normalize_per": "channel", "normalize_detail": NORMALIZE_DETAILS[mode],
+            "in_bundle": "configs/inference.json 'preprocessing' (" + json.dumps(NORMALIZE_TRANSFORMS[mode]) + ") computes "
+                         "this normalisation on one image [C, *spatial]; apply it, add the batch axis, then 'inferer' "
+                         "with 'network', then argmax over the channel axis"
+                         + (f"; the resampling ({', '.join(resampled)}) is not in the bundle: resample the image "
+                            "before and the logits back after, as lorkd predict does" if resampled else "")}
+
+
 def _metadata(card: dict[str, Any], spec: dict[str, Any], needs_lorkd: bool, segmentation: bool) -> dict[str, Any]:
     task, classes = str(card.get("task", "expert")), int(card["classes"])
     channels = int(card.get("input_channels", card.get("in_channels", 1)))
     kind = "segmentation" if segmentation else "classification"
     shape = list(card.get("patch_size") if segmentation else card.get("input_size") or [])
-    normalisation = card.get("preprocessing") if segmentation else card.get("normalisation")
+    normalisation = _seg_normalisation(card) if segmentation else card.get("normalisation")
+    output = (f"logits [B, {classes}, *spatial], not probabilities: argmax over axis 1 gives the class index map, "
+              "softmax over axis 1 the probabilities" if segmentation else
+              f"logits [B, {classes}], not probabilities: softmax over axis 1 gives the class probabilities")
     names = card.get("class_names") or [str(k) for k in range(classes)]
     output_shape = shape if segmentation else [classes]
     packages = {"lorkd": lorkd_version} if needs_lorkd else {}
@@ -161,7 +189,7 @@ def _metadata(card: dict[str, Any], spec: dict[str, Any], needs_lorkd: bool, seg
                                  "value_range": _value_range(normalisation, segmentation),
                                  "is_patch_data": segmentation,
                                  "channel_def": {str(c): f"channel {c}" for c in range(channels)}}},
-            "outputs": {"pred": {"type": "image" if segmentation else "probabilities", "format": kind,
+            "outputs": {"pred": {"type": "image" if segmentation else "logits", "format": kind, "description": output,
                                  "num_channels": classes, "spatial_shape": output_shape, "dtype": "float32",
                                  "value_range": [], "is_patch_data": segmentation, "is_onehot": False,
                                  "channel_def": {str(k): str(n) for k, n in enumerate(names)}}},
@@ -188,7 +216,10 @@ def _readme(card: dict[str, Any], needs_lorkd: bool, segmentation: bool) -> str:
     return (f"# lorkd expert: {task}\n\n"
             f"The expert of task `{task}` exported by lorkd: a plain `nn.Sequential(backbone, head)` "
             f"mapping `[B, C, *spatial]` images to {out} over {classes} classes (no task ids, no lorkd layers).\n"
-            f"Input format, intensity normalisation and class names: `configs/metadata.json`.\n\n"
+            f"Input format, intensity normalisation and class names: `configs/metadata.json`"
+            + (" (the normalisation is per channel: `configs/inference.json`'s `preprocessing` computes it on one "
+               "image `[C, *spatial]`; then add the batch axis, run `inferer` with `network`, argmax over axis 1)"
+               if segmentation else "") + ".\n\n"
             f"## Load\n\n{load}\n\n"
             "```python\nimport torch\nfrom monai.bundle import ConfigParser\n\n"
             "parser = ConfigParser()\nparser.read_config(\"configs/inference.json\")\n"

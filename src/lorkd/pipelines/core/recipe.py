@@ -297,7 +297,8 @@ class DecompositionRecipe(Recipe):
                       build: Callable[[dict[str, Any]], nn.Module] | None = None) -> nn.Module:
         """Load a network an earlier stage or run saved, after checking it was trained for the
         tasks and classes of this run's data (``tasks``: a subset, by task id). ``build(meta)``
-        rebuilds it (default :meth:`build`).
+        rebuilds it (default :meth:`build`). A multi-task network gets those tasks' names
+        (``task_names``: its adapters and summary are named by them).
 
         Raises:
             DataError: it was trained on other tasks or another number of classes (names the file).
@@ -308,6 +309,8 @@ class DecompositionRecipe(Recipe):
         if meta.get("tasks") != names or meta.get("num_classes") != classes:
             raise DataError(f"{folder / META}: trained on tasks {meta.get('tasks')} with classes "
                             f"{meta.get('num_classes')}, but this run's data has tasks {names} with classes {classes}")
+        if hasattr(model, "task_names"):
+            model.task_names = names
         return model.to(self.ctx.device)
 
     def reuse_teacher(self, folder: Path, build: Callable[[dict[str, Any]], nn.Module] | None = None) -> nn.Module:

@@ -20,8 +20,12 @@ writes an ordinary run folder (``config.yaml``, ``teacher/``, ``student/``, ``ex
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -107,7 +111,7 @@ def given_foundation(sha256: str) -> nn.Module:
 def decompose(teacher: nn.Module | None, tasks: Sequence[Task | ClassificationTask],
               config: ClassificationConfig | Mapping[str, Any] | None = None, out: str | Path | None = None, *,
               resume: bool = False, overwrite: bool = False, reuse: bool = False, progress: bool = False,
-              report: bool = True) -> DecompositionResult:
+              report: bool = True, summary: bool = True) -> DecompositionResult:
     """Decompose ``teacher`` into one low-rank expert per task of ``tasks``: the stages of
     ``lorkd run`` (teacher, adapt, student, baselines, export, evaluate) on in-memory data.
 
@@ -131,6 +135,10 @@ def decompose(teacher: nn.Module | None, tasks: Sequence[Task | ClassificationTa
             ``--reuse``; recorded in the report).
         progress: print the training progress lines.
         report: also write ``report.md`` (and its plots) as ``lorkd run`` does.
+        summary: print to stderr what ``lorkd run`` logs (the start-up summary: seed, device,
+            threads, tasks and their sizes; each stage's epochs and steps) when the ``lorkd`` logger
+            would not show INFO messages anyway (logging not configured); configured logging decides
+            otherwise.
 
     Returns:
         a :class:`DecompositionResult` (student, experts, metrics, run folder).
@@ -165,7 +173,8 @@ def decompose(teacher: nn.Module | None, tasks: Sequence[Task | ClassificationTa
         _write_foundation(teacher, out / GIVEN / digest[:16] / "foundation.pt")
         _FOUNDATIONS[digest] = teacher
     try:
-        metrics = drive(recipe, reuse=reuse)
+        with _run_log(summary):
+            metrics = drive(recipe, reuse=reuse)
     finally:
         _FOUNDATIONS.pop(digest or "", None)
     if report:
@@ -173,6 +182,25 @@ def decompose(teacher: nn.Module | None, tasks: Sequence[Task | ClassificationTa
     student = recipe.reuse_network(out / "student").cpu().eval()
     experts = {name: load_expert(out / "experts" / name).eval() for name in recipe.names}
     return DecompositionResult(student, experts, metrics, out)
+
+
+@contextmanager
+def _run_log(show: bool) -> Iterator[None]:
+    """With ``show``, and the ``lorkd`` logger below INFO (nobody configured logging), its INFO
+    messages go to stderr as the CLI prints them (``%(message)s``) for the duration."""
+    logger = logging.getLogger("lorkd")
+    if not show or logger.getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    handler, level = logging.StreamHandler(sys.stderr), logger.level
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _teacher_kind(teacher: Any) -> str | None:

@@ -31,6 +31,7 @@ from torch import nn
 from ...data.paths import locate
 from ...data.segmentation import (
     CANONICAL_ORIENTATION,
+    NORMALIZE_DETAILS,
     PatchDataset,
     SegmentationTaskData,
     VolumeCache,
@@ -45,6 +46,7 @@ from ...engine.distributed import DistributedContext
 from ...engine.inference import sliding_window_logits
 from ...errors import ConfigError, DataError
 from ...experts import load_expert
+from ...fileio import write_json
 from ...models.multitask import MultiTaskNet
 from ...models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
 from ..core.objective import TaskRemap
@@ -63,7 +65,9 @@ def load_volume_tasks(cfg: SegmentationConfig, out: Path | None = None, write: b
     With ``out``, an existing ``out/split_<task>.json`` is reused (so every stage and a resumed
     run see the same cases) and a new split is written there (when ``write``). The split file
     holds every case; ``data.max_train`` then keeps a random subset of the training cases (seed
-    ``data.cap_seed``, in split order), the same for every model.
+    ``data.cap_seed``, in split order), the same for every model, and (with ``out`` and ``write``)
+    records them in ``out/train_cases_<task>.json`` (``{"max_train", "cap_seed", "of", "train": [case
+    ids]}``). An error of a task's data names it as ``data.tasks[i] (name)``.
     """
     tasks = []
     for i, spec in enumerate(cfg.data.tasks):
@@ -72,14 +76,15 @@ def load_volume_tasks(cfg: SegmentationConfig, out: Path | None = None, write: b
         if saved is not None and saved.is_file():
             split = str(saved)
         locate(spec.path, f"data.tasks[{i}].path")  # a missing folder: the places searched
+        key = f"data.tasks[{i}] ({spec.name})"
         try:
             task = load_segmentation_task(spec.name, spec.path, format=spec.format, num_classes=spec.num_classes,
                                           split=split, seed=cfg.data.seed, **spec.reader)
-        except DataError as err:
-            raise DataError(f"data.tasks[{i}] ({spec.name}): {err}") from err
+        except (DataError, ConfigError) as err:  # the same type, with the task's key in front
+            raise type(err)(f"{key}: {err}") from err
         for name in ("train", "val", "test"):
             if not task.splits.get(name):
-                raise ConfigError(f"data.tasks[{spec.name}]: split {name!r} holds no case "
+                raise ConfigError(f"{key}: split {name!r} holds no case "
                                   f"({sum(len(v) for v in task.splits.values())} cases in all); add cases or change data.split")
         if saved is not None and write and not saved.is_file():
             task.save_split(saved)
@@ -87,6 +92,10 @@ def load_volume_tasks(cfg: SegmentationConfig, out: Path | None = None, write: b
         if cap is not None and cap < len(train):
             keep = np.sort(np.random.default_rng(cfg.data.cap_seed).choice(len(train), cap, replace=False))
             task.splits["train"] = [train[k] for k in keep]
+            if out is not None and write:
+                write_json(Path(out) / f"train_cases_{spec.name}.json",
+                           {"max_train": cap, "cap_seed": cfg.data.cap_seed, "of": len(train),
+                            "train": [r.case_id for r in task.splits["train"]]})
         tasks.append(task)
     return tasks
 
@@ -289,8 +298,11 @@ def score_volumes(model: nn.Module, dataset: VolumeDataset, run: SegmentationRec
     ``missed_<c>`` / ``spurious_<c>`` count the cases where class ``c`` is in the label but not
     predicted / predicted but not in the label (``missed``, ``spurious``: summed over classes);
     such a case gets Dice 0 and the HD95 penalty of :func:`~lorkd.engine.metrics.hd95_per_class`
-    (the image diagonal in mm), so it is counted, never dropped. A class absent from both counts
-    Dice 1 and is left out of that case's HD95. Per class: the mean over the task's ``cases``;
+    (the image diagonal in mm), so it is counted, never dropped. A class absent from both label and
+    prediction is left out of that case's Dice and HD95 (NaN: MONAI's ``DiceMetric(ignore_empty=True)``
+    rule for an empty label, so a class no case holds never counts as a perfect 1; unlike that rule, a
+    spurious class keeps its Dice 0). Per class: the
+    mean over the task's cases that count it (NaN when none does);
     ``dice``/``hd95``: the mean over the foreground classes. ``model`` is a multi-task network
     (any task) or a plain one (``tasks`` = its one task). With ``keep``, also
     ``keep[task] = {"dice": [n_cases, C-1]}`` (per-case Dice, for the bootstrap)."""
@@ -307,7 +319,7 @@ def score_volumes(model: nn.Module, dataset: VolumeDataset, run: SegmentationRec
             label = dataset.original_label(i)
             k = dataset.tasks[t].num_classes
             entry = scores.setdefault(t, {"dice": [], "hd95": [], "missed": [], "spurious": []})
-            entry["dice"].append(M.dice_per_class(pred, label, k))
+            entry["dice"].append(M.dice_per_class(pred, label, k, absent=math.nan))
             missed, spurious = M.structure_errors(pred, label, k)
             entry["missed"].append(missed)
             entry["spurious"].append(spurious)
@@ -357,8 +369,11 @@ def expert_card(run: SegmentationRecipe, t: int) -> dict[str, Any]:
             "slice_mode": task.spatial_dims == run.spatial_dims + 1, "patch_size": list(run.patch),
             "inference": {"roi_size": list(run.roi), "overlap": run.cfg.evaluate.overlap,
                           "sw_batch_size": run.cfg.evaluate.sw_batch_size, "mode": run.cfg.evaluate.mode},
-            "preprocessing": {"normalize": pre.normalize, "scale": pre.scale, "target_spacing": pre.target_spacing,
-                              "target_shape": pre.target_shape},
+            "preprocessing": {"normalize": pre.normalize, "normalize_per": "channel",
+                              "normalize_detail": NORMALIZE_DETAILS[pre.normalize], "scale": pre.scale,
+                              "target_spacing": pre.target_spacing, "target_shape": pre.target_shape,
+                              "order": "channels fitted (task_channels, then channel_fill up to in_channels: the "
+                                       "filled channels are not normalised), normalise, resample"},
             **_geometry_card(run, t),
             "rebuild_without_lorkd": "nn.Sequential(OrderedDict(backbone=<architecture.kwargs.backbone.factory>"
                                      "(**kwargs), head=ConvNd(feature_dim, num_classes, kernel_size=1)))"}
@@ -415,5 +430,7 @@ NOTES = [
     "per voxel).",
     "A structure missed (in the label, not predicted) or spurious (predicted, not in the label) counts Dice 0 and "
     "HD95 = the image diagonal in mm (a penalty, never dropped); missed/spurious count those cases (of 'cases'); a "
-    "class absent from both counts Dice 1 and is left out of HD95.",
+    "class absent from both label and prediction is left out of that case's Dice and HD95 (not counted, as MONAI's "
+    "DiceMetric(ignore_empty=True); never a perfect 1); a class no test case holds or predicts has dice_<c> "
+    "NaN and is left out of the mean. A spurious class still counts Dice 0 (MONAI's ignore_empty=True would drop it).",
 ]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -505,7 +506,7 @@ def seg_scores(model: nn.Module, dataset: Any, seg_run: SegmentationRecipe, keep
         for i in range(len(dataset)):
             image, label, t, _, _ = dataset[i]
             pred = predict_case(model, image, t, seg_run)
-            rows.append(M.dice_per_class(pred, label.numpy(), dataset.tasks[t].num_classes))
+            rows.append(M.dice_per_class(pred, label.numpy(), dataset.tasks[t].num_classes, absent=math.nan))
     finally:
         model.train(was_training)
     out: dict[str, Any] = {"dice": item_statistic(np.stack(rows))}

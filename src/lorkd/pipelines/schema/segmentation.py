@@ -12,9 +12,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ...config import check
+from ...config import check, unknown_key
 from ...data.augment import Augment
-from ...data.segmentation import Preprocess
+from ...data.segmentation import Preprocess, reader_options
 from ...engine.trainer import OptimConfig as Optim
 from .sections import (
     Baselines, Distill, Experts, Export, Logging, Stage, StudentSection, TeacherAdapt, TeacherSection, check_routing,
@@ -52,9 +52,11 @@ class SegTaskFile:
     """One segmentation task: a folder read by ``format`` (``hdf5``: ``volumes/*.h5``; ``msd``: a
     Decathlon folder with ``dataset.json``; ``folder``: 2D ``images/`` + ``masks/``).
 
-    ``reader`` holds keyword arguments of the reader (e.g. ``image_key``, ``patient_rule``,
-    ``label_values``); ``split`` and ``preprocess`` override ``data.split`` / ``data.preprocess``
-    for this task (``split`` may also name a JSON file written by an earlier run)."""
+    ``reader`` holds keyword arguments of the format's reader (e.g. ``image_key``, ``patient_rule``,
+    ``label_values``; :func:`~lorkd.data.segmentation.reader_options` lists them, and any other key
+    is a ConfigError at load time naming it, with the closest known key); ``split`` and ``preprocess``
+    override ``data.split`` / ``data.preprocess`` for this task (``split`` may also name a JSON file
+    written by an earlier run)."""
 
     name: str
     path: str
@@ -67,6 +69,10 @@ class SegTaskFile:
     def validate(self, path: str) -> None:
         check(self.num_classes is None or self.num_classes >= 2, f"{path}.num_classes",
               f"must be >= 2 (background included), got {self.num_classes}")
+        known = reader_options(self.format)
+        for key in self.reader:
+            if key not in known:
+                raise unknown_key(f"{path}.reader", key, known)
 
 
 @dataclass(frozen=True)
