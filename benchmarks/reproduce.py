@@ -48,6 +48,7 @@ class Acceptance:
     # a foundation config trained once with `lorkd pretrain` into OUT/<its stem>/ (shared by every run
     # that names it); each seed distils from its teacher/ folder (teacher.source.path)
     pretrain: str | None = None
+    sets: tuple[str, ...] = ()  # more --set key=value of each seed ("{base}": the run's folder OUT/<name>)
 
 
 RUNS: tuple[Acceptance, ...] = (
@@ -55,6 +56,15 @@ RUNS: tuple[Acceptance, ...] = (
                "BreastMNIST + PneumoniaMNIST at 28 px, distilled from the MedMNIST foundation (pretrained on "
                "BreastMNIST + PneumoniaMNIST + OrganAMNIST): teacher, KD expert, no-KD student",
                pretrain="configs/foundation_medmnist2d.yaml"),
+    Acceptance("medmnist_routed", "configs/medmnist_routed.yaml", (0,),
+               "BreastMNIST + PneumoniaMNIST + OrganAMNIST at 28 px, MoLA-Router student beside mola_grad "
+               "(task ids), distilled from the MedMNIST foundation", pretrain="configs/foundation_medmnist2d.yaml"),
+    *(Acceptance(f"select_{m}", "configs/medmnist_select.yaml", (0, 1, 2),
+                 f"BreastMNIST + PneumoniaMNIST + OrganAMNIST, 100 training images per task chosen by {m} selection "
+                 "on the MedMNIST foundation's features (one choice for every seed)",
+                 pretrain="configs/foundation_medmnist2d.yaml",
+                 sets=(f"data.select.method={m}", "data.select.file={base}/selection.json"))
+      for m in ("random", "kcenter", "diverse")),
     Acceptance("transfer", "configs/transfer_medmnist.yaml", (0, 1, 2),
                "decomposed on BreastMNIST + PneumoniaMNIST + OrganAMNIST, downstream BloodMNIST, every method",
                foundation="configs/transfer_medmnist_foundation.yaml"),
@@ -82,6 +92,7 @@ def steps(run: Acceptance, out: Path, seeds: Sequence[int], device: str, resume:
     base = out / run.name
     common = ["--set", f"device={device}", "--no-progress"] + (["--resume"] if resume else [])
     first: list[Step] = []
+    extra = [a for kv in run.sets for a in ("--set", kv.replace("{base}", str(base)))]
     if run.pretrain is not None:
         found = pretrain_folder(run, out)
         # always --resume: a foundation finished by an earlier run or invocation is reused, not retrained
@@ -90,7 +101,7 @@ def steps(run: Acceptance, out: Path, seeds: Sequence[int], device: str, resume:
         common = ["--set", f"teacher.source.path={found / 'teacher'}", *common]
     if run.foundation is None:
         out_steps = first + [
-            Step(f"seed {s}", ["run", run.config, "--out", str(base / f"seed{s}"), "--set", f"seed={s}", *common],
+            Step(f"seed {s}", ["run", run.config, "--out", str(base / f"seed{s}"), "--set", f"seed={s}", *extra, *common],
                  base / f"seed{s}") for s in seeds]
         folders = [str(base / f"seed{s}") for s in seeds]
     else:

@@ -60,7 +60,7 @@ def test_only_seeds_and_device(tmp_path, capsys, no_subprocess):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--only", "nope", "--only", "medmnist"], "unknown --only nope; the runs are: medmnist, transfer, medmnist3d"),
+    (["--only", "nope", "--only", "medmnist"], "unknown --only nope; the runs are: medmnist, medmnist_routed, select_random"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
     (["--seeds", "0,x"], "--seeds: integers separated by commas"),
     (["--seeds", "1,1"], "--seeds: distinct integers"),
