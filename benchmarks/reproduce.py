@@ -74,6 +74,9 @@ RUNS: tuple[Acceptance, ...] = (
                foundation="configs/transfer_acdc_foundation.yaml"),
 )
 NAMES = tuple(r.name for r in RUNS)
+# one model across runs that differ in one setting: {title: (run names, the first is the reference)},
+# written to OUT/<title>.md and into results.md when every one of those runs finished in the invocation
+COMPARISONS = {"select": ("select_random", "select_kcenter", "select_diverse")}
 
 
 @dataclass
@@ -152,6 +155,21 @@ def selected(parser: argparse.ArgumentParser, only: Sequence[str]) -> list[Accep
     return [r for r in RUNS if not only or r.name in only]
 
 
+def comparisons(out: Path, seeds: dict[str, Sequence[int]], finished: set[str]) -> list[str]:
+    """The sections of the :data:`COMPARISONS` whose runs all finished (``OUT/<title>.md`` written)."""
+    from lorkd.report.compare import compare_groups, comparison_markdown
+
+    lines: list[str] = []
+    for title, names in COMPARISONS.items():
+        if not set(names) <= finished:
+            continue
+        groups = {name: [out / name / f"seed{s}" for s in seeds[name]] for name in names}
+        text = comparison_markdown(compare_groups(groups, model="expert"))
+        (out / f"{title}.md").write_text(f"# {title}\n\n{text}")
+        lines += [f"## comparison: {title}", "", text]
+    return lines
+
+
 def lorkd_command() -> list[str]:
     exe = Path(sys.executable).parent / "lorkd"
     if exe.is_file():
@@ -189,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     lorkd, failed = lorkd_command(), 0
     out.mkdir(parents=True, exist_ok=True)
-    sections, start = [], time.perf_counter()
+    sections, start, finished = [], time.perf_counter(), set()
     for run, seeds, todo in plan:
         rows, ok = [], True
         for step in todo:
@@ -202,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(f"| {step.name} | {rc} | {time.perf_counter() - t0:.0f} | `{step.text}` |")
             ok = rc == 0
         failed += not ok
+        if ok:
+            finished.add(run.name)
         section = [f"## {run.name}", "", f"{run.what}; `{run.config}`; seeds {', '.join(map(str, seeds))}.", "",
                    "| stage | exit | wall (s) | command |", "|---|---|---|---|", *rows, ""]
         for title, path in (("aggregate (`lorkd report`)", out / run.name / "report.md"),
@@ -210,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 text = path.read_text().replace("\n# ", "\n#### ").replace("\n## ", "\n#### ")
                 section += [f"### {run.name}: {title}", "", text.lstrip("# ").strip(), ""]
         sections += section
+    sections += comparisons(out, {run.name: seeds for run, seeds, _ in plan}, finished)
     head = ["# Reproduced results", "", *machine(args.device, args.threads),
             f"- total wall time: {time.perf_counter() - start:.0f} s", f"- command: `{shlex.join(['python', 'benchmarks/reproduce.py', *(argv if argv is not None else sys.argv[1:])])}`", ""]
     results = out / "results.md"
