@@ -64,8 +64,8 @@ from ...models.taps import find_layer
 from ...report.transfer import BOOTSTRAP_NOTE, bootstrap_interval, item_statistic, majority_warnings, write_transfer_report
 from ..core.recipe import Recipe
 from ..core.runfolder import runtime_line
+from ..core.scoring import predict_probs
 from ..schema import METHODS, SegmentationConfig, TransferConfig
-from .classification import predict_probs
 from .segmentation import SegmentationRecipe, expert_card, predict_case
 from .transfer_foundation import TransferFoundation, load_transfer_foundation, train_only_used
 
