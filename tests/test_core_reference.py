@@ -68,16 +68,16 @@ def nonzero_experts(student, seed=1):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in student.expert_layers():
-            for expert in layer.experts:
-                expert.A.copy_(torch.randn(expert.A.shape, generator=gen) * 0.4)
-                expert.B.copy_(torch.randn(expert.B.shape, generator=gen) * 0.4)
+            for t in range(layer.num_tasks):  # task t's factors: rows t of the stacked A and B
+                layer.A[t].copy_(torch.randn(layer.A[t].shape, generator=gen) * 0.4)
+                layer.B[t].copy_(torch.randn(layer.B[t].shape, generator=gen) * 0.4)
     return student
 
 
 def reference_weight(layer: ExpertLayer, task: int) -> torch.Tensor:
     """``W + (alpha / r) B_t A_t`` from the parameters, written out here."""
     weight = layer.base.weight
-    a, b = layer.experts[task].A, layer.experts[task].B
+    a, b = layer.A[task], layer.B[task]
     assert a.shape == (RANK, weight[0].numel()) and b.shape == (weight.shape[0], RANK)
     return weight + (ALPHA / RANK) * (b @ a).reshape(weight.shape)
 
@@ -160,8 +160,8 @@ def test_linear_layers_on_token_inputs_equal_the_reference():
         student = lorkd.add_experts(model, 3, rank=RANK, alpha=ALPHA, layout=layout)
         with torch.no_grad():
             for _, layer in student.expert_layers():
-                for expert in layer.experts:
-                    expert.B.normal_(0, 0.4)
+                for t in range(layer.num_tasks):
+                    layer.B[t].normal_(0, 0.4)
         assert_matches_reference(student, torch.randn(6, 4, 5), torch.tensor([1, 2, 0, 1, 1, 2]))
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 
 from lorkd.data.batching import TaskBatch
-from lorkd.engine.norms import recompute_norm_statistics
+from lorkd.engine.distributed import DistributedContext
+from lorkd.engine.handlers import ValidationHandler
+from lorkd.engine.norms import NormStatistics, recompute_norm_statistics
 from lorkd.experts import add_experts
 
 
@@ -104,3 +109,20 @@ def test_recompute_norm_stats_key_is_validated():
     assert from_dict(Stage, {"recompute_norm_stats": 80}, "student.train").recompute_norm_stats == 80
     with pytest.raises(ConfigError, match=r"student.train.recompute_norm_stats: must be >= 0"):
         from_dict(Stage, {"recompute_norm_stats": -1}, "student.train")
+
+
+def test_the_handler_recomputes_the_validated_model_right_before_validation():
+    trained, averaged = Plain(), Plain()  # loop.selected_model is the average (FitConfig.ema)
+    for m in (trained, averaged):
+        m.body[1].running_mean.fill_(50.0)
+    expected = copy.deepcopy(averaged)
+    recompute_norm_statistics(expected, batches(), "cpu")
+    seen = []
+    validation = ValidationHandler(lambda m: seen.append((m, m.body[1].running_mean.clone())) or {"acc": 1.0})
+    loop = SimpleNamespace(model=trained, selected_model=averaged, ctx=DistributedContext(),
+                           cfg=SimpleNamespace(select_metric=None), state=SimpleNamespace(row={}, metrics=None))
+    loop.handlers = [validation, NormStatistics(batches())]  # listed after validation: the event orders them
+    loop.fire = lambda event: [getattr(h, event)(loop) for h in loop.handlers]
+    validation.epoch_completed(loop)
+    assert seen[0][0] is averaged and torch.equal(seen[0][1], expected.body[1].running_mean)
+    assert loop.state.row == {"val/acc": 1.0} and bool((trained.body[1].running_mean == 50.0).all())

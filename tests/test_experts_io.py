@@ -44,6 +44,15 @@ def test_student_loads_into_a_given_model(tmp_path):
         torch.testing.assert_close(loaded(x, 1), student(x, 1))
 
 
+
+def test_a_student_saved_with_a_layout_of_an_earlier_lorkd_is_refused_naming_the_file(tmp_path):
+    lorkd.save_student(make_student(), tmp_path, architecture=ARCH)
+    meta = json.loads((tmp_path / "student.json").read_text())
+    meta["config"]["layout"] = "fused"
+    (tmp_path / "student.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"student.json: config.layout 'fused' is not one of"):
+        lorkd.load_student(tmp_path)
+
 def test_expert_is_a_plain_state_dict_that_needs_no_lorkd(tmp_path):
     student = make_student()
     expert = student.extract(1).eval()

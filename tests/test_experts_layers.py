@@ -27,9 +27,9 @@ def randomise_experts(student, std=0.3, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in student.expert_layers():
-            for expert in layer.experts:
-                expert.A.copy_(torch.randn(expert.A.shape, generator=gen) * std)
-                expert.B.copy_(torch.randn(expert.B.shape, generator=gen) * std)
+            for t in range(layer.num_tasks):  # task t's factors: rows t of the stacked A and B
+                layer.A[t].copy_(torch.randn(layer.A[t].shape, generator=gen) * std)
+                layer.B[t].copy_(torch.randn(layer.B[t].shape, generator=gen) * std)
     return student
 
 

@@ -180,6 +180,8 @@ def test_bad_task_ids_raise_value_error_naming_them(ids, match):
     ({"num_tasks": 2, "rank": {"*": -1}}, r"rank for '\*'"),
     ({"num_tasks": 2, "alpha": 0}, "alpha must be > 0"),
     ({"num_tasks": 2, "norm": "group"}, "norm must be one of"),
+    ({"num_tasks": 2, "layout": "fused"}, r"layout must be one of \('auto', 'lowrank', 'merged'\), got 'fused'"),
+    ({"num_tasks": 2, "layout": "stacked"}, "layout must be one of"),  # earlier names, refused as `lorkd bench` does
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -232,7 +234,7 @@ def test_merged_weights_cache_follows_every_weight_change():
     student.load_state_dict(state)
     torch.testing.assert_close(cached(), fresh())
     with torch.no_grad():
-        student.model[0].experts[1].B.mul_(3.0)  # a view of the stacked parameter
+        student.model[0].B[1].mul_(3.0)  # row 1 of the stacked parameter
     torch.testing.assert_close(cached(), fresh())
     with torch.no_grad():
         torch.testing.assert_close(student(x, 1), student.extract(1)(x))

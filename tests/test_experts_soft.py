@@ -27,7 +27,7 @@ def mixed_copy(layer: lorkd.ExpertLayer, w_row: torch.Tensor) -> nn.Module:
     """The wrapped layer with weight ``W + s sum_t w_t B_t A_t`` (computed task by task)."""
     plain = copy.deepcopy(layer.base)
     with torch.no_grad():
-        delta = sum(w_row[t] * layer.experts[t].delta() for t in range(layer.num_tasks))
+        delta = sum(w_row[t] * (layer.B[t] @ layer.A[t]) for t in range(layer.num_tasks))
         plain.weight.add_(layer.scale * delta.view_as(plain.weight))
     return plain
 

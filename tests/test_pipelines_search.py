@@ -98,6 +98,23 @@ def test_full_budget_search_keeps_the_chosen_model_as_the_student(tmp_path):
         search_distill(run, teacher)
 
 
+
+def test_search_candidates_are_fingerprinted_and_recorded_like_every_stage(tmp_path):
+    from lorkd.pipelines.core.runfolder import check_fingerprints
+
+    run, _ = guarded_run(tmp_path, {"search": {"temperature": [1.0, 4.0]}}, epochs=1)
+    stage_student(run, stage_teacher(run))
+    chosen = read_json(run.out / "search.json")["chosen"]
+    log = [(e["stage"], e["status"]) for e in run.state.stage_log]
+    assert log == [("teacher", "trained"), ("search/c00", "trained"), ("search/c01", "trained"), ("student", "loaded")]
+    assert run.state.stage_log[-1]["folder"] == str(run.out / "search" / chosen)
+    for stage in ("search/c00", "search/c01", "student"):  # the copied student carries its fingerprint too
+        assert read_json(run.out / stage / "fingerprint.json")["stage"] == stage
+    assert check_fingerprints(run, reuse=False) == {}
+    run.cfg.student.train.optim.lr *= 2
+    with pytest.raises(ConfigError, match=r"search/c00 .*student\.train\.optim\.lr"):
+        check_fingerprints(run, reuse=False)
+
 def test_search_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="student.distill.search: epochs is set but no list of values is"):
         from_dict(Distill, {"search": {"epochs": 2}}, "student.distill")

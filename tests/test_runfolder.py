@@ -142,10 +142,22 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_rerun(tmp_path, capsys, b
     assert cli.main(["pretrain", str(cfg_file(tmp_path, data, "bad.yaml")), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert all(f in err for f in fragments) and err.count("\n") == 1, err
-    assert [p.name for p in out.iterdir()] == [".lorkd-run"]
+    assert not out.exists()  # the command created the folder: it removes it again
     assert cli.main(["pretrain", str(cfg_file(tmp_path, TINY)), "--out", str(out), "--no-progress"]) == 0
     assert (out / "teacher" / "model.safetensors").is_file() and (out / "teacher" / "fingerprint.json").is_file()
 
+
+
+def test_a_failed_start_never_deletes_a_folder_with_files_lorkd_did_not_write(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    bad = {**TINY, "teacher": {**TINY["teacher"], "net": {"arch": "resnet1O"}}}
+    with pytest.warns(UserWarning, match="notes.txt"):
+        code = cli.main(["pretrain", str(cfg_file(tmp_path, bad, "bad.yaml")), "--out", str(out), "--no-progress",
+                         "--overwrite"])
+    assert code == 2 and "resnet1O" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
 
 def test_written_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)

@@ -20,7 +20,7 @@ from lorkd.engine.distributed import DistributedContext
 from lorkd.errors import ConfigError, DataError
 from lorkd.models.backbones import backbone_spec, build_backbone
 from lorkd.pipelines.recipes.transfer import TransferRun, cap_train, load_downstream, scores, transfer_startup_summary
-from lorkd.pipelines.recipes.transfer_report import bootstrap_interval, item_statistic
+from lorkd.report.transfer import bootstrap_interval, item_statistic
 from lorkd.pipelines.schema import TransferConfig
 
 STAGE = {"epochs": 1, "batch_size": 8}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorkd.pipelines.recipes.transfer_report import majority_warnings, write_transfer_report
+from lorkd.report.transfer import majority_warnings, write_transfer_report
 
 RATE = 0.435  # 87 of 200 test images in the majority class
 

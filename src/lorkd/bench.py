@@ -43,13 +43,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from .errors import ConfigError
 from .experts import ExpertLayer, active_routing, add_experts
+from .experts.layers import LAYOUTS
 from .fileio import write_json
 
-
-
-
 BENCH_MODELS, BENCH_VARIANTS, BENCH_DTYPES = ("resnet18_2d", "unet_3d"), ("plain", "lorkd", "grouped"), ("float32", "bfloat16")
-BENCH_LAYOUTS = ("auto", "lowrank", "merged")
 
 
 def bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -64,7 +61,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=BENCH_DTYPES, help="model and input dtype")
     p.add_argument("--variants", nargs="+", default=list(BENCH_VARIANTS), choices=BENCH_VARIANTS,
                    help="what to time (plain is always measured: ratios are to it); grouped is slow on CPUs")
-    p.add_argument("--layout", default="auto", choices=BENCH_LAYOUTS,
+    p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="lorkd's layout option (auto: the core picks each layer's form from tensor sizes)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--count-ops", action="store_true", help="also count the data-moving aten calls of one "

@@ -169,12 +169,14 @@ def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = 
 
     A first command (``run``, ``pretrain``) that started on an empty folder (new, or emptied by
     ``--overwrite``) and fails before any training state exists (bad data, a typo in ``arch``)
-    empties the folder again, so the corrected rerun is not refused as "another run's output"."""
+    removes what it wrote: the folder itself when the command created it, else its contents (the
+    run marker included), so the corrected rerun is not refused as "another run's output"."""
     ctx = DistributedContext.from_env(resolve_device(cfg.device))
-    fresh = False
+    fresh = created = False
     try:
         if first_stage:
             if ctx.is_main:
+                created = not out.exists()
                 prepare_run_dir(out, overwrite=overwrite, resume=resume)
                 fresh = not any(p.name != RUN_MARKER for p in out.iterdir())  # new, emptied or overwritten
             ctx.barrier()
@@ -184,7 +186,7 @@ def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = 
             metrics = run_stages(cfg, out, ctx, stages, resume=resume, progress=progress, reuse=reuse)
         except Exception:
             if fresh and ctx.is_main:
-                _clear_failed_start(out)
+                _clear_failed_start(out, created)
             raise
         if metrics is not None and ctx.is_main:
             report = write_report(out, metrics, metrics.get("config", to_dict(cfg)), load_histories(out))
@@ -197,14 +199,17 @@ def execute(cfg: Any, out: Path, stages: tuple[str, ...] | None, resume: bool = 
     return 0
 
 
-def _clear_failed_start(out: Path) -> None:
-    """Remove what a failed first command wrote into ``out`` (config.yaml, splits, fingerprints,
-    timing), unless some training state (a checkpoint or a saved network) exists."""
+def _clear_failed_start(out: Path, created: bool) -> None:
+    """Remove what a failed first command wrote into ``out`` (run marker, config.yaml, splits,
+    fingerprints, timing), unless some training state (a checkpoint or a saved network) exists:
+    ``out`` itself when the command ``created`` it, else only its entries (the folder stays, empty).
+    Only called on a folder that held nothing but lorkd's marker when the command started."""
     if any(out.rglob("*.pt")) or any(out.rglob("*.safetensors")):
         return
+    if created:
+        shutil.rmtree(out)
+        return
     for entry in out.iterdir():
-        if entry.name == RUN_MARKER:
-            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:

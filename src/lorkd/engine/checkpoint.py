@@ -155,10 +155,6 @@ class CheckpointManager:
         """:func:`load_checkpoint` of :attr:`latest_path` (raises ``DataError``)."""
         return load_checkpoint(self.latest_path, map_location)
 
-    def load_best(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        """:func:`load_checkpoint` of :attr:`best_path` (raises ``DataError``)."""
-        return load_checkpoint(self.best_path, map_location)
-
 
 # ---------------------------------------------------------------------------------------------
 # RNG

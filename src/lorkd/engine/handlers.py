@@ -11,15 +11,17 @@
   which handlers may extend);
 * ``completed``: after the last epoch (not after an error);
 
-and ``close(loop)`` at the very end, error or not. A handler is any object with some of these
+and ``close(loop)`` at the very end, error or not. :class:`ValidationHandler` fires one more event,
+``validation_started``, at each epoch end right before it evaluates ``loop.selected_model`` (e.g.
+:class:`~lorkd.engine.norms.NormStatistics` recomputes that model's BatchNorm statistics there).
+ A handler is any object with some of these
 methods (:class:`Handler` has them all, doing nothing); the loop calls the handlers in list order
 on every rank, so a handler that writes files checks ``loop.ctx.is_main``. A handler that sets
 ``loop.state.stop = True`` ends training after the current epoch.
 
 :func:`lorkd.engine.fit` builds this list: :class:`ValidationHandler` (when it has ``evaluate``),
-:class:`EarlyStopping` (``FitConfig.early_stop``), :class:`HistoryHandler`, :class:`ProgressHandler`, :class:`ScalarsHandler` (when it has
-``scalars``), the caller's ``handlers``, and
-:class:`CheckpointHandler` last, so that ``latest.pt`` holds what every handler did in the epoch.
+:class:`EarlyStopping` (``FitConfig.early_stop``), :class:`HistoryHandler`, :class:`ProgressHandler`,
+the caller's ``handlers`` (e.g. :class:`ScalarsHandler` for TensorBoard), and :class:`CheckpointHandler` last, so that ``latest.pt`` holds what every handler did in the epoch.
 
 A handler with a ``state_key`` attribute and ``state_dict()`` / ``load_state_dict(state)`` methods
 has its state saved in ``checkpoints/latest.pt`` (under ``handlers[state_key]``) and restored on
@@ -74,9 +76,12 @@ class Handler:
 
     def close(self, loop: TrainingLoop) -> None: ...
 
+    def validation_started(self, loop: TrainingLoop) -> None: ...
+
 
 class ValidationHandler(Handler):
-    """At each epoch end: ``evaluate(plain_model)`` (the weight average with ``FitConfig.ema``) on rank 0 (eval mode, ``no_grad``; other ranks
+    """At each epoch end: fires ``validation_started``, then ``evaluate(loop.selected_model)`` (the
+    plain model, or the weight average with ``FitConfig.ema``) on rank 0 (eval mode, ``no_grad``; other ranks
     wait), broadcast, added to the row as ``val/<metric>``; with ``cfg.select_metric`` an
     improvement updates ``loop.state.best``, sets ``loop.state.improved`` and writes ``best.pt``."""
 
@@ -85,6 +90,7 @@ class ValidationHandler(Handler):
 
     def epoch_completed(self, loop: TrainingLoop) -> None:
         s, cfg = loop.state, loop.cfg
+        loop.fire("validation_started")
         metrics = run_evaluate(self.evaluate, loop.selected_model, loop.ctx)
         s.metrics = metrics
         s.row.update({f"val/{k}": v for k, v in metrics.items()})
@@ -210,8 +216,9 @@ class ProgressHandler(Handler):
 
 
 class ScalarsHandler(Handler):
-    """``scalars.epoch(row)`` on rank 0 at each epoch end (e.g. a
-    :class:`~lorkd.engine.scalars.ScalarLog` writing TensorBoard scalars)."""
+    """``scalars.epoch(row)`` on rank 0 at each epoch end, ``scalars.close()`` (when it has one) at
+    the loop's end, error or not (e.g. a :class:`~lorkd.engine.scalars.ScalarLog` writing
+    TensorBoard scalars: :func:`~lorkd.engine.scalars.open_tensorboard`)."""
 
     def __init__(self, scalars: Any) -> None:
         self.scalars = scalars
@@ -219,6 +226,10 @@ class ScalarsHandler(Handler):
     def epoch_completed(self, loop: TrainingLoop) -> None:
         if loop.ctx.is_main:
             self.scalars.epoch(loop.state.row)
+
+    def close(self, loop: TrainingLoop) -> None:
+        if hasattr(self.scalars, "close"):
+            self.scalars.close()
 
 
 class CheckpointHandler(Handler):

@@ -6,17 +6,22 @@ norms of a mixed batch) or the training images are augmented, those statistics a
 validation accuracy swings between epochs with them. :func:`recompute_norm_statistics` replaces
 them by the cumulative average over given batches (PyTorch's ``momentum=None`` mode, per task for
 :class:`~lorkd.experts.layers.TaskBatchNorm`), e.g. the training images without augmentation.
+:class:`NormStatistics` does it in training, before each validation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..experts.layers import TaskBatchNorm
+from .handlers import Handler
+
+if TYPE_CHECKING:  # annotations only: loop imports handlers
+    from .loop import TrainingLoop
 
 NORMS = (_BatchNorm, TaskBatchNorm)
 
@@ -61,3 +66,22 @@ def recompute_norm_statistics(model: nn.Module, batches: Iterable[Any], device: 
             m.momentum = momentum
         model.train(was_training)
     return used
+
+
+class NormStatistics(Handler):
+    """Before each validation (``validation_started``), rank 0 recomputes the norm statistics of the
+    model about to be validated (``loop.selected_model``: the weight average with ``FitConfig.ema``)
+    with :func:`recompute_norm_statistics` over ``batches``, so that the statistics it is validated,
+    selected (``best.pt``) and exported with are exact averages over those batches.
+
+    Args:
+        batches: :class:`~lorkd.data.batching.TaskBatch` es (``images [B, C, *spatial]``,
+            ``task_ids [B]``), e.g. training images without augmentation; reused at every epoch.
+    """
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    def validation_started(self, loop: TrainingLoop) -> None:
+        if loop.ctx.is_main:
+            recompute_norm_statistics(loop.selected_model, self.batches, loop.ctx.device)

@@ -16,8 +16,8 @@ uninterrupted run (bit-identical on CPU).
 
 Structure: :func:`fit` checks the settings, builds the optimiser and schedule, restores a resumed
 run and runs a :class:`~lorkd.engine.loop.TrainingLoop`, whose events drive the handlers of
-:mod:`lorkd.engine.handlers` (validation and best model, history, progress, TensorBoard scalars,
-early stopping, checkpoints) and any the caller adds with ``handlers=``.
+:mod:`lorkd.engine.handlers` (validation and best model, history, progress, early stopping,
+checkpoints) and any the caller adds with ``handlers=`` (TensorBoard scalars, recomputed norm statistics).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .averaging import WeightAverage
 from .checkpoint import CheckpointManager, restore_rng_state
 from .distributed import DistributedContext
 from .handlers import (
-    CheckpointHandler, EarlyStopping, Handler, HistoryHandler, ProgressHandler, ScalarsHandler, ValidationHandler,
+    CheckpointHandler, EarlyStopping, Handler, HistoryHandler, ProgressHandler, ValidationHandler,
 )
 from .loop import LoopState, StepLoss, TrainingLoop, _EpochSums, config_dict
 
@@ -258,7 +258,6 @@ def fit(
     extra_modules: nn.Module | None = None,
     resume: bool = False,
     task_names: list[str] | None = None,
-    scalars: Any | None = None,
     handlers: list[Any] | None = None,
 ) -> FitResult:
     """Train ``model`` (and ``extra_modules``) with ``objective`` for ``cfg.epochs`` epochs.
@@ -287,10 +286,9 @@ def fit(
             does not exist).
         task_names: names for logs; ``len(task_names)`` is the number of tasks ``T``. Without it
             ``T`` is the model's ``num_tasks`` attribute or ``len(sampler.task_sizes)``.
-        scalars: called as ``scalars.epoch(row)`` with each epoch's history row on rank 0 (e.g. a
-            :class:`~lorkd.engine.scalars.ScalarLog` writing TensorBoard scalars), or ``None``.
         handlers: more handlers (see :mod:`lorkd.engine.handlers`, e.g. subclasses of
-            :class:`~lorkd.engine.handlers.Handler`), called after the built-in ones at each event
+            :class:`~lorkd.engine.handlers.Handler`: :class:`~lorkd.engine.handlers.ScalarsHandler`
+            for TensorBoard, :class:`~lorkd.engine.norms.NormStatistics`), called after the built-in ones at each event
             and before ``latest.pt`` is written at an epoch's end.
 
     Returns:
@@ -326,7 +324,7 @@ def fit(
 
     loop = _build_loop(model, objective, dataset, sampler, cfg, Path(out_dir), ctx, names, amp, manager,
                        extra_modules, steps_per_epoch)
-    loop.handlers = _default_handlers(cfg, evaluate, scalars, handlers, model)
+    loop.handlers = _default_handlers(cfg, evaluate, handlers, model)
     if saved is not None:
         _restore(loop, saved)
     loop.wrapped = ctx.wrap(model)
@@ -339,16 +337,13 @@ def fit(
 
 
 def _default_handlers(cfg: FitConfig, evaluate: Callable[[nn.Module], dict[str, float]] | None,
-                      scalars: Any | None, extra: list[Any] | None, model: nn.Module) -> list[Any]:
-    """Weight average, validation, early stopping, history, progress, scalars, the caller's,
-    checkpoints (last)."""
+                      extra: list[Any] | None, model: nn.Module) -> list[Any]:
+    """Weight average, validation, early stopping, history, progress, the caller's, checkpoints (last)."""
     out: list[Any] = [WeightAverage(model, cfg.ema)] if cfg.ema is not None else []
     out += [ValidationHandler(evaluate)] if evaluate is not None else []
     if cfg.early_stop is not None:  # before the history: its count goes into the epoch's row
         out.append(EarlyStopping(cfg.early_stop, cfg.early_stop_min_delta))
     out += [HistoryHandler(), ProgressHandler()]
-    if scalars is not None:
-        out.append(ScalarsHandler(scalars))
     return out + list(extra or []) + [CheckpointHandler()]
 
 

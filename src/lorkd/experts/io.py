@@ -1,8 +1,8 @@
 """Saving and loading students and exported experts.
 
 A *student* is saved as a folder with ``weights.safetensors`` (every tensor of its state
-dict) and ``student.json`` (tasks, ranks, alpha, targets, norm, the layers with experts, each
-layer's layout and the base architecture). An *expert* is a plain model: ``expert.safetensors`` holds its plain
+dict) and ``student.json`` (tasks, ranks, alpha, targets, norm, layout, the layers with
+experts and the base architecture). An *expert* is a plain model: ``expert.safetensors`` holds its plain
 state dict, loadable with ``safetensors.torch.load_file`` into a fresh instance of its
 architecture with ``load_state_dict(strict=True)``; ``card.json`` describes it.
 
@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import DataError
 from ..factories import resolve_factory
 from ..fileio import read_json, write_atomic, write_json
-from .layers import LAYOUTS, OLD_LAYOUTS
+from .layers import LAYOUTS
 from .model import ExpertConfig, ExpertModel, add_experts
 
 STUDENT_WEIGHTS, STUDENT_META = "weights.safetensors", "student.json"
@@ -56,7 +56,6 @@ def save_student(student: ExpertModel, folder: str | Path, architecture: dict[st
         "format": FORMAT_VERSION,
         "config": student.config.to_json(),
         "layers": {name: layer.rank for name, layer in student.expert_layers()},
-        "layouts": {name: layer.layout for name, layer in student.expert_layers()},
         "architecture": architecture,
     }
     write_atomic(folder / STUDENT_WEIGHTS, lambda p: save_file(_contiguous(student.state_dict()), p))
@@ -74,7 +73,8 @@ def load_student(folder: str | Path, model: nn.Module | None = None) -> ExpertMo
 
     Raises:
         DataError: a file is missing or corrupt, the metadata lacks a field, or the weights
-            do not fit the architecture (the message names the file and the keys).
+            do not fit the architecture (the message names the file and the keys), or the saved
+            layout is not one of ``LAYOUTS``.
     """
     folder = Path(folder)
     meta = read_json(folder / STUDENT_META)
@@ -86,18 +86,15 @@ def load_student(folder: str | Path, model: nn.Module | None = None) -> ExpertMo
             raise DataError(f"{folder / STUDENT_META}: no 'architecture' saved; pass the base model as model=")
         model = build_architecture(meta["architecture"], str(folder / STUDENT_META))
     cfg = meta["config"]
+    layout = cfg.get("layout", "auto")
+    if layout not in LAYOUTS:
+        raise DataError(f"{folder / STUDENT_META}: config.layout {layout!r} is not one of {LAYOUTS} "
+                        f"(a layout of an earlier lorkd: train the student again)")
     # Rebuild with exactly the saved layers and ranks, whatever the original targets were.
     student = add_experts(model, cfg["num_tasks"], rank=dict(meta["layers"]), alpha=cfg["alpha"],
-                          targets=list(meta["layers"]), norm=cfg["norm"], layout=cfg.get("layout", "auto"))
-    student.config = ExpertConfig(cfg["num_tasks"], cfg["rank"], cfg["alpha"], cfg["targets"], cfg["norm"],
-                                  OLD_LAYOUTS.get(cfg.get("layout", "auto"), cfg.get("layout", "auto")))
+                          targets=list(meta["layers"]), norm=cfg["norm"], layout=layout)
+    student.config = ExpertConfig(cfg["num_tasks"], cfg["rank"], cfg["alpha"], cfg["targets"], cfg["norm"], layout)
     _load_into(student, folder / STUDENT_WEIGHTS)
-    layers = dict(student.expert_layers())
-    for name, layout in meta.get("layouts", {}).items():  # "infer_layouts" of earlier versions: not used any more
-        layout = OLD_LAYOUTS.get(layout, layout)
-        if name not in layers or layout not in LAYOUTS:
-            raise DataError(f"{folder / STUDENT_META}: layouts: {name!r}: {layout!r} is not a layout of a layer with experts")
-        layers[name].layout = layout
     return student
 
 

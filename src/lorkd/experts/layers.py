@@ -49,7 +49,6 @@ from torch import Tensor, nn
 from .routing import TaskRouting, active_routing
 
 LAYOUTS = ("auto", "lowrank", "merged")
-OLD_LAYOUTS = {"stacked": "auto", "fused": "auto"}  # layouts of earlier versions, read from saved students
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -96,26 +95,6 @@ def ineligibility(module: nn.Module) -> str | None:
     return None
 
 
-class ExpertFactors:
-    """Task ``t``'s factors of one layer, as views of the stacked parameters: ``A [r, d1]``,
-    ``B [d0, r]``; ``delta() = B @ A`` is ``[d0, d1]``. Writing into ``A``/``B`` (under
-    ``torch.no_grad()``) writes the layer's parameters."""
-
-    def __init__(self, layer: "ExpertLayer", task: int) -> None:
-        self._layer, self.task = layer, task
-
-    @property
-    def A(self) -> Tensor:  # noqa: N802 (the papers' names)
-        return self._layer.A[self.task]
-
-    @property
-    def B(self) -> Tensor:  # noqa: N802
-        return self._layer.B[self.task]
-
-    def delta(self) -> Tensor:
-        return self.B @ self.A
-
-
 class ExpertLayer(nn.Module):
     """A Linear/Conv/ConvTranspose layer with one low-rank expert per task.
 
@@ -127,8 +106,8 @@ class ExpertLayer(nn.Module):
         layout: ``"auto"``, ``"lowrank"`` or ``"merged"`` (see the module docstring).
         name: the layer's qualified name, used in error messages.
 
-    Parameters: ``A [T, r, d1]`` (Kaiming-uniform) and ``B [T, d0, r]`` (zeros); ``experts[t]``
-    gives task ``t``'s views. Shapes: input and output are those of ``base`` (``[N, *, in]`` for
+    Parameters: ``A [T, r, d1]`` (Kaiming-uniform) and ``B [T, d0, r]`` (zeros); row ``t`` of
+    each is task ``t``'s factors (``B[t] @ A[t]`` is ``[d0, d1]``). Shapes: input and output are those of ``base`` (``[N, *, in]`` for
     Linear, ``[N, C, *spatial]`` for convolutions); rows must be routed by an enclosing
     ``ExpertModel`` (``N`` = ``k`` rows per sample times the batch).
     """
@@ -138,7 +117,6 @@ class ExpertLayer(nn.Module):
         reason = ineligibility(base)
         if reason is not None:
             raise ValueError(f"cannot add experts to {name or type(base).__name__}: {reason}")
-        layout = OLD_LAYOUTS.get(layout, layout)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.base = base
@@ -161,11 +139,6 @@ class ExpertLayer(nn.Module):
     @property
     def num_tasks(self) -> int:
         return self.A.shape[0]
-
-    @property
-    def experts(self) -> list[ExpertFactors]:
-        """Per-task views of the factors (``experts[t].A``, ``.B``, ``.delta()``)."""
-        return [ExpertFactors(self, t) for t in range(self.num_tasks)]
 
     # ------------------------------------------------------------------ weights
     @property

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .inject import RankSpec, Skipped, Target, inject, validate_rank
-from .layers import LAYOUTS, OLD_LAYOUTS, ExpertLayer, TaskBatchNorm
+from .layers import LAYOUTS, ExpertLayer, TaskBatchNorm
 from .routing import route, routing_scope
 
 NORMS = ("shared", "per_task")
@@ -55,7 +55,7 @@ def add_experts(
         raise ValueError(f"alpha must be > 0, got {alpha!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if OLD_LAYOUTS.get(layout, layout) not in LAYOUTS:
+    if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     nested = next((n for n, m in model.named_modules() if isinstance(m, (ExpertModel, ExpertLayer, TaskBatchNorm))), None)
     if nested is not None:
@@ -67,8 +67,7 @@ def add_experts(
     if not layers:
         why = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the model has no Linear/Conv layer"
         raise ValueError(f"no eligible layer to add experts to in {type(model).__name__} (targets={targets!r}): {why}")
-    config = ExpertConfig(num_tasks, rank, float(alpha), None if targets is None else list(targets), norm,
-                          OLD_LAYOUTS.get(layout, layout))
+    config = ExpertConfig(num_tasks, rank, float(alpha), None if targets is None else list(targets), norm, layout)
     return ExpertModel(inner, config, skipped)
 
 

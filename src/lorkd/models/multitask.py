@@ -50,6 +50,13 @@ class MultiTaskNet(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.task_names: list[str] | None = None
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "MultiTaskNet":
+        """A subclass built as ``cls(backbone_spec, num_classes, experts)`` from what a run's ``model.json``
+        records (``backbone``, ``num_classes``, optional ``experts``): :class:`~lorkd.models.classifier.MultiTaskClassifier`,
+        :class:`~lorkd.models.segmenter.MultiTaskSegmenter`."""
+        return cls(meta["backbone"], meta["num_classes"], meta.get("experts"))
+
     @property
     def has_experts(self) -> bool:
         return isinstance(self.backbone, ExpertModel)

@@ -1,5 +1,6 @@
 """The report's routing section (a run with ``student.router``): reads ``metrics.json`` ``routing``
-(written by :func:`lorkd.pipelines.recipes.routing_scores.routing_summary`).
+(written by :func:`lorkd.pipelines.recipes.routing_scores.routing_summary` through
+:func:`lorkd.pipelines.core.scoring.summarize`).
 
 It shows the task-routing accuracy, the task confusion matrix, and per task the task-agnostic
 accuracy (route, then classify; a wrong route is a wrong answer; segmentation: the Dice of each

@@ -13,7 +13,8 @@ A stage depends on the data section, the seed, and its own network and training 
 * ``student`` and ``baselines/student_nokd``: the above plus ``student``;
 * ``baselines/mola_grad``: the same without ``student.router``;
 * ``baselines/stl|mtl``: ``data``, ``seed``, ``student.net``, ``student.train``;
-* ``baselines/stl_kd|mtl_kd``: the above plus ``teacher`` and ``student.distill``.
+* ``baselines/stl_kd|mtl_kd``: the above plus ``teacher`` and ``student.distill``;
+* ``search/cNN`` (a candidate of ``student.distill.search``): as ``baselines/mola_grad``.
 
 Keys that do not change a trained network (``device``, ``num_workers``, ``evaluate``,
 ``export``, ``logging``, ``baselines.run``, ``trust_code``) are not part of any fingerprint. The
@@ -42,6 +43,7 @@ _PREFIXES = {
     "student": _COMMON + ("teacher", "student"),
     "student_nokd": _COMMON + ("teacher", "student"),
     "mola_grad": _COMMON + ("teacher", "student.net", "student.experts", "student.distill", "student.train"),
+    "search": _COMMON + ("teacher", "student.net", "student.experts", "student.distill", "student.train"),
     "stl": _COMMON + ("student.net", "student.train"),
     "mtl": _COMMON + ("student.net", "student.train"),
     "stl_kd": _COMMON + ("teacher", "student.net", "student.train", "student.distill"),

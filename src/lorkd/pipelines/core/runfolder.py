@@ -10,8 +10,10 @@
   one-line hint instead of a traceback after training has started;
 * ``logging.tensorboard: true`` needs the ``tensorboard`` package.
 
-Stages then call :func:`start_training` (writes the fingerprint) or :func:`record_stage`, and
-the list (``recipe.state.stage_log``) goes into ``metrics.json`` as ``stages`` and into the report.
+Stages then train or reuse their networks with :func:`train_or_reuse` (or its halves,
+:func:`reuse_stage` and :func:`train_stage`), which call :func:`start_training` (writes the
+fingerprint) or :func:`record_stage`; the list (``recipe.state.stage_log``) goes into
+``metrics.json`` as ``stages`` and into the report.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ...engine.scalars import tensorboard_writer_class
 from ...errors import ConfigError
 from ..schema import BASELINES, Net
 from .fingerprint import compare, write_fingerprint
-from .netio import has_network
+from .netio import has_network, save_network
 from .recipe import DecompositionRecipe, Recipe
+from .runtime import timed
 
 log = logging.getLogger("lorkd")
 
@@ -43,6 +47,8 @@ def stage_folders(run: DecompositionRecipe) -> list[tuple[str, Path]]:
         out[:0] = [("teacher", run.out / "teacher"), *members]
     elif source is None or source.kind != "lorkd":  # a lorkd source is another run's folder
         out.insert(0, ("teacher", run.out / "teacher"))
+    if run.cfg.student.distill.search.enabled:  # the candidates of student.distill.search found so far
+        out[-1:-1] = [(f"search/{f.name}", f) for f in sorted((run.out / "search").glob("c*")) if f.is_dir()]
     for name in dict.fromkeys([*run.cfg.baselines.run, *baselines_on_disk(run)]):
         out += [(folder.relative_to(run.out).as_posix(), folder) for _, folder in run.baseline_groups(name)]
     return out
@@ -182,6 +188,51 @@ def start_training(run: Recipe, stage: str, folder: Path) -> None:
         write_fingerprint(folder, stage, run.cfg, run.state.fingerprint_extra)
     record_stage(run, stage, "resumed" if resumed else "trained", folder)
 
+
+
+def reuse_stage(run: Recipe, stage: str, folder: Path, reuse: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """The network ``folder`` holds, finished earlier: ``reuse()`` (default ``run.reuse_network(folder)``),
+    recorded as ``reused``."""
+    model = reuse() if reuse is not None else run.reuse_network(folder)
+    record_stage(run, stage, "reused", folder)
+    return model
+
+
+def train_stage(run: Recipe, stage: str, folder: Path, train: Callable[[], nn.Module],
+                meta: Callable[[nn.Module, float], dict[str, Any]], timing: str | None = None,
+                saves: Callable[[nn.Module], nn.Module] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``stage`` into ``folder``: :func:`start_training` (fingerprint, stage log), then ``train()``
+    (builds and fits the network; resumes from ``checkpoints/latest.pt`` when the run resumes), both
+    timed into ``run.state.timing[timing or stage]``; then rank 0 saves the network (``saves(model)``:
+    what of it is saved, default all) with ``meta(model, seconds)`` as ``model.json``.
+
+    Returns ``(model, meta)``: the trained model and its ``model.json`` (computed on every rank)."""
+    timing_log: dict[str, float] = {}
+    with timed(timing_log, stage):
+        start_training(run, stage, folder)
+        model = train()
+    seconds = timing_log[stage]
+    key = timing or stage
+    run.state.timing[key] = run.state.timing.get(key, 0.0) + seconds
+    info = meta(model, seconds)
+    if run.ctx.is_main:
+        save_network(saves(model) if saves is not None else model, folder, info)
+    return model, info
+
+
+def train_or_reuse(run: Recipe, stage: str, folder: Path, train: Callable[[], nn.Module],
+                   meta: Callable[[nn.Module, float], dict[str, Any]], reuse: Callable[[], nn.Module] | None = None,
+                   timing: str | None = None,
+                   saves: Callable[[nn.Module], nn.Module] | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The network of ``stage``: :func:`reuse_stage` when ``folder`` holds it (``model.safetensors`` +
+    ``model.json``), else :func:`train_stage`. Returns ``(model, meta)``, ``meta`` ``None`` when reused.
+
+    Raises:
+        DataError: the saved network was trained for other tasks or classes (from ``reuse``).
+    """
+    if has_network(folder):
+        return reuse_stage(run, stage, folder, reuse), None
+    return train_stage(run, stage, folder, train, meta, timing, saves)
 
 def runtime_line(ctx: Any, seeds: str, out: Path) -> str:
     """The first line of a start-up summary: ``seeds`` (e.g. ``"seed 0"``), device, torch threads,

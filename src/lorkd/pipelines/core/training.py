@@ -13,7 +13,8 @@ from torch import nn
 from ...data.batching import TaskBatch, TaskBatchSampler, collate_task_batch
 from ...engine.checkpoint import load_checkpoint
 from ...engine.distributed import DistributedContext
-from ...engine.norms import recompute_norm_statistics
+from ...engine.handlers import ScalarsHandler
+from ...engine.norms import NormStatistics
 from ...engine.scalars import open_tensorboard
 from ...engine.trainer import FitConfig, fit
 from ..schema import Stage
@@ -29,9 +30,13 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Stage, fo
     the epoch with the best ``select_metric`` of ``evaluate`` (``checkpoints/best.pt``).
 
     ``train_set`` must give each task a contiguous block of indices (``task_sizes``). With
-    ``tensorboard``, rank 0 writes each epoch's scalars to ``folder/tensorboard/``."""
+    ``stage.recompute_norm_stats``, the norm statistics are recomputed before each validation
+    (:class:`~lorkd.engine.norms.NormStatistics` over :func:`norm_batches`); with ``tensorboard``,
+    rank 0 writes each epoch's scalars to ``folder/tensorboard/`` (a
+    :class:`~lorkd.engine.handlers.ScalarsHandler`)."""
+    handlers: list[Any] = []
     if stage.recompute_norm_stats:
-        evaluate = recomputing_norms(evaluate, train_set, stage.recompute_norm_stats, stage.batch_size, ctx.device)
+        handlers.append(NormStatistics(norm_batches(train_set, stage.recompute_norm_stats, stage.batch_size)))
     sampler = make_sampler(train_set, stage, ctx, seed, sampler_mode)
     fit_cfg = FitConfig(epochs=stage.epochs, batch_size=stage.batch_size, optim=stage.optim, seed=seed,
                         checkpoint_every=stage.checkpoint_every, amp=stage.amp, select_metric=select_metric,
@@ -42,14 +47,10 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Stage, fo
     if ctx.is_main:
         log.info(f"[{folder.name}] {stage.epochs} epochs x {len(sampler)} steps per epoch "
                  f"(batch {stage.batch_size} per rank x world size {ctx.world_size}; {len(train_set)} training items)")
-    scalars = open_tensorboard(folder / "tensorboard") if tensorboard and ctx.is_main else None
-    try:
-        fit(model, objective, train_set, sampler, fit_cfg, folder, ctx, evaluate=evaluate, extra_modules=extra,
-            resume=resume and (folder / "checkpoints" / "latest.pt").is_file(), task_names=task_names,
-            scalars=scalars)
-    finally:
-        if scalars is not None:
-            scalars.close()
+    if tensorboard and ctx.is_main:
+        handlers.append(ScalarsHandler(open_tensorboard(folder / "tensorboard")))
+    fit(model, objective, train_set, sampler, fit_cfg, folder, ctx, evaluate=evaluate, extra_modules=extra,
+        resume=resume and (folder / "checkpoints" / "latest.pt").is_file(), task_names=task_names, handlers=handlers)
     best = folder / "checkpoints" / "best.pt"
     if best.is_file():  # the epoch with the best validation score (its extra modules too, e.g. a router)
         state = load_checkpoint(best)
@@ -61,7 +62,8 @@ def fit_stage(model: nn.Module, objective: Any, train_set: Any, stage: Stage, fo
 
 def norm_batches(train_set: Any, per_task: int, batch_size: int) -> list[TaskBatch]:
     """The first ``per_task`` items of each task of ``train_set`` (its task blocks, ``task_sizes``)
-    without augmentation, in batches of ``batch_size``: what :func:`recomputing_norms` averages over."""
+    without augmentation, in batches of ``batch_size``: what
+    :class:`~lorkd.engine.norms.NormStatistics` averages over (``*.train.recompute_norm_stats``)."""
     plain = copy.copy(train_set)
     plain.augment = None  # the same items, as validation sees images
     index, start = [], 0
@@ -69,21 +71,6 @@ def norm_batches(train_set: Any, per_task: int, batch_size: int) -> list[TaskBat
         index += range(start, start + min(per_task, size))
         start += size
     return [collate_task_batch([plain[i] for i in index[k:k + batch_size]]) for k in range(0, len(index), batch_size)]
-
-
-def recomputing_norms(evaluate: Callable[[nn.Module], dict[str, float]], train_set: Any, per_task: int,
-                      batch_size: int, device: Any) -> Callable[[nn.Module], dict[str, float]]:
-    """``evaluate`` preceded by :func:`~lorkd.engine.norms.recompute_norm_statistics` over
-    :func:`norm_batches` (``*.train.recompute_norm_stats``): the statistics the model is validated,
-    selected (``best.pt``) and exported with are exact averages over training images, not the moving
-    averages of the last augmented batches."""
-    batches = norm_batches(train_set, per_task, batch_size)
-
-    def evaluate_with_recomputed_norms(model: nn.Module) -> dict[str, float]:
-        recompute_norm_statistics(model, batches, device)
-        return evaluate(model)
-
-    return evaluate_with_recomputed_norms
 
 
 def make_sampler(train_set: Any, stage: Stage, ctx: DistributedContext, seed: int,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ...data.medmnist import ClassificationTask, cap_train, load_npz_task
-from ...data.multitask import MultiTaskDataset, collate_task_batch
+from ...data.multitask import MultiTaskDataset
 from ...data.paths import locate
 from ...data.synthetic import make_synthetic_tasks
 from ...engine import metrics as M
@@ -29,11 +29,10 @@ from ...errors import ConfigError, DataError
 from ...experts import load_expert
 from ...models.backbones import backbone_spec
 from ...models.classifier import MultiTaskClassifier
-from ...models.multitask import MultiTaskNet
 from ...report.stats import majority_rate
 from ..core.export_formats import class_names
-from ..core.objective import TaskRemap
 from ..core.recipe import DecompositionRecipe
+from ..core.scoring import ROUTED_STUDENT, predict_probs
 from . import routing_scores as R
 from .selection import SELECTION, select_training, selection_summary
 from ..schema import ClassificationConfig, Net
@@ -207,7 +206,7 @@ class ClassificationRecipe(DecompositionRecipe):
 
     @staticmethod
     def build(meta: dict[str, Any]) -> MultiTaskClassifier:
-        return MultiTaskClassifier(meta["backbone"], meta["num_classes"], meta.get("experts"))
+        return MultiTaskClassifier.from_meta(meta)
 
     def meta(self, model: MultiTaskClassifier, kind: str, tasks: list[int] | None = None, **extra: Any) -> dict[str, Any]:
         tasks = tasks if tasks is not None else list(range(len(self.tasks)))
@@ -272,7 +271,7 @@ class ClassificationRecipe(DecompositionRecipe):
             "latency_batch": ev.latency_batch,
             "data": image_data_summary(self.tasks, self.teacher_train_set.task_sizes
                                  if self.teacher_train_set is not self.train_set else None),
-            "models": {**self.model_descriptions, **({"student": R.ROUTED_STUDENT} if self.cfg.student.router else {})},
+            "models": {**self.model_descriptions, **({"student": ROUTED_STUDENT} if self.cfg.student.router else {})},
             **({"selection": selection_summary(self.out / SELECTION)} if self.cfg.data.select.method != "random"
                else {}),
             "majority": {t.name: majority_rate(t.labels["train"], t.num_classes,
@@ -282,34 +281,6 @@ class ClassificationRecipe(DecompositionRecipe):
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, dataset: MultiTaskDataset, device: torch.device, tasks: list[int] | None = None,
-                  batch_size: int = 256) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Class probabilities and labels per task: ``{task: (probs [n, C_t], labels [n])}``.
-
-    ``model`` is a multi-task network (:class:`MultiTaskClassifier`, a loaded teacher; any task)
-    or a plain network of one task (then
-    ``tasks`` must hold that single task). The model is put in eval mode and restored after.
-    """
-    was_training = model.training
-    model.eval()
-    tasks = list(range(len(dataset.tasks))) if tasks is None else tasks
-    result = {}
-    for task in tasks:
-        idx = list(dataset.task_indices(task))
-        probs = []
-        for start in range(0, len(idx), batch_size):
-            batch = collate_task_batch([dataset[i] for i in idx[start:start + batch_size]]).to(device)
-            if isinstance(model, (MultiTaskNet, TaskRemap)) or hasattr(model, "module"):
-                logits = model(batch.images, batch.task_ids).logits[task]
-            else:
-                logits = model(batch.images)
-            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        labels = dataset.labels[idx].numpy()
-        result[task] = (np.concatenate(probs), labels)
-    model.train(was_training)
-    return result
-
-
 def score_images(model: nn.Module, dataset: MultiTaskDataset, device: torch.device,
                      tasks: list[int] | None = None, keep: dict[int, dict[str, np.ndarray]] | None = None
                      ) -> dict[int, dict[str, float]]:

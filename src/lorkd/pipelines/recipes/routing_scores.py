@@ -18,26 +18,13 @@ import torch
 from torch import nn
 
 from ...data.multitask import MultiTaskDataset, collate_task_batch
-from ...report.stats import bootstrap_interval, paired_bootstrap_difference
-
-INFERENCE = ("each image goes to the task of its largest router logit (top-1), then through that task's expert "
-             "and head; a wrong route counts as a wrong answer")
-
-
-ROUTED_STUDENT = ("LoRKD student trained with a router (student.router, MoLA-Router); scored here with the true "
-                  "task id, routed without one in the Routing section")
-
-
-def mean_stat(values: np.ndarray) -> float:
-    """The mean of per-item 0/1 values ``[n]`` (an accuracy)."""
-    return float(np.mean(values))
-
+from ..core.scoring import summarize
 
 @torch.no_grad()
 def routed_predictions(model: nn.Module, router: nn.Module, dataset: MultiTaskDataset, device: torch.device,
                        batch_size: int = 256) -> dict[int, dict[str, np.ndarray]]:
     """Per task ``t`` of ``dataset`` (its items in the order of ``dataset.task_indices(t)``, as
-    :func:`~lorkd.pipelines.recipes.classification.predict_probs`): ``{"routed": [n] routed task,
+    :func:`~lorkd.pipelines.core.scoring.predict_probs`): ``{"routed": [n] routed task,
     "pred": [n] class index in the routed task's classes, "correct": [n] bool (routed to ``t`` and
     the right class)}``. ``model`` is a multi-task student, ``router`` maps ``x`` to an object with
     ``logits [B, T]`` (a :class:`~lorkd.models.router.TaskRouter`); both are put in eval mode and
@@ -89,41 +76,3 @@ def routing_summary(routed: Mapping[int, Mapping[str, np.ndarray]], names: list[
                 references.setdefault(key, {})[t] = (kept["probs"].argmax(1) == kept["labels"]).astype(np.float64)
     return summarize({t: r["routed"] for t, r in routed.items()},
                      {t: r["correct"].astype(np.float64) for t, r in routed.items()}, references, names)
-
-
-def summarize(routed: Mapping[int, np.ndarray], agnostic: Mapping[int, np.ndarray],
-              references: Mapping[str, Mapping[int, np.ndarray]], names: list[str], metric: str = "acc",
-              unit: str = "images", inference: str = INFERENCE) -> dict[str, Any]:
-    """The ``routing`` key of ``metrics.json``, for any recipe.
-
-    Args:
-        routed: per task ``t``, ``[n]`` the routed task of each of its test items.
-        agnostic: per task, ``[n]`` each item's score routed without a task id (0/1 correct; a case's Dice).
-        references: per model key (``true_id``, ``mola_grad``), per task, ``[n]`` the scores of the
-            same items by that model with the task id.
-        names: task names; ``metric``: the score's name (``acc``, ``dice``); ``unit``: what an item is.
-
-    Returns ``route_acc`` and per task ``route_acc``, ``task_agnostic_<metric>``, ``<key>_<metric>``
-    (95% bootstrap intervals) and ``task_agnostic_minus_<key>`` (paired), the task confusion matrix
-    (rows: true task, columns: routed task) and the means over tasks.
-    """
-    num = len(names)
-    confusion = np.zeros((num, num), dtype=np.int64)
-    per_task: dict[str, Any] = {}
-    for t, r in routed.items():
-        confusion[t] += np.bincount(r, minlength=num)
-        row: dict[str, Any] = {"n": int(r.size),
-                               "route_acc": bootstrap_interval(mean_stat, [(r == t).astype(np.float64)]),
-                               f"task_agnostic_{metric}": bootstrap_interval(mean_stat, [agnostic[t]])}
-        for key, values in references.items():
-            if t in values:
-                row[f"{key}_{metric}"] = bootstrap_interval(mean_stat, [values[t]])
-                row[f"task_agnostic_minus_{key}"] = paired_bootstrap_difference(mean_stat, [agnostic[t]], [values[t]])
-        per_task[names[t]] = row
-    every = np.concatenate([(r == t).astype(np.float64) for t, r in routed.items()])
-    keys = ("route_acc", *(f"{k}_{metric}" for k in ("task_agnostic", "true_id", "mola_grad")))
-    return {"split": "test", "tasks": list(names), "metric": metric, "unit": unit, "inference": inference,
-            "route_acc": bootstrap_interval(mean_stat, [every]), "confusion": confusion.tolist(),
-            "per_task": per_task,
-            "mean": {key: float(np.mean([row[key]["value"] for row in per_task.values()]))
-                     for key in keys if all(key in row for row in per_task.values())}}

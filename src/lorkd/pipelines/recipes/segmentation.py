@@ -51,10 +51,10 @@ from ...models.multitask import MultiTaskNet
 from ...models.segmenter import MultiTaskSegmenter, segmentation_backbone_spec
 from ..core.objective import TaskRemap
 from ..core.recipe import DecompositionRecipe
+from ..core.scoring import ROUTED_STUDENT
 from ..schema import SegmentationConfig
 from ..schema.segmentation import SegNet
 from . import segmentation_routing as SR
-from .routing_scores import ROUTED_STUDENT
 
 log = logging.getLogger("lorkd")
 
@@ -189,7 +189,7 @@ class SegmentationRecipe(DecompositionRecipe):
 
     @staticmethod
     def build(meta: dict[str, Any]) -> MultiTaskSegmenter:
-        return MultiTaskSegmenter(meta["backbone"], meta["num_classes"], meta.get("experts"))
+        return MultiTaskSegmenter.from_meta(meta)
 
     def meta(self, model: MultiTaskSegmenter, kind: str, tasks: list[int] | None = None, **extra: Any) -> dict[str, Any]:
         tasks = tasks if tasks is not None else list(range(len(self.tasks)))

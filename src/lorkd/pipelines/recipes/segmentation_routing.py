@@ -27,7 +27,7 @@ from ...data.segmentation import CANONICAL_ORIENTATION, CaseRef, SegmentationTas
 from ...errors import ConfigError
 from ...models.router import router_view
 from ..core.recipe import DecompositionRecipe
-from .routing_scores import summarize
+from ..core.scoring import summarize
 
 # ``run`` below is a SegmentationRecipe (typed by its protocol: segmentation imports this module)
 INFERENCE = ("each whole case is routed once: the router sees it z-scored and resized to router_input.size, and its "
@@ -135,7 +135,7 @@ def routed_val_metrics(run: DecompositionRecipe, model: nn.Module, router: nn.Mo
 
 def routing_summary(run: DecompositionRecipe, router: nn.Module,
                     outputs: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
-    """``metrics.json`` ``routing`` on test (:func:`~lorkd.pipelines.recipes.routing_scores.summarize`,
+    """``metrics.json`` ``routing`` on test (:func:`~lorkd.pipelines.core.scoring.summarize`,
     metric ``dice`` per case), from the student's per-case test Dice with the true task id
     (``outputs[task]["student"]["dice"]``) and the router's route of each test case."""
     routes = route_cases(router, run.views, run.test_set, run.ctx.device)

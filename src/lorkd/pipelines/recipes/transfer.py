@@ -57,17 +57,17 @@ from ...engine.checkpoint import load_checkpoint
 from ...engine.distributed import DistributedContext
 from ...engine.trainer import StepLoss
 from ...errors import ConfigError, DataError
-from ...experts import ExpertModel, add_experts, build_architecture, load_expert, save_expert
+from ...experts import add_experts, build_architecture, load_expert, save_expert
 from ...fileio import read_json, write_json
-from ...models.multitask import plain_sequential
+from ...models.classifier import Classifier, plain_spec
 from ...models.taps import find_layer
+from ...report.transfer import BOOTSTRAP_NOTE, bootstrap_interval, item_statistic, majority_warnings, write_transfer_report
 from ..core.recipe import Recipe
 from ..core.runfolder import runtime_line
+from ..core.scoring import predict_probs
 from ..schema import METHODS, SegmentationConfig, TransferConfig
-from .classification import predict_probs
 from .segmentation import SegmentationRecipe, expert_card, predict_case
 from .transfer_foundation import TransferFoundation, load_transfer_foundation, train_only_used
-from .transfer_report import BOOTSTRAP_NOTE, bootstrap_interval, item_statistic, majority_warnings, write_transfer_report
 
 log = logging.getLogger("lorkd")
 
@@ -197,50 +197,7 @@ def load_seg_downstream(cfg: TransferConfig, foundation: TransferFoundation, out
     return tasks
 
 
-# ---------------------------------------------------------------------------------------- models
-class Classifier(nn.Module):
-    """``head(backbone(x))``: ``[B, C, *spatial] -> [B, K]`` (segmentation: ``[B, K, *spatial]``, the
-    head a 1x1 convolution).
-
-    With ``frozen``, the backbone stays in eval mode (BatchNorm statistics fixed) whatever
-    ``train()`` is called with; which of its parameters train is set by the caller. An
-    :class:`~lorkd.experts.ExpertModel` backbone (``foundation_lora``) is called with task 0.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Linear, frozen: bool = False) -> None:
-        super().__init__()
-        self.backbone, self.head, self.frozen = backbone, head, frozen
-
-    def train(self, mode: bool = True) -> "Classifier":
-        super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.backbone, ExpertModel):
-            return self.head(self.backbone(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)))
-        return self.head(self.backbone(x))
-
-    def export(self) -> nn.Sequential:
-        """A plain ``nn.Sequential(backbone, head)`` (adapters merged); same logits in eval mode."""
-        backbone = self.backbone.extract(0) if isinstance(self.backbone, ExpertModel) else copy.deepcopy(self.backbone)
-        return plain_sequential(backbone, copy.deepcopy(self.head)).train(self.training)
-
-
-def plain_spec(backbone_spec: dict[str, Any] | None, feature_dim: int, num_classes: int,
-               dense_dims: int | None = None) -> dict[str, Any] | None:
-    """The architecture spec of ``plain_classifier`` (or ``plain_segmenter`` with ``dense_dims``):
-    what ``load_expert`` rebuilds; ``None`` for a backbone without a spec (a ``foundation.source``
-    model: its saved weights load with ``load_expert(folder, model=...)``)."""
-    if backbone_spec is None:
-        return None
-    kwargs = {"backbone": backbone_spec, "feature_dim": feature_dim, "num_classes": num_classes}
-    if dense_dims is None:
-        return {"factory": "lorkd.models.classifier.plain_classifier", "kwargs": kwargs}
-    return {"factory": "lorkd.models.segmenter.plain_segmenter", "kwargs": {**kwargs, "spatial_dims": dense_dims}}
-
-
+# ------------------------------------------------------------------------------------- objective
 class TransferObjective:
     """Single-task loss: ``task_loss`` (CE; Dice + CE for segmentation), that + soft-target KD from a
     frozen ``teacher``, or the RD loss."""

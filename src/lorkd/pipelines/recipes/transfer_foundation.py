@@ -32,13 +32,13 @@ from ...config import from_dict, load_yaml
 from ...data.paths import locate
 from ...errors import ConfigError
 from ...fileio import read_json
+from ...models.classifier import MultiTaskClassifier
 from ...models.foundation import load_foundation, load_weights
+from ...models.segmenter import MultiTaskSegmenter
 from ...models.taps import LayerTaps, find_layer
 from ...models.teacher import InputAdapter, first_conv_channels, output_tensor, resize_map
 from ..core.netio import META, has_network, load_network
 from ..schema import TeacherSection
-from .classification import ClassificationRecipe
-from .segmentation import SegmentationRecipe
 
 __all__ = ["TransferFoundation", "FoundationFeatures", "load_transfer_foundation", "foundation_from_run",
            "foundation_from_source", "train_only_used"]
@@ -113,7 +113,7 @@ def _lorkd_teacher(teacher_dir: Path, key: str, hint: str) -> tuple[nn.Module, d
         raise ConfigError(f"{key}: the teacher in {teacher_dir} was loaded from teacher.source "
                           f"({meta['foundation'].get('source', {}).get('path')}); give its run folder as foundation.run")
     dense = meta.get("task_kind") == "segmentation"
-    model, meta = load_network(teacher_dir, SegmentationRecipe.build if dense else ClassificationRecipe.build)
+    model, meta = load_network(teacher_dir, (MultiTaskSegmenter if dense else MultiTaskClassifier).from_meta)
     return model, meta, dense
 
 

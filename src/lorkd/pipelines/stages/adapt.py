@@ -30,7 +30,7 @@ from ...models.teacher import Foundation, InputAdapter, first_conv_channels
 from ..core.fingerprint import write_fingerprint
 from ..core.netio import has_network, save_network
 from ..core.recipe import DecompositionRecipe
-from ..core.runfolder import record_stage, start_training
+from ..core.runfolder import record_stage, reuse_stage, start_training, train_or_reuse
 from ..core.runtime import timed
 from ..schema import Distill, TeacherSection, TeacherSource
 
@@ -157,8 +157,7 @@ def load_source_teacher(run: DecompositionRecipe, folder: Path, tcfg: TeacherSec
                             "reused": read_json(source / "model.json").get("teacher_info")}
         return model
     if has_network(folder):  # this run's adapted teacher, finished earlier
-        model = run.reuse_network(folder, build=lambda meta: build_from_meta(run, meta))
-        record_stage(run, "teacher", "reused", folder)
+        model = reuse_stage(run, "teacher", folder, lambda: run.reuse_network(folder, build=lambda m: build_from_meta(run, m)))
         run.state.teacher_info = read_json(folder / "model.json").get("teacher_info") or {}
         return model
     model = build_foundation(run, tcfg)
@@ -195,24 +194,18 @@ def finetune_lorkd_teacher(run: DecompositionRecipe, source: Path, folder: Path,
     receives the network as ``source`` describes it (all its heads; the run's tasks picked by name
     again on reuse) and a ``teacher_info`` saying what was fine-tuned and for how long."""
     build = lambda meta: build_from_meta(run, meta)  # noqa: E731
-    if has_network(folder):  # finished earlier
-        model = run.reuse_teacher(folder, build=build)
-        record_stage(run, "teacher", "reused", folder)
-        run.state.teacher_info = read_json(folder / "model.json").get("teacher_info") or {}
-        return model
-    model = run.reuse_teacher(source, build=build)
-    start_training(run, "teacher", folder)
-    timing: dict[str, float] = {}
-    with timed(timing, "adapt"):
-        model = run.fit(model, tcfg.adapt, folder, run.objective(Distill(kd_weight=0.0), stage=tcfg.adapt))
-    run.state.timing["teacher"] = run.state.timing.get("teacher", 0.0) + timing["adapt"]
+    train = lambda: run.fit(run.reuse_teacher(source, build=build), tcfg.adapt, folder,  # noqa: E731
+                            run.objective(Distill(kd_weight=0.0), stage=tcfg.adapt))
     saved = read_json(source / "model.json")
-    info = {"source": {"kind": "lorkd", "path": str(source)}, "reused": saved.get("teacher_info"),
-            "adapt": {"mode": "finetune", "epochs": tcfg.adapt.epochs, "seconds": timing["adapt"]}}
-    info["description"] = teacher_description(info)
-    run.state.teacher_info = info
-    if run.ctx.is_main:
-        save_network(getattr(model, "teacher", model), folder, {**saved, "teacher_info": info})
+
+    def meta(model: nn.Module, seconds: float) -> dict[str, Any]:
+        info = {"source": {"kind": "lorkd", "path": str(source)}, "reused": saved.get("teacher_info"),
+                "adapt": {"mode": "finetune", "epochs": tcfg.adapt.epochs, "seconds": seconds}}
+        return {**saved, "teacher_info": {**info, "description": teacher_description(info)}}
+
+    model, made = train_or_reuse(run, "teacher", folder, train, meta, reuse=lambda: run.reuse_teacher(folder, build=build),
+                                 timing="teacher", saves=lambda m: getattr(m, "teacher", m))
+    run.state.teacher_info = (made or read_json(folder / "model.json")).get("teacher_info") or {}
     return model
 
 

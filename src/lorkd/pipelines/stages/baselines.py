@@ -10,11 +10,9 @@ from typing import Any
 from torch import nn
 
 from ...engine.metrics import count_parameters
-from ..core.netio import has_network, save_network
 from ..core.objective import TaskRemap
 from ..core.recipe import DecompositionRecipe
-from ..core.runfolder import baselines_on_disk, record_stage, start_training
-from ..core.runtime import timed
+from ..core.runfolder import baselines_on_disk, train_or_reuse
 from .search import search_distill
 from .student import stage_student
 
@@ -43,20 +41,15 @@ def stage_baselines(run: DecompositionRecipe, teacher: nn.Module, found: bool = 
                                           distill=distill, routed=False)
             continue
         models = {}
-        for tasks, folder in run.baseline_groups(name):
-            stage = folder.relative_to(run.out).as_posix()
-            if has_network(folder):
-                models[tuple(tasks)] = run.reuse_network(folder, tasks)
-                record_stage(run, stage, "reused", folder)
-                continue
-            with timed(run.state.timing, f"baseline_{name}"):
+        for tasks, folder in run.baseline_groups(name):  # the closures below run within the iteration
+            def train() -> nn.Module:
                 model = run.network(sc.net, [run.num_classes[t] for t in tasks])
-                start_training(run, stage, folder)
                 sub_teacher = TaskRemap(teacher, tasks) if kd else None
-                model = run.distill_fit(model, sc.train, folder, distill, sub_teacher, task_subset=tasks)
-                if run.ctx.is_main:
-                    save_network(model, folder, run.meta(model, name, tasks=tasks))
-            models[tuple(tasks)] = model
+                return run.distill_fit(model, sc.train, folder, distill, sub_teacher, task_subset=tasks)
+
+            models[tuple(tasks)], _ = train_or_reuse(
+                run, folder.relative_to(run.out).as_posix(), folder, train, lambda m, _: run.meta(m, name, tasks=tasks),
+                reuse=lambda: run.reuse_network(folder, tasks), timing=f"baseline_{name}")
         trained[name] = models
     return trained
 

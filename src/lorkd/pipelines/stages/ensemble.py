@@ -30,7 +30,7 @@ from ...models.ensemble import EnsembleTeacher, mean_weights, metric_weights
 from ..core.fingerprint import write_fingerprint
 from ..core.netio import META, has_network, save_network
 from ..core.recipe import DecompositionRecipe
-from ..core.runfolder import record_stage
+from ..core.runfolder import reuse_stage
 from ..schema import EnsembleMember, TeacherSection, TeacherSource, ensemble_member, member_labels
 from .adapt import adapt_mode, build_foundation, build_from_meta, load_source_teacher, teacher_description
 
@@ -123,8 +123,7 @@ def load_ensemble_teacher(run: DecompositionRecipe, folder: Path) -> nn.Module:
     Sets ``run.state.teacher_info``."""
     tcfg = run.cfg.teacher
     if has_network(folder):  # this run's ensemble, finished earlier
-        model = run.reuse_network(folder, build=lambda meta: build_from_meta(run, meta))
-        record_stage(run, "teacher", "reused", folder)
+        model = reuse_stage(run, "teacher", folder, lambda: run.reuse_network(folder, build=lambda m: build_from_meta(run, m)))
         run.state.teacher_info = read_json(folder / META).get("teacher_info") or {}
         return model
     labels = member_labels(tcfg.source)

@@ -29,9 +29,8 @@ from torch import nn
 
 from ...errors import ConfigError, DataError
 from ...fileio import read_json, write_json
-from ..core.netio import has_network, save_network
 from ..core.recipe import DecompositionRecipe
-from ..core.runtime import timed
+from ..core.runfolder import train_or_reuse
 from ..schema import Distill, DistillSearch, Stage
 
 __all__ = ["SEARCH_FILE", "candidate_distill", "search_distill"]
@@ -95,15 +94,11 @@ def _run_grid(run: DecompositionRecipe, teacher: nn.Module, grid: list[dict[str,
             raise ConfigError(f"student.distill.search: candidate {settings} has every loss weight at 0")
         cid = f"c{i:02d}"
         folder = run.out / "search" / cid
-        if has_network(folder):
-            model = run.reuse_network(folder)
-        else:
-            with timed(run.state.timing, "search"):
-                model = run.network(sc.net, run.num_classes, sc.experts.as_kwargs())
-                model = run.distill_fit(model, stage, folder, distill, teacher)
-                if run.ctx.is_main:
-                    save_network(model, folder, run.meta(model, "student", experts=sc.experts.as_kwargs(),
-                                                         search_candidate={"id": cid, **settings}))
+        train = lambda: run.distill_fit(run.network(sc.net, run.num_classes, sc.experts.as_kwargs()),  # noqa: E731
+                                        stage, folder, distill, teacher)
+        meta = lambda m, _: run.meta(m, "student", experts=sc.experts.as_kwargs(),  # noqa: E731
+                                     search_candidate={"id": cid, **settings})
+        model, _ = train_or_reuse(run, f"search/{cid}", folder, train, meta, timing="search")
         metrics = run.val_metrics(model) if run.ctx.is_main else None  # validation split only
         metrics = run.ctx.broadcast_object(metrics)
         rows.append({"id": cid, **settings, "val": {n: metrics.get(f"{key}_{n}") for n in run.names},

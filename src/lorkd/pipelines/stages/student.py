@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..core.features import check_layer_names
+from ..core.fingerprint import write_fingerprint
 from ..core.netio import has_network, save_network
 from ..core.recipe import DecompositionRecipe
-from ..core.runfolder import record_stage, start_training
-from ..core.runtime import timed
+from ..core.runfolder import record_stage, reuse_stage, train_stage
 from ..schema import Distill
 from .routed import ROUTER, train_routed
 from .search import search_distill
@@ -49,25 +49,23 @@ def stage_student(run: DecompositionRecipe, teacher: nn.Module, name: str = "stu
     sc = run.cfg.student
     routed = sc.router is not None and name == "student" if routed is None else routed
     if has_network(folder) and (not routed or has_network(folder / ROUTER)):
-        model = run.reuse_network(folder)
-        record_stage(run, name, "reused", folder)
-        return model
+        return reuse_stage(run, name, folder)
     if distill is None and sc.distill.search.enabled:
         distill, chosen = search_distill(run, teacher)
         if chosen is not None and not routed:  # trained with the full budget: the search's best model is the student
             model = run.reuse_network(chosen)
             if run.ctx.is_main:
+                write_fingerprint(folder, name, run.cfg, run.state.fingerprint_extra)
                 save_network(model, folder, run.meta(model, "student", experts=sc.experts.as_kwargs(),
                                                      search_candidate=chosen.name))
+            record_stage(run, name, "loaded", chosen)
             return model
     distill = distill or sc.distill
-    with timed(run.state.timing, name):
+
+    def train() -> nn.Module:
         model = run.network(sc.net, run.num_classes, sc.experts.as_kwargs())
-        start_training(run, name, folder)
         if routed:
-            model = train_routed(run, model, folder, distill, teacher)
-        else:
-            model = run.distill_fit(model, sc.train, folder, distill, teacher)
-        if run.ctx.is_main:
-            save_network(model, folder, run.meta(model, "student", experts=sc.experts.as_kwargs()))
-    return model
+            return train_routed(run, model, folder, distill, teacher)
+        return run.distill_fit(model, sc.train, folder, distill, teacher)
+
+    return train_stage(run, name, folder, train, lambda m, _: run.meta(m, "student", experts=sc.experts.as_kwargs()))[0]

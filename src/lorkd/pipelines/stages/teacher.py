@@ -6,10 +6,9 @@ from __future__ import annotations
 from torch import nn
 
 from ...fileio import read_json
-from ..core.netio import META, has_network, save_network
+from ..core.netio import META
 from ..core.recipe import DecompositionRecipe
-from ..core.runfolder import record_stage, start_training
-from ..core.runtime import timed
+from ..core.runfolder import train_or_reuse
 from ..schema import Distill
 from .adapt import build_from_meta, load_source_teacher, teacher_description
 from .ensemble import load_ensemble_teacher
@@ -26,23 +25,21 @@ def stage_teacher(run: DecompositionRecipe) -> nn.Module:
         model = load_ensemble_teacher(run, folder)
     elif tcfg.source is not None:
         model = load_source_teacher(run, folder)
-    elif has_network(folder):
-        model = run.reuse_network(folder, build=lambda meta: build_from_meta(run, meta))
-        record_stage(run, "teacher", "reused", folder)
-        state.teacher_info = read_json(folder / META).get("teacher_info") or {
-            "source": {"kind": "trained", "net": tcfg.net.arch}, "adapt": {"epochs": tcfg.train.epochs}}
     else:
-        with timed(state.timing, "teacher"):
+        def train() -> nn.Module:
             model = run.network(tcfg.net, run.num_classes)
-            start_training(run, "teacher", folder)
             objective = run.objective(Distill(kd_weight=0.0), stage=tcfg.train)
             # a run may give its teacher more training data than its students (data.student_n_train)
-            model = run.fit(model, tcfg.train, folder, objective, train_set=run.teacher_train_data())
-        state.teacher_info = {"source": {"kind": "trained", "net": tcfg.net.arch},
-                              "adapt": {"mode": "trained on all tasks", "epochs": tcfg.train.epochs,
-                                        "seconds": state.timing["teacher"]}}
-        state.teacher_info["description"] = teacher_description(state.teacher_info)
-        if run.ctx.is_main:
-            save_network(model, folder, run.meta(model, "teacher", teacher_info=state.teacher_info))
+            return run.fit(model, tcfg.train, folder, objective, train_set=run.teacher_train_data())
+
+        def meta(model: nn.Module, seconds: float) -> dict:
+            info = {"source": {"kind": "trained", "net": tcfg.net.arch},
+                    "adapt": {"mode": "trained on all tasks", "epochs": tcfg.train.epochs, "seconds": seconds}}
+            return run.meta(model, "teacher", teacher_info={**info, "description": teacher_description(info)})
+
+        model, saved = train_or_reuse(run, "teacher", folder, train, meta,
+                                      reuse=lambda: run.reuse_network(folder, build=lambda m: build_from_meta(run, m)))
+        state.teacher_info = (saved or read_json(folder / META)).get("teacher_info") or {
+            "source": {"kind": "trained", "net": tcfg.net.arch}, "adapt": {"epochs": tcfg.train.epochs}}
     state.teacher_info.setdefault("description", teacher_description(state.teacher_info))
     return model

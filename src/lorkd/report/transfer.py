@@ -24,10 +24,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ...engine import metrics as M
-from ...fileio import write_atomic
-from ...report.stats import seed_mean_interval as bootstrap_interval  # the transfer report's interval
-from ...report.tables import fmt_value
+from ..engine import metrics as M
+from ..fileio import write_atomic
+from .stats import seed_mean_interval as bootstrap_interval  # the transfer report's interval
+from .tables import fmt_value
 
 #: The method whose model a method distils from (``kd`` from the ``foundation_lp`` model).
 TEACHER_OF = {"kd": "foundation_lp"}
