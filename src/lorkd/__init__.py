@@ -34,7 +34,6 @@ from .experts import (
     save_expert,
     save_student,
 )
-from .data.select import select, select_for_task
 from .models.foundation import load_foundation
 from .models.teacher import Foundation, InputAdapter
 
@@ -44,11 +43,16 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """``lorkd.decompose`` / ``lorkd.DecompositionResult``: the whole decomposition from Python
     (:func:`lorkd.pipelines.decompose`), loaded on first use so that ``import lorkd`` stays light
-    (the recipes it needs double the import time)."""
+    (the recipes it needs double the import time); ``lorkd.select`` / ``lorkd.select_for_task``
+    (:mod:`lorkd.data.select`) likewise."""
     if name in ("decompose", "DecompositionResult"):
         from . import pipelines
 
         return getattr(pipelines, name)
+    if name in ("select", "select_for_task"):  # the data layer's MedMNIST code stays out of `import lorkd.engine`
+        from .data import select as selection
+
+        return getattr(selection, name)
     raise AttributeError(f"module 'lorkd' has no attribute {name!r}")
 
 __all__ = [
