@@ -102,16 +102,24 @@ def _ultrasound(rng: np.random.Generator, labels: np.ndarray, size: int) -> np.n
     return _to_uint8(echo * speckle)
 
 
+def _lungs(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, n: int, y: tuple[float, float],
+           x: tuple[float, float], width: tuple[float, float], height: tuple[float, float]) -> np.ndarray:
+    """Two soft elliptic lung fields ``[N, size, size]`` (about 1 inside), left then right: centre
+    height in ``y``, distance from the midline in ``x``, half-axes in ``width`` and ``height``."""
+    lungs = np.zeros((n, yy.shape[1], xx.shape[2]), np.float32)
+    for side in (-1.0, 1.0):
+        ly, lx = _u(rng, *y, n), side * _u(rng, *x, n)
+        d = ((xx - lx) / _u(rng, *width, n)) ** 2 + ((yy - ly) / _u(rng, *height, n)) ** 2
+        lungs = lungs + np.exp(-(d**2))
+    return lungs
+
+
 def _xray(rng: np.random.Generator, labels: np.ndarray, size: int) -> np.ndarray:
     """Grayscale ``[N, size, size]``: chest-like gradients, dark lungs, a nodule or a diffuse haze."""
     n = len(labels)
     yy, xx = _grid(size)
     body = 0.55 + 0.25 * (1 - xx**2) + _u(rng, -0.1, 0.1, n) * yy
-    lungs = np.zeros_like(body)
-    for side in (-1.0, 1.0):
-        ly, lx = _u(rng, -0.1, 0.05, n), side * _u(rng, 0.35, 0.45, n)
-        d = ((xx - lx) / _u(rng, 0.22, 0.28, n)) ** 2 + ((yy - ly) / _u(rng, 0.5, 0.6, n)) ** 2
-        lungs = lungs + np.exp(-(d**2))
+    lungs = _lungs(rng, yy, xx, n, (-0.1, 0.05), (0.35, 0.45), (0.22, 0.28), (0.5, 0.6))
     img = body - _u(rng, 0.35, 0.5, n) * lungs
     side = np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(np.float32)[:, None, None]
     oy, ox = _u(rng, -0.35, 0.25, n), side * _u(rng, 0.25, 0.5, n)
@@ -224,11 +232,7 @@ def _hard_xray(rng: np.random.Generator, labels: np.ndarray, size: int, clean: b
     n = len(labels)
     yy, xx = _grid(size)
     body = 0.55 + _u(rng, 0.15, 0.3, n) * (1 - xx**2) + _u(rng, -0.1, 0.1, n) * yy
-    lungs = np.zeros_like(body)
-    for side in (-1.0, 1.0):
-        ly, lx = _u(rng, -0.12, 0.05, n), side * _u(rng, 0.33, 0.47, n)
-        d = ((xx - lx) / _u(rng, 0.2, 0.3, n)) ** 2 + ((yy - ly) / _u(rng, 0.48, 0.62, n)) ** 2
-        lungs = lungs + np.exp(-(d**2))
+    lungs = _lungs(rng, yy, xx, n, (-0.12, 0.05), (0.33, 0.47), (0.2, 0.3), (0.48, 0.62))
     img = body - _u(rng, 0.3, 0.5, n) * lungs
     ribs = _lines(yy + _u(rng, 0.2, 0.5, n) * xx**2, _u(rng, 0.3, 0.42, n), _u(rng, 0, 1, n), 2.0)
     img = img + (0.0 if clean else _u(rng, 0.03, 0.07, n) * ribs * lungs)
