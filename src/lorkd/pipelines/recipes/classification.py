@@ -55,7 +55,7 @@ def load_image_tasks(cfg: ClassificationConfig) -> list[ClassificationTask]:
     d = cfg.data
     if d.synthetic is not None:
         s = d.synthetic
-        tasks = make_synthetic_tasks(s.num_tasks, s.size, s.n_train, s.n_val, s.n_test, s.seed)
+        tasks = make_synthetic_tasks(s.num_tasks, s.size, s.n_train, s.n_val, s.n_test, s.seed, s.family)
         return cap_tasks(cfg, tasks)
     tasks = []
     for i, spec in enumerate(cfg.data.tasks):

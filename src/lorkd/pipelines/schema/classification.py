@@ -34,6 +34,8 @@ class Synthetic:
     n_val: int = 150
     n_test: int = 300
     seed: int = 0
+    # which label rules: "basic" (the default, as always) or "hard" (subtle cues that need many images)
+    family: Literal["basic", "hard"] = "basic"
 
 
 @dataclass
