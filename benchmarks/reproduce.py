@@ -45,24 +45,26 @@ class Acceptance:
     seeds: tuple[int, ...]
     what: str
     foundation: str | None = None  # the foundation recipe of a transfer
-    # a foundation config trained once with `lorkd pretrain` into OUT/<its stem>/ (shared by every run
-    # that names it); each seed distils from its teacher/ folder (teacher.source.path)
-    pretrain: str | None = None
+    # teacher configs trained once each with `lorkd pretrain` into OUT/<config stem>/ (shared by every run
+    # that names them); with one, each seed distils from its teacher/ folder (teacher.source.path)
+    pretrain: tuple[str, ...] = ()
+    teacher: str | None = None  # instead: the --set teacher.source=... of each seed ("{out}": OUT)
     sets: tuple[str, ...] = ()  # more --set key=value of each seed ("{base}": the run's folder OUT/<name>)
 
 
+FOUNDATION = ("configs/foundation_medmnist2d.yaml",)
 RUNS: tuple[Acceptance, ...] = (
     Acceptance("medmnist", "configs/medmnist.yaml", (0, 1, 2),
                "BreastMNIST + PneumoniaMNIST at 28 px, distilled from the MedMNIST foundation (pretrained on "
                "BreastMNIST + PneumoniaMNIST + OrganAMNIST): teacher, KD expert, no-KD student",
-               pretrain="configs/foundation_medmnist2d.yaml"),
+               pretrain=FOUNDATION),
     Acceptance("medmnist_routed", "configs/medmnist_routed.yaml", (0,),
                "BreastMNIST + PneumoniaMNIST + OrganAMNIST at 28 px, MoLA-Router student beside mola_grad "
-               "(task ids), distilled from the MedMNIST foundation", pretrain="configs/foundation_medmnist2d.yaml"),
+               "(task ids), distilled from the MedMNIST foundation", pretrain=FOUNDATION),
     *(Acceptance(f"select_{m}", "configs/medmnist_select.yaml", (0, 1, 2),
                  f"BreastMNIST + PneumoniaMNIST + OrganAMNIST, 100 training images per task chosen by {m} selection "
                  "on the MedMNIST foundation's features (one choice for every seed)",
-                 pretrain="configs/foundation_medmnist2d.yaml",
+                 pretrain=FOUNDATION,
                  sets=(f"data.select.method={m}", "data.select.file={base}/selection.json"))
       for m in ("random", "kcenter", "diverse")),
     Acceptance("transfer", "configs/transfer_medmnist.yaml", (0, 1, 2),
@@ -96,12 +98,16 @@ def steps(run: Acceptance, out: Path, seeds: Sequence[int], device: str, resume:
     common = ["--set", f"device={device}", "--no-progress"] + (["--resume"] if resume else [])
     first: list[Step] = []
     extra = [a for kv in run.sets for a in ("--set", kv.replace("{base}", str(base)))]
-    if run.pretrain is not None:
-        found = pretrain_folder(run, out)
-        # always --resume: a foundation finished by an earlier run or invocation is reused, not retrained
-        flags = ["--set", f"device={device}", "--no-progress", "--resume"]
-        first = [Step("foundation", ["pretrain", run.pretrain, "--out", str(found), "--set", "seed=0", *flags], found)]
-        common = ["--set", f"teacher.source.path={found / 'teacher'}", *common]
+    # always --resume: a teacher finished by an earlier run or invocation is reused, not retrained
+    flags = ["--set", f"device={device}", "--no-progress", "--resume"]
+    for config in run.pretrain:
+        folder = pretrain_folder(config, out)
+        first.append(Step(f"pretrain {folder.name}", ["pretrain", config, "--out", str(folder), "--set", "seed=0",
+                                                       *flags], folder))
+    if run.teacher is not None:
+        common = ["--set", run.teacher.replace("{out}", str(out)), *common]
+    elif len(run.pretrain) == 1:
+        common = ["--set", f"teacher.source.path={pretrain_folder(run.pretrain[0], out) / 'teacher'}", *common]
     if run.foundation is None:
         out_steps = first + [
             Step(f"seed {s}", ["run", run.config, "--out", str(base / f"seed{s}"), "--set", f"seed={s}", *extra, *common],
@@ -117,9 +123,9 @@ def steps(run: Acceptance, out: Path, seeds: Sequence[int], device: str, resume:
     return out_steps + [Step("report", ["report", *folders, "--out", str(report)], report)]
 
 
-def pretrain_folder(run: Acceptance, out: Path) -> Path:
-    """Where ``run.pretrain``'s foundation is trained: ``OUT/<config stem>/`` (one for every run naming it)."""
-    return out / Path(run.pretrain).stem
+def pretrain_folder(config: str, out: Path) -> Path:
+    """Where a ``pretrain`` config's teacher is trained: ``OUT/<config stem>/`` (one for every run naming it)."""
+    return out / Path(config).stem
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
