@@ -55,9 +55,12 @@ class Acceptance:
 FOUNDATION = ("configs/foundation_medmnist2d.yaml",)
 RUNS: tuple[Acceptance, ...] = (
     Acceptance("medmnist", "configs/medmnist.yaml", (0, 1, 2),
-               "BreastMNIST + PneumoniaMNIST at 28 px, distilled from the MedMNIST foundation (pretrained on "
-               "BreastMNIST + PneumoniaMNIST + OrganAMNIST): teacher, KD expert, no-KD student",
-               pretrain=FOUNDATION),
+               "BreastMNIST + PneumoniaMNIST at 28 px, distilled from an ensemble of the MedMNIST foundation "
+               "(pretrained on BreastMNIST + PneumoniaMNIST + OrganAMNIST) and a two-task teacher: teacher, KD "
+               "expert, no-KD student",
+               pretrain=(*FOUNDATION, "configs/teacher_medmnist2d.yaml"),
+               teacher="teacher.source=[{kind: lorkd, path: {out}/foundation_medmnist2d/teacher, label: foundation}, "
+                       "{kind: lorkd, path: {out}/teacher_medmnist2d/teacher, label: single}]"),
     Acceptance("medmnist_routed", "configs/medmnist_routed.yaml", (0,),
                "BreastMNIST + PneumoniaMNIST + OrganAMNIST at 28 px, MoLA-Router student beside mola_grad "
                "(task ids), distilled from the MedMNIST foundation", pretrain=FOUNDATION),

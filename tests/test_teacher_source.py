@@ -450,3 +450,22 @@ def test_a_lorkd_teacher_trained_on_more_tasks_is_seen_through_the_runs_tasks(tm
     bad = write_config(tmp_path, {"source": {"kind": "lorkd", "path": str(two / "teacher")}}, "b.yaml", data=three)
     assert run_cli("run", bad, "--out", tmp_path / "b", "--no-progress") == 2
     assert "are not among them" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_ensemble_member_trained_on_more_tasks_is_rebuilt_on_reuse(tmp_path):
+    own = {"net": {"arch": "resnet10", "widen": 0.125}, "train": STAGE}
+    rgb = {**DATA, "channels": 3}
+    found, single = tmp_path / "foundation", tmp_path / "single"
+    three = {**rgb, "synthetic": {**DATA["synthetic"], "num_tasks": 3}}
+    assert run_cli("pretrain", write_config(tmp_path, own, "f.yaml", data=three), "--out", found, "--no-progress") == 0
+    assert run_cli("pretrain", write_config(tmp_path, own, "s.yaml", data=rgb), "--out", single, "--no-progress") == 0
+    members = [{"kind": "lorkd", "path": str(found / "teacher"), "label": "foundation"},
+               {"kind": "lorkd", "path": str(single / "teacher"), "label": "single"}]
+    cfg = write_config(tmp_path, {"source": members}, "e.yaml", data=rgb)
+    assert run_cli("pretrain", cfg, "--out", tmp_path / "e", "--no-progress") == 0
+    first = load_file(str(tmp_path / "e" / "teacher" / "model.safetensors"))
+    assert any(k.startswith("backbone.0.teacher.heads.2.") for k in first)  # the foundation's third head rides along
+    assert run_cli("run", cfg, "--out", tmp_path / "e", "--resume", "--no-progress") == 0  # teacher rebuilt and reused
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert "ensemble of 2 teachers" in metrics["teacher"]["description"]

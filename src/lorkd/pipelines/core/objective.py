@@ -106,6 +106,11 @@ class TaskRemap(nn.Module):
         """The wrapped teacher's :attr:`feature_root` (teacher layer names are relative to it)."""
         return getattr(self.teacher, "feature_root", self.teacher)
 
+    @property
+    def num_classes(self) -> list[int]:
+        """Classes of each local task (the wrapped teacher's ``num_classes`` of its tasks)."""
+        return [self.teacher.num_classes[int(t)] for t in self.map]
+
     def export_task(self, task: int) -> tuple[nn.Module, Any]:
         """Local task ``task`` as the wrapped teacher exports it (``export_task`` of the teacher's task)."""
         return self.teacher.export_task(int(self.map[task]))

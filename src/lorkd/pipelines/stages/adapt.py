@@ -28,6 +28,7 @@ from ...models.ensemble import build_ensemble
 from ...models.foundation import load_foundation
 from ...models.teacher import Foundation, InputAdapter, first_conv_channels
 from ..core.fingerprint import write_fingerprint
+from ..core.objective import TaskRemap
 from ..core.netio import has_network, save_network
 from ..core.recipe import DecompositionRecipe
 from ..core.runfolder import record_stage, reuse_stage, start_training, train_or_reuse
@@ -212,7 +213,11 @@ def finetune_lorkd_teacher(run: DecompositionRecipe, source: Path, folder: Path,
 def build_from_meta(run: DecompositionRecipe, meta: dict[str, Any]) -> nn.Module:
     """Rebuild a saved teacher: a loaded foundation model (``meta["foundation"]``: the teacher
     section it was made with; the source must still be there), an ensemble of them (``meta["ensemble"]``)
-    or the recipe's own network."""
+    or the recipe's own network; with ``meta["remap"]`` (an ensemble member trained on more tasks than
+    the run), that network seen through the run's tasks (:class:`~lorkd.pipelines.core.objective.TaskRemap`)."""
+    if "remap" in meta:
+        inner = build_from_meta(run, {k: v for k, v in meta.items() if k != "remap"})
+        return TaskRemap(inner, list(meta["remap"]))
     if "ensemble" in meta:
         return build_ensemble(meta["ensemble"], lambda member: build_from_meta(run, member))
     if "foundation" not in meta:

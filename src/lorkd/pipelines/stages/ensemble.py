@@ -159,6 +159,10 @@ def _member_meta(run: DecompositionRecipe, section: TeacherSection) -> dict[str,
     """What rebuilds a member (:func:`.adapt.build_from_meta`): a lorkd folder's own ``model.json``, or
     the teacher section it was loaded with."""
     if section.source.kind == "lorkd":
-        return read_json(Path(section.source.path).expanduser() / META)
+        meta = read_json(Path(section.source.path).expanduser() / META)
+        theirs = list(meta.get("tasks") or [])
+        if theirs != list(run.names):  # a folder trained on more tasks: seen through the run's (reuse_teacher)
+            meta = {**meta, "remap": [theirs.index(n) for n in run.names]}
+        return meta
     return {"kind": "teacher", "tasks": list(run.names), "num_classes": list(run.num_classes),
             "foundation": to_dict(section)}
