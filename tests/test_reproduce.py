@@ -35,9 +35,16 @@ def test_dry_run_prints_every_run_with_its_seeds_and_folders(tmp_path, capsys, n
     assert (f"lorkd pretrain configs/foundation_medmnist2d.yaml --out {found} --set seed=0 --set device=cpu "
             "--no-progress --resume") in text
     assert text.index("lorkd pretrain configs/foundation_medmnist2d.yaml") < text.index("lorkd run configs/medmnist.yaml")
+    single = f"{out}/teacher_medmnist2d"
+    assert f"lorkd pretrain configs/teacher_medmnist2d.yaml --out {single} --set seed=0" in text
+    members = (f"teacher.source=[{{kind: lorkd, path: {found}/teacher, label: foundation}}, "
+               f"{{kind: lorkd, path: {single}/teacher, label: single}}]")
     for s in (0, 1, 2):
         assert (f"lorkd run configs/medmnist.yaml --out {out}/medmnist/seed{s} --set seed={s} --set "
-                f"teacher.source.path={found}/teacher --set device=cpu") in text
+                f"'{members}' --set device=cpu") in text
+    # a run with one pretrained teacher and no teacher= distils from its folder
+    assert (f"lorkd run configs/medmnist_routed.yaml --out {out}/medmnist_routed/seed0 --set seed=0 --set "
+            f"teacher.source.path={found}/teacher --set device=cpu") in text
     assert f"lorkd report {out}/medmnist/seed0 {out}/medmnist/seed1 {out}/medmnist/seed2 --out {out}/medmnist/report.md" in text
     assert f"lorkd run configs/transfer_medmnist_foundation.yaml --out {out}/transfer/foundation" in text
     assert (f"lorkd transfer configs/transfer_medmnist.yaml --out {out}/transfer/transfer --set "
