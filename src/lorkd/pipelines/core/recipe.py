@@ -336,7 +336,11 @@ class DecompositionRecipe(Recipe):
             raise DataError(f"{folder / META}: trained on {saved['channels']}-channel input, this run's data has "
                             f"{self.channels} channel(s) (set data.channels: {saved['channels']})")
         model, _ = load_network(folder, build or self.build)
-        return TaskRemap(model, [theirs.index(n) for n in self.names]).to(self.ctx.device)
+        return TaskRemap(model, self.task_positions(theirs)).to(self.ctx.device)
+
+    def task_positions(self, theirs: list[str]) -> list[int]:
+        """Where each of this run's tasks stands in ``theirs`` (a teacher's task names, a superset)."""
+        return [theirs.index(n) for n in self.names]
 
     def baseline_groups(self, name: str) -> list[tuple[list[int], Path]]:
         """The ``(task ids, folder)`` of each model of baseline ``name`` (``stl*``: one per task;

@@ -162,7 +162,7 @@ def _member_meta(run: DecompositionRecipe, section: TeacherSection) -> dict[str,
         meta = read_json(Path(section.source.path).expanduser() / META)
         theirs = list(meta.get("tasks") or [])
         if theirs != list(run.names):  # a folder trained on more tasks: seen through the run's (reuse_teacher)
-            meta = {**meta, "remap": [theirs.index(n) for n in run.names]}
+            meta = {**meta, "remap": run.task_positions(theirs)}
         return meta
     return {"kind": "teacher", "tasks": list(run.names), "num_classes": list(run.num_classes),
             "foundation": to_dict(section)}
